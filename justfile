@@ -1,0 +1,42 @@
+# stowage developer front door. `just --list` shows every recipe.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List recipes.
+default:
+    @just --list
+
+# Local control plane, CRDs and stowage controller; prints how to use kubectl.
+demo: build control-plane
+    bash scripts/cluster.sh run -- bash scripts/demo.sh
+
+# Everything CI checks: formatting, lints, generated files, unit and integration tests.
+test: fmt-check clippy control-plane
+    cargo build --all-targets
+    bash scripts/cluster.sh run -- bash scripts/test-in-cluster.sh
+    bash scripts/check-no-leftovers.sh
+
+# Build the stowage binary.
+build:
+    cargo build
+
+# Build (or reuse from ~/.cache/stowage) etcd and the Kubernetes binaries.
+control-plane:
+    bash scripts/build-control-plane.sh >/dev/null
+
+# A shell with KUBECONFIG pointing at a fresh local control plane; exit to tear down.
+cluster: control-plane
+    bash scripts/cluster.sh run -- bash -i
+
+# Regenerate crds/ from the Rust types in src/crd/.
+crds:
+    cargo run --quiet -- crds > crds/stowage.dev.yaml
+
+fmt:
+    cargo fmt --all
+
+fmt-check:
+    cargo fmt --all -- --check
+
+clippy:
+    cargo clippy --all-targets -- -D warnings

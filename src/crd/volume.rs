@@ -1,0 +1,220 @@
+//! `Volume`: the durable record of one backend volume.
+//!
+//! The controller writes intent into `spec` before any backend call; whoever
+//! carries the work out (the controller for remote backends, the node agent
+//! for node-local ones) reports in `status`. If anything dies between "decide"
+//! and "done", the intent is still here: nothing is leaked, nothing done twice.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Finalizer that holds a Volume until the backend data is gone (or kept by
+/// the reclaim policy).
+pub const VOLUME_FINALIZER: &str = "stowage.dev/volume-protection";
+
+/// What a backend volume should be.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "stowage.dev",
+    version = "v1alpha1",
+    kind = "Volume",
+    plural = "volumes",
+    shortname = "svol",
+    category = "stowage",
+    status = "VolumeStatus",
+    printcolumn = r#"{"name":"Driver","type":"string","jsonPath":".spec.driver"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.capacityBytes"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Claim","type":"string","jsonPath":".spec.claim.name","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSpec {
+    /// CSI driver name that owns this volume, e.g. `local.stowage.dev`.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("driver is immutable"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub driver: String,
+
+    /// Backend parameters, taken from the StorageClass when provisioned.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, String>,
+
+    /// Requested size in bytes. Grows on expansion; never shrinks.
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("capacityBytes cannot shrink"))]
+    #[schemars(range(min = 1))]
+    pub capacity_bytes: i64,
+
+    /// Access modes the volume must support.
+    #[schemars(length(min = 1))]
+    pub access_modes: Vec<AccessMode>,
+
+    /// Whether the volume carries a filesystem or is a raw block device.
+    #[serde(default)]
+    pub volume_mode: VolumeMode,
+
+    /// Node that holds the data, for node-local backends. Set once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("node is immutable"))]
+    pub node: Option<String>,
+
+    /// Data to pre-populate the volume with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+
+    /// The claim this volume was provisioned for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimReference>,
+
+    /// Name of the PersistentVolume that exposes this volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_name: Option<String>,
+
+    /// What happens to the data when the claim is released.
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+/// Kubernetes access modes, spelled as in PersistentVolume specs.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadOnlyMany,
+    ReadWriteMany,
+    ReadWriteOncePod,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VolumeMode {
+    #[default]
+    Filesystem,
+    Block,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReclaimPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+/// Where initial content comes from. Externally tagged: exactly one key.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum VolumeSource {
+    /// A VolumeSnapshot's backend snapshot handle.
+    Snapshot(String),
+    /// Another Volume of the same driver, by name.
+    Volume(String),
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimReference {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// What has been done, as reported by whoever carries the work out.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatus {
+    #[serde(default)]
+    pub phase: VolumePhase,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Size in bytes the backend actually holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<i64>,
+
+    /// Backend handle (CSI volume id) once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_handle: Option<String>,
+
+    /// Topology segments the backend reported for the volume.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topology: BTreeMap<String, String>,
+
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<VolumeCondition>,
+
+    /// The last failure, in words that say what to change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VolumePhase {
+    /// Intent recorded; nothing created yet.
+    #[default]
+    Pending,
+    /// The backend is creating the data.
+    Creating,
+    /// Data exists with the requested size.
+    Ready,
+    /// The backend is removing the data.
+    Deleting,
+    /// The last attempt failed; see conditions and lastError.
+    Failed,
+}
+
+/// Same shape as `metav1.Condition`, so kubectl and tooling read it as usual.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeCondition {
+    /// CamelCase condition type: Ready, Expanded, Healthy, ...
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: ConditionStatus,
+    /// CamelCase machine-readable reason.
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    pub last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn schema_is_structural_for_enums() {
+        let crd = serde_json::to_value(Volume::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let modes = &spec["properties"]["accessModes"]["items"];
+        assert_eq!(modes["type"], "string");
+        assert_eq!(modes["enum"].as_array().unwrap().len(), 4);
+        assert_eq!(
+            spec["properties"]["capacityBytes"]["minimum"].as_f64(),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn immutability_rules_are_in_the_schema() {
+        let crd = serde_json::to_string(&Volume::crd()).unwrap();
+        assert!(crd.contains("driver is immutable"));
+        assert!(crd.contains("node is immutable"));
+        assert!(crd.contains("capacityBytes cannot shrink"));
+    }
+}

@@ -1,0 +1,71 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stowage::telemetry::{self, LogFormat};
+
+/// stowage: the CSI sidecars' jobs in one Kubernetes operator.
+///
+/// One binary, several roles. A cluster runs `stowage controller` as a
+/// Deployment and `stowage node` as a DaemonSet; `stowage csi` exposes a
+/// backend as a plain CSI endpoint for conformance tests and comparisons.
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "STOWAGE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Cluster-wide jobs: provision and bind PersistentVolumes, attach,
+    /// expand, snapshot, report capacity and health (replaces
+    /// external-provisioner, -attacher, -resizer, -snapshotter and
+    /// -health-monitor). Runs as a leader-elected Deployment.
+    Controller(stowage::controller::Config),
+    /// Node plugin: serves CSI Identity and Node to kubelet on the
+    /// plugin-registration socket, registers itself and answers liveness
+    /// (replaces node-driver-registrar and livenessprobe). Runs as a DaemonSet.
+    Node,
+    /// Serve one backend as a plain CSI endpoint (Identity, Controller,
+    /// Node), so csi-sanity and the upstream sidecars can drive the same code.
+    Csi,
+    /// Print the CustomResourceDefinitions stowage needs, as YAML, for
+    /// `kubectl apply -f -`.
+    Crds,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crds => stowage::crd::to_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(|e| anyhow::anyhow!("rendering CRDs: {e}")),
+        Command::Controller(config) => {
+            telemetry::init_logging(cli.log_format);
+            stowage::controller::run(config)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        Command::Node | Command::Csi => Err(anyhow::anyhow!(
+            "this subcommand is not available in this build yet"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests against a real local control plane (etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler). See harness.rs.
+
+mod harness;
+mod leader_election;
+mod volume_api;
