@@ -146,7 +146,7 @@ up() {
     --bind-address 127.0.0.1 --secure-port "$kcm_port" \
     --service-account-private-key-file "$dir/sa.key" --root-ca-file "$dir/ca.crt" \
     --cluster-signing-cert-file "$dir/ca.crt" --cluster-signing-key-file "$dir/ca.key" \
-    --controllers "${STOWAGE_KCM_CONTROLLERS:-*}" \
+    --controllers "${STOWAGE_KCM_CONTROLLERS:-*}" --use-service-account-credentials \
     --leader-elect=false --profiling=false --v=1
   start kube-scheduler "$bin/kube-scheduler" \
     --kubeconfig "$dir/scheduler.kubeconfig" \

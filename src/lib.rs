@@ -2,7 +2,10 @@
 //! (provisioner, attacher, resizer, snapshotter, health monitor, registrar,
 //! liveness probe) in-process.
 
+pub mod backend;
 pub mod controller;
 pub mod crd;
+pub mod node;
 //TMP pub mod proto;
+pub mod quantity;
 pub mod telemetry;

@@ -35,7 +35,7 @@ enum Command {
     /// Node plugin: serves CSI Identity and Node to kubelet on the
     /// plugin-registration socket, registers itself and answers liveness
     /// (replaces node-driver-registrar and livenessprobe). Runs as a DaemonSet.
-    Node,
+    Node(stowage::node::Config),
     /// Serve one backend as a plain CSI endpoint (Identity, Controller,
     /// Node), so csi-sanity and the upstream sidecars can drive the same code.
     Csi,
@@ -57,7 +57,13 @@ async fn main() -> ExitCode {
                 .await
                 .map_err(anyhow::Error::from)
         }
-        Command::Node | Command::Csi => Err(anyhow::anyhow!(
+        Command::Node(config) => {
+            telemetry::init_logging(cli.log_format);
+            stowage::node::run(config)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        Command::Csi => Err(anyhow::anyhow!(
             "this subcommand is not available in this build yet"
         )),
     };

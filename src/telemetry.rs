@@ -39,6 +39,15 @@ pub trait Health: Send + Sync + 'static {
     fn healthy(&self) -> Result<(), String>;
 }
 
+/// For processes whose liveness is simply that they answer.
+pub struct AlwaysHealthy;
+
+impl Health for AlwaysHealthy {
+    fn healthy(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 struct HttpState {
     registry: Arc<Registry>,

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub reconciles: Family<JobLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub reconcile_seconds: Family<JobLabels, Histogram>,
+    /// Claim creation to Bound, as the user waits for it.
+    pub claim_bound_seconds: Histogram,
 }
 
 impl Metrics {
@@ -35,6 +37,7 @@ impl Metrics {
             reconciles: Family::default(),
             failures: Family::default(),
             reconcile_seconds,
+            claim_bound_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
         };
         registry.register(
             "reconciles",
@@ -51,7 +54,20 @@ impl Metrics {
             "Time spent in one reconcile, per job",
             m.reconcile_seconds.clone(),
         );
+        registry.register(
+            "claim_bound_duration_seconds",
+            "Time from a claim's creation to stowage binding it",
+            m.claim_bound_seconds.clone(),
+        );
         m
+    }
+
+    pub fn observe_claim_bound(&self, claim: &k8s_openapi::api::core::v1::PersistentVolumeClaim) {
+        if let Some(created) = &claim.metadata.creation_timestamp {
+            let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(created.0);
+            self.claim_bound_seconds
+                .observe(elapsed.as_secs_f64().max(0.0));
+        }
     }
 
     /// Counts a reconcile and observes its duration when the guard drops.

@@ -1,22 +1,35 @@
 //! `stowage controller`: the cluster-wide jobs of the CSI sidecars, run from
 //! one set of shared informers.
 
+pub mod bind;
+mod claims;
 pub mod leader;
 mod metrics;
+mod persistent_volumes;
+pub mod protocol;
+pub mod provision;
+pub mod reclaim;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
 use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
 
-use crate::crd::Volume;
-use crate::telemetry::{self, Health};
+use crate::crd::{StorageNode, Volume};
+use crate::telemetry::{self, AlwaysHealthy};
+
 pub use metrics::Metrics;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -61,6 +74,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Someone else wrote the object since we read it.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
+    }
+
     /// Short name used as a metric label.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -73,17 +91,153 @@ impl Error {
     }
 }
 
+/// The informer caches, one per kind, shared by every job.
+#[derive(Clone)]
+pub struct Stores {
+    pub claims: Store<PersistentVolumeClaim>,
+    pub pvs: Store<PersistentVolume>,
+    pub classes: Store<StorageClass>,
+    pub volumes: Store<Volume>,
+    pub storage_nodes: Store<StorageNode>,
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
     pub metrics: Metrics,
+    pub stores: Stores,
+    recorder: Recorder,
+    failures: Mutex<HashMap<String, u32>>,
 }
 
-struct AlwaysHealthy;
-impl Health for AlwaysHealthy {
-    fn healthy(&self) -> Result<(), String> {
-        Ok(())
+impl Context {
+    /// Posts an event on `object`; failing to post is logged, not fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "posting event failed");
+        }
     }
+
+    /// Exponential retry delay per object: 1s, 2s, 4s... capped at 16s for
+    /// errors that can clear by themselves and 5 minutes for the rest.
+    pub fn backoff(&self, object: &ObjectReference, may_resolve_itself: bool) -> Duration {
+        let mut failures = self.failures.lock().expect("failure map poisoned");
+        let n = failures.entry(failure_key(object)).or_default();
+        *n = n.saturating_add(1);
+        let cap = if may_resolve_itself { 16 } else { 300 };
+        Duration::from_secs((1u64 << (*n - 1).min(9)).min(cap))
+    }
+
+    pub fn forget_failures(&self, object: &ObjectReference) {
+        self.failures
+            .lock()
+            .expect("failure map poisoned")
+            .remove(&failure_key(object));
+    }
+}
+
+fn failure_key(object: &ObjectReference) -> String {
+    format!(
+        "{}/{}/{}",
+        object.kind.as_deref().unwrap_or_default(),
+        object.namespace.as_deref().unwrap_or_default(),
+        object.name.as_deref().unwrap_or_default()
+    )
+}
+
+type Writer<K> = reflector::store::Writer<K>;
+
+/// Fans one watch out to several jobs. Each job gets every applied object on
+/// its own channel; deletions go to `on_delete`, which turns them into
+/// reconcile requests for related objects (kube-runtime's shared streams
+/// deliver no deletions).
+struct Informer<K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static> {
+    store: Store<K>,
+    writer: Writer<K>,
+    sinks: Vec<mpsc::Sender<Arc<K>>>,
+}
+
+impl<K> Informer<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    fn new() -> Self {
+        let (store, writer) = reflector::store();
+        Informer {
+            store,
+            writer,
+            sinks: Vec::new(),
+        }
+    }
+
+    /// A stream of applied objects for one more job.
+    fn subscribe(&mut self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let (tx, rx) = mpsc::channel(1024);
+        self.sinks.push(tx);
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    fn run(
+        self,
+        api: Api<K>,
+        on_delete: impl Fn(&K) + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let sinks = self.sinks;
+        let events = watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .reflect(self.writer);
+        events.for_each(move |event| {
+            let sinks = sinks.clone();
+            let applied = match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => Some(Arc::new(o)),
+                Ok(watcher::Event::Delete(o)) => {
+                    on_delete(&o);
+                    None
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+                    None
+                }
+            };
+            async move {
+                if let Some(o) = applied {
+                    for sink in &sinks {
+                        let _ = sink.send(o.clone()).await;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// An unbounded channel of reconcile requests, fed from deletions.
+fn trigger<K: Resource<DynamicType = ()>>() -> (
+    mpsc::UnboundedSender<ObjectRef<K>>,
+    impl Stream<Item = ObjectRef<K>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (tx, tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
 }
 
 pub async fn run(config: Config) -> Result<(), Error> {
@@ -97,11 +251,86 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Arc::new(registry),
         Arc::new(AlwaysHealthy),
     );
+    tokio::pin!(http);
+
+    // One watch per kind, shared by every job (the sidecars run one each).
+    let mut claims = Informer::<PersistentVolumeClaim>::new();
+    let mut pvs = Informer::<PersistentVolume>::new();
+    let mut volumes = Informer::<Volume>::new();
+    let classes = Informer::<StorageClass>::new();
+    let storage_nodes = Informer::<StorageNode>::new();
+    let stores = Stores {
+        claims: claims.store.clone(),
+        pvs: pvs.store.clone(),
+        classes: classes.store.clone(),
+        volumes: volumes.store.clone(),
+        storage_nodes: storage_nodes.store.clone(),
+    };
+    let (claims_for_claims, claims_for_pvs) = (claims.subscribe(), claims.subscribe());
+    let (pvs_for_claims, pvs_for_pvs) = (pvs.subscribe(), pvs.subscribe());
+    let (volumes_for_claims, volumes_for_pvs, volumes_for_volumes) = (
+        volumes.subscribe(),
+        volumes.subscribe(),
+        volumes.subscribe(),
+    );
+
+    // A claim gone: its PV may be Released, its Volume orphaned.
+    let (pv_trigger, pv_triggers) = trigger::<PersistentVolume>();
+    let (volume_trigger, volume_triggers) = trigger::<Volume>();
+    let (claim_trigger, claim_triggers) = trigger::<PersistentVolumeClaim>();
+    let on_claim_deleted = {
+        let (pv_trigger, volume_trigger) = (pv_trigger.clone(), volume_trigger.clone());
+        move |c: &PersistentVolumeClaim| {
+            let Some(name) = provision::volume_name(c) else {
+                return;
+            };
+            let bound = c
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.clone())
+                .filter(|n| !n.is_empty());
+            let _ = pv_trigger.send(ObjectRef::new(bound.as_deref().unwrap_or(&name)));
+            let _ = volume_trigger.send(ObjectRef::new(&name));
+        }
+    };
+    // A Volume gone: its PV can go, and its space may let a waiting claim fit.
+    let on_volume_deleted = {
+        let claims = stores.claims.clone();
+        move |v: &Volume| {
+            let pv = v
+                .spec
+                .persistent_volume_name
+                .clone()
+                .unwrap_or_else(|| v.name_any());
+            let _ = pv_trigger.send(ObjectRef::new(&pv));
+            for claim in claims.state() {
+                if claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending") {
+                    let _ = claim_trigger.send(ObjectRef::from_obj(claim.as_ref()));
+                }
+            }
+        }
+    };
+    tokio::spawn(claims.run(Api::all(client.clone()), on_claim_deleted));
+    tokio::spawn(pvs.run(Api::all(client.clone()), |_| {}));
+    tokio::spawn(volumes.run(Api::all(client.clone()), on_volume_deleted));
+    tokio::spawn(classes.run(Api::all(client.clone()), |_| {}));
+    tokio::spawn(storage_nodes.run(Api::all(client.clone()), |_| {}));
+
+    let identity = config.identity.clone().unwrap_or_else(default_identity);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "stowage-controller".into(),
+            instance: Some(identity.clone()),
+        },
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics,
+        stores: stores.clone(),
+        recorder,
+        failures: Mutex::default(),
     });
-    tokio::pin!(http);
 
     let elector = config.leader_elect.then(|| {
         leader::LeaderElector::new(
@@ -109,7 +338,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             leader::ElectionConfig {
                 namespace: config.leader_election_namespace.clone(),
                 lease_name: config.leader_election_lease.clone(),
-                identity: config.identity.clone().unwrap_or_else(default_identity),
+                identity,
                 lease_duration: Duration::from_secs(15),
                 renew_deadline: Duration::from_secs(10),
                 retry_period: Duration::from_secs(2),
@@ -123,12 +352,69 @@ pub async fn run(config: Config) -> Result<(), Error> {
             () = shutdown_signal() => return Ok(()),
         }
     }
+    // Decide nothing from a half-filled cache.
+    let ready = futures::future::try_join_all([
+        stores.claims.wait_until_ready().boxed(),
+        stores.pvs.wait_until_ready().boxed(),
+        stores.volumes.wait_until_ready().boxed(),
+        stores.classes.wait_until_ready().boxed(),
+        stores.storage_nodes.wait_until_ready().boxed(),
+    ]);
+    ready.await.expect("reflectors run until the process ends");
 
-    let volumes = Api::<Volume>::all(client);
-    let controller = Controller::new(volumes, watcher::Config::default())
+    let claim_jobs = Controller::for_shared_stream(claims_for_claims, stores.claims.clone())
+        .watches_shared_stream(volumes_for_claims, |v: Arc<Volume>| {
+            v.spec
+                .claim
+                .as_ref()
+                .map(|c| ObjectRef::new(&c.name).within(&c.namespace))
+        })
+        .watches_shared_stream(pvs_for_claims, |pv: Arc<PersistentVolume>| {
+            let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
+            Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
+        })
+        .reconcile_on(claim_triggers)
         .graceful_shutdown_on(shutdown_signal())
-        .run(reconcile_volume, error_policy, ctx)
+        .run(claims::reconcile, claims::error_policy, ctx.clone())
         .for_each(|_| async {});
+    let pv_jobs = Controller::for_shared_stream(pvs_for_pvs, stores.pvs.clone())
+        .watches_shared_stream(volumes_for_pvs, |v: Arc<Volume>| {
+            Some(ObjectRef::new(
+                v.spec
+                    .persistent_volume_name
+                    .as_deref()
+                    .unwrap_or(&v.name_any()),
+            ))
+        })
+        .watches_shared_stream(claims_for_pvs, |c: Arc<PersistentVolumeClaim>| {
+            let name = c
+                .spec
+                .as_ref()?
+                .volume_name
+                .clone()
+                .or_else(|| provision::volume_name(&c))?;
+            Some(ObjectRef::new(&name))
+        })
+        .reconcile_on(pv_triggers)
+        .graceful_shutdown_on(shutdown_signal())
+        .run(
+            persistent_volumes::reconcile,
+            persistent_volumes::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let volume_jobs = Controller::for_shared_stream(volumes_for_volumes, stores.volumes.clone())
+        .reconcile_on(volume_triggers)
+        .graceful_shutdown_on(shutdown_signal())
+        .run(
+            persistent_volumes::reconcile_volume,
+            persistent_volumes::volume_error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let controllers = async {
+        tokio::join!(claim_jobs, pv_jobs, volume_jobs);
+    };
     let lost = async {
         match &elector {
             Some(elector) => elector.hold().await,
@@ -138,7 +424,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     tracing::info!("controller started");
     let result = tokio::select! {
-        () = controller => {
+        () = controllers => {
             tracing::info!("controller stopped");
             Ok(())
         }
@@ -152,7 +438,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     result
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing SIGTERM handler");
     tokio::select! {
@@ -172,7 +458,7 @@ fn default_identity() -> String {
 /// letting the watchers retry forever against a 404.
 pub async fn ensure_crds_established(client: &Client) -> Result<(), Error> {
     let api = Api::<CustomResourceDefinition>::all(client.clone());
-    for crd in [Volume::crd()] {
+    for crd in crate::crd::all() {
         let name = crd.name_any();
         let found = match api.get_opt(&name).await {
             Ok(found) => found,
@@ -203,17 +489,4 @@ pub fn is_established(crd: &CustomResourceDefinition) -> bool {
             cs.iter()
                 .any(|c| c.type_ == "Established" && c.status == "True")
         })
-}
-
-#[tracing::instrument(skip_all, fields(volume = %volume.name_any()))]
-async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer("volume");
-    tracing::debug!(phase = ?volume.status.as_ref().map(|s| s.phase), "observed");
-    Ok(Action::await_change())
-}
-
-fn error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(volume = %volume.name_any(), %error, "reconcile failed");
-    ctx.metrics.reconcile_failed("volume", error.metric_label());
-    Action::requeue(Duration::from_secs(5))
 }

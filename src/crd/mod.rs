@@ -1,7 +1,9 @@
 //! Custom resources owned by stowage.
 
+mod storage_node;
 mod volume;
 
+pub use storage_node::*;
 pub use volume::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -9,7 +11,7 @@ use kube::CustomResourceExt;
 
 /// Every CRD stowage installs, in the order they are applied.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![Volume::crd()]
+    vec![Volume::crd(), StorageNode::crd()]
 }
 
 /// The CRDs as a multi-document YAML stream, exactly as committed in `crds/`.

@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 /// the reclaim policy).
 pub const VOLUME_FINALIZER: &str = "stowage.dev/volume-protection";
 
+/// Label naming the node that holds a node-local Volume, so each node agent
+/// watches only its own.
+pub const NODE_LABEL: &str = "stowage.dev/node";
+
 /// What a backend volume should be.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -22,6 +26,7 @@ pub const VOLUME_FINALIZER: &str = "stowage.dev/volume-protection";
     version = "v1alpha1",
     kind = "Volume",
     plural = "volumes",
+    derive = "PartialEq",
     shortname = "svol",
     category = "stowage",
     status = "VolumeStatus",

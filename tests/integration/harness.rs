@@ -27,6 +27,15 @@ struct Cluster {
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static CLUSTER_WITHOUT_BINDER: OnceLock<Cluster> = OnceLock::new();
+
+/// kube-controller-manager's controllers, all on or with the PV binder off
+/// (then stowage alone binds our claims).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binder {
+    Kcm,
+    StowageOnly,
+}
 
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -46,13 +55,26 @@ fn cluster() -> &'static Cluster {
                 _server: None,
             };
         }
-        start_cluster()
+        start_cluster(None)
     })
 }
 
-fn start_cluster() -> Cluster {
+fn cluster_for(binder: Binder) -> &'static Cluster {
+    match binder {
+        Binder::Kcm => cluster(),
+        Binder::StowageOnly => CLUSTER_WITHOUT_BINDER
+            .get_or_init(|| start_cluster(Some("*,-persistentvolume-binder-controller"))),
+    }
+}
+
+fn start_cluster(kcm_controllers: Option<&str>) -> Cluster {
     let script = repo_root().join("scripts/cluster.sh");
-    let mut child = Command::new("bash")
+    let mut command = Command::new("bash");
+    if let Some(controllers) = kcm_controllers {
+        command.env("STOWAGE_KCM_CONTROLLERS", controllers);
+    }
+    command.env_remove("STOWAGE_CLUSTER_DIR");
+    let mut child = command
         .arg(&script)
         .arg("serve")
         .stdin(Stdio::piped())
@@ -79,7 +101,11 @@ fn start_cluster() -> Cluster {
 
 /// A client for the test control plane, bound to the calling test's runtime.
 pub async fn client() -> Client {
-    let kubeconfig = Kubeconfig::read_from(&cluster().kubeconfig).expect("reading kubeconfig");
+    client_for(&cluster().kubeconfig).await
+}
+
+async fn client_for(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("reading kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kubeconfig usable");
@@ -104,7 +130,10 @@ pub struct TestNamespace {
 
 impl TestNamespace {
     pub async fn new(prefix: &str) -> Self {
-        let client = client().await;
+        Self::new_with(client().await, prefix).await
+    }
+
+    pub async fn new_with(client: Client, prefix: &str) -> Self {
         let name = unique_name(prefix);
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": { "name": name, "labels": { "stowage.dev/test": "true" } }
@@ -146,4 +175,149 @@ pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
         applied.push(crd);
     }
     applied
+}
+
+/// Fake nodes each test stack has: Node objects (no kubelet) with a
+/// `stowage node` agent each, and the volume capacity each agent offers.
+pub const NODES: [(&str, &str); 3] = [
+    ("node-a", "4Gi"),
+    ("node-b", "4Gi"),
+    ("node-small", "100Mi"),
+];
+
+/// stowage running against a control plane: `stowage controller` and one
+/// `stowage node` per entry of NODES, alive until the test process exits.
+pub struct Stack {
+    pub kubeconfig: PathBuf,
+    pub data_root: PathBuf,
+    _processes: Vec<Child>,
+}
+
+static STACK: OnceLock<Stack> = OnceLock::new();
+static STACK_WITHOUT_BINDER: OnceLock<Stack> = OnceLock::new();
+
+pub fn stack(binder: Binder) -> &'static Stack {
+    let cell = match binder {
+        Binder::Kcm => &STACK,
+        Binder::StowageOnly => &STACK_WITHOUT_BINDER,
+    };
+    cell.get_or_init(|| {
+        let kubeconfig = cluster_for(binder).kubeconfig.clone();
+        // Set-up needs async calls but runs inside whichever test came first;
+        // a thread of its own keeps it off that test's runtime.
+        let path = kubeconfig.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let client = client_for(&path).await;
+                install_crds(&client).await;
+                for (node, _) in NODES {
+                    create_node(&client, node).await;
+                }
+            })
+        })
+        .join()
+        .expect("stack set-up failed");
+
+        let data_root = std::env::temp_dir().join(unique_name("stowage-test-data"));
+        let mut processes = Vec::new();
+        for (node, capacity) in NODES {
+            let dir = data_root.join(node);
+            processes.push(hold(
+                &kubeconfig,
+                Some(&dir),
+                &[
+                    "node",
+                    "--node-name",
+                    node,
+                    "--data-dir",
+                    dir.to_str().unwrap(),
+                    "--capacity",
+                    capacity,
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                ],
+                &format!("node-{node}"),
+            ));
+        }
+        processes.push(hold(
+            &kubeconfig,
+            None,
+            &[
+                "controller",
+                "--leader-elect=false",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            "controller",
+        ));
+        Stack {
+            kubeconfig,
+            data_root,
+            _processes: processes,
+        }
+    })
+}
+
+impl Stack {
+    pub async fn client(&self) -> Client {
+        client_for(&self.kubeconfig).await
+    }
+
+    /// Where `stowage node` for `node` keeps its volumes.
+    pub fn volume_dir(&self, node: &str) -> PathBuf {
+        self.data_root.join(node).join("volumes")
+    }
+}
+
+/// Starts `stowage ARGS` under scripts/hold.sh, logging to target/test-logs.
+fn hold(kubeconfig: &Path, cleanup: Option<&Path>, args: &[&str], log_name: &str) -> Child {
+    let logs = repo_root().join("target/test-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log =
+        std::fs::File::create(logs.join(format!("{log_name}-{}.log", std::process::id()))).unwrap();
+    let mut command = Command::new("bash");
+    command.arg(repo_root().join("scripts/hold.sh"));
+    if let Some(dir) = cleanup {
+        command.arg("--cleanup").arg(dir);
+    }
+    command
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,stowage=debug")
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting stowage")
+}
+
+/// A Node object as kubelet would register it, Ready, labelled with its
+/// hostname and stowage's topology key. No kubelet runs behind it.
+async fn create_node(client: &Client, name: &str) {
+    use k8s_openapi::api::core::v1::Node;
+    let api = Api::<Node>::all(client.clone());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "labels": {
+            "kubernetes.io/hostname": name,
+            "topology.stowage.dev/node": name,
+        }},
+    }))
+    .unwrap();
+    match api.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => return,
+        Err(e) => panic!("creating node {name}: {e}"),
+    }
+    let status = serde_json::json!({ "status": {
+        "capacity": { "cpu": "4", "memory": "8Gi", "pods": "110" },
+        "allocatable": { "cpu": "4", "memory": "8Gi", "pods": "110" },
+        "conditions": [{ "type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "test node", "lastHeartbeatTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string() }],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("setting node status");
 }

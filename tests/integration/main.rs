@@ -3,4 +3,5 @@
 
 mod harness;
 mod leader_election;
+mod provisioning;
 mod volume_api;

@@ -7,6 +7,8 @@ use stowage::crd::{Volume, VolumePhase};
 
 use crate::harness::{self, install_crds, unique_name};
 
+/// A Volume no claim refers to and no node agent is labelled for, so that
+/// only the API server acts on it.
 fn volume_json(name: &str) -> serde_json::Value {
     json!({
         "apiVersion": "stowage.dev/v1alpha1",
@@ -18,7 +20,6 @@ fn volume_json(name: &str) -> serde_json::Value {
             "accessModes": ["ReadWriteOnce"],
             "node": "node-a",
             "parameters": { "fsType": "xfs" },
-            "claim": { "namespace": "default", "name": "data", "uid": "0f0e-11" },
         }
     })
 }
@@ -56,7 +57,7 @@ async fn crds_are_installed_and_established_through_the_api() {
     let client = harness::client().await;
     let crds = install_crds(&client).await;
     let names: Vec<_> = crds.iter().map(|c| c.name_any()).collect();
-    assert_eq!(names, ["volumes.stowage.dev"]);
+    assert_eq!(names, ["volumes.stowage.dev", "storagenodes.stowage.dev"]);
     let crd = &crds[0];
     assert_eq!(crd.spec.scope, "Cluster");
     assert!(

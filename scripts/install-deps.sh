@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages stowage's tests use on the host (filesystem
+# tools for the local backend). Does nothing when they are all present.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+need=()
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v losetup >/dev/null || need+=(mount)
+command -v python3 >/dev/null || need+=(python3)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+((${#need[@]})) || exit 0
+
+[[ $(id -u) == 0 ]] || die "missing packages ${need[*]}; install them (apt-get install ${need[*]}) or run as root"
+log "installing ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

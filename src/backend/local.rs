@@ -1,0 +1,417 @@
+//! `local.stowage.dev`: a volume is a sparse image file formatted ext4 or xfs
+//! on one node (or a plain directory with `layout: dir`). The node agent of
+//! that node creates and deletes it; the controller only records intent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+pub const DRIVER_NAME: &str = "local.stowage.dev";
+/// Topology key every node-local volume is pinned by.
+pub const TOPOLOGY_KEY: &str = "topology.stowage.dev/node";
+
+const MIB: i64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsType {
+    #[default]
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+
+    /// Smallest image the filesystem can be made on (xfs refuses < 300 MiB).
+    pub fn min_bytes(self) -> i64 {
+        match self {
+            FsType::Ext4 => 16 * MIB,
+            FsType::Xfs => 300 * MIB,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// A sparse image file with a filesystem: size enforced, Block mode works.
+    #[default]
+    Image,
+    /// A plain directory: no size enforcement, Filesystem mode only.
+    Dir,
+}
+
+/// StorageClass parameters of `local.stowage.dev`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Parameters {
+    /// `fsType` (or the standard `csi.storage.k8s.io/fstype`): ext4 (default) or xfs.
+    pub fs_type: FsType,
+    /// `layout`: image (default) or dir.
+    pub layout: Layout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParameterError {
+    #[error(
+        "unknown StorageClass parameter {0:?}: {DRIVER_NAME} accepts fsType (ext4 or xfs) and layout (image or dir)"
+    )]
+    Unknown(String),
+    #[error("StorageClass parameter {key}: {value:?} is not supported; use ext4 or xfs")]
+    FsType { key: String, value: String },
+    #[error("StorageClass parameter layout: {0:?} is not supported; use image or dir")]
+    Layout(String),
+}
+
+/// Keys with this prefix are Kubernetes' own (secrets, fstype) and are
+/// accepted by every driver.
+const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
+
+impl Parameters {
+    pub fn parse(params: &BTreeMap<String, String>) -> Result<Self, ParameterError> {
+        let mut out = Parameters::default();
+        for (key, value) in params {
+            match key.as_str() {
+                "fsType" | "csi.storage.k8s.io/fstype" => {
+                    out.fs_type = match value.to_ascii_lowercase().as_str() {
+                        "" | "ext4" => FsType::Ext4,
+                        "xfs" => FsType::Xfs,
+                        _ => {
+                            return Err(ParameterError::FsType {
+                                key: key.clone(),
+                                value: value.clone(),
+                            });
+                        }
+                    }
+                }
+                "layout" => {
+                    out.layout = match value.as_str() {
+                        "image" => Layout::Image,
+                        "dir" => Layout::Dir,
+                        _ => return Err(ParameterError::Layout(value.clone())),
+                    }
+                }
+                k if k.starts_with(RESERVED_PREFIX) => {}
+                _ => return Err(ParameterError::Unknown(key.clone())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The size actually created for a request: whole MiB, at least what
+    /// the filesystem needs.
+    pub fn allocated_bytes(&self, requested: i64) -> i64 {
+        let rounded = (requested.max(0) as u64).div_ceil(MIB as u64) as i64 * MIB;
+        match self.layout {
+            Layout::Image => rounded.max(self.fs_type.min_bytes()),
+            Layout::Dir => rounded,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("volume name {0:?} is not a valid volume id")]
+    InvalidName(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + use<> {
+    let path = path.to_path_buf();
+    move |source| LocalError::Io { op, path, source }
+}
+
+/// Where volumes live on a node: `<data-dir>/volumes/<name>.img` or
+/// `<data-dir>/volumes/<name>/`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A volume id is one path component of safe characters: it is joined to the
+/// data directory and must never name anything outside it.
+pub fn validate_volume_id(id: &str) -> Result<(), LocalError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(LocalError::InvalidName(id.to_string()))
+    }
+}
+
+impl Store {
+    pub fn new(data_dir: &Path) -> Self {
+        Store {
+            root: data_dir.join("volumes"),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn image_path(&self, id: &str) -> Result<PathBuf, LocalError> {
+        validate_volume_id(id)?;
+        Ok(self.root.join(format!("{id}.img")))
+    }
+
+    pub fn dir_path(&self, id: &str) -> Result<PathBuf, LocalError> {
+        validate_volume_id(id)?;
+        Ok(self.root.join(id))
+    }
+
+    /// Creates the volume if it does not exist yet; returns its size. An
+    /// image is built under a temporary name and renamed when formatted, so
+    /// a crash mid-way leaves no half-made volume under the real name.
+    pub async fn create(
+        &self,
+        id: &str,
+        params: Parameters,
+        bytes: i64,
+    ) -> Result<i64, LocalError> {
+        tokio::fs::create_dir_all(&self.root)
+            .await
+            .map_err(io("creating", &self.root))?;
+        match params.layout {
+            Layout::Dir => {
+                let dir = self.dir_path(id)?;
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(io("creating", &dir))?;
+                Ok(bytes)
+            }
+            Layout::Image => {
+                let image = self.image_path(id)?;
+                if let Ok(meta) = tokio::fs::metadata(&image).await {
+                    return Ok(meta.len() as i64);
+                }
+                let tmp = image.with_extension("img.tmp");
+                let _ = tokio::fs::remove_file(&tmp).await;
+                let file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+                file.set_len(bytes as u64).map_err(io("sizing", &tmp))?;
+                drop(file);
+                if let Err(e) = mkfs(params.fs_type, &tmp).await {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
+                tokio::fs::rename(&tmp, &image)
+                    .await
+                    .map_err(io("renaming", &tmp))?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// Removes the volume's data; succeeds when it is already gone.
+    pub async fn delete(&self, id: &str) -> Result<(), LocalError> {
+        let image = self.image_path(id)?;
+        for path in [image.with_extension("img.tmp"), image] {
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(LocalError::Io {
+                        op: "removing",
+                        path,
+                        source: e,
+                    });
+                }
+            }
+        }
+        let dir = self.dir_path(id)?;
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(LocalError::Io {
+                op: "removing",
+                path: dir,
+                source: e,
+            }),
+        }
+    }
+
+    /// Names of the volumes present on disk.
+    pub async fn list(&self) -> Result<Vec<String>, LocalError> {
+        let mut out = Vec::new();
+        let mut entries = match tokio::fs::read_dir(&self.root).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => {
+                return Err(LocalError::Io {
+                    op: "listing",
+                    path: self.root.clone(),
+                    source: e,
+                });
+            }
+        };
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(io("listing", &self.root))?
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".img") {
+                out.push(id.to_string());
+            } else if entry.path().is_dir() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+async fn mkfs(fs: FsType, path: &Path) -> Result<(), LocalError> {
+    let mut cmd = match fs {
+        FsType::Ext4 => {
+            let mut c = Command::new("mkfs.ext4");
+            // No lazy init: the image is sparse anyway, and lazy init would
+            // keep a kernel thread writing after the first mount.
+            c.args([
+                "-F",
+                "-q",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+                "-m",
+                "0",
+            ]);
+            c
+        }
+        FsType::Xfs => {
+            let mut c = Command::new("mkfs.xfs");
+            c.args(["-f", "-q"]);
+            c
+        }
+    };
+    cmd.arg(path);
+    run(cmd).await
+}
+
+pub(crate) async fn run(mut cmd: Command) -> Result<(), LocalError> {
+    let shown = format!("{:?}", cmd.as_std());
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| LocalError::Command {
+            command: shown.clone(),
+            status: "not started".into(),
+            stderr: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LocalError::Command {
+            command: shown,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_ext4_images() {
+        assert_eq!(Parameters::parse(&params(&[])), Ok(Parameters::default()));
+    }
+
+    #[test]
+    fn accepts_known_and_reserved_keys() {
+        let p = Parameters::parse(&params(&[
+            ("fsType", "xfs"),
+            ("layout", "dir"),
+            ("csi.storage.k8s.io/provisioner-secret-name", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p,
+            Parameters {
+                fs_type: FsType::Xfs,
+                layout: Layout::Dir
+            }
+        );
+        let p = Parameters::parse(&params(&[("csi.storage.k8s.io/fstype", "xfs")])).unwrap();
+        assert_eq!(p.fs_type, FsType::Xfs);
+    }
+
+    #[test]
+    fn errors_name_the_parameter_and_the_fix() {
+        let e = Parameters::parse(&params(&[("fstype", "ext4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"fstype\"") && e.contains("fsType"), "{e}");
+        let e = Parameters::parse(&params(&[("fsType", "btrfs")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("btrfs") && e.contains("ext4 or xfs"), "{e}");
+        let e = Parameters::parse(&params(&[("layout", "lvm")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lvm") && e.contains("image or dir"), "{e}");
+    }
+
+    #[test]
+    fn sizes_round_up_to_what_the_filesystem_needs() {
+        let ext4 = Parameters::default();
+        assert_eq!(ext4.allocated_bytes(1), 16 * MIB);
+        assert_eq!(ext4.allocated_bytes(100 * MIB + 1), 101 * MIB);
+        let xfs = Parameters {
+            fs_type: FsType::Xfs,
+            ..Default::default()
+        };
+        assert_eq!(xfs.allocated_bytes(MIB), 300 * MIB);
+    }
+
+    #[test]
+    fn volume_ids_cannot_leave_the_store() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/abs",
+            ".hidden",
+            "a\0b",
+            &"x".repeat(129),
+        ] {
+            assert!(validate_volume_id(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["pvc-0f0e-11", "vol_1", "a.b"] {
+            assert!(validate_volume_id(good).is_ok(), "{good:?} refused");
+        }
+    }
+}

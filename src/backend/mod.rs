@@ -1,0 +1,3 @@
+//! Storage backends. Backends know storage, not Kubernetes.
+
+pub mod local;

@@ -1,0 +1,228 @@
+//! Reconciler keyed by claim: provisions (provision.rs), then binds (bind.rs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::bind::{self, BindSteps, Binding};
+use super::protocol::*;
+use super::provision::{self, ClaimView, Provision};
+use super::{Context, Error};
+use crate::backend::local;
+use crate::crd::Volume;
+
+#[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
+pub async fn reconcile(
+    claim: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer("claim");
+    let s = &ctx.stores;
+    let class = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.as_deref())
+        .and_then(|name| s.classes.get(&ObjectRef::new(name)));
+    let name = provision::volume_name(&claim).unwrap_or_default();
+    let volume = s.volumes.get(&ObjectRef::new(&name));
+    let pv = s.pvs.get(&ObjectRef::new(&name));
+    let storage_nodes = s.storage_nodes.state();
+    let all_volumes = s.volumes.state();
+    let nodes: Vec<_> = storage_nodes.iter().map(|n| n.as_ref()).collect();
+    let volumes: Vec<_> = all_volumes.iter().map(|v| v.as_ref()).collect();
+
+    let pvs = s.pvs.state();
+    let pv_refs: Vec<_> = pvs.iter().map(|p| p.as_ref()).collect();
+    let static_match = class.as_deref().is_some_and(|c| {
+        c.volume_binding_mode.as_deref() != Some(BINDING_WAIT_FOR_FIRST_CONSUMER)
+            && bind::best_static_match(&claim, c, &pv_refs).is_some()
+    });
+    let view = ClaimView {
+        claim: &claim,
+        class: class.as_deref(),
+        volume: volume.as_deref(),
+        pv: pv.as_deref(),
+        storage_nodes: &nodes,
+        all_volumes: &volumes,
+        static_match,
+    };
+    let provision = provision::plan(&view);
+    tracing::debug!(?provision, "planned");
+    match provision {
+        Provision::Skip | Provision::Provisioned => {}
+        Provision::WaitForConsumer => {
+            // The same event kcm's binder posts, so `kubectl describe` reads alike
+            // whether or not it runs.
+            ctx.event(
+                &*claim,
+                EventType::Normal,
+                "WaitForFirstConsumer",
+                "Provision",
+                "waiting for first consumer to be created before binding",
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+        Provision::Fail(e) => {
+            ctx.event(
+                &*claim,
+                EventType::Warning,
+                "ProvisioningFailed",
+                "Provision",
+                &e.to_string(),
+            )
+            .await;
+            ctx.metrics.reconcile_failed("claim", "provisioning_failed");
+            let retry = ctx.backoff(&claim.object_ref(&()), e.may_resolve_itself());
+            return Ok(Action::requeue(retry));
+        }
+        Provision::CreateVolume(volume) => {
+            ctx.event(
+                &*claim,
+                EventType::Normal,
+                "Provisioning",
+                "Provision",
+                &format!(
+                    "External provisioner is provisioning volume for claim \"{}/{}\" on node {}",
+                    claim.namespace().unwrap_or_default(),
+                    claim.name_any(),
+                    volume.spec.node.as_deref().unwrap_or("?")
+                ),
+            )
+            .await;
+            create_idempotent(&Api::<Volume>::all(ctx.client.clone()), &volume).await?;
+            return Ok(Action::await_change());
+        }
+        Provision::WaitForData { .. } => return Ok(Action::await_change()),
+        Provision::CreatePv(pv) => {
+            create_idempotent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
+            ctx.event(
+                &*claim,
+                EventType::Normal,
+                "ProvisioningSucceeded",
+                "Provision",
+                &format!("Successfully provisioned volume {}", pv.name_any()),
+            )
+            .await;
+            ctx.forget_failures(&claim.object_ref(&()));
+            return Ok(Action::await_change());
+        }
+    }
+
+    match bind::plan(&claim, class.as_deref(), &pv_refs, is_ours) {
+        Binding::Skip | Binding::Done => {}
+        Binding::Bind(steps) => {
+            let pv = pvs
+                .iter()
+                .find(|p| p.name_any() == steps.pv)
+                .expect("planned from this list");
+            apply_binding(&ctx, &claim, pv, &steps).await?;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+pub fn is_ours(class: &StorageClass) -> bool {
+    class.provisioner == local::DRIVER_NAME
+}
+
+async fn create_idempotent<K>(api: &Api<K>, object: &K) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes kcm's binding: PV claimRef, PV phase, claim volumeName and
+/// annotations, claim status. Each write carries the resourceVersion it was
+/// planned from, so a concurrent writer (kcm's binder) wins cleanly and we
+/// replan from what it wrote.
+async fn apply_binding(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+    steps: &BindSteps,
+) -> Result<(), Error> {
+    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    let claims = Api::<PersistentVolumeClaim>::namespaced(
+        ctx.client.clone(),
+        &claim.namespace().unwrap_or_default(),
+    );
+    let pp = PatchParams::default();
+    let mut pv_version = pv.resource_version();
+    if steps.set_claim_ref {
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": pv_version,
+                "annotations": { ANN_BOUND_BY_CONTROLLER: "yes" },
+            },
+            "spec": { "claimRef": {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "namespace": claim.namespace(), "name": claim.name_any(),
+                "uid": claim.uid(), "resourceVersion": claim.resource_version(),
+            }},
+        });
+        pv_version = pvs
+            .patch(&steps.pv, &pp, &Patch::Merge(&patch))
+            .await?
+            .resource_version();
+    }
+    if steps.set_pv_phase {
+        let patch = json!({ "metadata": { "resourceVersion": pv_version }, "status": { "phase": "Bound" } });
+        pvs.patch_status(&steps.pv, &pp, &Patch::Merge(&patch))
+            .await?;
+    }
+    let mut claim_version = claim.resource_version();
+    if steps.set_claim_volume_name {
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": claim_version,
+                "annotations": { ANN_BIND_COMPLETED: "yes", ANN_BOUND_BY_CONTROLLER: "yes" },
+            },
+            "spec": { "volumeName": steps.pv },
+        });
+        claim_version = claims
+            .patch(&claim.name_any(), &pp, &Patch::Merge(&patch))
+            .await?
+            .resource_version();
+    }
+    if steps.set_claim_status {
+        let spec = pv.spec.clone().unwrap_or_default();
+        let patch = json!({
+            "metadata": { "resourceVersion": claim_version },
+            "status": {
+                "phase": "Bound",
+                "accessModes": spec.access_modes,
+                "capacity": spec.capacity,
+            },
+        });
+        claims
+            .patch_status(&claim.name_any(), &pp, &Patch::Merge(&patch))
+            .await?;
+        ctx.metrics.observe_claim_bound(claim);
+        tracing::info!(pv = %steps.pv, "claim bound");
+    }
+    Ok(())
+}
+
+pub fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
+    // A conflict means someone (often kcm's binder) wrote first: replan now.
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_millis(50));
+    }
+    tracing::warn!(claim = %claim.name_any(), %error, "claim reconcile failed");
+    ctx.metrics.reconcile_failed("claim", error.metric_label());
+    Action::requeue(ctx.backoff(&claim.object_ref(&()), true))
+}

@@ -1,0 +1,180 @@
+//! Reconcilers keyed by PV (reclaim.rs) and by Volume (Volumes whose claim
+//! vanished before a PV was made).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::protocol::*;
+use super::reclaim::{self, Reclaim};
+use super::{Context, Error};
+use crate::crd::Volume;
+
+/// Whether the claim a claimRef names still exists with the same UID. Asks
+/// the API server, not the cache: a stale cache must never delete data.
+async fn claim_exists(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<bool, Error> {
+    let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
+    let found = api.get_opt(name).await?;
+    Ok(found.is_some_and(|c| uid.is_none_or(|u| u.is_empty() || c.uid().as_deref() == Some(u))))
+}
+
+#[tracing::instrument(skip_all, fields(pv = %pv.name_any()))]
+pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer("reclaim");
+    let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.clone());
+    let cached_claim = claim_ref.as_ref().and_then(|r| {
+        let key = ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?);
+        ctx.stores
+            .claims
+            .get(&key)
+            .filter(|c| r.uid.is_none() || c.uid() == r.uid)
+    });
+    // The cache saying "gone" is confirmed with the API server before acting.
+    let exists = match (&claim_ref, cached_claim) {
+        (None, _) => false,
+        (Some(_), Some(_)) => true,
+        (Some(r), None) => {
+            claim_exists(
+                &ctx,
+                r.namespace.as_deref().unwrap_or_default(),
+                r.name.as_deref().unwrap_or_default(),
+                r.uid.as_deref(),
+            )
+            .await?
+        }
+    };
+    let handle = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .map(|c| c.volume_handle.clone());
+    let volume = handle.and_then(|h| ctx.stores.volumes.get(&ObjectRef::new(&h)));
+    let action = reclaim::plan(&pv, exists, volume.as_deref());
+    tracing::debug!(?action, "planned");
+
+    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    let pp = PatchParams::default();
+    match action {
+        Reclaim::Skip => {}
+        Reclaim::MarkReleased => {
+            let patch = json!({
+                "metadata": { "resourceVersion": pv.resource_version() },
+                "status": { "phase": "Released", "message": "its claim was deleted" },
+            });
+            pvs.patch_status(&pv.name_any(), &pp, &Patch::Merge(&patch))
+                .await?;
+        }
+        Reclaim::DeleteVolume(name) => {
+            let volumes = Api::<Volume>::all(ctx.client.clone());
+            match volumes.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(volume = %name, "deleting volume data");
+        }
+        Reclaim::DeletePv => {
+            match pvs.delete(&pv.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!("volume data deleted; PV deleted");
+        }
+        Reclaim::RemoveFinalizer => {
+            let remaining: Vec<_> = pv
+                .finalizers()
+                .iter()
+                .filter(|f| *f != PV_PROVISIONER_FINALIZER)
+                .cloned()
+                .collect();
+            let patch = json!({
+                "metadata": { "finalizers": remaining, "resourceVersion": pv.resource_version() }
+            });
+            pvs.patch(&pv.name_any(), &pp, &Patch::Merge(&patch))
+                .await?;
+        }
+        Reclaim::Retained => {
+            ctx.event(&*pv, EventType::Normal, "VolumeRetained", "Reclaim",
+                "its claim was deleted and the reclaim policy is Retain: the PV and its data are kept; \
+                 delete the PV to let the data go, or remove spec.claimRef to reuse it").await;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_millis(50));
+    }
+    tracing::warn!(pv = %pv.name_any(), %error, "reclaim failed");
+    ctx.metrics
+        .reconcile_failed("reclaim", error.metric_label());
+    Action::requeue(ctx.backoff(&pv.object_ref(&()), true))
+}
+
+/// A Volume whose claim was deleted before its PV existed has nobody to
+/// release it: delete it here so its data does not leak.
+#[tracing::instrument(skip_all, fields(volume = %volume.name_any()))]
+pub async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer("volume");
+    if volume.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let Some(claim) = volume.spec.claim.as_ref() else {
+        return Ok(Action::await_change());
+    };
+    let pv_name = volume
+        .spec
+        .persistent_volume_name
+        .clone()
+        .unwrap_or_else(|| volume.name_any());
+    if ctx.stores.pvs.get(&ObjectRef::new(&pv_name)).is_some() {
+        return Ok(Action::await_change());
+    }
+    let cached = ctx
+        .stores
+        .claims
+        .get(&ObjectRef::new(&claim.name).within(&claim.namespace));
+    if cached.is_some_and(|c| c.uid().as_deref() == Some(claim.uid.as_str())) {
+        return Ok(Action::await_change());
+    }
+    if claim_exists(&ctx, &claim.namespace, &claim.name, Some(&claim.uid)).await? {
+        return Ok(Action::await_change());
+    }
+    // The PV may have been created since the cache was read.
+    if Api::<PersistentVolume>::all(ctx.client.clone())
+        .get_opt(&pv_name)
+        .await?
+        .is_some()
+    {
+        return Ok(Action::await_change());
+    }
+    tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), "claim deleted before its PV existed; deleting volume");
+    match Api::<Volume>::all(ctx.client.clone())
+        .delete(&volume.name_any(), &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(Action::await_change()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn volume_error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(volume = %volume.name_any(), %error, "volume reconcile failed");
+    ctx.metrics.reconcile_failed("volume", error.metric_label());
+    Action::requeue(ctx.backoff(&volume.object_ref(&()), true))
+}

@@ -1,0 +1,19 @@
+//! Names Kubernetes and the upstream sidecars use, which we must match so
+//! that kube-controller-manager, kube-scheduler, kubelet and kubectl read our
+//! objects as theirs.
+
+/// PV annotation naming the provisioner that created it.
+pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+/// PVC annotation kcm sets when a claim's class has an external provisioner.
+pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
+pub const ANN_BETA_STORAGE_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
+/// PVC annotation the scheduler sets for `WaitForFirstConsumer` claims.
+pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+/// Set on a claim once binding is complete.
+pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+/// Set on the object whose half of the binding a controller wrote.
+pub const ANN_BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
+/// external-provisioner's finalizer: the PV outlives its backend volume.
+pub const PV_PROVISIONER_FINALIZER: &str = "external-provisioner.volume.kubernetes.io/finalizer";
+
+pub const BINDING_WAIT_FOR_FIRST_CONSUMER: &str = "WaitForFirstConsumer";

@@ -1,0 +1,386 @@
+//! external-provisioner's job for `local.stowage.dev`, decided by a pure
+//! `plan` over a snapshot of objects.
+//!
+//! A claim moves through: Volume written (intent, before any data) → node
+//! agent creates the data → PV `pvc-<claim uid>` created with a pre-set
+//! claimRef → bound (see bind.rs). Every step is keyed by the claim's UID, so
+//! a retried or restarted step finds the work already done instead of doing
+//! it twice.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::ResourceExt;
+use serde_json::json;
+
+use super::protocol::*;
+use crate::backend::local::{self, Layout, Parameters};
+use crate::crd::{
+    AccessMode, ClaimReference, NODE_LABEL, ReclaimPolicy, StorageNode, VOLUME_FINALIZER, Volume,
+    VolumeMode, VolumePhase, VolumeSpec,
+};
+use crate::quantity::{format_bytes, parse_bytes};
+
+/// Everything `plan` looks at for one claim.
+pub struct ClaimView<'a> {
+    pub claim: &'a PersistentVolumeClaim,
+    pub class: Option<&'a StorageClass>,
+    /// The Volume named after the claim, if written.
+    pub volume: Option<&'a Volume>,
+    /// The PV named after the claim, if created.
+    pub pv: Option<&'a PersistentVolume>,
+    pub storage_nodes: &'a [&'a StorageNode],
+    /// Every Volume, to account what each node has promised already.
+    pub all_volumes: &'a [&'a Volume],
+    /// An existing PV can be bound instead (binding is tried first, as kcm does).
+    pub static_match: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Provision {
+    /// Not ours, or nothing to provision.
+    Skip,
+    /// `WaitForFirstConsumer` and the scheduler has not picked a node yet.
+    WaitForConsumer,
+    /// The claim cannot be provisioned as asked; tell the user what to change.
+    Fail(ProvisionError),
+    /// Record intent before any data exists.
+    CreateVolume(Box<Volume>),
+    /// The node agent is creating the data.
+    WaitForData { node: String },
+    /// Data exists: expose it as a PV pre-bound to the claim.
+    CreatePv(Box<PersistentVolume>),
+    /// The PV exists; binding takes it from here.
+    Provisioned,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("{0}")]
+    Parameters(#[from] local::ParameterError),
+    #[error(
+        "access mode {0:?} is not supported: {driver} volumes live on one node; use ReadWriteOnce or ReadWriteOncePod",
+        driver = local::DRIVER_NAME
+    )]
+    AccessMode(String),
+    #[error("claim has no storage request: set spec.resources.requests.storage, e.g. 1Gi")]
+    NoSize,
+    #[error("storage request {0:?} is not a size: {1}")]
+    BadSize(String, String),
+    #[error(
+        "storage request must be greater than zero; set spec.resources.requests.storage, e.g. 1Gi"
+    )]
+    ZeroSize,
+    #[error(
+        "volumeMode Block needs an image volume: remove `layout: dir` from the StorageClass or use volumeMode Filesystem"
+    )]
+    BlockOnDir,
+    #[error("dataSource is not supported by {driver} yet: create the claim without it", driver = local::DRIVER_NAME)]
+    DataSource,
+    #[error(
+        "no node runs the stowage node agent for {driver}: deploy the stowage-node DaemonSet",
+        driver = local::DRIVER_NAME
+    )]
+    NoNodes,
+    #[error("node {0:?} selected by the scheduler runs no stowage node agent")]
+    NodeWithoutAgent(String),
+    #[error(
+        "no node can hold {wanted}: the most any node has free is {largest} (on {node}); free space or request less"
+    )]
+    NoRoom {
+        wanted: String,
+        largest: String,
+        node: String,
+    },
+    #[error(
+        "node {node} cannot hold {wanted}: it has {free} free; free space there or request less"
+    )]
+    NoRoomOnNode {
+        node: String,
+        wanted: String,
+        free: String,
+    },
+    #[error("node {node} failed to create the volume: {message}")]
+    Backend { node: String, message: String },
+}
+
+impl ProvisionError {
+    /// Whether retrying without any change can succeed (capacity may be
+    /// freed, a node agent may start); the rest need the user to act.
+    pub fn may_resolve_itself(&self) -> bool {
+        matches!(
+            self,
+            ProvisionError::NoNodes
+                | ProvisionError::NodeWithoutAgent(_)
+                | ProvisionError::NoRoom { .. }
+                | ProvisionError::NoRoomOnNode { .. }
+                | ProvisionError::Backend { .. }
+        )
+    }
+}
+
+/// The driver that provisions this claim, if the claim asks for one.
+pub fn claim_provisioner<'a>(
+    claim: &'a PersistentVolumeClaim,
+    class: Option<&'a StorageClass>,
+) -> Option<&'a str> {
+    let ann = claim.annotations();
+    ann.get(ANN_STORAGE_PROVISIONER)
+        .or_else(|| ann.get(ANN_BETA_STORAGE_PROVISIONER))
+        .map(String::as_str)
+        .or_else(|| class.map(|c| c.provisioner.as_str()))
+}
+
+/// PV and Volume name for a claim, as external-provisioner names PVs.
+pub fn volume_name(claim: &PersistentVolumeClaim) -> Option<String> {
+    claim.uid().map(|uid| format!("pvc-{uid}"))
+}
+
+pub fn plan(view: &ClaimView) -> Provision {
+    let claim = view.claim;
+    if claim.metadata.deletion_timestamp.is_some() {
+        return Provision::Skip;
+    }
+    let Some(class) = view.class else {
+        return Provision::Skip;
+    };
+    if claim_provisioner(claim, Some(class)) != Some(local::DRIVER_NAME) {
+        return Provision::Skip;
+    }
+    let spec = claim.spec.as_ref();
+    // A claim that names its PV (or got one bound) is the binder's business.
+    if spec
+        .and_then(|s| s.volume_name.as_deref())
+        .is_some_and(|v| !v.is_empty())
+    {
+        return Provision::Skip;
+    }
+    if let Some(pv) = view.pv {
+        return if pv.metadata.deletion_timestamp.is_some() {
+            Provision::Skip
+        } else {
+            Provision::Provisioned
+        };
+    }
+    if let Some(volume) = view.volume {
+        return after_volume_written(view, class, volume);
+    }
+    if view.static_match {
+        return Provision::Skip;
+    }
+    match desired_volume(view, class) {
+        Ok(Some(volume)) => Provision::CreateVolume(Box::new(volume)),
+        Ok(None) => Provision::WaitForConsumer,
+        Err(e) => Provision::Fail(e),
+    }
+}
+
+fn after_volume_written(view: &ClaimView, class: &StorageClass, volume: &Volume) -> Provision {
+    let node = volume.spec.node.clone().unwrap_or_default();
+    let Some(status) = volume.status.as_ref() else {
+        return Provision::WaitForData { node };
+    };
+    match status.phase {
+        VolumePhase::Ready if status.observed_generation == volume.metadata.generation => {
+            Provision::CreatePv(Box::new(desired_pv(view.claim, class, volume)))
+        }
+        VolumePhase::Failed => Provision::Fail(ProvisionError::Backend {
+            node,
+            message: status
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "unknown error".into()),
+        }),
+        _ => Provision::WaitForData { node },
+    }
+}
+
+/// The Volume to write for a claim, or None while waiting for the scheduler.
+fn desired_volume(
+    view: &ClaimView,
+    class: &StorageClass,
+) -> Result<Option<Volume>, ProvisionError> {
+    let claim = view.claim;
+    let spec = claim.spec.clone().unwrap_or_default();
+    let params = Parameters::parse(&class.parameters.clone().unwrap_or_default())?;
+
+    let access_modes = spec
+        .access_modes
+        .unwrap_or_default()
+        .iter()
+        .map(|m| match m.as_str() {
+            "ReadWriteOnce" => Ok(AccessMode::ReadWriteOnce),
+            "ReadWriteOncePod" => Ok(AccessMode::ReadWriteOncePod),
+            other => Err(ProvisionError::AccessMode(other.to_string())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let volume_mode = match spec.volume_mode.as_deref() {
+        Some("Block") => VolumeMode::Block,
+        _ => VolumeMode::Filesystem,
+    };
+    if volume_mode == VolumeMode::Block && params.layout == Layout::Dir {
+        return Err(ProvisionError::BlockOnDir);
+    }
+    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
+        return Err(ProvisionError::DataSource);
+    }
+    let requested = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .ok_or(ProvisionError::NoSize)?;
+    let requested = parse_bytes(&requested.0)
+        .map_err(|e| ProvisionError::BadSize(requested.0.clone(), e.to_string()))?;
+    if requested <= 0 {
+        return Err(ProvisionError::ZeroSize);
+    }
+    let bytes = params.allocated_bytes(requested);
+
+    let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
+    let node = if wffc {
+        let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
+            return Ok(None);
+        };
+        check_room_on(view, selected, bytes)?;
+        selected.clone()
+    } else {
+        choose_node(view, bytes)?
+    };
+
+    let name = volume_name(claim).expect("claims from the API server have a UID");
+    let mut volume = Volume::new(
+        &name,
+        VolumeSpec {
+            driver: local::DRIVER_NAME.to_string(),
+            parameters: class.parameters.clone().unwrap_or_default(),
+            capacity_bytes: bytes,
+            access_modes,
+            volume_mode,
+            node: Some(node.clone()),
+            source: None,
+            claim: Some(ClaimReference {
+                namespace: claim.namespace().unwrap_or_default(),
+                name: claim.name_any(),
+                uid: claim.uid().unwrap_or_default(),
+            }),
+            persistent_volume_name: Some(name.clone()),
+            reclaim_policy: match class.reclaim_policy.as_deref() {
+                Some("Retain") => ReclaimPolicy::Retain,
+                _ => ReclaimPolicy::Delete,
+            },
+        },
+    );
+    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
+    volume.metadata.labels = Some(BTreeMap::from([(NODE_LABEL.to_string(), node)]));
+    Ok(Some(volume))
+}
+
+/// Bytes each node has promised to Volumes (images are sparse, so promises,
+/// not disk usage, are what must fit).
+fn promised_bytes<'a>(view: &ClaimView<'a>) -> BTreeMap<&'a str, i64> {
+    let mut out = BTreeMap::new();
+    for v in view.all_volumes {
+        if let Some(node) = v.spec.node.as_deref() {
+            *out.entry(node).or_default() += v.spec.capacity_bytes;
+        }
+    }
+    out
+}
+
+fn free_bytes(view: &ClaimView) -> Vec<(String, i64)> {
+    let promised = promised_bytes(view);
+    view.storage_nodes
+        .iter()
+        .filter(|n| n.spec.driver == local::DRIVER_NAME)
+        .map(|n| {
+            let capacity = n.status.as_ref().map_or(0, |s| s.capacity_bytes);
+            let used = promised.get(n.spec.node.as_str()).copied().unwrap_or(0);
+            (n.spec.node.clone(), capacity - used)
+        })
+        .collect()
+}
+
+fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), ProvisionError> {
+    let free = free_bytes(view);
+    let Some((_, free)) = free.iter().find(|(n, _)| n == node) else {
+        return Err(ProvisionError::NodeWithoutAgent(node.to_string()));
+    };
+    if *free < bytes {
+        return Err(ProvisionError::NoRoomOnNode {
+            node: node.to_string(),
+            wanted: format_bytes(bytes),
+            free: format_bytes((*free).max(0)),
+        });
+    }
+    Ok(())
+}
+
+/// The node with the most free room that can hold `bytes`; ties go to the
+/// name that sorts first, so the choice is stable across retries.
+fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
+    let mut free = free_bytes(view);
+    free.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    match free.first() {
+        None => Err(ProvisionError::NoNodes),
+        Some((node, room)) if *room >= bytes => Ok(node.clone()),
+        Some((node, room)) => Err(ProvisionError::NoRoom {
+            wanted: format_bytes(bytes),
+            largest: format_bytes((*room).max(0)),
+            node: node.clone(),
+        }),
+    }
+}
+
+/// The PV external-provisioner would create for this volume.
+pub fn desired_pv(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    volume: &Volume,
+) -> PersistentVolume {
+    let status = volume.status.clone().unwrap_or_default();
+    let capacity = status.capacity_bytes.unwrap_or(volume.spec.capacity_bytes);
+    let node = volume.spec.node.clone().unwrap_or_default();
+    let params = Parameters::parse(&volume.spec.parameters).unwrap_or_default();
+    let block = volume.spec.volume_mode == VolumeMode::Block;
+    let access_modes: Vec<_> = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.clone())
+        .unwrap_or_default();
+    let pv = json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": volume.name_any(),
+            "annotations": { ANN_PROVISIONED_BY: local::DRIVER_NAME },
+            "finalizers": [PV_PROVISIONER_FINALIZER],
+        },
+        "spec": {
+            "capacity": { "storage": format_bytes(capacity) },
+            "accessModes": access_modes,
+            "persistentVolumeReclaimPolicy": class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
+            "storageClassName": class.name_any(),
+            "mountOptions": class.mount_options.clone(),
+            "volumeMode": if block { "Block" } else { "Filesystem" },
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": claim.namespace(),
+                "name": claim.name_any(),
+                "uid": claim.uid(),
+            },
+            "csi": {
+                "driver": local::DRIVER_NAME,
+                "volumeHandle": status.volume_handle.unwrap_or_else(|| volume.name_any()),
+                "fsType": if block { None } else { Some(params.fs_type.as_str()) },
+                "volumeAttributes": { "layout": match params.layout { Layout::Image => "image", Layout::Dir => "dir" } },
+            },
+            "nodeAffinity": { "required": { "nodeSelectorTerms": [{
+                "matchExpressions": [{ "key": local::TOPOLOGY_KEY, "operator": "In", "values": [node] }]
+            }]}},
+        },
+    });
+    serde_json::from_value(pv).expect("PV literal matches the PersistentVolume schema")
+}

@@ -1,0 +1,188 @@
+//! `stowage node`: the node agent. Carries out the node-local Volumes
+//! assigned to this node and reports what it offers in a StorageNode.
+
+mod volumes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Controller;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::backend::local::{self, Store};
+use crate::controller::Metrics;
+use crate::crd::{NODE_LABEL, StorageNode, Volume};
+use crate::telemetry::{self, AlwaysHealthy};
+
+pub const FIELD_MANAGER: &str = "stowage-node";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Name of the Kubernetes Node this agent runs on.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Directory that holds this node's volumes.
+    #[arg(long, env = "STOWAGE_DATA_DIR", default_value = "/var/lib/stowage")]
+    pub data_dir: PathBuf,
+
+    /// Bytes of volumes this node may hold (e.g. 100Gi). Defaults to the
+    /// size of the data directory's filesystem.
+    #[arg(long, env = "STOWAGE_CAPACITY", value_parser = parse_quantity)]
+    pub capacity: Option<i64>,
+
+    /// Address for `/metrics` and `/healthz`.
+    #[arg(
+        long,
+        env = "STOWAGE_NODE_METRICS_ADDR",
+        default_value = "0.0.0.0:9809"
+    )]
+    pub metrics_addr: SocketAddr,
+}
+
+fn parse_quantity(s: &str) -> Result<i64, String> {
+    crate::quantity::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Controller(#[from] crate::controller::Error),
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics server: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Controller(e) => e.metric_label(),
+            Error::Kube(_) => "kube",
+            Error::Local(_) => "local",
+            Error::DataDir { .. } => "data_dir",
+            Error::Http(_) => "http",
+        }
+    }
+}
+
+pub struct NodeContext {
+    pub client: Client,
+    pub node: String,
+    pub store: Store,
+    pub metrics: Metrics,
+}
+
+pub async fn run(config: Config) -> Result<(), Error> {
+    let client = Client::try_default()
+        .await
+        .map_err(crate::controller::Error::Connect)?;
+    crate::controller::ensure_crds_established(&client).await?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+
+    let mut registry = Registry::with_prefix("stowage_node");
+    let metrics = Metrics::register(&mut registry);
+    let http = telemetry::serve_http(
+        config.metrics_addr,
+        Arc::new(registry),
+        Arc::new(AlwaysHealthy),
+    );
+    tokio::pin!(http);
+
+    let ctx = Arc::new(NodeContext {
+        client: client.clone(),
+        node: config.node_name.clone(),
+        store: Store::new(&config.data_dir),
+        metrics,
+    });
+    report_storage_node(&ctx, &config).await?;
+    let heartbeat = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if let Err(e) = report_storage_node(&ctx, &config).await {
+                tracing::warn!(error = %e, "reporting StorageNode failed");
+            }
+        }
+    };
+
+    let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", config.node_name));
+    let controller = Controller::new(Api::<Volume>::all(client), mine)
+        .graceful_shutdown_on(crate::controller::shutdown_signal())
+        .run(volumes::reconcile, volumes::error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    tracing::info!(node = %config.node_name, data_dir = %config.data_dir.display(), "node agent started");
+    tokio::select! {
+        () = controller => tracing::info!("node agent stopped"),
+        res = &mut http => res.map_err(Error::Http)?,
+        () = heartbeat => {}
+    }
+    Ok(())
+}
+
+/// Publishes this node's capacity (server-side apply, so it is idempotent).
+async fn report_storage_node(ctx: &NodeContext, config: &Config) -> Result<(), Error> {
+    let (total, available) =
+        filesystem_bytes(&config.data_dir).map_err(|source| Error::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    let api = Api::<StorageNode>::all(ctx.client.clone());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let object = json!({
+        "apiVersion": "stowage.dev/v1alpha1",
+        "kind": "StorageNode",
+        "metadata": { "name": ctx.node },
+        "spec": { "driver": local::DRIVER_NAME, "node": ctx.node },
+    });
+    api.patch(&ctx.node, &params, &Patch::Apply(&object))
+        .await?;
+    let status = json!({
+        "apiVersion": "stowage.dev/v1alpha1",
+        "kind": "StorageNode",
+        "status": {
+            "capacityBytes": config.capacity.unwrap_or(total),
+            "availableBytes": available,
+            "dataDir": config.data_dir.display().to_string(),
+            "heartbeatTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        },
+    });
+    api.patch_status(&ctx.node, &params, &Patch::Apply(&status))
+        .await?;
+    Ok(())
+}
+
+/// (total, available) bytes of the filesystem holding `path`.
+fn filesystem_bytes(path: &std::path::Path) -> std::io::Result<(i64, i64)> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is writable.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    let frsize = st.f_frsize as i64;
+    Ok((st.f_blocks as i64 * frsize, st.f_bavail as i64 * frsize))
+}

@@ -1,0 +1,240 @@
+//! Carries out the Volumes assigned to this node: creates the data when a
+//! Volume appears, deletes it when the Volume is deleted, and reports in
+//! `Volume.status`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::{Error, NodeContext};
+use crate::backend::local::Parameters;
+use crate::crd::{VOLUME_FINALIZER, Volume, VolumePhase};
+
+/// What this node must do for one Volume, decided from the object alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeWork {
+    /// Not ours (another node), or already done.
+    Nothing,
+    /// Create (or finish creating) the data with this many bytes.
+    Create { bytes: i64 },
+    /// The Volume is being deleted: remove the data, then our finalizer.
+    Delete,
+}
+
+pub fn plan(volume: &Volume, node: &str) -> NodeWork {
+    if volume.spec.node.as_deref() != Some(node) {
+        return NodeWork::Nothing;
+    }
+    if volume.metadata.deletion_timestamp.is_some() {
+        return if volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
+            NodeWork::Delete
+        } else {
+            NodeWork::Nothing
+        };
+    }
+    let done = volume.status.as_ref().is_some_and(|s| {
+        s.phase == VolumePhase::Ready && s.observed_generation == volume.metadata.generation
+    });
+    if done {
+        NodeWork::Nothing
+    } else {
+        NodeWork::Create {
+            bytes: volume.spec.capacity_bytes,
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(volume = %volume.name_any()))]
+pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer("node_volume");
+    let name = volume.name_any();
+    let api = Api::<Volume>::all(ctx.client.clone());
+    match plan(&volume, &ctx.node) {
+        NodeWork::Nothing => {}
+        NodeWork::Create { bytes } => {
+            let params = match Parameters::parse(&volume.spec.parameters) {
+                Ok(p) => p,
+                Err(e) => {
+                    report(
+                        &api,
+                        &volume,
+                        VolumePhase::Failed,
+                        None,
+                        "InvalidParameters",
+                        &e.to_string(),
+                    )
+                    .await?;
+                    return Ok(Action::await_change());
+                }
+            };
+            report(
+                &api,
+                &volume,
+                VolumePhase::Creating,
+                None,
+                "Creating",
+                "creating the data",
+            )
+            .await?;
+            match ctx.store.create(&name, params, bytes).await {
+                Ok(actual) => {
+                    tracing::info!(bytes = actual, "volume data ready");
+                    let msg = format!("{} bytes on node {}", actual, ctx.node);
+                    report(
+                        &api,
+                        &volume,
+                        VolumePhase::Ready,
+                        Some(actual),
+                        "Created",
+                        &msg,
+                    )
+                    .await?;
+                }
+                Err(e) => {
+                    report(
+                        &api,
+                        &volume,
+                        VolumePhase::Failed,
+                        None,
+                        "CreateFailed",
+                        &e.to_string(),
+                    )
+                    .await?;
+                    return Err(e.into());
+                }
+            }
+        }
+        NodeWork::Delete => {
+            ctx.store.delete(&name).await?;
+            tracing::info!("volume data deleted");
+            let remaining: Vec<_> = volume
+                .finalizers()
+                .iter()
+                .filter(|f| *f != VOLUME_FINALIZER)
+                .cloned()
+                .collect();
+            // The resourceVersion makes this a compare-and-swap on the list.
+            let patch = json!({
+                "metadata": { "finalizers": remaining, "resourceVersion": volume.resource_version() }
+            });
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+async fn report(
+    api: &Api<Volume>,
+    volume: &Volume,
+    phase: VolumePhase,
+    capacity: Option<i64>,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let ready = if phase == VolumePhase::Ready {
+        "True"
+    } else {
+        "False"
+    };
+    let mut status = json!({
+        "phase": phase,
+        "observedGeneration": volume.metadata.generation,
+        "conditions": [{
+            "type": "Ready",
+            "status": ready,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+            "observedGeneration": volume.metadata.generation,
+        }],
+        "lastError": if phase == VolumePhase::Failed { json!(message) } else { json!(null) },
+    });
+    if let Some(bytes) = capacity {
+        status["capacityBytes"] = json!(bytes);
+        status["volumeHandle"] = json!(volume.name_any());
+    }
+    api.patch_status(
+        &volume.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+pub fn error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<NodeContext>) -> Action {
+    tracing::warn!(volume = %volume.name_any(), %error, "node volume work failed");
+    ctx.metrics
+        .reconcile_failed("node_volume", error.metric_label());
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AccessMode, VolumeSpec, VolumeStatus};
+
+    fn volume(node: &str) -> Volume {
+        let mut v = Volume::new(
+            "pvc-1",
+            VolumeSpec {
+                driver: "local.stowage.dev".into(),
+                parameters: Default::default(),
+                capacity_bytes: 1 << 24,
+                access_modes: vec![AccessMode::ReadWriteOnce],
+                volume_mode: Default::default(),
+                node: Some(node.into()),
+                source: None,
+                claim: None,
+                persistent_volume_name: None,
+                reclaim_policy: Default::default(),
+            },
+        );
+        v.metadata.generation = Some(1);
+        v.metadata.finalizers = Some(vec![VOLUME_FINALIZER.into()]);
+        v
+    }
+
+    #[test]
+    fn another_nodes_volume_is_left_alone() {
+        assert_eq!(plan(&volume("b"), "a"), NodeWork::Nothing);
+    }
+
+    #[test]
+    fn new_volume_is_created_with_its_size() {
+        assert_eq!(plan(&volume("a"), "a"), NodeWork::Create { bytes: 1 << 24 });
+    }
+
+    #[test]
+    fn ready_volume_of_this_generation_is_done() {
+        let mut v = volume("a");
+        v.status = Some(VolumeStatus {
+            phase: VolumePhase::Ready,
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(plan(&v, "a"), NodeWork::Nothing);
+        v.metadata.generation = Some(2);
+        assert_eq!(
+            plan(&v, "a"),
+            NodeWork::Create { bytes: 1 << 24 },
+            "new generation is redone"
+        );
+    }
+
+    #[test]
+    fn deleted_volume_is_removed_until_the_finalizer_is_gone() {
+        let mut v = volume("a");
+        v.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        assert_eq!(plan(&v, "a"), NodeWork::Delete);
+        v.metadata.finalizers = None;
+        assert_eq!(plan(&v, "a"), NodeWork::Nothing);
+    }
+}
