@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod controller;
 pub mod crd;
+pub mod failpoint;
 pub mod node;
 //TMP pub mod proto;
 pub mod quantity;

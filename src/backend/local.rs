@@ -213,10 +213,12 @@ impl Store {
                 let file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
                 file.set_len(bytes as u64).map_err(io("sizing", &tmp))?;
                 drop(file);
+                crate::failpoint::hit("node-after-image-sized");
                 if let Err(e) = mkfs(params.fs_type, &tmp).await {
                     let _ = tokio::fs::remove_file(&tmp).await;
                     return Err(e);
                 }
+                crate::failpoint::hit("node-after-mkfs");
                 tokio::fs::rename(&tmp, &image)
                     .await
                     .map_err(io("renaming", &tmp))?;

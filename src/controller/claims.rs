@@ -99,11 +99,13 @@ pub async fn reconcile(
             )
             .await;
             create_idempotent(&Api::<Volume>::all(ctx.client.clone()), &volume).await?;
+            crate::failpoint::hit("controller-after-volume-created");
             return Ok(Action::await_change());
         }
         Provision::WaitForData { .. } => return Ok(Action::await_change()),
         Provision::CreatePv(pv) => {
             create_idempotent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
+            crate::failpoint::hit("controller-after-pv-created");
             ctx.event(
                 &*claim,
                 EventType::Normal,
@@ -183,6 +185,7 @@ async fn apply_binding(
         let patch = json!({ "metadata": { "resourceVersion": pv_version }, "status": { "phase": "Bound" } });
         pvs.patch_status(&steps.pv, &pp, &Patch::Merge(&patch))
             .await?;
+        crate::failpoint::hit("controller-after-pv-bound");
     }
     let mut claim_version = claim.resource_version();
     if steps.set_claim_volume_name {
@@ -197,6 +200,7 @@ async fn apply_binding(
             .patch(&claim.name_any(), &pp, &Patch::Merge(&patch))
             .await?
             .resource_version();
+        crate::failpoint::hit("controller-after-claim-volume-name");
     }
     if steps.set_claim_status {
         let spec = pv.spec.clone().unwrap_or_default();

@@ -82,6 +82,7 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
             .await?;
             match ctx.store.create(&name, params, bytes).await {
                 Ok(actual) => {
+                    crate::failpoint::hit("node-before-ready-reported");
                     tracing::info!(bytes = actual, "volume data ready");
                     let msg = format!("{} bytes on node {}", actual, ctx.node);
                     report(

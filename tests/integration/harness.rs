@@ -28,6 +28,9 @@ struct Cluster {
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static CLUSTER_WITHOUT_BINDER: OnceLock<Cluster> = OnceLock::new();
+static CLUSTER_FOR_CRASHES: OnceLock<Cluster> = OnceLock::new();
+
+const WITHOUT_BINDER: &str = "*,-persistentvolume-binder-controller";
 
 /// kube-controller-manager's controllers, all on or with the PV binder off
 /// (then stowage alone binds our claims).
@@ -62,8 +65,9 @@ fn cluster() -> &'static Cluster {
 fn cluster_for(binder: Binder) -> &'static Cluster {
     match binder {
         Binder::Kcm => cluster(),
-        Binder::StowageOnly => CLUSTER_WITHOUT_BINDER
-            .get_or_init(|| start_cluster(Some("*,-persistentvolume-binder-controller"))),
+        Binder::StowageOnly => {
+            CLUSTER_WITHOUT_BINDER.get_or_init(|| start_cluster(Some(WITHOUT_BINDER)))
+        }
     }
 }
 
@@ -102,6 +106,10 @@ fn start_cluster(kcm_controllers: Option<&str>) -> Cluster {
 /// A client for the test control plane, bound to the calling test's runtime.
 pub async fn client() -> Client {
     client_for(&cluster().kubeconfig).await
+}
+
+pub async fn client_for_path(path: &Path) -> Client {
+    client_for(path).await
 }
 
 async fn client_for(path: &Path) -> Client {
@@ -203,20 +211,7 @@ pub fn stack(binder: Binder) -> &'static Stack {
     };
     cell.get_or_init(|| {
         let kubeconfig = cluster_for(binder).kubeconfig.clone();
-        // Set-up needs async calls but runs inside whichever test came first;
-        // a thread of its own keeps it off that test's runtime.
-        let path = kubeconfig.clone();
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(async {
-                let client = client_for(&path).await;
-                install_crds(&client).await;
-                for (node, _) in NODES {
-                    create_node(&client, node).await;
-                }
-            })
-        })
-        .join()
-        .expect("stack set-up failed");
+        prepare(&kubeconfig, &NODES.map(|(n, _)| n));
 
         let data_root = std::env::temp_dir().join(unique_name("stowage-test-data"));
         let mut processes = Vec::new();
@@ -258,6 +253,64 @@ pub fn stack(binder: Binder) -> &'static Stack {
     })
 }
 
+/// Installs the CRDs and creates Node objects. Runs inside whichever test
+/// came first, on a thread of its own to stay off that test's runtime.
+fn prepare(kubeconfig: &Path, nodes: &[&str]) {
+    let path = kubeconfig.to_path_buf();
+    let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let client = client_for(&path).await;
+            install_crds(&client).await;
+            for node in &nodes {
+                create_node(&client, node).await;
+            }
+        })
+    })
+    .join()
+    .expect("cluster set-up failed");
+}
+
+/// A control plane of its own, with no stowage running and no kcm binder
+/// (so every write is stowage's): for tests that start, kill and restart
+/// stowage processes themselves.
+pub fn bare_cluster(nodes: &[&str]) -> PathBuf {
+    let cluster = CLUSTER_FOR_CRASHES.get_or_init(|| start_cluster(Some(WITHOUT_BINDER)));
+    prepare(&cluster.kubeconfig, nodes);
+    cluster.kubeconfig.clone()
+}
+
+/// One `stowage` process under scripts/hold.sh.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn start(kubeconfig: &Path, args: &[&str], env: &[(&str, &str)], log_name: &str) -> Self {
+        Process {
+            child: spawn_held(kubeconfig, None, args, env, log_name),
+        }
+    }
+
+    /// Waits for the process to end by itself; false on timeout.
+    pub async fn exited_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.child.try_wait().expect("polling child").is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// Stops it (SIGTERM via hold.sh) and waits.
+    pub fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 impl Stack {
     pub async fn client(&self) -> Client {
         client_for(&self.kubeconfig).await
@@ -269,8 +322,18 @@ impl Stack {
     }
 }
 
-/// Starts `stowage ARGS` under scripts/hold.sh, logging to target/test-logs.
 fn hold(kubeconfig: &Path, cleanup: Option<&Path>, args: &[&str], log_name: &str) -> Child {
+    spawn_held(kubeconfig, cleanup, args, &[], log_name)
+}
+
+/// Starts `stowage ARGS` under scripts/hold.sh, logging to target/test-logs.
+fn spawn_held(
+    kubeconfig: &Path,
+    cleanup: Option<&Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log_name: &str,
+) -> Child {
     let logs = repo_root().join("target/test-logs");
     std::fs::create_dir_all(&logs).unwrap();
     let log =
@@ -286,6 +349,7 @@ fn hold(kubeconfig: &Path, cleanup: Option<&Path>, args: &[&str], log_name: &str
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,stowage=debug")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
