@@ -65,6 +65,7 @@ pub async fn serve_http(
         .route("/healthz", get(healthz))
         .with_state(HttpState { registry, health });
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving /metrics and /healthz");
     axum::serve(listener, app).await
 }

@@ -54,6 +54,22 @@ pub async fn reconcile(
         all_volumes: &volumes,
         static_match,
     };
+    let pending = s
+        .claims
+        .state()
+        .iter()
+        .filter(|c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
+        .filter(|c| {
+            let class = c
+                .spec
+                .as_ref()
+                .and_then(|s| s.storage_class_name.as_deref());
+            class
+                .and_then(|n| s.classes.get(&ObjectRef::new(n)))
+                .is_some_and(|c| is_ours(&c))
+        })
+        .count();
+    ctx.metrics.claims_pending.set(pending as i64);
     let provision = provision::plan(&view);
     tracing::debug!(?provision, "planned");
     match provision {

@@ -5,6 +5,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -26,6 +27,8 @@ pub struct Metrics {
     pub reconcile_seconds: Family<JobLabels, Histogram>,
     /// Claim creation to Bound, as the user waits for it.
     pub claim_bound_seconds: Histogram,
+    /// Claims of our classes not bound yet: the provisioning backlog.
+    pub claims_pending: Gauge,
 }
 
 impl Metrics {
@@ -38,7 +41,13 @@ impl Metrics {
             failures: Family::default(),
             reconcile_seconds,
             claim_bound_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            claims_pending: Gauge::default(),
         };
+        registry.register(
+            "claims_pending",
+            "Claims of stowage's classes that are not bound yet",
+            m.claims_pending.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciles run, per job",

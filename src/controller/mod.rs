@@ -19,7 +19,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -49,6 +49,10 @@ pub struct Config {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "stowage-controller")]
     pub leader_election_lease: String,
+
+    /// Objects each job works on at once.
+    #[arg(long, env = "STOWAGE_WORKERS", default_value_t = 16)]
+    pub workers: u16,
 
     /// This replica's identity in the Lease; defaults to the host name.
     #[arg(long, env = "POD_NAME")]
@@ -363,6 +367,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ready.await.expect("reflectors run until the process ends");
 
     let claim_jobs = Controller::for_shared_stream(claims_for_claims, stores.claims.clone())
+        .with_config(controller::Config::default().concurrency(config.workers))
         .watches_shared_stream(volumes_for_claims, |v: Arc<Volume>| {
             v.spec
                 .claim
@@ -378,6 +383,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .run(claims::reconcile, claims::error_policy, ctx.clone())
         .for_each(|_| async {});
     let pv_jobs = Controller::for_shared_stream(pvs_for_pvs, stores.pvs.clone())
+        .with_config(controller::Config::default().concurrency(config.workers))
         .watches_shared_stream(volumes_for_pvs, |v: Arc<Volume>| {
             Some(ObjectRef::new(
                 v.spec
@@ -404,6 +410,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         )
         .for_each(|_| async {});
     let volume_jobs = Controller::for_shared_stream(volumes_for_volumes, stores.volumes.clone())
+        .with_config(controller::Config::default().concurrency(config.workers))
         .reconcile_on(volume_triggers)
         .graceful_shutdown_on(shutdown_signal())
         .run(

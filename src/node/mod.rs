@@ -45,6 +45,10 @@ pub struct Config {
         default_value = "0.0.0.0:9809"
     )]
     pub metrics_addr: SocketAddr,
+
+    /// Volumes created or deleted at once (each runs mkfs or removes data).
+    #[arg(long, env = "STOWAGE_NODE_WORKERS", default_value_t = 4)]
+    pub workers: u16,
 }
 
 fn parse_quantity(s: &str) -> Result<i64, String> {
@@ -124,6 +128,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", config.node_name));
     let controller = Controller::new(Api::<Volume>::all(client), mine)
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.workers))
         .graceful_shutdown_on(crate::controller::shutdown_signal())
         .run(volumes::reconcile, volumes::error_policy, ctx.clone())
         .for_each(|_| async {});

@@ -30,7 +30,7 @@ const NODE_STEPS: [&str; 3] = [
 
 #[tokio::test]
 async fn killed_at_any_step_provisions_exactly_once() {
-    let kubeconfig = bare_cluster(&[NODE]);
+    let kubeconfig = bare_cluster("crash", &[NODE]);
     let client = client_for_path(&kubeconfig).await;
     let ns = TestNamespace::new_with(client.clone(), "crash").await;
     let data = std::env::temp_dir().join(unique_name("stowage-crash-data"));

@@ -28,7 +28,8 @@ struct Cluster {
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static CLUSTER_WITHOUT_BINDER: OnceLock<Cluster> = OnceLock::new();
-static CLUSTER_FOR_CRASHES: OnceLock<Cluster> = OnceLock::new();
+static BARE_CLUSTERS: std::sync::Mutex<Vec<(&'static str, &'static Cluster)>> =
+    std::sync::Mutex::new(Vec::new());
 
 const WITHOUT_BINDER: &str = "*,-persistentvolume-binder-controller";
 
@@ -198,6 +199,8 @@ pub const NODES: [(&str, &str); 3] = [
 pub struct Stack {
     pub kubeconfig: PathBuf,
     pub data_root: PathBuf,
+    /// The controller's `/metrics`.
+    pub metrics_url: String,
     _processes: Vec<Child>,
 }
 
@@ -234,6 +237,7 @@ pub fn stack(binder: Binder) -> &'static Stack {
                 &format!("node-{node}"),
             ));
         }
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         processes.push(hold(
             &kubeconfig,
             None,
@@ -241,13 +245,15 @@ pub fn stack(binder: Binder) -> &'static Stack {
                 "controller",
                 "--leader-elect=false",
                 "--metrics-addr",
-                "127.0.0.1:0",
+                &metrics_addr,
             ],
             "controller",
         ));
+        let metrics_url = format!("http://{metrics_addr}/metrics");
         Stack {
             kubeconfig,
             data_root,
+            metrics_url,
             _processes: processes,
         }
     })
@@ -274,10 +280,31 @@ fn prepare(kubeconfig: &Path, nodes: &[&str]) {
 /// A control plane of its own, with no stowage running and no kcm binder
 /// (so every write is stowage's): for tests that start, kill and restart
 /// stowage processes themselves.
-pub fn bare_cluster(nodes: &[&str]) -> PathBuf {
-    let cluster = CLUSTER_FOR_CRASHES.get_or_init(|| start_cluster(Some(WITHOUT_BINDER)));
+/// Each `name` gets its own, so that tests running at once do not see each
+/// other's stowage processes.
+pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
+    let existing = BARE_CLUSTERS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| *c);
+    let cluster = existing.unwrap_or_else(|| {
+        let cluster: &'static Cluster = Box::leak(Box::new(start_cluster(Some(WITHOUT_BINDER))));
+        BARE_CLUSTERS.lock().unwrap().push((name, cluster));
+        cluster
+    });
     prepare(&cluster.kubeconfig, nodes);
     cluster.kubeconfig.clone()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One `stowage` process under scripts/hold.sh.
@@ -384,4 +411,32 @@ async fn create_node(client: &Client, name: &str) {
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .expect("setting node status");
+}
+
+/// GET over plain HTTP/1.0 on loopback; returns (status, body).
+pub async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
