@@ -40,3 +40,8 @@ fmt-check:
 
 clippy:
     cargo clippy --all-targets -- -D warnings
+
+# Benchmark (not a test): N claims provisioned and bound on a fresh control plane.
+bench-provision N="100": control-plane
+    cargo build --release --bin stowage --example bench_provision
+    bash scripts/cluster.sh run -- target/release/examples/bench_provision {{N}}

@@ -115,7 +115,8 @@ pub struct Context {
 }
 
 impl Context {
-    /// Posts an event on `object`; failing to post is logged, not fatal.
+    /// Posts an event on `object` in the background: events are for people,
+    /// so they stay off the provisioning path, and failing to post is logged.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         object: &K,
@@ -131,9 +132,14 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "posting event failed");
-        }
+        let recorder = self.recorder.clone();
+        let reference = object.object_ref(&());
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, reason, "posting event failed");
+            }
+        });
     }
 
     /// Exponential retry delay per object: 1s, 2s, 4s... capped at 16s for

@@ -71,15 +71,6 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                     return Ok(Action::await_change());
                 }
             };
-            report(
-                &api,
-                &volume,
-                VolumePhase::Creating,
-                None,
-                "Creating",
-                "creating the data",
-            )
-            .await?;
             match ctx.store.create(&name, params, bytes).await {
                 Ok(actual) => {
                     crate::failpoint::hit("node-before-ready-reported");

@@ -329,7 +329,7 @@ async fn bad_input_is_explained(binder: Binder) {
         &'a [&'a str],
         &'a [&'a str],
     );
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         (
             "unknown-param",
             &[("fstype", "ext4")],
@@ -343,6 +343,13 @@ async fn bad_input_is_explained(binder: Binder) {
             "1Gi",
             &["ReadWriteOnce"],
             &["btrfs", "ext4 or xfs"],
+        ),
+        (
+            "rox",
+            &[],
+            "1Gi",
+            &["ReadOnlyMany"],
+            &["ReadOnlyMany", "one node"],
         ),
         (
             "rwx",

@@ -1,0 +1,258 @@
+//! `just bench-provision N`: N claims on an `Immediate` class, provisioned
+//! and bound by stowage on a real local control plane. Not a test: it prints
+//! figures (and writes them to target/bench/).
+//!
+//! Run under `scripts/cluster.sh run` (KUBECONFIG set). Starts its own
+//! `stowage node` agents and `stowage controller` from target/release.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const NODES: usize = 4;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "100".into())
+        .parse()?;
+    let layout = std::env::var("STOWAGE_BENCH_LAYOUT").unwrap_or_else(|_| "dir".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let stowage = root.join("target/release/stowage");
+    anyhow::ensure!(
+        stowage.exists(),
+        "{} missing: run `cargo build --release` first",
+        stowage.display()
+    );
+    let client = Client::try_default().await?;
+
+    // CRDs, Node objects and the node agents.
+    let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());
+    for crd in stowage::crd::all() {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let data = std::env::temp_dir().join(format!("stowage-bench-{}", std::process::id()));
+    let mut children = Vec::new();
+    for i in 0..NODES {
+        let node = format!("bench-{i}");
+        let obj: Node = serde_json::from_value(json!({ "metadata": { "name": node, "labels": {
+            "kubernetes.io/hostname": node, "topology.stowage.dev/node": node } } }))?;
+        let _ = Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &obj)
+            .await;
+        children.push(
+            tokio::process::Command::new(&stowage)
+                .args([
+                    "node",
+                    "--node-name",
+                    &node,
+                    "--capacity",
+                    "100Ti",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                ])
+                .arg("--data-dir")
+                .arg(data.join(&node))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let controller = tokio::process::Command::new(&stowage)
+        .args([
+            "controller",
+            "--leader-elect=false",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let controller_pid = controller.id().expect("controller running");
+    children.push(controller);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let ns = format!("bench-{}", std::process::id());
+    let nsobj: Namespace = serde_json::from_value(json!({ "metadata": { "name": ns } }))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &nsobj)
+        .await?;
+    let class: StorageClass = serde_json::from_value(json!({
+        "metadata": { "name": ns },
+        "provisioner": "local.stowage.dev",
+        "volumeBindingMode": "Immediate",
+        "parameters": { "layout": layout },
+    }))?;
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class)
+        .await?;
+
+    let writes_before = api_writes(&client).await?;
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns);
+
+    // Watch first, so no Bound transition is missed.
+    let watch_claims = claims.clone();
+    let watcher_task = tokio::spawn(async move {
+        let mut bound = HashMap::new();
+        let mut stream = watcher(watch_claims, watcher::Config::default())
+            .applied_objects()
+            .boxed();
+        while let Some(claim) = stream.try_next().await.transpose() {
+            let Ok(claim) = claim else { continue };
+            if claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                bound.entry(claim.name_any()).or_insert_with(Instant::now);
+                if bound.len() == n {
+                    return bound;
+                }
+            }
+        }
+        bound
+    });
+
+    let start = Instant::now();
+    let created: HashMap<String, Instant> = futures::stream::iter(0..n)
+        .map(|i| {
+            let claims = claims.clone();
+            async move {
+                let name = format!("claim-{i:05}");
+                let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+                    "metadata": { "name": name },
+                    "spec": { "storageClassName": claims_class(&claims), "accessModes": ["ReadWriteOnce"],
+                              "resources": { "requests": { "storage": "16Mi" } } },
+                }))
+                .unwrap();
+                let t = Instant::now();
+                claims.create(&PostParams::default(), &claim).await.expect("creating claim");
+                (name, t)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let bound = tokio::time::timeout(Duration::from_secs(600), watcher_task)
+        .await
+        .map_err(|_| anyhow::anyhow!("not all {n} claims bound within 10 minutes"))??;
+    let elapsed = bound
+        .values()
+        .max()
+        .map(|t| t.duration_since(start))
+        .unwrap_or_default();
+    let mut latencies: Vec<f64> = bound
+        .iter()
+        .map(|(name, t)| t.duration_since(created[name]).as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+
+    let writes_after = api_writes(&client).await?;
+    let mut per_resource = BTreeMap::new();
+    for (resource, after) in &writes_after {
+        let delta = after - writes_before.get(resource).copied().unwrap_or(0.0);
+        if delta > 0.0 {
+            per_resource.insert(resource.clone(), delta / n as f64);
+        }
+    }
+    let total_writes: f64 = per_resource.values().sum();
+    let rss_kib = peak_rss_kib(controller_pid);
+
+    let mut report = String::new();
+    report.push_str(&format!("stowage provisioning benchmark: {n} claims, Immediate, layout {layout}, {NODES} node agents\n"));
+    report.push_str(&format!(
+        "claims/s to all Bound       {:.1}\n",
+        n as f64 / elapsed.as_secs_f64()
+    ));
+    report.push_str(&format!(
+        "all Bound after             {:.2} s\n",
+        elapsed.as_secs_f64()
+    ));
+    report.push_str(&format!("claim->Bound p50            {:.0} ms\n", pct(0.5)));
+    report.push_str(&format!(
+        "claim->Bound p99            {:.0} ms\n",
+        pct(0.99)
+    ));
+    report.push_str(&format!("API writes per volume       {total_writes:.1} (all clients, from apiserver_request_total)\n"));
+    for (resource, w) in &per_resource {
+        report.push_str(&format!("  {resource:<30}{w:.2}\n"));
+    }
+    report.push_str(&format!(
+        "controller peak RSS         {:.1} MiB\n",
+        rss_kib as f64 / 1024.0
+    ));
+    print!("{report}");
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join(format!("provision-{n}.txt")), &report)?;
+
+    drop(children);
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+fn claims_class(claims: &Api<PersistentVolumeClaim>) -> String {
+    claims.namespace().unwrap_or_default().to_string()
+}
+
+/// Write requests served by the API server so far, per resource.
+async fn api_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(req).await?;
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |key: &str| {
+            let start = line.find(&format!("{key}=\""))? + key.len() + 2;
+            Some(line[start..].split('"').next()?.to_string())
+        };
+        let Some(verb) = label("verb") else { continue };
+        if !matches!(verb.as_str(), "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY") {
+            continue;
+        }
+        let resource = match (label("resource"), label("subresource")) {
+            (Some(r), Some(s)) if !s.is_empty() => format!("{r}/{s}"),
+            (Some(r), _) => r,
+            _ => continue,
+        };
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry(resource).or_default() += value;
+    }
+    Ok(out)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
