@@ -136,7 +136,10 @@ pub async fn reconcile(
     }
 
     match bind::plan(&claim, class.as_deref(), &pv_refs, is_ours) {
-        Binding::Skip | Binding::Done => {}
+        Binding::Skip => {}
+        // Whoever wrote the last half (we or kcm's binder), the user waited
+        // until now.
+        Binding::Done => ctx.metrics.observe_claim_bound(&claim),
         Binding::Bind(steps) => {
             let pv = pvs
                 .iter()
@@ -231,7 +234,6 @@ async fn apply_binding(
         claims
             .patch_status(&claim.name_any(), &pp, &Patch::Merge(&patch))
             .await?;
-        ctx.metrics.observe_claim_bound(claim);
         tracing::info!(pv = %steps.pv, "claim bound");
     }
     Ok(())

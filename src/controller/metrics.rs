@@ -1,5 +1,7 @@
 //! Controller metrics: operation counts and latencies per job.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -29,6 +31,8 @@ pub struct Metrics {
     pub claim_bound_seconds: Histogram,
     /// Claims of our classes not bound yet: the provisioning backlog.
     pub claims_pending: Gauge,
+    /// UIDs of claims whose bind time was observed (forgotten on deletion).
+    bound_claims: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Metrics {
@@ -42,6 +46,7 @@ impl Metrics {
             reconcile_seconds,
             claim_bound_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             claims_pending: Gauge::default(),
+            bound_claims: Arc::default(),
         };
         registry.register(
             "claims_pending",
@@ -71,12 +76,31 @@ impl Metrics {
         m
     }
 
+    /// Observes a claim's creation-to-Bound time, once per claim.
     pub fn observe_claim_bound(&self, claim: &k8s_openapi::api::core::v1::PersistentVolumeClaim) {
+        let Some(uid) = claim.metadata.uid.clone() else {
+            return;
+        };
+        if !self
+            .bound_claims
+            .lock()
+            .expect("bound set poisoned")
+            .insert(uid)
+        {
+            return;
+        }
         if let Some(created) = &claim.metadata.creation_timestamp {
             let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(created.0);
             self.claim_bound_seconds
                 .observe(elapsed.as_secs_f64().max(0.0));
         }
+    }
+
+    pub fn forget_claim(&self, uid: &str) {
+        self.bound_claims
+            .lock()
+            .expect("bound set poisoned")
+            .remove(uid);
     }
 
     /// Counts a reconcile and observes its duration when the guard drops.

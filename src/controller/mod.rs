@@ -290,7 +290,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let (claim_trigger, claim_triggers) = trigger::<PersistentVolumeClaim>();
     let on_claim_deleted = {
         let (pv_trigger, volume_trigger) = (pv_trigger.clone(), volume_trigger.clone());
+        let metrics = metrics.clone();
         move |c: &PersistentVolumeClaim| {
+            if let Some(uid) = c.uid() {
+                metrics.forget_claim(&uid);
+            }
             let Some(name) = provision::volume_name(c) else {
                 return;
             };
