@@ -7,6 +7,6 @@ pub mod controller;
 pub mod crd;
 pub mod failpoint;
 pub mod node;
-//TMP pub mod proto;
+pub mod proto;
 pub mod quantity;
 pub mod telemetry;

@@ -13,3 +13,55 @@ pub mod pluginregistration {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("pluginregistration");
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::csi::v1 as csi;
+    use super::pluginregistration as reg;
+
+    /// First byte of a length-delimited field: (number << 3) | 2.
+    fn tag(number: u8) -> u8 {
+        (number << 3) | 2
+    }
+
+    #[test]
+    fn registration_fields_have_kubelets_numbers() {
+        let info = reg::PluginInfo {
+            r#type: "CSIPlugin".into(),
+            name: "n".into(),
+            endpoint: String::new(),
+            supported_versions: vec!["1.0.0".into()],
+        };
+        let bytes = info.encode_to_vec();
+        assert_eq!(bytes[0], tag(1));
+        assert_eq!(&bytes[2..11], b"CSIPlugin");
+        assert_eq!(bytes[11], tag(2));
+        assert_eq!(bytes[14], tag(4), "supported_versions is field 4");
+    }
+
+    #[test]
+    fn csi_paths_are_where_kubelet_puts_them() {
+        let req = csi::NodePublishVolumeRequest {
+            volume_id: "v".into(),
+            staging_target_path: "s".into(),
+            target_path: "t".into(),
+            ..Default::default()
+        };
+        let bytes = req.encode_to_vec();
+        // volume_id = 1, staging_target_path = 3, target_path = 4
+        assert_eq!(bytes, [tag(1), 1, b'v', tag(3), 1, b's', tag(4), 1, b't']);
+        let back = csi::NodePublishVolumeRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn access_modes_keep_the_specs_values() {
+        use csi::volume_capability::access_mode::Mode;
+        assert_eq!(Mode::SingleNodeWriter as i32, 1);
+        assert_eq!(Mode::MultiNodeMultiWriter as i32, 5);
+        assert_eq!(Mode::SingleNodeSingleWriter as i32, 6);
+        assert_eq!(Mode::SingleNodeMultiWriter as i32, 7);
+    }
+}
