@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the Kubernetes and etcd binaries the local control plane runs, from
+# Builds the Kubernetes and etcd binaries the local control plane runs, and
+# csi-sanity, from
 # the Go module proxy at the versions pinned in scripts/lib.sh and the Go
 # modules under tests/cluster/. Results are cached in
 # ~/.cache/stowage/kube-<version>/bin and reused. Prints that directory.
@@ -9,7 +10,9 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-bin_dir="$STOWAGE_CACHE/kube-$KUBE_VERSION-etcd-$ETCD_VERSION/bin"
+# Keyed by the pins, so changing any of them builds afresh.
+pins=$(cat "$REPO_ROOT"/tests/cluster/go.mod "$REPO_ROOT"/tests/cluster/*/go.mod "$0" | sha256sum | cut -c1-12)
+bin_dir="$STOWAGE_CACHE/kube-$KUBE_VERSION-etcd-$ETCD_VERSION-$pins/bin"
 mkdir -p "$bin_dir"
 command -v go >/dev/null || die "Go is needed to build the control plane (https://go.dev); none on PATH"
 
@@ -37,4 +40,5 @@ provide etcd tests/cluster/etcd go.etcd.io/etcd/server/v3 "-s -w"
 for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do
   provide "$cmd" tests/cluster "k8s.io/kubernetes/cmd/$cmd" "$kube_ldflags"
 done
+provide csi-sanity tests/cluster/csi-sanity github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity "-s -w"
 echo "$bin_dir"

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod controller;
 pub mod crd;
+pub mod csi;
 pub mod failpoint;
 pub mod node;
 pub mod proto;

@@ -38,7 +38,7 @@ enum Command {
     Node(stowage::node::Config),
     /// Serve one backend as a plain CSI endpoint (Identity, Controller,
     /// Node), so csi-sanity and the upstream sidecars can drive the same code.
-    Csi,
+    Csi(stowage::csi::serve::Config),
     /// Print the CustomResourceDefinitions stowage needs, as YAML, for
     /// `kubectl apply -f -`.
     Crds,
@@ -63,9 +63,12 @@ async fn main() -> ExitCode {
                 .await
                 .map_err(anyhow::Error::from)
         }
-        Command::Csi => Err(anyhow::anyhow!(
-            "this subcommand is not available in this build yet"
-        )),
+        Command::Csi(config) => {
+            telemetry::init_logging(cli.log_format);
+            stowage::csi::serve::run(config)
+                .await
+                .map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -227,6 +227,20 @@ impl Store {
         }
     }
 
+    /// Grows an image file (never shrinks it); returns its size.
+    pub async fn grow(&self, id: &str, bytes: i64) -> Result<i64, LocalError> {
+        let image = self.image_path(id)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .map_err(io("opening", &image))?;
+        let current = file.metadata().map_err(io("reading", &image))?.len() as i64;
+        if bytes > current {
+            file.set_len(bytes as u64).map_err(io("growing", &image))?;
+        }
+        Ok(bytes.max(current))
+    }
+
     /// Removes the volume's data; succeeds when it is already gone.
     pub async fn delete(&self, id: &str) -> Result<(), LocalError> {
         let image = self.image_path(id)?;

@@ -1,6 +1,9 @@
 //! `stowage node`: the node agent. Carries out the node-local Volumes
 //! assigned to this node and reports what it offers in a StorageNode.
 
+pub mod loop_device;
+pub mod mounts;
+pub mod paths;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -51,7 +54,7 @@ pub struct Config {
     pub workers: u16,
 }
 
-fn parse_quantity(s: &str) -> Result<i64, String> {
+pub fn parse_quantity(s: &str) -> Result<i64, String> {
     crate::quantity::parse_bytes(s).map_err(|e| e.to_string())
 }
 
@@ -176,6 +179,21 @@ async fn report_storage_node(ctx: &NodeContext, config: &Config) -> Result<(), E
 
 /// (total, available) bytes of the filesystem holding `path`.
 fn filesystem_bytes(path: &std::path::Path) -> std::io::Result<(i64, i64)> {
+    let st = statvfs(path)?;
+    Ok((st.total_bytes, st.available_bytes))
+}
+
+/// Usage of the filesystem holding a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsUsage {
+    pub total_bytes: i64,
+    pub available_bytes: i64,
+    pub used_bytes: i64,
+    pub total_inodes: i64,
+    pub free_inodes: i64,
+}
+
+pub fn statvfs(path: &std::path::Path) -> std::io::Result<FsUsage> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let c = CString::new(path.as_os_str().as_bytes())
@@ -189,5 +207,11 @@ fn filesystem_bytes(path: &std::path::Path) -> std::io::Result<(i64, i64)> {
     // SAFETY: statvfs returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
     let frsize = st.f_frsize as i64;
-    Ok((st.f_blocks as i64 * frsize, st.f_bavail as i64 * frsize))
+    Ok(FsUsage {
+        total_bytes: st.f_blocks as i64 * frsize,
+        available_bytes: st.f_bavail as i64 * frsize,
+        used_bytes: (st.f_blocks as i64 - st.f_bfree as i64) * frsize,
+        total_inodes: st.f_files as i64,
+        free_inodes: st.f_ffree as i64,
+    })
 }

@@ -3,6 +3,7 @@
 
 mod controller_lifecycle;
 mod crash_safety;
+mod csi_sanity;
 mod harness;
 mod leader_election;
 mod provisioning;

@@ -1,0 +1,370 @@
+//! CSI Controller for the local backend, on the one node `stowage csi`
+//! serves. (In a cluster, `stowage controller` does this job through Volume
+//! objects instead; this exists so csi-sanity and the upstream sidecars can
+//! drive the same backend code.)
+
+use std::collections::BTreeMap;
+
+use tonic::{Request, Response};
+
+use super::{CsiError, CsiResult, VolumeLocks, check_capability, required};
+use crate::backend::local::{self, Layout, Parameters, Store};
+use crate::proto::csi::v1::{self as csi, controller_server::Controller};
+
+pub struct ControllerService {
+    pub store: Store,
+    pub node: String,
+    pub capacity: i64,
+    pub locks: VolumeLocks,
+}
+
+const DEFAULT_BYTES: i64 = 1 << 30;
+
+impl ControllerService {
+    fn topology(&self) -> Vec<csi::Topology> {
+        vec![csi::Topology {
+            segments: [(local::TOPOLOGY_KEY.to_string(), self.node.clone())]
+                .into_iter()
+                .collect(),
+        }]
+    }
+
+    /// Size of an existing volume, or None when there is none.
+    async fn existing_bytes(&self, id: &str) -> Result<Option<(Layout, i64)>, CsiError> {
+        if let Ok(meta) = tokio::fs::metadata(self.store.image_path(id)?).await {
+            return Ok(Some((Layout::Image, meta.len() as i64)));
+        }
+        if tokio::fs::metadata(self.store.dir_path(id)?)
+            .await
+            .is_ok_and(|m| m.is_dir())
+        {
+            return Ok(Some((Layout::Dir, 0)));
+        }
+        Ok(None)
+    }
+
+    fn volume(&self, id: &str, bytes: i64, params: Parameters) -> csi::Volume {
+        let mut context = BTreeMap::new();
+        context.insert(
+            "layout".to_string(),
+            if params.layout == Layout::Dir {
+                "dir"
+            } else {
+                "image"
+            }
+            .to_string(),
+        );
+        context.insert("fsType".to_string(), params.fs_type.as_str().to_string());
+        csi::Volume {
+            capacity_bytes: bytes,
+            volume_id: id.to_string(),
+            volume_context: context.into_iter().collect(),
+            content_source: None,
+            accessible_topology: self.topology(),
+        }
+    }
+}
+
+/// The size to create for a capacity range, or OutOfRange.
+fn size_for(range: Option<&csi::CapacityRange>, params: Parameters) -> Result<i64, CsiError> {
+    let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    if required < 0 || limit < 0 {
+        return Err(CsiError::InvalidArgument(
+            "capacity_range bytes must not be negative".into(),
+        ));
+    }
+    if limit > 0 && required > limit {
+        return Err(CsiError::InvalidArgument(format!(
+            "required_bytes {required} exceeds limit_bytes {limit}"
+        )));
+    }
+    let wanted = if required > 0 {
+        required
+    } else if limit > 0 {
+        limit.min(DEFAULT_BYTES)
+    } else {
+        DEFAULT_BYTES
+    };
+    let bytes = params.allocated_bytes(wanted);
+    if limit > 0 && bytes > limit {
+        return Err(CsiError::OutOfRange(format!(
+            "the smallest {} volume is {bytes} bytes, more than limit_bytes {limit}",
+            params.fs_type.as_str()
+        )));
+    }
+    Ok(bytes)
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<csi::CreateVolumeRequest>,
+    ) -> CsiResult<csi::CreateVolumeResponse> {
+        let req = request.into_inner();
+        let id = required(&req.name, "name")?;
+        local::validate_volume_id(id).map_err(CsiError::from)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(
+                CsiError::InvalidArgument("volume_capabilities are required".into()).into(),
+            );
+        }
+        let params = Parameters::parse(&req.parameters.clone().into_iter().collect())
+            .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+        for cap in &req.volume_capabilities {
+            check_capability(cap)?;
+            let block = matches!(
+                cap.access_type,
+                Some(csi::volume_capability::AccessType::Block(_))
+            );
+            if block && params.layout == Layout::Dir {
+                return Err(
+                    CsiError::InvalidArgument("block access needs layout image".into()).into(),
+                );
+            }
+        }
+        if req.volume_content_source.is_some() {
+            return Err(
+                CsiError::InvalidArgument("volume_content_source is not supported".into()).into(),
+            );
+        }
+        let bytes = size_for(req.capacity_range.as_ref(), params)?;
+        let _guard = self.locks.lock(id).await;
+        if let Some((layout, existing)) = self.existing_bytes(id).await? {
+            // Idempotent only for the same request.
+            let range = req.capacity_range.unwrap_or_default();
+            let fits = layout == Layout::Dir
+                || (existing >= range.required_bytes
+                    && (range.limit_bytes == 0 || existing <= range.limit_bytes));
+            if layout != params.layout || !fits {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {id} exists with a different size or layout"
+                ))
+                .into());
+            }
+            return Ok(Response::new(csi::CreateVolumeResponse {
+                volume: Some(self.volume(id, existing.max(bytes), params)),
+            }));
+        }
+        if bytes > self.capacity {
+            return Err(CsiError::OutOfRange(format!(
+                "{bytes} bytes do not fit: capacity is {}",
+                self.capacity
+            ))
+            .into());
+        }
+        let created = self
+            .store
+            .create(id, params, bytes)
+            .await
+            .map_err(CsiError::from)?;
+        tracing::info!(volume = id, bytes = created, "volume created");
+        Ok(Response::new(csi::CreateVolumeResponse {
+            volume: Some(self.volume(id, created, params)),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<csi::DeleteVolumeRequest>,
+    ) -> CsiResult<csi::DeleteVolumeResponse> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        // An id that could never have been ours is simply not there.
+        if local::validate_volume_id(id).is_err() {
+            return Ok(Response::new(csi::DeleteVolumeResponse {}));
+        }
+        let _guard = self.locks.lock(id).await;
+        self.store.delete(id).await.map_err(CsiError::from)?;
+        Ok(Response::new(csi::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> CsiResult<csi::ControllerPublishVolumeResponse> {
+        Err(tonic::Status::unimplemented("local volumes need no attach"))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> CsiResult<csi::ControllerUnpublishVolumeResponse> {
+        Err(tonic::Status::unimplemented("local volumes need no attach"))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> CsiResult<csi::ValidateVolumeCapabilitiesResponse> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        if req.volume_capabilities.is_empty() {
+            return Err(
+                CsiError::InvalidArgument("volume_capabilities are required".into()).into(),
+            );
+        }
+        let exists =
+            local::validate_volume_id(id).is_ok() && self.existing_bytes(id).await?.is_some();
+        if !exists {
+            return Err(CsiError::NotFound(format!("volume {id} does not exist")).into());
+        }
+        let unsupported = req
+            .volume_capabilities
+            .iter()
+            .find_map(|c| check_capability(c).err());
+        Ok(Response::new(match unsupported {
+            Some(e) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.to_string(),
+            },
+            None => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            },
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<csi::ListVolumesRequest>,
+    ) -> CsiResult<csi::ListVolumesResponse> {
+        Err(tonic::Status::unimplemented("ListVolumes is not offered"))
+    }
+
+    async fn get_capacity(
+        &self,
+        _: Request<csi::GetCapacityRequest>,
+    ) -> CsiResult<csi::GetCapacityResponse> {
+        let used: i64 = {
+            let mut total = 0;
+            for id in self.store.list().await.map_err(CsiError::from)? {
+                total += self.existing_bytes(&id).await?.map_or(0, |(_, b)| b);
+            }
+            total
+        };
+        Ok(Response::new(csi::GetCapacityResponse {
+            available_capacity: (self.capacity - used).max(0),
+            maximum_volume_size: None,
+            minimum_volume_size: Some(Parameters::default().allocated_bytes(1)),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> CsiResult<csi::ControllerGetCapabilitiesResponse> {
+        use csi::controller_service_capability::{Rpc, Type, rpc};
+        let capabilities = [
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::GetCapacity,
+            rpc::Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(|t| csi::ControllerServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<csi::CreateSnapshotRequest>,
+    ) -> CsiResult<csi::CreateSnapshotResponse> {
+        Err(tonic::Status::unimplemented(
+            "snapshots are not offered yet",
+        ))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<csi::DeleteSnapshotRequest>,
+    ) -> CsiResult<csi::DeleteSnapshotResponse> {
+        Err(tonic::Status::unimplemented(
+            "snapshots are not offered yet",
+        ))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<csi::ListSnapshotsRequest>,
+    ) -> CsiResult<csi::ListSnapshotsResponse> {
+        Err(tonic::Status::unimplemented(
+            "snapshots are not offered yet",
+        ))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _: Request<csi::GetSnapshotRequest>,
+    ) -> CsiResult<csi::GetSnapshotResponse> {
+        Err(tonic::Status::unimplemented(
+            "snapshots are not offered yet",
+        ))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> CsiResult<csi::ControllerExpandVolumeResponse> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        let range = req
+            .capacity_range
+            .ok_or_else(|| CsiError::InvalidArgument("capacity_range is required".into()))?;
+        local::validate_volume_id(id).map_err(CsiError::from)?;
+        let _guard = self.locks.lock(id).await;
+        let Some((layout, current)) = self.existing_bytes(id).await? else {
+            return Err(CsiError::NotFound(format!("volume {id} does not exist")).into());
+        };
+        if layout == Layout::Dir {
+            return Ok(Response::new(csi::ControllerExpandVolumeResponse {
+                capacity_bytes: range.required_bytes,
+                node_expansion_required: false,
+            }));
+        }
+        let wanted = Parameters::default().allocated_bytes(range.required_bytes);
+        if range.limit_bytes > 0 && wanted > range.limit_bytes {
+            return Err(CsiError::OutOfRange(format!(
+                "{wanted} bytes exceed limit_bytes {}",
+                range.limit_bytes
+            ))
+            .into());
+        }
+        let bytes = if wanted > current {
+            self.store.grow(id, wanted).await.map_err(CsiError::from)?
+        } else {
+            current
+        };
+        Ok(Response::new(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: bytes,
+            node_expansion_required: true,
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        _: Request<csi::ControllerGetVolumeRequest>,
+    ) -> CsiResult<csi::ControllerGetVolumeResponse> {
+        Err(tonic::Status::unimplemented(
+            "ControllerGetVolume is not offered",
+        ))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> CsiResult<csi::ControllerModifyVolumeResponse> {
+        Err(tonic::Status::unimplemented(
+            "ControllerModifyVolume is not offered",
+        ))
+    }
+}

@@ -1,0 +1,121 @@
+//! CSI gRPC services for the local backend: Identity, Controller and Node,
+//! one file each. `stowage node` serves Identity + Node to kubelet;
+//! `stowage csi` serves all three on one endpoint for csi-sanity and the
+//! upstream sidecars.
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+pub mod serve;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tonic::{Code, Status};
+
+use crate::backend::local::LocalError;
+use crate::node::paths::PathError;
+use crate::proto::csi::v1 as csi;
+
+/// Errors of CSI calls, each knowing its gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum CsiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error(transparent)]
+    Local(#[from] LocalError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CsiError {
+    pub fn code(&self) -> Code {
+        match self {
+            CsiError::InvalidArgument(_) | CsiError::Path(_) => Code::InvalidArgument,
+            CsiError::Local(LocalError::InvalidName(_)) => Code::InvalidArgument,
+            CsiError::NotFound(_) => Code::NotFound,
+            CsiError::AlreadyExists(_) => Code::AlreadyExists,
+            CsiError::OutOfRange(_) => Code::OutOfRange,
+            CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CsiError::Local(_) | CsiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<CsiError> for Status {
+    fn from(e: CsiError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+pub type CsiResult<T> = Result<tonic::Response<T>, Status>;
+
+pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, CsiError> {
+    if value.is_empty() {
+        Err(CsiError::InvalidArgument(format!("{field} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Local volumes live on one node: only single-node access modes work.
+pub fn check_capability(cap: &csi::VolumeCapability) -> Result<(), CsiError> {
+    use csi::volume_capability::access_mode::Mode;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode())
+        .unwrap_or(Mode::Unknown);
+    match mode {
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::SingleNodeMultiWriter => {}
+        Mode::Unknown => {
+            return Err(CsiError::InvalidArgument(
+                "volume_capability.access_mode is required".into(),
+            ));
+        }
+        other => {
+            return Err(CsiError::InvalidArgument(format!(
+                "access mode {} is not supported: local volumes live on one node",
+                other.as_str_name()
+            )));
+        }
+    }
+    if cap.access_type.is_none() {
+        return Err(CsiError::InvalidArgument(
+            "volume_capability needs block or mount".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// One lock per volume id: operations on a volume run one at a time.
+#[derive(Default, Clone)]
+pub struct VolumeLocks {
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl VolumeLocks {
+    pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .lock()
+            .expect("lock map poisoned")
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+}
