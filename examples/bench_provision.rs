@@ -69,6 +69,8 @@ async fn main() -> anyhow::Result<()> {
                 ])
                 .arg("--data-dir")
                 .arg(data.join(&node))
+                .arg("--kubelet-dir")
+                .arg(data.join(format!("{node}-kubelet")))
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .kill_on_drop(true)

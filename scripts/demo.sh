@@ -31,6 +31,7 @@ cleanup() { kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true
 trap cleanup EXIT
 log "starting stowage node (data in $data, log $logs/stowage-node.log)"
 setpriv --pdeathsig TERM -- "$stowage" node --node-name "$node" --data-dir "$data" \
+  --kubelet-dir "$STOWAGE_CLUSTER_DIR/kubelet" \
   --capacity 10Gi --metrics-addr 127.0.0.1:0 > "$logs/stowage-node.log" 2>&1 &
 pids+=($!)
 log "starting stowage controller (log $logs/stowage-controller.log)"

@@ -4,11 +4,15 @@
 pub mod loop_device;
 pub mod mounts;
 pub mod paths;
+pub mod registration;
 mod volumes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::metrics::gauge::Gauge;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -22,7 +26,7 @@ use serde_json::json;
 use crate::backend::local::{self, Store};
 use crate::controller::Metrics;
 use crate::crd::{NODE_LABEL, StorageNode, Volume};
-use crate::telemetry::{self, AlwaysHealthy};
+use crate::telemetry::{self, Health};
 
 pub const FIELD_MANAGER: &str = "stowage-node";
 
@@ -49,6 +53,11 @@ pub struct Config {
     )]
     pub metrics_addr: SocketAddr,
 
+    /// kubelet's root directory: the registration socket goes in its
+    /// plugins_registry, and target and staging paths must lie under it.
+    #[arg(long, env = "KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
     /// Volumes created or deleted at once (each runs mkfs or removes data).
     #[arg(long, env = "STOWAGE_NODE_WORKERS", default_value_t = 4)]
     pub workers: u16,
@@ -73,6 +82,10 @@ pub enum Error {
     },
     #[error("metrics server: {0}")]
     Http(#[source] std::io::Error),
+    #[error("kubelet socket: {0}")]
+    Socket(#[source] crate::csi::serve::ServeError),
+    #[error("gRPC server: {0}")]
+    Grpc(#[source] tonic::transport::Error),
 }
 
 impl Error {
@@ -83,6 +96,8 @@ impl Error {
             Error::Local(_) => "local",
             Error::DataDir { .. } => "data_dir",
             Error::Http(_) => "http",
+            Error::Socket(_) => "socket",
+            Error::Grpc(_) => "grpc",
         }
     }
 }
@@ -106,12 +121,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let mut registry = Registry::with_prefix("stowage_node");
     let metrics = Metrics::register(&mut registry);
-    let http = telemetry::serve_http(
-        config.metrics_addr,
-        Arc::new(registry),
-        Arc::new(AlwaysHealthy),
+    let registered = Gauge::<i64, AtomicI64>::default();
+    registered.set(-1);
+    registry.register(
+        "kubelet_registered",
+        "1 once kubelet accepted the plugin registration, 0 if it refused, -1 before either",
+        registered.clone(),
     );
+    let socket = socket_path(&config.kubelet_dir);
+    let health = Arc::new(NodeHealth {
+        socket: socket.clone(),
+        data_dir: config.data_dir.clone(),
+    });
+    let http = telemetry::serve_http(config.metrics_addr, Arc::new(registry), health);
     tokio::pin!(http);
+    let grpc = serve_socket(&socket, &config, registered)?;
+    tokio::pin!(grpc);
 
     let ctx = Arc::new(NodeContext {
         client: client.clone(),
@@ -137,12 +162,75 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .for_each(|_| async {});
 
     tracing::info!(node = %config.node_name, data_dir = %config.data_dir.display(), "node agent started");
-    tokio::select! {
-        () = controller => tracing::info!("node agent stopped"),
-        res = &mut http => res.map_err(Error::Http)?,
-        () = heartbeat => {}
+    let result = tokio::select! {
+        () = controller => {
+            tracing::info!("node agent stopped");
+            Ok(())
+        }
+        res = &mut http => res.map_err(Error::Http),
+        res = &mut grpc => res.map_err(Error::Grpc),
+        () = heartbeat => Ok(()),
+    };
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+/// `<kubelet-dir>/plugins_registry/<driver>-reg.sock`
+pub fn socket_path(kubelet_dir: &std::path::Path) -> PathBuf {
+    kubelet_dir
+        .join("plugins_registry")
+        .join(format!("{}-reg.sock", local::DRIVER_NAME))
+}
+
+/// Registration, CSI Identity and CSI Node on one unix socket.
+fn serve_socket(
+    socket: &std::path::Path,
+    config: &Config,
+    registered: Gauge<i64, AtomicI64>,
+) -> Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>> + use<>, Error> {
+    use crate::csi::{VolumeLocks, identity::IdentityService, node::NodeService, serve};
+    use crate::proto::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
+    use crate::proto::pluginregistration::registration_server::RegistrationServer;
+    let listener = serve::bind(socket).map_err(Error::Socket)?;
+    tracing::info!(socket = %socket.display(), "serving plugin registration, CSI Identity and Node");
+    let node = NodeService {
+        store: Store::new(&config.data_dir),
+        node: config.node_name.clone(),
+        kubelet_dir: config.kubelet_dir.clone(),
+        locks: VolumeLocks::default(),
+    };
+    Ok(tonic::transport::Server::builder()
+        .add_service(RegistrationServer::new(registration::RegistrationService {
+            driver: local::DRIVER_NAME.into(),
+            registered,
+        }))
+        .add_service(IdentityServer::new(IdentityService {
+            driver: local::DRIVER_NAME.into(),
+            controller: false,
+        }))
+        .add_service(NodeServer::new(node))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            crate::controller::shutdown_signal(),
+        ))
+}
+
+/// Liveness: the socket kubelet uses is there and the data directory answers
+/// (what CSI Probe would check).
+struct NodeHealth {
+    socket: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl Health for NodeHealth {
+    fn healthy(&self) -> Result<(), String> {
+        if !self.socket.exists() {
+            return Err(format!("socket {} is gone", self.socket.display()));
+        }
+        statvfs(&self.data_dir)
+            .map_err(|e| format!("data directory {}: {e}", self.data_dir.display()))?;
+        Ok(())
     }
-    Ok(())
 }
 
 /// Publishes this node's capacity (server-side apply, so it is idempotent).

@@ -373,7 +373,18 @@ fn spawn_held(
     command
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
+        .args(args);
+    // A node agent gets a kubelet directory of its own beside its data, so
+    // that its socket never lands in the host's /var/lib/kubelet.
+    if args.first() == Some(&"node") && !args.contains(&"--kubelet-dir") {
+        let data = args
+            .iter()
+            .position(|a| *a == "--data-dir")
+            .map(|i| args[i + 1])
+            .expect("node needs --data-dir");
+        command.arg("--kubelet-dir").arg(format!("{data}-kubelet"));
+    }
+    command
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,stowage=debug")
         .envs(env.iter().copied())

@@ -6,5 +6,6 @@ mod crash_safety;
 mod csi_sanity;
 mod harness;
 mod leader_election;
+mod node_socket;
 mod provisioning;
 mod volume_api;
