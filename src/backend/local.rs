@@ -185,12 +185,14 @@ impl Store {
 
     /// Creates the volume if it does not exist yet; returns its size. An
     /// image is built under a temporary name and renamed when formatted, so
-    /// a crash mid-way leaves no half-made volume under the real name.
+    /// a crash mid-way leaves no half-made volume under the real name. Block
+    /// volumes (`format: false`) stay raw, as their users expect.
     pub async fn create(
         &self,
         id: &str,
         params: Parameters,
         bytes: i64,
+        format: bool,
     ) -> Result<i64, LocalError> {
         tokio::fs::create_dir_all(&self.root)
             .await
@@ -214,7 +216,7 @@ impl Store {
                 file.set_len(bytes as u64).map_err(io("sizing", &tmp))?;
                 drop(file);
                 crate::failpoint::hit("node-after-image-sized");
-                if let Err(e) = mkfs(params.fs_type, &tmp).await {
+                if format && let Err(e) = mkfs(params.fs_type, &tmp).await {
                     let _ = tokio::fs::remove_file(&tmp).await;
                     return Err(e);
                 }

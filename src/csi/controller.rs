@@ -111,17 +111,16 @@ impl Controller for ControllerService {
         }
         let params = Parameters::parse(&req.parameters.clone().into_iter().collect())
             .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+        let mut block = false;
         for cap in &req.volume_capabilities {
             check_capability(cap)?;
-            let block = matches!(
+            block |= matches!(
                 cap.access_type,
                 Some(csi::volume_capability::AccessType::Block(_))
             );
-            if block && params.layout == Layout::Dir {
-                return Err(
-                    CsiError::InvalidArgument("block access needs layout image".into()).into(),
-                );
-            }
+        }
+        if block && params.layout == Layout::Dir {
+            return Err(CsiError::InvalidArgument("block access needs layout image".into()).into());
         }
         if req.volume_content_source.is_some() {
             return Err(
@@ -155,7 +154,7 @@ impl Controller for ControllerService {
         }
         let created = self
             .store
-            .create(id, params, bytes)
+            .create(id, params, bytes, !block)
             .await
             .map_err(CsiError::from)?;
         tracing::info!(volume = id, bytes = created, "volume created");

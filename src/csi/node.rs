@@ -73,10 +73,12 @@ fn mountinfo() -> impl FnOnce(std::io::Error) -> CsiError {
     |e| CsiError::Internal(format!("reading /proc/self/mountinfo: {e}"))
 }
 
-/// The filesystem on a device, if any ("ext4", "xfs", ...).
+/// The filesystem on a device, if any ("ext4", "xfs", ...). Probes the
+/// device itself (`-p`): blkid's cache remembers what a reused loop device
+/// held before, and trusting it could skip a format or grow the wrong thing.
 async fn filesystem_on(dev: &Path) -> Option<String> {
     let out = Command::new("blkid")
-        .args(["-o", "value", "-s", "TYPE"])
+        .args(["-p", "-o", "value", "-s", "TYPE"])
         .arg(dev)
         .stdin(Stdio::null())
         .output()

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{Error, NodeContext};
 use crate::backend::local::Parameters;
-use crate::crd::{VOLUME_FINALIZER, Volume, VolumePhase};
+use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase};
 
 /// What this node must do for one Volume, decided from the object alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +71,8 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                     return Ok(Action::await_change());
                 }
             };
-            match ctx.store.create(&name, params, bytes).await {
+            let format = volume.spec.volume_mode == VolumeMode::Filesystem;
+            match ctx.store.create(&name, params, bytes, format).await {
                 Ok(actual) => {
                     crate::failpoint::hit("node-before-ready-reported");
                     tracing::info!(bytes = actual, "volume data ready");

@@ -1,6 +1,6 @@
-//! csi-sanity (the CSI conformance suite) against `stowage csi`, once with
-//! xfs volumes and once with ext4. Zero failures, and every spec it skips
-//! must be listed in the README with the reason.
+//! csi-sanity (the CSI conformance suite) against `stowage csi`: xfs and ext4
+//! filesystem volumes, and block volumes. Zero failures, and every spec it
+//! skips must be listed in the README with the reason.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,7 +30,8 @@ fn csi_sanity_binary() -> PathBuf {
     bin
 }
 
-async fn run_sanity(fs_type: &str, skip: Option<&str>) -> Outcome {
+/// `access`: "mount" or "block" volumes.
+async fn run_sanity(fs_type: &str, access: &str, skip: Option<&str>) -> Outcome {
     let work = std::env::temp_dir().join(unique_name("stowage-sanity"));
     let kubelet = work.join("kubelet");
     std::fs::create_dir_all(&kubelet).unwrap();
@@ -51,7 +52,7 @@ async fn run_sanity(fs_type: &str, skip: Option<&str>) -> Outcome {
             kubelet.to_str().unwrap(),
         ],
         &[],
-        &format!("csi-sanity-{fs_type}"),
+        &format!("csi-sanity-{fs_type}-{access}"),
     );
     for _ in 0..100 {
         if socket.exists() {
@@ -119,7 +120,7 @@ async fn run_sanity(fs_type: &str, skip: Option<&str>) -> Outcome {
         }
     }
     println!(
-        "csi-sanity ({fs_type}): {} passed, {} failed, {} skipped",
+        "csi-sanity ({fs_type}, {access}): {} passed, {} failed, {} skipped",
         outcome.passed,
         outcome.failed.len(),
         outcome.skipped.len()
@@ -173,7 +174,7 @@ fn assert_conformant(outcome: &Outcome) {
 
 #[tokio::test]
 async fn csi_sanity_passes_with_xfs() {
-    assert_conformant(&run_sanity("xfs", None).await);
+    assert_conformant(&run_sanity("xfs", "mount", None).await);
 }
 
 /// Growing a mounted ext4 needs CAP_SYS_RESOURCE, which a node agent has in
@@ -192,5 +193,11 @@ async fn csi_sanity_passes_with_ext4() {
         .is_some_and(|caps| caps & (1 << 24) != 0);
     let skip =
         (!has_sys_resource).then_some("should work if node-expand is called after node-publish");
-    assert_conformant(&run_sanity("ext4", skip).await);
+    assert_conformant(&run_sanity("ext4", "mount", skip).await);
+}
+
+/// Block volumes: staged as a loop device, published as a device file.
+#[tokio::test]
+async fn csi_sanity_passes_with_block_volumes() {
+    assert_conformant(&run_sanity("xfs", "block", None).await);
 }
