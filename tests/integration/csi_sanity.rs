@@ -2,11 +2,11 @@
 //! filesystem volumes, and block volumes. Zero failures, and every spec it
 //! skips must be listed in the README with the reason.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Process, unique_name};
+use crate::harness::{Process, unique_name, upstream_binary};
 
 struct Outcome {
     passed: usize,
@@ -14,23 +14,6 @@ struct Outcome {
     skipped: Vec<String>,
 }
 
-fn csi_sanity_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("bash")
-        .arg(root.join("scripts/build-control-plane.sh"))
-        .output()
-        .expect("running scripts/build-control-plane.sh");
-    assert!(
-        out.status.success(),
-        "building csi-sanity failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("csi-sanity");
-    assert!(bin.is_file(), "{} missing", bin.display());
-    bin
-}
-
-/// `access`: "mount" or "block" volumes.
 async fn run_sanity(fs_type: &str, access: &str, skip: Option<&str>) -> Outcome {
     let work = std::env::temp_dir().join(unique_name("stowage-sanity"));
     let kubelet = work.join("kubelet");
@@ -69,7 +52,7 @@ async fn run_sanity(fs_type: &str, access: &str, skip: Option<&str>) -> Outcome 
     let params = work.join("params.yaml");
     std::fs::write(&params, format!("fsType: {fs_type}\n")).unwrap();
     let report = work.join("report.json");
-    let mut cmd = Command::new(csi_sanity_binary());
+    let mut cmd = Command::new(upstream_binary("csi-sanity"));
     cmd.arg("--csi.endpoint")
         .arg(&endpoint)
         .arg("--csi.mountdir")

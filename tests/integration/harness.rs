@@ -41,7 +41,7 @@ pub enum Binder {
     StowageOnly,
 }
 
-fn repo_root() -> &'static Path {
+pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -450,4 +450,26 @@ pub async fn http_get(url: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Path of an upstream binary built by scripts/build-control-plane.sh
+/// (kubectl, csi-sanity, ...).
+pub fn upstream_binary(name: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/build-control-plane.sh"))
+        .output()
+        .expect("running scripts/build-control-plane.sh");
+    assert!(
+        out.status.success(),
+        "building upstream binaries failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join(name);
+    assert!(bin.is_file(), "{} missing", bin.display());
+    bin
+}
+
+/// The kubeconfig of the shared control plane.
+pub fn kubeconfig() -> PathBuf {
+    cluster().kubeconfig.clone()
 }

@@ -6,6 +6,7 @@ mod crash_safety;
 mod csi_sanity;
 mod harness;
 mod leader_election;
+mod manifests;
 mod node_socket;
 mod provisioning;
 mod volume_api;

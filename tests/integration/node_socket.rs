@@ -21,7 +21,9 @@ use stowage::proto::pluginregistration as reg;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::harness::{Process, TestNamespace, bare_cluster, client_for_path, unique_name};
+use crate::harness::{
+    Process, TestNamespace, bare_cluster, client_for_path, free_port, http_get, unique_name,
+};
 
 const NODE: &str = "socket-node";
 
@@ -78,6 +80,7 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
     let data = std::env::temp_dir().join(unique_name("stowage-socket"));
     let kubelet = PathBuf::from(format!("{}-kubelet", data.display()));
     let data_arg = data.to_str().unwrap().to_string();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let node_args = [
         "node",
         "--node-name",
@@ -87,7 +90,7 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
         "--capacity",
         "1Gi",
         "--metrics-addr",
-        "127.0.0.1:0",
+        &metrics_addr,
     ];
     let mut agent = Process::start(&kubeconfig, &node_args, &[], "socket-node");
     let controller = Process::start(
@@ -126,6 +129,14 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
         })
         .await
         .unwrap();
+    let (status, metrics) = http_get(&format!("http://{metrics_addr}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("stowage_node_kubelet_registered 1"),
+        "{metrics}"
+    );
+    let (status, _) = http_get(&format!("http://{metrics_addr}/healthz")).await;
+    assert_eq!(status, 200, "/healthz of a registered node agent");
 
     // Then CSI on the same socket.
     let mut identity = csi::identity_client::IdentityClient::new(channel.clone());
