@@ -6,15 +6,19 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# Local control plane, CRDs and stowage controller; prints how to use kubectl.
-demo: build control-plane
+# Local control plane with stowage provisioning a real volume; prints how to use kubectl.
+demo: deps build control-plane
     bash scripts/cluster.sh run -- bash scripts/demo.sh
 
 # Everything CI checks: formatting, lints, generated files, unit and integration tests.
-test: fmt-check clippy control-plane
+test: deps fmt-check clippy control-plane
     cargo build --all-targets
     bash scripts/cluster.sh run -- bash scripts/test-in-cluster.sh
     bash scripts/check-no-leftovers.sh
+
+# Install the host tools stowage and its tests use (mkfs.xfs, ...) if missing.
+deps:
+    bash scripts/install-deps.sh
 
 # Build the stowage binary.
 build:
@@ -32,16 +36,19 @@ cluster: control-plane
 crds:
     cargo run --quiet -- crds > crds/stowage.dev.yaml
 
+# Format the code.
 fmt:
     cargo fmt --all
 
+# Fail if the code is not formatted.
 fmt-check:
     cargo fmt --all -- --check
 
+# Lints, warnings as errors.
 clippy:
     cargo clippy --all-targets -- -D warnings
 
 # Benchmark (not a test): N claims provisioned and bound on a fresh control plane.
-bench-provision N="100": control-plane
+bench-provision N="100": deps control-plane
     cargo build --release --bin stowage --example bench_provision
     bash scripts/cluster.sh run -- target/release/examples/bench_provision {{N}}
