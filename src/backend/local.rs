@@ -328,7 +328,14 @@ async fn mkfs(fs: FsType, path: &Path) -> Result<(), LocalError> {
     run(cmd).await
 }
 
-pub(crate) async fn run(mut cmd: Command) -> Result<(), LocalError> {
+/// Runs a command to completion; a non-zero exit is an error carrying its
+/// stderr.
+pub(crate) async fn run(cmd: Command) -> Result<(), LocalError> {
+    output(cmd).await.map(drop)
+}
+
+/// Like `run`, returning what the command printed on stdout.
+pub(crate) async fn output(mut cmd: Command) -> Result<String, LocalError> {
     let shown = format!("{:?}", cmd.as_std());
     let out = cmd
         .stdin(Stdio::null())
@@ -340,7 +347,7 @@ pub(crate) async fn run(mut cmd: Command) -> Result<(), LocalError> {
             stderr: e.to_string(),
         })?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(LocalError::Command {
             command: shown,

@@ -10,7 +10,7 @@ use tokio::process::Command;
 use tonic::{Request, Response};
 
 use super::{CsiError, CsiResult, VolumeLocks, check_capability, required};
-use crate::backend::local::{self, FsType, Store, run};
+use crate::backend::local::{self, FsType, Store, output, run};
 use crate::node::{loop_device, mounts, paths, statvfs};
 use crate::proto::csi::v1::{self as csi, node_server::Node, volume_capability::AccessType};
 
@@ -73,18 +73,31 @@ fn mountinfo() -> impl FnOnce(std::io::Error) -> CsiError {
     |e| CsiError::Internal(format!("reading /proc/self/mountinfo: {e}"))
 }
 
+/// The request's capability, present and one local volumes can serve.
+fn required_capability(
+    cap: Option<&csi::VolumeCapability>,
+) -> Result<&csi::VolumeCapability, CsiError> {
+    let cap =
+        cap.ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+    check_capability(cap)?;
+    Ok(cap)
+}
+
+fn mount_flags(cap: &csi::VolumeCapability) -> Vec<String> {
+    match &cap.access_type {
+        Some(AccessType::Mount(m)) => m.mount_flags.clone(),
+        _ => Vec::new(),
+    }
+}
+
 /// The filesystem on a device, if any ("ext4", "xfs", ...). Probes the
 /// device itself (`-p`): blkid's cache remembers what a reused loop device
 /// held before, and trusting it could skip a format or grow the wrong thing.
 async fn filesystem_on(dev: &Path) -> Option<String> {
-    let out = Command::new("blkid")
-        .args(["-p", "-o", "value", "-s", "TYPE"])
-        .arg(dev)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .ok()?;
-    let fs = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut blkid = Command::new("blkid");
+    blkid.args(["-p", "-o", "value", "-s", "TYPE"]).arg(dev);
+    // blkid exits 2 when it finds no filesystem.
+    let fs = output(blkid).await.ok()?.trim().to_string();
     (!fs.is_empty()).then_some(fs)
 }
 
@@ -114,11 +127,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
         let staging = self.path(&req.staging_target_path, "staging_target_path")?;
-        let cap = req
-            .volume_capability
-            .as_ref()
-            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-        check_capability(cap)?;
+        let cap = required_capability(req.volume_capability.as_ref())?;
         let _guard = self.locks.lock(id).await;
         let data = self.data(id)?;
         let block = matches!(cap.access_type, Some(AccessType::Block(_)));
@@ -181,10 +190,7 @@ impl Node for NodeService {
                 tokio::fs::create_dir_all(&staging)
                     .await
                     .map_err(io_err("creating", &staging))?;
-                let options = match &cap.access_type {
-                    Some(AccessType::Mount(m)) => m.mount_flags.clone(),
-                    _ => Vec::new(),
-                };
+                let options = mount_flags(cap);
                 if let Err(e) = mounts::mount(&dev, &staging, None, &options).await {
                     let _ = loop_device::detach(&image).await;
                     Err(CsiError::from(e))?;
@@ -219,11 +225,7 @@ impl Node for NodeService {
         let id = required(&req.volume_id, "volume_id")?;
         let target = self.path(&req.target_path, "target_path")?;
         let staging = self.path(&req.staging_target_path, "staging_target_path")?;
-        let cap = req
-            .volume_capability
-            .as_ref()
-            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-        check_capability(cap)?;
+        let cap = required_capability(req.volume_capability.as_ref())?;
         let _guard = self.locks.lock(id).await;
         let data = self.data(id)?;
         if mounts::mounted_at(&target).map_err(mountinfo())?.is_some() {
@@ -266,10 +268,7 @@ impl Node for NodeService {
                 tokio::fs::create_dir_all(&target)
                     .await
                     .map_err(io_err("creating", &target))?;
-                let options = match &cap.access_type {
-                    Some(AccessType::Mount(m)) => m.mount_flags.clone(),
-                    _ => Vec::new(),
-                };
+                let options = mount_flags(cap);
                 mounts::bind(&staging, &target, req.readonly, &options)
                     .await
                     .map_err(CsiError::from)?;

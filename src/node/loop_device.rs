@@ -2,27 +2,21 @@
 //! by its backing file before a new one is attached, so retries never leak.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tokio::process::Command;
 
-use crate::backend::local::{LocalError, run};
+use crate::backend::local::{LocalError, output, run};
+
+fn losetup(args: &[&str], path: &Path) -> Command {
+    let mut cmd = Command::new("losetup");
+    cmd.args(args).arg(path);
+    cmd
+}
 
 /// The loop devices backed by `image`.
 pub async fn find_all(image: &Path) -> Result<Vec<PathBuf>, LocalError> {
-    let out = Command::new("losetup")
-        .arg("--associated")
-        .arg(image)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| LocalError::Command {
-            command: "losetup".into(),
-            status: "not started".into(),
-            stderr: e.to_string(),
-        })?;
     // "/dev/loop3: [2049]:1234 (/path/img)"
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = output(losetup(&["--associated"], image)).await?;
     Ok(text
         .lines()
         .filter_map(|l| l.split(':').next())
@@ -41,25 +35,8 @@ pub async fn attach(image: &Path) -> Result<PathBuf, LocalError> {
     if let Some(dev) = find(image).await? {
         return Ok(dev);
     }
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(image)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| LocalError::Command {
-            command: "losetup".into(),
-            status: "not started".into(),
-            stderr: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(LocalError::Command {
-            command: format!("losetup --find --show {}", image.display()),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    let dev = output(losetup(&["--find", "--show"], image)).await?;
+    Ok(PathBuf::from(dev.trim()))
 }
 
 /// Detaches every loop device backed by `image`. The kernel may finish a
@@ -67,9 +44,7 @@ pub async fn attach(image: &Path) -> Result<PathBuf, LocalError> {
 /// its way out answers ENXIO, which counts as done.
 pub async fn detach(image: &Path) -> Result<(), LocalError> {
     for dev in find_all(image).await? {
-        let mut cmd = Command::new("losetup");
-        cmd.arg("--detach").arg(&dev);
-        match run(cmd).await {
+        match run(losetup(&["--detach"], &dev)).await {
             Ok(()) => {}
             Err(LocalError::Command { stderr, .. })
                 if stderr.contains("No such device or address") => {}
@@ -81,7 +56,5 @@ pub async fn detach(image: &Path) -> Result<(), LocalError> {
 
 /// Makes the device see a grown backing file.
 pub async fn refresh_size(dev: &Path) -> Result<(), LocalError> {
-    let mut cmd = Command::new("losetup");
-    cmd.arg("--set-capacity").arg(dev);
-    run(cmd).await
+    run(losetup(&["--set-capacity"], dev)).await
 }

@@ -5,64 +5,15 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{Condition, await_condition};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::crd::Volume;
 
+use crate::fixtures::{claim, is_bound, storage_class, wait};
 use crate::harness::{
     Binder, Process, TestNamespace, bare_cluster, client_for_path, http_get, stack, unique_name,
 };
-
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn wait<K>(api: &Api<K>, name: &str, what: &str, cond: impl Condition<K>) -> Option<K>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    tokio::time::timeout(TIMEOUT, await_condition(api.clone(), name, cond))
-        .await
-        .unwrap_or_else(|_| panic!("{name}: not {what} after {TIMEOUT:?}"))
-        .expect("watching")
-}
-
-async fn immediate_class(client: &Client, name: &str) {
-    let sc: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "provisioner": "local.stowage.dev",
-        "volumeBindingMode": "Immediate",
-    }))
-    .unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &sc)
-        .await
-        .unwrap();
-}
-
-async fn claim(ns: &TestNamespace, name: &str, class: &str) -> String {
-    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "spec": {
-            "storageClassName": class,
-            "accessModes": ["ReadWriteOnce"],
-            "resources": { "requests": { "storage": "20Mi" } },
-        },
-    }))
-    .unwrap();
-    ns.api::<PersistentVolumeClaim>()
-        .create(&PostParams::default(), &claim)
-        .await
-        .unwrap()
-        .uid()
-        .unwrap()
-}
-
-fn is_bound(c: Option<&PersistentVolumeClaim>) -> bool {
-    c.and_then(|c| c.status.as_ref()?.phase.as_deref()) == Some("Bound")
-}
 
 /// The Volume is written but its node agent is down, so no data exists
 /// yet; the claim is deleted. Once the agent is back, nothing is left.
@@ -73,7 +24,7 @@ async fn claim_deleted_mid_provisioning_leaks_nothing() {
     let client = client_for_path(&kubeconfig).await;
     let ns = TestNamespace::new_with(client.clone(), "inflight").await;
     let class = format!("{}-c", ns.name);
-    immediate_class(&client, &class).await;
+    storage_class(&client, &class, "Immediate", "Delete", &[]).await;
     let data = std::env::temp_dir().join(unique_name("stowage-inflight"));
     let data_arg = data.to_str().unwrap().to_string();
     let node_args = [
@@ -111,7 +62,10 @@ async fn claim_deleted_mid_provisioning_leaks_nothing() {
         &[],
         "inflight-controller",
     );
-    let uid = claim(&ns, "doomed", &class).await;
+    let uid = claim(&ns, "doomed", &class, "20Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
     let volume_name = format!("pvc-{uid}");
     let volumes = Api::<Volume>::all(client.clone());
     wait(&volumes, &volume_name, "written", |v: Option<&Volume>| {
@@ -159,7 +113,7 @@ async fn standby_takes_over_and_a_leader_that_loses_its_lease_stops() {
     let client = client_for_path(&kubeconfig).await;
     let ns = TestNamespace::new_with(client.clone(), "leader").await;
     let class = format!("{}-c", ns.name);
-    immediate_class(&client, &class).await;
+    storage_class(&client, &class, "Immediate", "Delete", &[]).await;
     let data = std::env::temp_dir().join(unique_name("stowage-leader"));
     let data_arg = data.to_str().unwrap().to_string();
     let agent = Process::start(
@@ -211,7 +165,10 @@ async fn standby_takes_over_and_a_leader_that_loses_its_lease_stops() {
     .await;
     let mut second = replica("second");
     let claims = ns.api::<PersistentVolumeClaim>();
-    claim(&ns, "one", &class).await;
+    claim(&ns, "one", &class, "20Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
     wait(&claims, "one", "Bound", is_bound).await;
     let lease = leases.get("stowage-controller").await.unwrap();
     assert_eq!(
@@ -229,7 +186,10 @@ async fn standby_takes_over_and_a_leader_that_loses_its_lease_stops() {
         holder_is("second"),
     )
     .await;
-    claim(&ns, "two", &class).await;
+    claim(&ns, "two", &class, "20Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
     wait(&claims, "two", "Bound", is_bound).await;
 
     // Someone else takes the lease: the leader must stop acting.
@@ -259,8 +219,11 @@ async fn metrics_report_jobs_backlog_and_claim_latency() {
     let stack = stack(Binder::Kcm);
     let ns = TestNamespace::new_with(stack.client().await, "metrics").await;
     let class = format!("{}-c", ns.name);
-    immediate_class(&ns.client, &class).await;
-    claim(&ns, "measured", &class).await;
+    storage_class(&ns.client, &class, "Immediate", "Delete", &[]).await;
+    claim(&ns, "measured", &class, "20Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
     wait(
         &ns.api::<PersistentVolumeClaim>(),
         "measured",

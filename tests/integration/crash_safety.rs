@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{ListParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, ResourceExt};
@@ -54,16 +53,7 @@ async fn killed_at_any_step_provisions_exactly_once() {
     ];
 
     let class = format!("{}-crash", ns.name);
-    let sc: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": class },
-        "provisioner": "local.stowage.dev",
-        "volumeBindingMode": "Immediate",
-    }))
-    .unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &sc)
-        .await
-        .unwrap();
+    crate::fixtures::storage_class(&client, &class, "Immediate", "Delete", &[]).await;
 
     // (which process crashes, at which step)
     let cases = CONTROLLER_STEPS

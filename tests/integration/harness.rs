@@ -250,6 +250,7 @@ pub fn stack(binder: Binder) -> &'static Stack {
             "controller",
         ));
         let metrics_url = format!("http://{metrics_addr}/metrics");
+        wait_for_storage_nodes(&kubeconfig, &NODES.map(|(n, _)| n));
         Stack {
             kubeconfig,
             data_root,
@@ -275,6 +276,33 @@ fn prepare(kubeconfig: &Path, nodes: &[&str]) {
     })
     .join()
     .expect("cluster set-up failed");
+}
+
+/// Blocks until every node agent has reported what it offers, so that tests
+/// start from a cluster whose capacity is known.
+fn wait_for_storage_nodes(kubeconfig: &Path, nodes: &[&str]) {
+    let path = kubeconfig.to_path_buf();
+    let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let api = Api::<stowage::crd::StorageNode>::all(client_for(&path).await);
+            for node in &nodes {
+                let reported = await_condition(
+                    api.clone(),
+                    node,
+                    |n: Option<&stowage::crd::StorageNode>| n.is_some_and(|n| n.status.is_some()),
+                );
+                tokio::time::timeout(Duration::from_secs(60), reported)
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("node agent {node} never reported; see target/test-logs/")
+                    })
+                    .expect("watching StorageNodes");
+            }
+        })
+    })
+    .join()
+    .expect("waiting for node agents");
 }
 
 /// A control plane of its own, with no stowage running and no kcm binder

@@ -8,11 +8,8 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::Api;
-use kube::api::PostParams;
 use kube::runtime::wait::await_condition;
-use serde_json::json;
 use stowage::proto::csi::v1 as csi;
 use stowage::proto::csi::v1::volume_capability::{
     AccessMode, AccessType, MountVolume, access_mode::Mode,
@@ -169,24 +166,8 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
 
     // A real volume, provisioned through the cluster.
     let class = format!("{}-c", ns.name);
-    let sc: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": class }, "provisioner": "local.stowage.dev", "volumeBindingMode": "Immediate",
-    }))
-    .unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &sc)
-        .await
-        .unwrap();
-    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": { "name": "data" },
-        "spec": { "storageClassName": class, "accessModes": ["ReadWriteOnce"],
-                  "resources": { "requests": { "storage": "20Mi" } } },
-    }))
-    .unwrap();
-    ns.api::<PersistentVolumeClaim>()
-        .create(&PostParams::default(), &claim)
-        .await
-        .unwrap();
+    crate::fixtures::storage_class(&client, &class, "Immediate", "Delete", &[]).await;
+    crate::fixtures::claim(&ns, "data", &class, "20Mi", &["ReadWriteOnce"]).await;
     let bound = await_condition(
         ns.api::<PersistentVolumeClaim>(),
         "data",

@@ -2,93 +2,22 @@
 //! against the real control plane, both with kube-controller-manager's PV
 //! binder running and with it disabled.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::runtime::wait::{Condition, await_condition};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::crd::{Volume, VolumePhase};
 
+use crate::fixtures::{TIMEOUT, claim, gone, is_bound, storage_class, wait};
 use crate::harness::{Binder, Stack, TestNamespace, stack};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn setup(binder: Binder, prefix: &str) -> (&'static Stack, TestNamespace) {
     let stack = stack(binder);
     let ns = TestNamespace::new_with(stack.client().await, prefix).await;
     (stack, ns)
-}
-
-async fn storage_class(
-    client: &Client,
-    name: &str,
-    binding_mode: &str,
-    reclaim: &str,
-    params: &[(&str, &str)],
-) -> StorageClass {
-    let params: BTreeMap<_, _> = params
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let class: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "provisioner": "local.stowage.dev",
-        "volumeBindingMode": binding_mode,
-        "reclaimPolicy": reclaim,
-        "parameters": params,
-        "mountOptions": ["noatime"],
-    }))
-    .unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class)
-        .await
-        .expect("creating class")
-}
-
-async fn claim(
-    ns: &TestNamespace,
-    name: &str,
-    class: &str,
-    size: &str,
-    modes: &[&str],
-) -> PersistentVolumeClaim {
-    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "spec": {
-            "storageClassName": class,
-            "accessModes": modes,
-            "resources": { "requests": { "storage": size } },
-        },
-    }))
-    .unwrap();
-    ns.api::<PersistentVolumeClaim>()
-        .create(&PostParams::default(), &claim)
-        .await
-        .expect("creating claim")
-}
-
-async fn wait<K>(api: &Api<K>, name: &str, what: &str, cond: impl Condition<K>) -> Option<K>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    tokio::time::timeout(TIMEOUT, await_condition(api.clone(), name, cond))
-        .await
-        .unwrap_or_else(|_| panic!("{name}: not {what} after {TIMEOUT:?}"))
-        .expect("watching")
-}
-
-fn is_bound(c: Option<&PersistentVolumeClaim>) -> bool {
-    c.and_then(|c| c.status.as_ref()?.phase.as_deref()) == Some("Bound")
-}
-
-fn gone<K>(o: Option<&K>) -> bool {
-    o.is_none()
 }
 
 /// Events about `name` in the namespace, as `kubectl describe` shows them.
