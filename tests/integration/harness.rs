@@ -238,9 +238,11 @@ pub fn stack(binder: Binder) -> &'static Stack {
             ));
         }
         let metrics_addr = format!("127.0.0.1:{}", free_port());
+        // The controller's holder also removes the data root when the run
+        // ends (each agent's holder removes only its own directory).
         processes.push(hold(
             &kubeconfig,
-            None,
+            Some(&data_root),
             &[
                 "controller",
                 "--leader-elect=false",
@@ -402,15 +404,16 @@ fn spawn_held(
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_stowage"))
         .args(args);
-    // A node agent gets a kubelet directory of its own beside its data, so
-    // that its socket never lands in the host's /var/lib/kubelet.
+    // A node agent gets a kubelet directory of its own inside its data
+    // directory, so that its socket never lands in the host's
+    // /var/lib/kubelet and goes away with the data.
     if args.first() == Some(&"node") && !args.contains(&"--kubelet-dir") {
         let data = args
             .iter()
             .position(|a| *a == "--data-dir")
             .map(|i| args[i + 1])
             .expect("node needs --data-dir");
-        command.arg("--kubelet-dir").arg(format!("{data}-kubelet"));
+        command.arg("--kubelet-dir").arg(format!("{data}/kubelet"));
     }
     command
         .env("KUBECONFIG", kubeconfig)

@@ -75,7 +75,7 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
     let client = client_for_path(&kubeconfig).await;
     let ns = TestNamespace::new_with(client.clone(), "socket").await;
     let data = std::env::temp_dir().join(unique_name("stowage-socket"));
-    let kubelet = PathBuf::from(format!("{}-kubelet", data.display()));
+    let kubelet = data.join("kubelet");
     let data_arg = data.to_str().unwrap().to_string();
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let node_args = [
@@ -329,4 +329,5 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
     assert!(!socket.exists(), "socket left behind after shutdown");
     controller.stop();
     let _ = std::fs::remove_dir_all(&outside);
+    let _ = std::fs::remove_dir_all(&data);
 }
