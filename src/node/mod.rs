@@ -1,6 +1,7 @@
 //! `stowage node`: the node agent. Carries out the node-local Volumes
 //! assigned to this node and reports what it offers in a StorageNode.
 
+mod authority;
 pub mod loop_device;
 pub mod mounts;
 pub mod paths;
@@ -210,7 +211,7 @@ fn serve_socket(
         }))
         .add_service(NodeServer::new(node))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            authority::incoming(listener),
             crate::controller::shutdown_signal(),
         ))
 }

@@ -50,6 +50,51 @@ async fn wait_for(path: &Path) {
     panic!("{} never appeared", path.display());
 }
 
+/// GetInfo exactly as kubelet's plugin watcher sends it: grpc-go dialing a
+/// bare socket path puts that path, percent-encoded, in `:authority`, which
+/// no Rust HTTP/2 client will produce, so the frames are written by hand.
+async fn get_info_as_kubelet(socket: &Path) -> reg::PluginInfo {
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let authority: String = socket.to_str().unwrap().replace('/', "%2F");
+    let headers = fluke_hpack::Encoder::new().encode([
+        (&b":method"[..], &b"POST"[..]),
+        (b":scheme", b"http"),
+        (b":path", b"/pluginregistration.Registration/GetInfo"),
+        (b":authority", authority.as_bytes()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]);
+    let mut conn = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(0x1, 0x4, 1, &headers)); // HEADERS, END_HEADERS
+    out.extend(frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0])); // DATA: empty InfoRequest, END_STREAM
+    conn.write_all(&out).await.unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head)
+            .await
+            .expect("server closed before answering");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        conn.read_exact(&mut payload).await.unwrap();
+        match head[3] {
+            0x3 => panic!("stream reset, error code {:?}", &payload),
+            0x4 if head[4] & 0x1 == 0 => conn.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap(),
+            0x0 if payload.len() >= 5 => return reg::PluginInfo::decode(&payload[5..]).unwrap(),
+            _ => {}
+        }
+    }
+}
+
 fn mount_capability() -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_type: Some(AccessType::Mount(MountVolume {
@@ -105,7 +150,12 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
     wait_for(&socket).await;
     let channel = connect(&socket).await;
 
-    // What kubelet's plugin watcher does first.
+    // What kubelet's plugin watcher does first, with its odd :authority.
+    let info = get_info_as_kubelet(&socket).await;
+    assert_eq!(
+        (info.r#type.as_str(), info.name.as_str()),
+        ("CSIPlugin", "local.stowage.dev")
+    );
     let mut registration = reg::registration_client::RegistrationClient::new(channel.clone());
     let info = registration
         .get_info(reg::InfoRequest {})
