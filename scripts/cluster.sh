@@ -15,8 +15,10 @@
 #   STOWAGE_KCM_CONTROLLERS  kube-controller-manager --controllers (default "*")
 #   STOWAGE_CLUSTER_DIR      where to keep state (default: a fresh temp dir)
 #   STOWAGE_CLUSTER_KEEP=1   keep the state directory after teardown
+#   STOWAGE_WITH_NODE=1      also run a real node: containerd + kubelet (node.sh)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/node.sh"
 
 free_ports() { # count
   python3 - "$1" <<'PY'
@@ -163,11 +165,15 @@ export STOWAGE_CLUSTER_DIR=$dir
 export STOWAGE_KUBE_BIN=$bin
 ENV
   log "control plane ready: $api (KUBECONFIG=$dir/kubeconfig, logs in $dir/logs)"
+  if [[ "${STOWAGE_WITH_NODE:-}" == 1 ]]; then
+    node_up "$bin" "$api"
+  fi
 }
 
 # Stops components in reverse start order: TERM, then KILL after 5s.
 down() {
   [[ -f "$dir/pids" ]] || return 0
+  node_down
   local pid name entry
   local -a entries
   mapfile -t entries < <(tac "$dir/pids")
@@ -183,6 +189,7 @@ down() {
     wait "$pid" 2>/dev/null || true
   done
   rm -f "$dir/pids"
+  node_unmount
   if [[ "${STOWAGE_CLUSTER_KEEP:-}" == 1 ]]; then
     log "control plane stopped; state kept in $dir"
   else

@@ -13,6 +13,11 @@ command -v setpriv >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
+# The test node: container runtime, CNI plugins, and busybox for pod images.
+command -v containerd >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
+[[ -x /usr/bin/busybox ]] || need+=(busybox-static)
 ((${#need[@]})) || exit 0
 
 [[ $(id -u) == 0 ]] || die "missing packages ${need[*]}; install them (apt-get install ${need[*]}) or run as root"

@@ -210,7 +210,18 @@ impl Node for NodeService {
         let staging = self.path(&req.staging_target_path, "staging_target_path")?;
         local::validate_volume_id(id).map_err(CsiError::from)?;
         let _guard = self.locks.lock(id).await;
+        // The device behind the mount, found before unmounting: if the image
+        // file is already gone, the backing-file lookup cannot find it.
+        let mounted = mounts::mounted_at(&staging).map_err(mountinfo())?;
         mounts::unmount(&staging).await.map_err(CsiError::from)?;
+        if let Some(dev) = mounted
+            .map(|m| PathBuf::from(m.source))
+            .filter(|d| loop_device::is_loop(d))
+        {
+            loop_device::detach_device(&dev)
+                .await
+                .map_err(CsiError::from)?;
+        }
         let image = self.store.image_path(id).map_err(CsiError::from)?;
         loop_device::detach(&image).await.map_err(CsiError::from)?;
         tracing::info!(volume = id, "volume unstaged");

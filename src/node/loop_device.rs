@@ -44,14 +44,23 @@ pub async fn attach(image: &Path) -> Result<PathBuf, LocalError> {
 /// its way out answers ENXIO, which counts as done.
 pub async fn detach(image: &Path) -> Result<(), LocalError> {
     for dev in find_all(image).await? {
-        match run(losetup(&["--detach"], &dev)).await {
-            Ok(()) => {}
-            Err(LocalError::Command { stderr, .. })
-                if stderr.contains("No such device or address") => {}
-            Err(e) => return Err(e),
-        }
+        detach_device(&dev).await?;
     }
     Ok(())
+}
+
+pub async fn detach_device(dev: &Path) -> Result<(), LocalError> {
+    match run(losetup(&["--detach"], dev)).await {
+        Ok(()) => Ok(()),
+        Err(LocalError::Command { stderr, .. }) if stderr.contains("No such device or address") => {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub fn is_loop(dev: &Path) -> bool {
+    dev.to_str().is_some_and(|d| d.starts_with("/dev/loop"))
 }
 
 /// Makes the device see a grown backing file.

@@ -83,6 +83,10 @@ pub enum Error {
     },
     #[error("metrics server: {0}")]
     Http(#[source] std::io::Error),
+    #[error(
+        "volume {volume} is still attached as {device}; its data is deleted once kubelet unstages it"
+    )]
+    InUse { volume: String, device: String },
     #[error("kubelet socket: {0}")]
     Socket(#[source] crate::csi::serve::ServeError),
     #[error("gRPC server: {0}")]
@@ -98,6 +102,7 @@ impl Error {
             Error::DataDir { .. } => "data_dir",
             Error::Http(_) => "http",
             Error::Socket(_) => "socket",
+            Error::InUse { .. } => "in_use",
             Error::Grpc(_) => "grpc",
         }
     }

@@ -102,6 +102,15 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
             }
         }
         NodeWork::Delete => {
+            // kubelet may not have unstaged yet: deleting now would pull the
+            // data from under a mount and strand its loop device.
+            let image = ctx.store.image_path(&name)?;
+            if let Some(dev) = crate::node::loop_device::find(&image).await? {
+                return Err(Error::InUse {
+                    volume: name,
+                    device: dev.display().to_string(),
+                });
+            }
             ctx.store.delete(&name).await?;
             tracing::info!("volume data deleted");
             let remaining: Vec<_> = volume

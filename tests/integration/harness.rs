@@ -73,8 +73,15 @@ fn cluster_for(binder: Binder) -> &'static Cluster {
 }
 
 fn start_cluster(kcm_controllers: Option<&str>) -> Cluster {
+    start_cluster_with(kcm_controllers, false)
+}
+
+fn start_cluster_with(kcm_controllers: Option<&str>, with_node: bool) -> Cluster {
     let script = repo_root().join("scripts/cluster.sh");
     let mut command = Command::new("bash");
+    if with_node {
+        command.env("STOWAGE_WITH_NODE", "1");
+    }
     if let Some(controllers) = kcm_controllers {
         command.env("STOWAGE_KCM_CONTROLLERS", controllers);
     }
@@ -503,4 +510,30 @@ pub fn upstream_binary(name: &str) -> PathBuf {
 /// The kubeconfig of the shared control plane.
 pub fn kubeconfig() -> PathBuf {
     cluster().kubeconfig.clone()
+}
+
+/// A control plane with a real node: kubelet and containerd (see
+/// scripts/node.sh), named `REAL_NODE`.
+pub struct RealNode {
+    pub kubeconfig: PathBuf,
+    /// kubelet's root directory (its plugins_registry, pods, ...).
+    pub kubelet_dir: PathBuf,
+}
+
+pub const REAL_NODE: &str = "node-0";
+
+pub fn real_node() -> RealNode {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    let cluster = CLUSTER.get_or_init(|| start_cluster_with(None, true));
+    prepare(&cluster.kubeconfig, &[]);
+    let kubelet_dir = cluster.kubeconfig.parent().unwrap().join("node/kubelet");
+    assert!(
+        kubelet_dir.is_dir(),
+        "kubelet root {} missing",
+        kubelet_dir.display()
+    );
+    RealNode {
+        kubeconfig: cluster.kubeconfig.clone(),
+        kubelet_dir,
+    }
 }

@@ -10,4 +10,5 @@ mod leader_election;
 mod manifests;
 mod node_socket;
 mod provisioning;
+mod real_node;
 mod volume_api;
