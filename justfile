@@ -8,7 +8,7 @@ default:
 
 # Local control plane with stowage provisioning a real volume; prints how to use kubectl.
 demo: deps build control-plane
-    bash scripts/cluster.sh run -- bash scripts/demo.sh
+    STOWAGE_WITH_NODE=1 bash scripts/cluster.sh run -- bash scripts/demo.sh
 
 # Everything CI checks: formatting, lints, generated files, unit and integration tests.
 test: deps fmt-check clippy control-plane
