@@ -224,6 +224,114 @@ async fn pods_write_and_read_a_stowage_volume_on_a_real_kubelet() {
         "loop device left behind"
     );
 
+    // Block mode: the pod gets the raw device and reads back what it wrote.
+    let block: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": { "name": "raw" },
+        "spec": { "storageClassName": class, "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                  "resources": { "requests": { "storage": "16Mi" } } },
+    }))
+    .unwrap();
+    ns.api::<PersistentVolumeClaim>()
+        .create(&PostParams::default(), &block)
+        .await
+        .unwrap();
+    let mut raw = pod(
+        "raw",
+        "raw",
+        "echo raw-bytes | dd of=/dev/xvda bs=512 count=1 conv=sync && dd if=/dev/xvda bs=9 count=1 | grep -q raw-bytes",
+    );
+    let spec = raw.spec.as_mut().unwrap();
+    spec.containers[0].volume_mounts = None;
+    spec.containers[0].volume_devices = Some(vec![
+        serde_json::from_value(json!({ "name": "data", "devicePath": "/dev/xvda" })).unwrap(),
+    ]);
+    pods.create(&PostParams::default(), &raw).await.unwrap();
+    let done = wait(&pods, "raw", "finished", |p: Option<&Pod>| {
+        matches!(phase(p).as_deref(), Some("Succeeded" | "Failed"))
+    })
+    .await;
+    assert_eq!(
+        phase(done.as_ref()).as_deref(),
+        Some("Succeeded"),
+        "block pod could not write and read its device"
+    );
+    pods.delete("raw", &DeleteParams::default()).await.unwrap();
+    wait(&pods, "raw", "deleted", gone).await;
+
+    // Restarting the node agent under a running pod does not disturb it, and
+    // the restarted agent tears the volume down when the pod goes.
+    claim(&ns, "busy", &class, "16Mi", &["ReadWriteOnce"]).await;
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "busy",
+            "busy",
+            "while true; do date >> /data/log; sleep 1; done",
+        ),
+    )
+    .await
+    .unwrap();
+    wait(&pods, "busy", "running", |p: Option<&Pod>| {
+        phase(p).as_deref() == Some("Running")
+    })
+    .await;
+    agent.stop();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let agent = Process::start(
+        &node.kubeconfig,
+        &[
+            "node",
+            "--node-name",
+            REAL_NODE,
+            "--data-dir",
+            &data_arg,
+            "--kubelet-dir",
+            &kubelet_arg,
+            "--capacity",
+            "2Gi",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+        "real-node-agent",
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let running = pods.get("busy").await.unwrap();
+    assert_eq!(
+        phase(Some(&running)).as_deref(),
+        Some("Running"),
+        "pod disturbed by the agent restart"
+    );
+    pods.delete("busy", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait(&pods, "busy", "deleted", gone).await;
+    for name in ["raw", "busy"] {
+        ns.api::<PersistentVolumeClaim>()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let volumes = Api::<Volume>::all(client.clone());
+    for _ in 0..300 {
+        let left = volumes.list(&Default::default()).await.unwrap().items.len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        volumes
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "Volumes left behind"
+    );
+    let images: Vec<_> = std::fs::read_dir(data.join("volumes")).unwrap().collect();
+    assert!(images.is_empty(), "image files left behind: {images:?}");
+
     agent.stop();
     controller.stop();
     let _ = std::fs::remove_dir_all(&data);
