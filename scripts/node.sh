@@ -85,14 +85,13 @@ ENV
 # Before kubelet and containerd stop: kill every container (their shims
 # outlive containerd by design), then undo every mount under $dir.
 node_down() {
-  local n=$dir/node
+  local n=$dir/node shim
   [[ -d "$n" ]] || return 0
-  if [[ -S "$n/containerd.sock" ]]; then
-    local c=(ctr --address "$n/containerd.sock" -n k8s.io)
-    for task in $("${c[@]}" tasks ls -q 2>/dev/null); do
-      "${c[@]}" tasks kill -s KILL "$task" >/dev/null 2>&1 || true
-    done
-  fi
+  # A container's first process is a child of its shim; killing it ends the
+  # container's PID namespace and with it everything inside.
+  for shim in $(pgrep -f "containerd-shim.*-address $n/containerd.sock" || true); do
+    pkill -KILL -P "$shim" 2>/dev/null || true
+  done
 }
 
 node_unmount() {
@@ -101,6 +100,10 @@ node_unmount() {
   # Deepest first; lazily, since a dead shim may still hold a mount briefly.
   { findmnt -rn -o TARGET | grep "^$dir/" || true; } | sort -r | while read -r target; do
     umount -l "$target" 2>/dev/null || true
+  done
+  # Loop devices of volumes kept under $dir whose pods never got unstaged.
+  { losetup -a 2>/dev/null | grep "($dir/" || true; } | cut -d: -f1 | while read -r dev; do
+    losetup -d "$dev" 2>/dev/null || true
   done
   if [[ -d "$dir/node" ]]; then ip link delete stowage0 2>/dev/null || true; fi
 }
