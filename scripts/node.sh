@@ -73,7 +73,14 @@ YAML
   start kubelet "$bin/kubelet" --config "$n/kubelet.yaml" --kubeconfig "$dir/kubeconfig" \
     --hostname-override "$NODE_NAME" --root-dir "$n/kubelet" --v=1
   wait_healthy kubelet "http://127.0.0.1:$healthz_port/healthz" 60
-  "$bin/kubectl" --kubeconfig "$dir/kubeconfig" wait --for condition=Ready --timeout 60s "node/$NODE_NAME" >/dev/null ||
+  # `kubectl wait` gives up at once on an object that does not exist yet.
+  local deadline=$((SECONDS + 90))
+  until "$bin/kubectl" --kubeconfig "$dir/kubeconfig" get "node/$NODE_NAME" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "kubelet never registered node $NODE_NAME (log: $dir/logs/kubelet.log)"
+    alive kubelet || die "kubelet exited (log: $dir/logs/kubelet.log)"
+    sleep 0.2
+  done
+  "$bin/kubectl" --kubeconfig "$dir/kubeconfig" wait --for condition=Ready --timeout 90s "node/$NODE_NAME" >/dev/null ||
     die "node $NODE_NAME not Ready (log: $dir/logs/kubelet.log)"
   cat >> "$dir/env" <<ENV
 export STOWAGE_NODE_NAME=$NODE_NAME

@@ -12,7 +12,8 @@ use serde_json::json;
 
 use crate::harness::TestNamespace;
 
-pub const TIMEOUT: Duration = Duration::from_secs(60);
+/// Generous: several control planes start at once on a 2-core machine.
+pub const TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn storage_class(
     client: &Client,
