@@ -73,7 +73,8 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Our errors already name their causes; the chain would repeat them.
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
