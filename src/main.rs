@@ -27,10 +27,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Cluster-wide jobs: provision and bind PersistentVolumes, attach,
-    /// expand, snapshot, report capacity and health (replaces
-    /// external-provisioner, -attacher, -resizer, -snapshotter and
-    /// -health-monitor). Runs as a leader-elected Deployment.
+    /// Cluster-wide jobs: provisions PersistentVolumes for claims, binds
+    /// them and reclaims released ones (the jobs of external-provisioner and
+    /// the PV binder). Runs as a leader-elected Deployment.
     Controller(stowage::controller::Config),
     /// Node plugin: serves CSI Identity and Node to kubelet on the
     /// plugin-registration socket, registers itself and answers liveness
