@@ -51,17 +51,7 @@ async fn claim_deleted_mid_provisioning_leaks_nothing() {
     .await;
     agent.stop();
 
-    let controller = Process::start(
-        &kubeconfig,
-        &[
-            "controller",
-            "--leader-elect=false",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "inflight-controller",
-    );
+    let controller = Process::controller(&kubeconfig, "inflight-controller");
     let uid = claim(&ns, "doomed", &class, "20Mi", &["ReadWriteOnce"])
         .await
         .uid()

@@ -356,6 +356,21 @@ impl Process {
         }
     }
 
+    /// `stowage controller` without leader election, metrics on any port.
+    pub fn controller(kubeconfig: &Path, log_name: &str) -> Self {
+        Self::start(
+            kubeconfig,
+            &[
+                "controller",
+                "--leader-elect=false",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            &[],
+            log_name,
+        )
+    }
+
     /// Waits for the process to end by itself; false on timeout.
     pub async fn exited_within(&mut self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -135,17 +135,7 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
         &metrics_addr,
     ];
     let mut agent = Process::start(&kubeconfig, &node_args, &[], "socket-node");
-    let controller = Process::start(
-        &kubeconfig,
-        &[
-            "controller",
-            "--leader-elect=false",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "socket-controller",
-    );
+    let controller = Process::controller(&kubeconfig, "socket-controller");
     let socket = kubelet.join("plugins_registry/local.stowage.dev-reg.sock");
     wait_for(&socket).await;
     let channel = connect(&socket).await;

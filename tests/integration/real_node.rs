@@ -64,35 +64,28 @@ async fn pods_write_and_read_a_stowage_volume_on_a_real_kubelet() {
     let data = std::env::temp_dir().join(unique_name("stowage-real-node"));
     let data_arg = data.to_str().unwrap().to_string();
     let kubelet_arg = node.kubelet_dir.to_str().unwrap().to_string();
-    let agent = Process::start(
-        &node.kubeconfig,
-        &[
-            "node",
-            "--node-name",
-            REAL_NODE,
-            "--data-dir",
-            &data_arg,
-            "--kubelet-dir",
-            &kubelet_arg,
-            "--capacity",
-            "2Gi",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "real-node-agent",
-    );
-    let controller = Process::start(
-        &node.kubeconfig,
-        &[
-            "controller",
-            "--leader-elect=false",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "real-node-controller",
-    );
+    let start_agent = || {
+        Process::start(
+            &node.kubeconfig,
+            &[
+                "node",
+                "--node-name",
+                REAL_NODE,
+                "--data-dir",
+                &data_arg,
+                "--kubelet-dir",
+                &kubelet_arg,
+                "--capacity",
+                "2Gi",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            &[],
+            "real-node-agent",
+        )
+    };
+    let agent = start_agent();
+    let controller = Process::controller(&node.kubeconfig, "real-node-controller");
 
     // kubelet found our socket, asked GetInfo and NodeGetInfo, and wrote CSINode.
     let csinodes = Api::<CSINode>::all(client.clone());
@@ -277,24 +270,7 @@ async fn pods_write_and_read_a_stowage_volume_on_a_real_kubelet() {
     .await;
     agent.stop();
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let agent = Process::start(
-        &node.kubeconfig,
-        &[
-            "node",
-            "--node-name",
-            REAL_NODE,
-            "--data-dir",
-            &data_arg,
-            "--kubelet-dir",
-            &kubelet_arg,
-            "--capacity",
-            "2Gi",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "real-node-agent",
-    );
+    let agent = start_agent();
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let running = pods.get("busy").await.unwrap();
     assert_eq!(
