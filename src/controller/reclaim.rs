@@ -76,3 +76,106 @@ pub fn plan(pv: &PersistentVolume, claim_exists: bool, volume: Option<&Volume>) 
         _ => Reclaim::Skip,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pv(policy: &str, phase: &str, ours: bool, deleting: bool) -> PersistentVolume {
+        let mut pv: PersistentVolume = serde_json::from_value(json!({
+            "metadata": { "name": "pvc-1", "finalizers": [PV_PROVISIONER_FINALIZER] },
+            "spec": { "persistentVolumeReclaimPolicy": policy,
+                      "claimRef": { "namespace": "ns", "name": "data", "uid": "u1" } },
+            "status": { "phase": phase },
+        }))
+        .unwrap();
+        if ours {
+            pv.metadata.annotations = Some(
+                [(
+                    ANN_PROVISIONED_BY.to_string(),
+                    local::DRIVER_NAME.to_string(),
+                )]
+                .into_iter()
+                .collect(),
+            );
+        }
+        if deleting {
+            pv.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ));
+        }
+        pv
+    }
+
+    fn volume() -> Volume {
+        serde_json::from_value(json!({
+            "metadata": { "name": "pvc-1" },
+            "spec": { "driver": local::DRIVER_NAME, "capacityBytes": 1, "accessModes": ["ReadWriteOnce"] },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn bound_pv_with_its_claim_is_left_alone() {
+        assert_eq!(
+            plan(&pv("Delete", "Bound", true, false), true, Some(&volume())),
+            Reclaim::Skip
+        );
+    }
+
+    #[test]
+    fn delete_goes_released_then_data_then_pv_then_finalizer() {
+        let v = volume();
+        assert_eq!(
+            plan(&pv("Delete", "Bound", true, false), false, Some(&v)),
+            Reclaim::MarkReleased
+        );
+        assert_eq!(
+            plan(&pv("Delete", "Released", true, false), false, Some(&v)),
+            Reclaim::DeleteVolume("pvc-1".into())
+        );
+        assert_eq!(
+            plan(&pv("Delete", "Released", true, false), false, None),
+            Reclaim::DeletePv
+        );
+        assert_eq!(
+            plan(&pv("Delete", "Released", true, true), false, None),
+            Reclaim::RemoveFinalizer
+        );
+    }
+
+    #[test]
+    fn retain_keeps_everything() {
+        assert_eq!(
+            plan(
+                &pv("Retain", "Released", true, false),
+                false,
+                Some(&volume())
+            ),
+            Reclaim::Retained
+        );
+        // Deleting a retained PV by hand lets it go, and keeps the data.
+        assert_eq!(
+            plan(
+                &pv("Retain", "Released", true, true),
+                false,
+                Some(&volume())
+            ),
+            Reclaim::RemoveFinalizer
+        );
+    }
+
+    #[test]
+    fn static_pvs_are_released_but_never_deleted() {
+        assert_eq!(
+            plan(&pv("Delete", "Bound", false, false), false, None),
+            Reclaim::MarkReleased
+        );
+        assert_eq!(
+            plan(&pv("Delete", "Released", false, false), false, None),
+            Reclaim::Skip
+        );
+    }
+}
