@@ -63,6 +63,7 @@ metadata:
 spec:
   restartPolicy: Never
   automountServiceAccountToken: false
+  hostNetwork: true
   containers:
     - name: writer
       image: stowage.dev/busybox:1

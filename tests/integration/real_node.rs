@@ -22,6 +22,8 @@ fn pod(name: &str, claim: &str, script: &str) -> Pod {
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": false,
+            // Storage needs no pod network; host network keeps CNI out of it.
+            "hostNetwork": true,
             "containers": [{
                 "name": "c",
                 "image": "stowage.dev/busybox:1",
