@@ -1,7 +1,8 @@
 # A real Kubernetes node for the local control plane: containerd (Debian's,
 # with runc and the CNI plugins) and kubelet (built with the control plane),
 # sourced by cluster.sh when STOWAGE_WITH_NODE=1. Pod images are built from
-# busybox-static and imported; nothing is pulled. Pods get a bridge network.
+# busybox-static and imported; nothing is pulled. A bridge CNI config lets the
+# node report Ready; the project's own pods use the host network.
 #
 # Everything lives under $dir/node: containerd's root and state, kubelet's
 # root directory (so CSI paths are $dir/node/kubelet/...), logs in $dir/logs.
