@@ -112,6 +112,13 @@ impl Parameters {
             Layout::Dir => rounded,
         }
     }
+
+    /// Whether growing the data leaves work for the node's NodeExpandVolume
+    /// (a loop device to refresh, a filesystem to grow). Directories have
+    /// neither.
+    pub fn needs_node_expansion(&self) -> bool {
+        self.layout == Layout::Image
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +190,8 @@ impl Store {
         Ok(self.root.join(id))
     }
 
-    /// Creates the volume if it does not exist yet; returns its size. An
+    /// Creates the volume if it does not exist yet, or grows it to `bytes`;
+    /// returns its size. An
     /// image is built under a temporary name and renamed when formatted, so
     /// a crash mid-way leaves no half-made volume under the real name. Block
     /// volumes (`format: false`) stay raw, as their users expect.
@@ -207,8 +215,8 @@ impl Store {
             }
             Layout::Image => {
                 let image = self.image_path(id)?;
-                if let Ok(meta) = tokio::fs::metadata(&image).await {
-                    return Ok(meta.len() as i64);
+                if tokio::fs::metadata(&image).await.is_ok() {
+                    return self.grow(id, bytes).await;
                 }
                 let tmp = image.with_extension("img.tmp");
                 let _ = tokio::fs::remove_file(&tmp).await;

@@ -2,6 +2,7 @@
 //! one set of shared informers.
 
 pub mod bind;
+mod capacity;
 mod claims;
 pub mod leader;
 mod metrics;
@@ -9,6 +10,7 @@ mod persistent_volumes;
 pub mod protocol;
 pub mod provision;
 pub mod reclaim;
+pub mod resize;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -276,9 +278,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
         volumes: volumes.store.clone(),
         storage_nodes: storage_nodes.store.clone(),
     };
-    let (claims_for_claims, claims_for_pvs) = (claims.subscribe(), claims.subscribe());
-    let (pvs_for_claims, pvs_for_pvs) = (pvs.subscribe(), pvs.subscribe());
-    let (volumes_for_claims, volumes_for_pvs, volumes_for_volumes) = (
+    let (claims_for_claims, claims_for_pvs, claims_for_resize) =
+        (claims.subscribe(), claims.subscribe(), claims.subscribe());
+    let (pvs_for_claims, pvs_for_pvs, pvs_for_resize) =
+        (pvs.subscribe(), pvs.subscribe(), pvs.subscribe());
+    let (volumes_for_claims, volumes_for_pvs, volumes_for_volumes, volumes_for_resize) = (
+        volumes.subscribe(),
         volumes.subscribe(),
         volumes.subscribe(),
         volumes.subscribe(),
@@ -429,8 +434,24 @@ pub async fn run(config: Config) -> Result<(), Error> {
             ctx.clone(),
         )
         .for_each(|_| async {});
+    // Its own queue: an expansion never waits behind a provisioning storm.
+    let resize_jobs = Controller::for_shared_stream(claims_for_resize, stores.claims.clone())
+        .with_config(controller::Config::default().concurrency(config.workers))
+        .watches_shared_stream(volumes_for_resize, |v: Arc<Volume>| {
+            v.spec
+                .claim
+                .as_ref()
+                .map(|c| ObjectRef::new(&c.name).within(&c.namespace))
+        })
+        .watches_shared_stream(pvs_for_resize, |pv: Arc<PersistentVolume>| {
+            let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
+            Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
+        })
+        .graceful_shutdown_on(shutdown_signal())
+        .run(resize::reconcile, resize::error_policy, ctx.clone())
+        .for_each(|_| async {});
     let controllers = async {
-        tokio::join!(claim_jobs, pv_jobs, volume_jobs);
+        tokio::join!(claim_jobs, pv_jobs, volume_jobs, resize_jobs);
     };
     let lost = async {
         match &elector {

@@ -14,6 +14,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use serde_json::json;
 
+use super::capacity;
 use super::protocol::*;
 use crate::backend::local::{self, Layout, Parameters};
 use crate::crd::{
@@ -277,33 +278,8 @@ fn desired_volume(
     Ok(Some(volume))
 }
 
-/// Bytes each node has promised to Volumes (images are sparse, so promises,
-/// not disk usage, are what must fit).
-fn promised_bytes<'a>(view: &ClaimView<'a>) -> BTreeMap<&'a str, i64> {
-    let mut out = BTreeMap::new();
-    for v in view.all_volumes {
-        if let Some(node) = v.spec.node.as_deref() {
-            *out.entry(node).or_default() += v.spec.capacity_bytes;
-        }
-    }
-    out
-}
-
-fn free_bytes(view: &ClaimView) -> Vec<(String, i64)> {
-    let promised = promised_bytes(view);
-    view.storage_nodes
-        .iter()
-        .filter(|n| n.spec.driver == local::DRIVER_NAME)
-        .map(|n| {
-            let capacity = n.status.as_ref().map_or(0, |s| s.capacity_bytes);
-            let used = promised.get(n.spec.node.as_str()).copied().unwrap_or(0);
-            (n.spec.node.clone(), capacity - used)
-        })
-        .collect()
-}
-
 fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), ProvisionError> {
-    let free = free_bytes(view);
+    let free = capacity::free_bytes(view.storage_nodes, view.all_volumes);
     let Some((_, free)) = free.iter().find(|(n, _)| n == node) else {
         return Err(ProvisionError::NodeWithoutAgent(node.to_string()));
     };
@@ -320,7 +296,7 @@ fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), Provisi
 /// The node with the most free room that can hold `bytes`; ties go to the
 /// name that sorts first, so the choice is stable across retries.
 fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
-    let mut free = free_bytes(view);
+    let mut free = capacity::free_bytes(view.storage_nodes, view.all_volumes);
     free.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     match free.first() {
         None => Err(ProvisionError::NoNodes),

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use kube::runtime::wait::{Condition, await_condition};
 use kube::{Api, Client, Resource};
 use serde_json::json;
@@ -80,4 +81,37 @@ pub fn is_bound(c: Option<&PersistentVolumeClaim>) -> bool {
 
 pub fn gone<K>(o: Option<&K>) -> bool {
     o.is_none()
+}
+
+/// Events about `name` in the namespace, as `kubectl describe` shows them.
+pub async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
+    let list = ns
+        .api::<Event>()
+        .list(&ListParams::default())
+        .await
+        .expect("listing events");
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+pub async fn wait_for_event(ns: &TestNamespace, name: &str, reason: &str) -> String {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some((_, note)) = events(ns, name)
+            .await
+            .into_iter()
+            .find(|(r, _)| r == reason)
+        {
+            return note;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {reason} event on {name}: {:?}",
+            events(ns, name).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

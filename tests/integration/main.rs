@@ -4,6 +4,7 @@
 mod controller_lifecycle;
 mod crash_safety;
 mod csi_sanity;
+mod expansion;
 mod fixtures;
 mod harness;
 mod leader_election;

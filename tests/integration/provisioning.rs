@@ -11,46 +11,15 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::crd::{Volume, VolumePhase};
 
-use crate::fixtures::{TIMEOUT, claim, gone, is_bound, storage_class, wait};
+use crate::fixtures::{
+    TIMEOUT, claim, events, gone, is_bound, storage_class, wait, wait_for_event,
+};
 use crate::harness::{Binder, Stack, TestNamespace, stack};
 
 async fn setup(binder: Binder, prefix: &str) -> (&'static Stack, TestNamespace) {
     let stack = stack(binder);
     let ns = TestNamespace::new_with(stack.client().await, prefix).await;
     (stack, ns)
-}
-
-/// Events about `name` in the namespace, as `kubectl describe` shows them.
-async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
-    let list = ns
-        .api::<Event>()
-        .list(&ListParams::default())
-        .await
-        .expect("listing events");
-    list.items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
-}
-
-async fn wait_for_event(ns: &TestNamespace, name: &str, reason: &str) -> String {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some((_, note)) = events(ns, name)
-            .await
-            .into_iter()
-            .find(|(r, _)| r == reason)
-        {
-            return note;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {reason} event on {name}: {:?}",
-            events(ns, name).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn provisions_binds_and_deletes(binder: Binder) {
