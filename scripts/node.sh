@@ -70,6 +70,9 @@ evictionHard: {}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 localStorageCapacityIsolation: false
+# kubelet notices a grown volume under a running pod on its next pod sync;
+# the default (1m) would make every online expansion wait that long.
+syncFrequency: 10s
 YAML
   start kubelet "$bin/kubelet" --config "$n/kubelet.yaml" --kubeconfig "$dir/kubeconfig" \
     --hostname-override "$NODE_NAME" --root-dir "$n/kubelet" --v=1
