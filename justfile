@@ -52,3 +52,8 @@ clippy:
 bench-provision N="100": deps control-plane
     cargo build --release --bin stowage --example bench_provision
     bash scripts/cluster.sh run -- target/release/examples/bench_provision {{N}}
+
+# Benchmark (not a test): N pods, each with a fresh volume, on the real kubelet node; pod creation -> Running.
+bench-pod-start N="20": deps control-plane
+    cargo build --release --bin stowage --example bench_pod_start
+    STOWAGE_WITH_NODE=1 bash scripts/cluster.sh run -- target/release/examples/bench_pod_start {{N}}

@@ -18,6 +18,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{api_writes, peak_rss_kib, percentile};
+
 const NODES: usize = 4;
 
 #[tokio::main]
@@ -163,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|(name, t)| t.duration_since(created[name]).as_secs_f64() * 1000.0)
         .collect();
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    let pct = |p: f64| percentile(&latencies, p);
 
     let writes_after = api_writes(&client).await?;
     let mut per_resource = BTreeMap::new();
@@ -211,50 +215,4 @@ async fn main() -> anyhow::Result<()> {
 
 fn claims_class(claims: &Api<PersistentVolumeClaim>) -> String {
     claims.namespace().unwrap_or_default().to_string()
-}
-
-/// Write requests served by the API server so far, per resource.
-async fn api_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
-    let req = http::Request::get("/metrics").body(Vec::new())?;
-    let text = client.request_text(req).await?;
-    let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let label = |key: &str| {
-            let start = line.find(&format!("{key}=\""))? + key.len() + 2;
-            Some(line[start..].split('"').next()?.to_string())
-        };
-        let Some(verb) = label("verb") else { continue };
-        if !matches!(verb.as_str(), "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY") {
-            continue;
-        }
-        let resource = match (label("resource"), label("subresource")) {
-            (Some(r), Some(s)) if !s.is_empty() => format!("{r}/{s}"),
-            (Some(r), _) => r,
-            _ => continue,
-        };
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        *out.entry(resource).or_default() += value;
-    }
-    Ok(out)
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
