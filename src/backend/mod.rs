@@ -1,3 +1,4 @@
 //! Storage backends. Backends know storage, not Kubernetes.
 
+pub mod csi_proxy;
 pub mod local;

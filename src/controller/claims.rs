@@ -1,10 +1,11 @@
 //! Reconciler keyed by claim: provisions (provision.rs), then binds (bind.rs).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -16,7 +17,6 @@ use super::bind::{self, BindSteps, Binding};
 use super::protocol::*;
 use super::provision::{self, ClaimView, Provision};
 use super::{Context, Error};
-use crate::backend::local;
 use crate::crd::Volume;
 
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
@@ -45,6 +45,13 @@ pub async fn reconcile(
         c.volume_binding_mode.as_deref() != Some(BINDING_WAIT_FOR_FIRST_CONSUMER)
             && bind::best_static_match(&claim, c, &pv_refs).is_some()
     });
+    let remote = class
+        .as_deref()
+        .is_some_and(|c| ctx.drivers.contains_key(&c.provisioner));
+    let node_topology = match (&class, &volume) {
+        (Some(c), None) if remote => selected_node_topology(&ctx, &claim, &c.provisioner).await?,
+        _ => None,
+    };
     let view = ClaimView {
         claim: &claim,
         class: class.as_deref(),
@@ -53,6 +60,8 @@ pub async fn reconcile(
         storage_nodes: &nodes,
         all_volumes: &volumes,
         static_match,
+        remote,
+        node_topology,
     };
     let pending = s
         .claims
@@ -66,7 +75,7 @@ pub async fn reconcile(
                 .and_then(|s| s.storage_class_name.as_deref());
             class
                 .and_then(|n| s.classes.get(&ObjectRef::new(n)))
-                .is_some_and(|c| is_ours(&c))
+                .is_some_and(|c| ctx.serves(&c.provisioner))
         })
         .count();
     ctx.metrics.claims_pending.set(pending as i64);
@@ -135,7 +144,9 @@ pub async fn reconcile(
         }
     }
 
-    match bind::plan(&claim, class.as_deref(), &pv_refs, is_ours) {
+    match bind::plan(&claim, class.as_deref(), &pv_refs, |c| {
+        ctx.serves(&c.provisioner)
+    }) {
         Binding::Skip => {}
         // Whoever wrote the last half (we or kcm's binder), the user waited
         // until now.
@@ -174,8 +185,39 @@ fn kcm_binder_grace(claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> Opt
     (kcm_binder && left > 0.0).then(|| Duration::from_secs_f64(left))
 }
 
-pub fn is_ours(class: &StorageClass) -> bool {
-    class.provisioner == local::DRIVER_NAME
+/// The scheduler's node's topology for `driver`, as external-provisioner
+/// reads it: the CSINode's topology keys for the driver, valued from the
+/// Node's labels. None while the node has no CSINode entry for the driver.
+async fn selected_node_topology(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    driver: &str,
+) -> Result<Option<BTreeMap<String, String>>, Error> {
+    let Some(node) = claim.annotations().get(ANN_SELECTED_NODE) else {
+        return Ok(None);
+    };
+    let Some(csinode) = Api::<CSINode>::all(ctx.client.clone())
+        .get_opt(node)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let Some(entry) = csinode.spec.drivers.iter().find(|d| d.name == driver) else {
+        return Ok(None);
+    };
+    let labels = Api::<Node>::all(ctx.client.clone())
+        .get_opt(node)
+        .await?
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    Ok(Some(
+        entry
+            .topology_keys
+            .iter()
+            .flatten()
+            .filter_map(|k| Some((k.clone(), labels.get(k)?.clone())))
+            .collect(),
+    ))
 }
 
 async fn create_idempotent<K>(api: &Api<K>, object: &K) -> Result<(), Error>

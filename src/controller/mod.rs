@@ -10,9 +10,11 @@ mod persistent_volumes;
 pub mod protocol;
 pub mod provision;
 pub mod reclaim;
+mod remote_volumes;
 pub mod resize;
+pub mod secrets;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +31,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
+use crate::backend::csi_proxy::{CsiDriver, DriverEndpoint};
+use crate::backend::local;
 use crate::crd::{StorageNode, Volume};
 use crate::telemetry::{self, AlwaysHealthy};
 
@@ -59,6 +63,27 @@ pub struct Config {
     /// This replica's identity in the Lease; defaults to the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+
+    /// Another CSI driver to serve in place of its sidecars (provisioning,
+    /// attach/detach): its name and controller socket. Repeatable.
+    #[arg(long = "csi-driver", value_name = "NAME=unix:///PATH")]
+    pub csi_drivers: Vec<DriverEndpoint>,
+
+    /// Deadline of each call to a `--csi-driver`, e.g. 30s or 500ms.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub csi_timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration: use e.g. 30s, 500ms or 2m");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let n: u64 = s[..split].parse().map_err(|_| err())?;
+    match &s[split..] {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(err()),
+    }
 }
 
 /// Errors of the controller as a whole; each job adds its own.
@@ -77,6 +102,10 @@ pub enum Error {
     Http(#[source] std::io::Error),
     #[error(transparent)]
     Election(#[from] leader::ElectionError),
+    #[error(transparent)]
+    Driver(#[from] crate::backend::csi_proxy::ProxyError),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretError),
 }
 
 impl Error {
@@ -93,6 +122,8 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Http(_) => "http",
             Error::Election(_) => "leader_election",
+            Error::Driver(_) => "csi_driver",
+            Error::Secrets(_) => "secrets",
         }
     }
 }
@@ -112,11 +143,18 @@ pub struct Context {
     pub client: Client,
     pub metrics: Metrics,
     pub stores: Stores,
+    /// The `--csi-driver`s, by name.
+    pub drivers: BTreeMap<String, CsiDriver>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
+    /// Whether stowage provisions for this provisioner name.
+    pub fn serves(&self, provisioner: &str) -> bool {
+        provisioner == local::DRIVER_NAME || self.drivers.contains_key(provisioner)
+    }
+
     /// Posts an event on `object` in the background: events are for people,
     /// so they stay off the provisioning path, and failing to post is logged.
     pub async fn event<K: Resource<DynamicType = ()>>(
@@ -347,6 +385,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
         client: client.clone(),
         metrics,
         stores: stores.clone(),
+        drivers: config
+            .csi_drivers
+            .iter()
+            .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
+            .collect(),
         recorder,
         failures: Mutex::default(),
     });

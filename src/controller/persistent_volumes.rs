@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::protocol::*;
 use super::reclaim::{self, Reclaim};
-use super::{Context, Error};
+use super::{Context, Error, remote_volumes};
 use crate::crd::Volume;
 
 /// Whether the claim a claimRef names still exists with the same UID. Asks
@@ -61,7 +61,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         .and_then(|s| s.csi.as_ref())
         .map(|c| c.volume_handle.clone());
     let volume = handle.and_then(|h| ctx.stores.volumes.get(&ObjectRef::new(&h)));
-    let action = reclaim::plan(&pv, exists, volume.as_deref());
+    let action = reclaim::plan(&pv, exists, volume.as_deref(), |d| ctx.serves(d));
     tracing::debug!(?action, "planned");
 
     let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
@@ -130,6 +130,9 @@ pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>)
 #[tracing::instrument(skip_all, fields(volume = %volume.name_any()))]
 pub async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("volume");
+    if let Some(driver) = ctx.drivers.get(&volume.spec.driver) {
+        remote_volumes::execute(&volume, driver, &ctx).await?;
+    }
     if volume.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -174,7 +177,10 @@ pub async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<
 }
 
 pub fn volume_error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_millis(50));
+    }
     tracing::warn!(volume = %volume.name_any(), %error, "volume reconcile failed");
     ctx.metrics.reconcile_failed("volume", error.metric_label());
-    Action::requeue(ctx.backoff(&volume.object_ref(&()), true))
+    Action::requeue(remote_volumes::retry_after(&ctx, &volume, error))
 }

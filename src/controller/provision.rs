@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::capacity;
 use super::protocol::*;
+use super::secrets::{self, TemplateValues};
 use crate::backend::local::{self, Layout, Parameters};
 use crate::crd::{
     AccessMode, ClaimReference, NODE_LABEL, ReclaimPolicy, StorageNode, VOLUME_FINALIZER, Volume,
@@ -36,6 +37,11 @@ pub struct ClaimView<'a> {
     pub all_volumes: &'a [&'a Volume],
     /// An existing PV can be bound instead (binding is tried first, as kcm does).
     pub static_match: bool,
+    /// The class's provisioner is a `--csi-driver` that stowage serves.
+    pub remote: bool,
+    /// For remote drivers: the scheduler's node's topology segments for the
+    /// driver (its CSINode topology keys, valued from the Node's labels).
+    pub node_topology: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,8 +83,14 @@ pub enum ProvisionError {
         "volumeMode Block needs an image volume: remove `layout: dir` from the StorageClass or use volumeMode Filesystem"
     )]
     BlockOnDir,
-    #[error("dataSource is not supported by {driver} yet: create the claim without it", driver = local::DRIVER_NAME)]
+    #[error("dataSource is not supported by stowage yet: create the claim without it")]
     DataSource,
+    #[error("{0}")]
+    Secrets(#[from] super::secrets::SecretError),
+    #[error(
+        "node {node} has no topology for {driver}: its CSINode lists no such driver; is the driver's node plugin running there?"
+    )]
+    NoTopology { node: String, driver: String },
     #[error(
         "no node runs the stowage node agent for {driver}: deploy the stowage-node DaemonSet",
         driver = local::DRIVER_NAME
@@ -104,6 +116,8 @@ pub enum ProvisionError {
     },
     #[error("node {node} failed to create the volume: {message}")]
     Backend { node: String, message: String },
+    #[error("{driver} failed to create the volume: {message}")]
+    Driver { driver: String, message: String },
 }
 
 impl ProvisionError {
@@ -113,10 +127,12 @@ impl ProvisionError {
         matches!(
             self,
             ProvisionError::NoNodes
+                | ProvisionError::NoTopology { .. }
                 | ProvisionError::NodeWithoutAgent(_)
                 | ProvisionError::NoRoom { .. }
                 | ProvisionError::NoRoomOnNode { .. }
                 | ProvisionError::Backend { .. }
+                | ProvisionError::Driver { .. }
         )
     }
 }
@@ -146,7 +162,9 @@ pub fn plan(view: &ClaimView) -> Provision {
     let Some(class) = view.class else {
         return Provision::Skip;
     };
-    if claim_provisioner(claim, Some(class)) != Some(local::DRIVER_NAME) {
+    let provisioner = claim_provisioner(claim, Some(class));
+    let remote = view.remote && provisioner == Some(class.provisioner.as_str());
+    if provisioner != Some(local::DRIVER_NAME) && !remote {
         return Provision::Skip;
     }
     let spec = claim.spec.as_ref();
@@ -170,7 +188,12 @@ pub fn plan(view: &ClaimView) -> Provision {
     if view.static_match {
         return Provision::Skip;
     }
-    match desired_volume(view, class) {
+    let desired = if remote {
+        desired_remote_volume(view, class)
+    } else {
+        desired_volume(view, class)
+    };
+    match desired {
         Ok(Some(volume)) => Provision::CreateVolume(Box::new(volume)),
         Ok(None) => Provision::WaitForConsumer,
         Err(e) => Provision::Fail(e),
@@ -186,13 +209,20 @@ fn after_volume_written(view: &ClaimView, class: &StorageClass, volume: &Volume)
         VolumePhase::Ready if status.observed_generation == volume.metadata.generation => {
             Provision::CreatePv(Box::new(desired_pv(view.claim, class, volume)))
         }
-        VolumePhase::Failed => Provision::Fail(ProvisionError::Backend {
-            node,
-            message: status
+        VolumePhase::Failed => {
+            let message = status
                 .last_error
                 .clone()
-                .unwrap_or_else(|| "unknown error".into()),
-        }),
+                .unwrap_or_else(|| "unknown error".into());
+            Provision::Fail(if volume.spec.node.is_some() {
+                ProvisionError::Backend { node, message }
+            } else {
+                ProvisionError::Driver {
+                    driver: volume.spec.driver.clone(),
+                    message,
+                }
+            })
+        }
         _ => Provision::WaitForData { node },
     }
 }
@@ -226,17 +256,7 @@ fn desired_volume(
     if spec.data_source.is_some() || spec.data_source_ref.is_some() {
         return Err(ProvisionError::DataSource);
     }
-    let requested = spec
-        .resources
-        .as_ref()
-        .and_then(|r| r.requests.as_ref())
-        .and_then(|r| r.get("storage"))
-        .ok_or(ProvisionError::NoSize)?;
-    let requested = parse_bytes(&requested.0)
-        .map_err(|e| ProvisionError::BadSize(requested.0.clone(), e.to_string()))?;
-    if requested <= 0 {
-        return Err(ProvisionError::ZeroSize);
-    }
+    let requested = requested_bytes(claim)?;
     let bytes = params.allocated_bytes(requested);
 
     let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
@@ -260,6 +280,7 @@ fn desired_volume(
             access_modes,
             volume_mode,
             node: Some(node.clone()),
+            requisite_topology: Vec::new(),
             source: None,
             claim: Some(ClaimReference {
                 namespace: claim.namespace().unwrap_or_default(),
@@ -309,12 +330,180 @@ fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
     }
 }
 
+fn requested_bytes(claim: &PersistentVolumeClaim) -> Result<i64, ProvisionError> {
+    let requested = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .ok_or(ProvisionError::NoSize)?;
+    let bytes = parse_bytes(&requested.0)
+        .map_err(|e| ProvisionError::BadSize(requested.0.clone(), e.to_string()))?;
+    if bytes <= 0 {
+        return Err(ProvisionError::ZeroSize);
+    }
+    Ok(bytes)
+}
+
+fn template_values<'a>(claim: &'a PersistentVolumeClaim, pv_name: &'a str) -> TemplateValues<'a> {
+    TemplateValues {
+        pv_name,
+        claim_namespace: claim.metadata.namespace.as_deref().unwrap_or_default(),
+        claim_name: claim.metadata.name.as_deref().unwrap_or_default(),
+    }
+}
+
+/// The Volume to write for a claim of a `--csi-driver`: the driver decides
+/// placement, within the scheduler's node's topology for
+/// `WaitForFirstConsumer`.
+fn desired_remote_volume(
+    view: &ClaimView,
+    class: &StorageClass,
+) -> Result<Option<Volume>, ProvisionError> {
+    let claim = view.claim;
+    let spec = claim.spec.clone().unwrap_or_default();
+    let name = volume_name(claim).expect("claims from the API server have a UID");
+    let parameters = class.parameters.clone().unwrap_or_default();
+    secrets::all_refs(&parameters, &template_values(claim, &name))?;
+    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
+        return Err(ProvisionError::DataSource);
+    }
+    let access_modes = spec
+        .access_modes
+        .unwrap_or_default()
+        .iter()
+        .map(|m| match m.as_str() {
+            "ReadWriteOnce" => Ok(AccessMode::ReadWriteOnce),
+            "ReadWriteOncePod" => Ok(AccessMode::ReadWriteOncePod),
+            "ReadOnlyMany" => Ok(AccessMode::ReadOnlyMany),
+            "ReadWriteMany" => Ok(AccessMode::ReadWriteMany),
+            other => Err(ProvisionError::AccessMode(other.to_string())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = requested_bytes(claim)?;
+    let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
+    let requisite_topology = if wffc {
+        let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
+            return Ok(None);
+        };
+        match &view.node_topology {
+            Some(t) if !t.is_empty() => vec![t.clone()],
+            Some(_) => Vec::new(),
+            None => {
+                return Err(ProvisionError::NoTopology {
+                    node: selected.clone(),
+                    driver: class.provisioner.clone(),
+                });
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let mut volume = Volume::new(
+        &name,
+        VolumeSpec {
+            driver: class.provisioner.clone(),
+            parameters,
+            capacity_bytes: bytes,
+            access_modes,
+            volume_mode: match spec.volume_mode.as_deref() {
+                Some("Block") => VolumeMode::Block,
+                _ => VolumeMode::Filesystem,
+            },
+            node: None,
+            requisite_topology,
+            source: None,
+            claim: Some(ClaimReference {
+                namespace: claim.namespace().unwrap_or_default(),
+                name: claim.name_any(),
+                uid: claim.uid().unwrap_or_default(),
+            }),
+            persistent_volume_name: Some(name.clone()),
+            reclaim_policy: match class.reclaim_policy.as_deref() {
+                Some("Retain") => ReclaimPolicy::Retain,
+                _ => ReclaimPolicy::Delete,
+            },
+        },
+    );
+    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
+    Ok(Some(volume))
+}
+
+/// The PV external-provisioner would create for a `--csi-driver` volume.
+fn desired_remote_pv(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    volume: &Volume,
+) -> PersistentVolume {
+    let status = volume.status.clone().unwrap_or_default();
+    // CSI's 0 means "unknown": the request is the best we know.
+    let capacity = status
+        .capacity_bytes
+        .filter(|b| *b > 0)
+        .unwrap_or(volume.spec.capacity_bytes);
+    let block = volume.spec.volume_mode == VolumeMode::Block;
+    let params = &volume.spec.parameters;
+    let mut csi = json!({
+        "driver": volume.spec.driver,
+        "volumeHandle": status.volume_handle.clone().unwrap_or_else(|| volume.name_any()),
+        "volumeAttributes": status.volume_context,
+    });
+    if !block && let Some(fs) = params.get(secrets::FS_TYPE) {
+        csi["fsType"] = json!(fs);
+    }
+    let name = volume.name_any();
+    for (kind, r) in secrets::all_refs(params, &template_values(claim, &name)).unwrap_or_default() {
+        if let Some(field) = kind.pv_field() {
+            csi[field] = json!(r);
+        }
+    }
+    let mut pv = json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": name,
+            "annotations": { ANN_PROVISIONED_BY: volume.spec.driver },
+            "finalizers": [PV_PROVISIONER_FINALIZER],
+        },
+        "spec": {
+            "capacity": { "storage": format_bytes(capacity) },
+            "accessModes": claim.spec.as_ref().and_then(|s| s.access_modes.clone()).unwrap_or_default(),
+            "persistentVolumeReclaimPolicy": class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
+            "storageClassName": class.name_any(),
+            "mountOptions": class.mount_options.clone(),
+            "volumeMode": if block { "Block" } else { "Filesystem" },
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": claim.namespace(),
+                "name": claim.name_any(),
+                "uid": claim.uid(),
+            },
+            "csi": csi,
+        },
+    });
+    if !status.topology.is_empty() {
+        let expressions: Vec<_> = status
+            .topology
+            .iter()
+            .map(|(k, v)| json!({ "key": k, "operator": "In", "values": [v] }))
+            .collect();
+        pv["spec"]["nodeAffinity"] =
+            json!({ "required": { "nodeSelectorTerms": [{ "matchExpressions": expressions }] } });
+    }
+    serde_json::from_value(pv).expect("PV literal matches the PersistentVolume schema")
+}
+
 /// The PV external-provisioner would create for this volume.
 pub fn desired_pv(
     claim: &PersistentVolumeClaim,
     class: &StorageClass,
     volume: &Volume,
 ) -> PersistentVolume {
+    if volume.spec.driver != local::DRIVER_NAME {
+        return desired_remote_pv(claim, class, volume);
+    }
     let status = volume.status.clone().unwrap_or_default();
     let capacity = status.capacity_bytes.unwrap_or(volume.spec.capacity_bytes);
     let node = volume.spec.node.clone().unwrap_or_default();
@@ -420,6 +609,8 @@ mod tests {
             storage_nodes: nodes,
             all_volumes: &[],
             static_match: false,
+            remote: false,
+            node_topology: None,
         })
     }
 

@@ -6,7 +6,6 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 
 use super::protocol::*;
-use crate::backend::local;
 use crate::crd::Volume;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,10 +24,17 @@ pub enum Reclaim {
 }
 
 /// `claim_exists`: whether the claim the PV's claimRef names (with that UID)
-/// still exists.
-pub fn plan(pv: &PersistentVolume, claim_exists: bool, volume: Option<&Volume>) -> Reclaim {
-    let ours =
-        pv.annotations().get(ANN_PROVISIONED_BY).map(String::as_str) == Some(local::DRIVER_NAME);
+/// still exists; `serves`: whether stowage provisions for a driver name.
+pub fn plan(
+    pv: &PersistentVolume,
+    claim_exists: bool,
+    volume: Option<&Volume>,
+    serves: impl Fn(&str) -> bool,
+) -> Reclaim {
+    let ours = pv
+        .annotations()
+        .get(ANN_PROVISIONED_BY)
+        .is_some_and(|d| serves(d));
     let spec = pv.spec.clone().unwrap_or_default();
     let policy = spec
         .persistent_volume_reclaim_policy
@@ -80,6 +86,11 @@ pub fn plan(pv: &PersistentVolume, claim_exists: bool, volume: Option<&Volume>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::local;
+
+    fn local_only(driver: &str) -> bool {
+        driver == local::DRIVER_NAME
+    }
     use serde_json::json;
 
     fn pv(policy: &str, phase: &str, ours: bool, deleting: bool) -> PersistentVolume {
@@ -120,7 +131,12 @@ mod tests {
     #[test]
     fn bound_pv_with_its_claim_is_left_alone() {
         assert_eq!(
-            plan(&pv("Delete", "Bound", true, false), true, Some(&volume())),
+            plan(
+                &pv("Delete", "Bound", true, false),
+                true,
+                Some(&volume()),
+                local_only
+            ),
             Reclaim::Skip
         );
     }
@@ -129,19 +145,39 @@ mod tests {
     fn delete_goes_released_then_data_then_pv_then_finalizer() {
         let v = volume();
         assert_eq!(
-            plan(&pv("Delete", "Bound", true, false), false, Some(&v)),
+            plan(
+                &pv("Delete", "Bound", true, false),
+                false,
+                Some(&v),
+                local_only
+            ),
             Reclaim::MarkReleased
         );
         assert_eq!(
-            plan(&pv("Delete", "Released", true, false), false, Some(&v)),
+            plan(
+                &pv("Delete", "Released", true, false),
+                false,
+                Some(&v),
+                local_only
+            ),
             Reclaim::DeleteVolume("pvc-1".into())
         );
         assert_eq!(
-            plan(&pv("Delete", "Released", true, false), false, None),
+            plan(
+                &pv("Delete", "Released", true, false),
+                false,
+                None,
+                local_only
+            ),
             Reclaim::DeletePv
         );
         assert_eq!(
-            plan(&pv("Delete", "Released", true, true), false, None),
+            plan(
+                &pv("Delete", "Released", true, true),
+                false,
+                None,
+                local_only
+            ),
             Reclaim::RemoveFinalizer
         );
     }
@@ -152,7 +188,8 @@ mod tests {
             plan(
                 &pv("Retain", "Released", true, false),
                 false,
-                Some(&volume())
+                Some(&volume()),
+                local_only,
             ),
             Reclaim::Retained
         );
@@ -161,7 +198,8 @@ mod tests {
             plan(
                 &pv("Retain", "Released", true, true),
                 false,
-                Some(&volume())
+                Some(&volume()),
+                local_only,
             ),
             Reclaim::RemoveFinalizer
         );
@@ -170,11 +208,21 @@ mod tests {
     #[test]
     fn static_pvs_are_released_but_never_deleted() {
         assert_eq!(
-            plan(&pv("Delete", "Bound", false, false), false, None),
+            plan(
+                &pv("Delete", "Bound", false, false),
+                false,
+                None,
+                local_only
+            ),
             Reclaim::MarkReleased
         );
         assert_eq!(
-            plan(&pv("Delete", "Released", false, false), false, None),
+            plan(
+                &pv("Delete", "Released", false, false),
+                false,
+                None,
+                local_only
+            ),
             Reclaim::Skip
         );
     }

@@ -503,6 +503,7 @@ mod tests {
                 access_modes: vec![AccessMode::ReadWriteOnce],
                 volume_mode: Default::default(),
                 node: Some("n1".into()),
+                requisite_topology: Vec::new(),
                 source: None,
                 claim: None,
                 persistent_volume_name: Some("pvc-u1".into()),

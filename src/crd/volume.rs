@@ -69,6 +69,11 @@ pub struct VolumeSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("node is immutable"))]
     pub node: Option<String>,
 
+    /// Topology segments the volume must be reachable from (for CSI drivers
+    /// with accessibility constraints: the scheduler's node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requisite_topology: Vec<BTreeMap<String, String>>,
+
     /// Data to pre-populate the volume with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
@@ -149,6 +154,10 @@ pub struct VolumeStatus {
     /// Topology segments the backend reported for the volume.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub topology: BTreeMap<String, String>,
+
+    /// The CSI volume context the backend returned, passed on in the PV.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volume_context: BTreeMap<String, String>,
 
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<VolumeCondition>,

@@ -191,6 +191,7 @@ mod tests {
                 access_modes: vec![AccessMode::ReadWriteOnce],
                 volume_mode: Default::default(),
                 node: Some(node.into()),
+                requisite_topology: Vec::new(),
                 source: None,
                 claim: None,
                 persistent_volume_name: None,

@@ -1,0 +1,256 @@
+//! Carries out Volumes of `--csi-driver`s: CreateVolume when one appears,
+//! DeleteVolume when it is deleted, and the result in `Volume.status`
+//! (the node agent does the same for `local.stowage.dev`).
+//!
+//! The Volume is written before CreateVolume is called and CreateVolume is
+//! asked by the Volume's name, so a crash at any point is finished by the
+//! next attempt; and a Volume deleted before its handle was recorded asks
+//! CreateVolume once more to learn the handle, so nothing is left behind.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::secrets::{self, SecretFor, TemplateValues};
+use super::{Context, Error};
+use crate::backend::csi_proxy::{Capability, CreateRequest, CreatedVolume, CsiDriver};
+use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteWork {
+    Nothing,
+    Create,
+    /// Delete the backend volume (its handle, when recorded), then the finalizer.
+    Delete {
+        volume_id: Option<String>,
+    },
+}
+
+pub fn plan(volume: &Volume) -> RemoteWork {
+    if volume.metadata.deletion_timestamp.is_some() {
+        return if volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
+            RemoteWork::Delete {
+                volume_id: volume.status.as_ref().and_then(|s| s.volume_handle.clone()),
+            }
+        } else {
+            RemoteWork::Nothing
+        };
+    }
+    let done = volume.status.as_ref().is_some_and(|s| {
+        s.phase == VolumePhase::Ready && s.observed_generation == volume.metadata.generation
+    });
+    if done {
+        RemoteWork::Nothing
+    } else {
+        RemoteWork::Create
+    }
+}
+
+fn create_request(volume: &Volume, secrets: BTreeMap<String, String>) -> CreateRequest {
+    let spec = &volume.spec;
+    CreateRequest {
+        name: volume.name_any(),
+        capacity_bytes: spec.capacity_bytes,
+        parameters: secrets::driver_parameters(&spec.parameters),
+        secrets,
+        capability: Capability {
+            block: spec.volume_mode == VolumeMode::Block,
+            fs_type: spec
+                .parameters
+                .get(secrets::FS_TYPE)
+                .cloned()
+                .unwrap_or_default(),
+            mount_flags: Vec::new(),
+            access_mode: spec
+                .access_modes
+                .first()
+                .map(|m| format!("{m:?}"))
+                .unwrap_or_default(),
+        },
+        requisite: spec.requisite_topology.clone(),
+    }
+}
+
+/// The provisioner Secret's data, if the class names one.
+async fn provisioner_secrets(
+    ctx: &Context,
+    volume: &Volume,
+) -> Result<BTreeMap<String, String>, Error> {
+    let name = volume.name_any();
+    let claim = volume.spec.claim.as_ref();
+    let values = TemplateValues {
+        pv_name: &name,
+        claim_namespace: claim.map(|c| c.namespace.as_str()).unwrap_or_default(),
+        claim_name: claim.map(|c| c.name.as_str()).unwrap_or_default(),
+    };
+    match secrets::secret_ref(&volume.spec.parameters, SecretFor::Provisioner, &values)? {
+        Some(r) => Ok(secrets::read(&ctx.client, &r).await?),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(volume = %volume.name_any(), driver = %driver.name))]
+pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Result<Action, Error> {
+    let api = Api::<Volume>::all(ctx.client.clone());
+    let pp = PatchParams::default();
+    match plan(volume) {
+        RemoteWork::Nothing => {}
+        RemoteWork::Create => {
+            let secrets = provisioner_secrets(ctx, volume).await?;
+            match driver.create_volume(create_request(volume, secrets)).await {
+                Ok(created) => {
+                    crate::failpoint::hit("controller-after-create-volume");
+                    tracing::info!(handle = %created.volume_id, bytes = created.capacity_bytes, "backend volume created");
+                    api.patch_status(
+                        &volume.name_any(),
+                        &pp,
+                        &Patch::Merge(&json!({ "status": ready_status(volume, &created) })),
+                    )
+                    .await?;
+                }
+                Err(e) => {
+                    let status = json!({ "status": {
+                        "phase": VolumePhase::Failed,
+                        "observedGeneration": volume.metadata.generation,
+                        "lastError": e.to_string(),
+                        "conditions": [condition(volume, "False", &format!("{:?}", e.code()), &e.to_string())],
+                    }});
+                    api.patch_status(&volume.name_any(), &pp, &Patch::Merge(&status))
+                        .await?;
+                    return Err(e.into());
+                }
+            }
+        }
+        RemoteWork::Delete { volume_id } => {
+            let secrets = provisioner_secrets(ctx, volume).await?;
+            let volume_id = match volume_id {
+                Some(id) => Some(id),
+                // Created, perhaps, but not recorded: the name finds it.
+                None => match driver
+                    .create_volume(create_request(volume, secrets.clone()))
+                    .await
+                {
+                    Ok(created) => Some(created.volume_id),
+                    Err(e) if e.is_final() => None,
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if let Some(id) = &volume_id {
+                driver.delete_volume(id, secrets).await?;
+                tracing::info!(handle = %id, "backend volume deleted");
+            }
+            let remaining: Vec<_> = volume
+                .finalizers()
+                .iter()
+                .filter(|f| *f != VOLUME_FINALIZER)
+                .cloned()
+                .collect();
+            let patch = json!({
+                "metadata": { "finalizers": remaining, "resourceVersion": volume.resource_version() }
+            });
+            api.patch(&volume.name_any(), &pp, &Patch::Merge(&patch))
+                .await?;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+fn condition(volume: &Volume, status: &str, reason: &str, message: &str) -> serde_json::Value {
+    json!({
+        "type": "Ready",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        "observedGeneration": volume.metadata.generation,
+    })
+}
+
+fn ready_status(volume: &Volume, created: &CreatedVolume) -> serde_json::Value {
+    json!({
+        "phase": VolumePhase::Ready,
+        "observedGeneration": volume.metadata.generation,
+        "capacityBytes": created.capacity_bytes,
+        "volumeHandle": created.volume_id,
+        "topology": created.topology,
+        "volumeContext": created.volume_context,
+        "lastError": null,
+        "conditions": [condition(volume, "True", "Created", &format!("{} created it as {}", volume.spec.driver, created.volume_id))],
+    })
+}
+
+/// How long to wait before retrying a failed driver call.
+pub fn retry_after(ctx: &Context, volume: &Volume, error: &Error) -> Duration {
+    let final_error = matches!(error, Error::Driver(e) if e.is_final());
+    ctx.backoff(&kube::Resource::object_ref(volume, &()), !final_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AccessMode, VolumeSpec, VolumeStatus};
+
+    fn volume() -> Volume {
+        let mut v = Volume::new(
+            "pvc-1",
+            VolumeSpec {
+                driver: "hostpath.csi.k8s.io".into(),
+                parameters: [
+                    ("kind".to_string(), "fast".to_string()),
+                    (secrets::FS_TYPE.to_string(), "xfs".to_string()),
+                ]
+                .into(),
+                capacity_bytes: 1 << 30,
+                access_modes: vec![AccessMode::ReadWriteOncePod],
+                volume_mode: VolumeMode::Filesystem,
+                node: None,
+                requisite_topology: vec![[("zone".to_string(), "a".to_string())].into()],
+                source: None,
+                claim: None,
+                persistent_volume_name: None,
+                reclaim_policy: Default::default(),
+            },
+        );
+        v.metadata.generation = Some(1);
+        v.metadata.finalizers = Some(vec![VOLUME_FINALIZER.into()]);
+        v
+    }
+
+    #[test]
+    fn created_once_per_generation_and_deleted_by_handle() {
+        let mut v = volume();
+        assert_eq!(plan(&v), RemoteWork::Create);
+        v.status = Some(VolumeStatus {
+            phase: VolumePhase::Ready,
+            observed_generation: Some(1),
+            volume_handle: Some("h-1".into()),
+            ..Default::default()
+        });
+        assert_eq!(plan(&v), RemoteWork::Nothing);
+        v.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        assert_eq!(
+            plan(&v),
+            RemoteWork::Delete {
+                volume_id: Some("h-1".into())
+            }
+        );
+        v.metadata.finalizers = None;
+        assert_eq!(plan(&v), RemoteWork::Nothing);
+    }
+
+    #[test]
+    fn the_driver_gets_its_parameters_and_the_pvs_capability() {
+        let req = create_request(&volume(), BTreeMap::new());
+        assert_eq!(req.name, "pvc-1");
+        assert_eq!(req.parameters.len(), 1, "csi.storage.k8s.io/* stripped");
+        assert_eq!(req.capability.fs_type, "xfs");
+        assert_eq!(req.capability.access_mode, "ReadWriteOncePod");
+        assert_eq!(req.requisite.len(), 1);
+    }
+}
