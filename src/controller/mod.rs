@@ -1,6 +1,7 @@
 //! `stowage controller`: the cluster-wide jobs of the CSI sidecars, run from
 //! one set of shared informers.
 
+pub mod attach;
 pub mod bind;
 mod capacity;
 mod claims;
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -136,6 +137,7 @@ pub struct Stores {
     pub classes: Store<StorageClass>,
     pub volumes: Store<Volume>,
     pub storage_nodes: Store<StorageNode>,
+    pub attachments: Store<VolumeAttachment>,
 }
 
 /// Shared by every reconcile.
@@ -309,7 +311,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut volumes = Informer::<Volume>::new();
     let classes = Informer::<StorageClass>::new();
     let storage_nodes = Informer::<StorageNode>::new();
+    let mut attachments = Informer::<VolumeAttachment>::new();
     let stores = Stores {
+        attachments: attachments.store.clone(),
         claims: claims.store.clone(),
         pvs: pvs.store.clone(),
         classes: classes.store.clone(),
@@ -350,6 +354,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
             let _ = volume_trigger.send(ObjectRef::new(&name));
         }
     };
+    let attachments_for_attach = attachments.subscribe();
+    // A VolumeAttachment gone: its PV may drop our attacher finalizer.
+    let on_attachment_deleted = {
+        let pv_trigger = pv_trigger.clone();
+        move |va: &VolumeAttachment| {
+            if let Some(pv) = va.spec.source.persistent_volume_name.as_deref() {
+                let _ = pv_trigger.send(ObjectRef::new(pv));
+            }
+        }
+    };
     // A Volume gone: its PV can go, and its space may let a waiting claim fit.
     let on_volume_deleted = {
         let claims = stores.claims.clone();
@@ -368,6 +382,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
     };
     tokio::spawn(claims.run(Api::all(client.clone()), on_claim_deleted));
+    tokio::spawn(attachments.run(Api::all(client.clone()), on_attachment_deleted));
     tokio::spawn(pvs.run(Api::all(client.clone()), |_| {}));
     tokio::spawn(volumes.run(Api::all(client.clone()), on_volume_deleted));
     tokio::spawn(classes.run(Api::all(client.clone()), |_| {}));
@@ -421,6 +436,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stores.volumes.wait_until_ready().boxed(),
         stores.classes.wait_until_ready().boxed(),
         stores.storage_nodes.wait_until_ready().boxed(),
+        stores.attachments.wait_until_ready().boxed(),
     ]);
     ready.await.expect("reflectors run until the process ends");
 
@@ -493,8 +509,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .graceful_shutdown_on(shutdown_signal())
         .run(resize::reconcile, resize::error_policy, ctx.clone())
         .for_each(|_| async {});
+    // Attach and detach have their own queue: a pod start never waits
+    // behind provisioning.
+    let attach_jobs =
+        Controller::for_shared_stream(attachments_for_attach, stores.attachments.clone())
+            .with_config(controller::Config::default().concurrency(config.workers))
+            .graceful_shutdown_on(shutdown_signal())
+            .run(attach::reconcile, attach::error_policy, ctx.clone())
+            .for_each(|_| async {});
     let controllers = async {
-        tokio::join!(claim_jobs, pv_jobs, volume_jobs, resize_jobs);
+        tokio::join!(claim_jobs, pv_jobs, volume_jobs, resize_jobs, attach_jobs);
     };
     let lost = async {
         match &elector {

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::protocol::*;
 use super::reclaim::{self, Reclaim};
-use super::{Context, Error, remote_volumes};
+use super::{Context, Error, attach, remote_volumes};
 use crate::crd::Volume;
 
 /// Whether the claim a claimRef names still exists with the same UID. Asks
@@ -33,6 +33,30 @@ async fn claim_exists(
 #[tracing::instrument(skip_all, fields(pv = %pv.name_any()))]
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("reclaim");
+    let driver = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .map(|c| c.driver.as_str());
+    if driver.is_some_and(|d| ctx.drivers.contains_key(d))
+        && let Some(ours) = attach::pv_released(&pv, &ctx.stores.attachments.state())
+    {
+        let remaining: Vec<_> = pv
+            .finalizers()
+            .iter()
+            .filter(|f| **f != ours)
+            .cloned()
+            .collect();
+        let patch = json!({ "metadata": { "finalizers": remaining, "resourceVersion": pv.resource_version() } });
+        Api::<PersistentVolume>::all(ctx.client.clone())
+            .patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        return Ok(Action::await_change());
+    }
     let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.clone());
     let cached_claim = claim_ref.as_ref().and_then(|r| {
         let key = ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?);

@@ -1,0 +1,549 @@
+//! external-attacher's job for `--csi-driver`s whose CSIDriver has
+//! `attachRequired: true`: kube-controller-manager's attach-detach
+//! controller creates a VolumeAttachment per (volume, node); we call
+//! ControllerPublish/Unpublish and report in its status.
+//!
+//! The protocol is external-attacher's, so kcm, kubelet and kubectl read it
+//! as usual: finalizer `external-attacher/<driver>` on the VA and the PV
+//! before the first publish, the node ID kept in an annotation so a detach
+//! works after the node is gone, `status.attached` with `attachmentMetadata`,
+//! and `attachError`/`detachError` with the driver's message.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::secrets::{self, SecretRef};
+use super::{Context, Error};
+use crate::backend::csi_proxy::Capability;
+
+/// Where external-attacher keeps the node ID it published to.
+pub const ANN_NODE_ID: &str = "csi.alpha.kubernetes.io/node-id";
+/// kubelet's map of driver name → node ID on the Node object.
+pub const ANN_NODE_IDS: &str = "csi.volume.kubernetes.io/nodeid";
+
+/// external-attacher's finalizer name for a driver: anything but letters,
+/// digits and '-' becomes '-'.
+pub fn finalizer(driver: &str) -> String {
+    let sanitized: String = driver
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("external-attacher/{sanitized}")
+}
+
+/// Everything `plan` looks at for one VolumeAttachment.
+pub struct AttachView<'a> {
+    pub va: &'a VolumeAttachment,
+    pub pv: Option<&'a PersistentVolume>,
+    /// The driver's ID for the node, if known.
+    pub node_id: Option<String>,
+    /// Whether the Node object exists.
+    pub node_exists: bool,
+    /// Other VolumeAttachments of the same PV.
+    pub others: &'a [&'a VolumeAttachment],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attach {
+    Nothing,
+    /// The node is gone: delete the VA, which detaches it.
+    DeleteOrphan,
+    /// Record finalizers and the node ID before the driver sees anything.
+    Prepare {
+        node_id: String,
+    },
+    Publish {
+        node_id: String,
+    },
+    Refuse(AttachError),
+    Unpublish {
+        node_id: Option<String>,
+    },
+    /// Detached: let the VA go.
+    Release,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("PersistentVolume {0} not found")]
+    NoPv(String),
+    #[error("inline volumes are not supported by stowage: use a PersistentVolume")]
+    Inline,
+    #[error(
+        "node {node} has no node ID for {driver}: its CSINode lists no such driver; is the driver's node plugin running there?"
+    )]
+    NoNodeId { node: String, driver: String },
+    #[error(
+        "volume {pv} is attached to node {other}; a {mode} volume is published to one node at a time: delete the pod there first"
+    )]
+    MultiAttach {
+        pv: String,
+        other: String,
+        mode: String,
+    },
+}
+
+fn pv_name(va: &VolumeAttachment) -> Option<&str> {
+    va.spec.source.persistent_volume_name.as_deref()
+}
+
+fn attached(va: &VolumeAttachment) -> bool {
+    va.status.as_ref().is_some_and(|s| s.attached)
+}
+
+pub fn plan(view: &AttachView) -> Attach {
+    let va = view.va;
+    let ours = finalizer(&va.spec.attacher);
+    let has_finalizer = va.finalizers().contains(&ours);
+    if va.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Attach::Nothing;
+        }
+        if attached(va) || va.annotations().contains_key(ANN_NODE_ID) {
+            let node_id = va
+                .annotations()
+                .get(ANN_NODE_ID)
+                .cloned()
+                .or_else(|| view.node_id.clone());
+            return Attach::Unpublish { node_id };
+        }
+        return Attach::Release;
+    }
+    if attached(va) {
+        return Attach::Nothing;
+    }
+    if !view.node_exists {
+        return Attach::DeleteOrphan;
+    }
+    if va.spec.source.inline_volume_spec.is_some() {
+        return Attach::Refuse(AttachError::Inline);
+    }
+    let Some(pv) = view.pv else {
+        return Attach::Refuse(AttachError::NoPv(
+            pv_name(va).unwrap_or_default().to_string(),
+        ));
+    };
+    let modes = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.clone())
+        .unwrap_or_default();
+    let shared = modes
+        .iter()
+        .any(|m| m == "ReadWriteMany" || m == "ReadOnlyMany");
+    if !shared
+        && let Some(other) = view
+            .others
+            .iter()
+            .find(|o| o.spec.node_name != va.spec.node_name && attached(o))
+    {
+        return Attach::Refuse(AttachError::MultiAttach {
+            pv: pv.name_any(),
+            other: other.spec.node_name.clone(),
+            mode: modes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "ReadWriteOnce".into()),
+        });
+    }
+    let Some(node_id) = va
+        .annotations()
+        .get(ANN_NODE_ID)
+        .cloned()
+        .or_else(|| view.node_id.clone())
+    else {
+        return Attach::Refuse(AttachError::NoNodeId {
+            node: va.spec.node_name.clone(),
+            driver: va.spec.attacher.clone(),
+        });
+    };
+    let pv_has_finalizer = pv.finalizers().contains(&ours);
+    if !has_finalizer || !pv_has_finalizer || !va.annotations().contains_key(ANN_NODE_ID) {
+        return Attach::Prepare { node_id };
+    }
+    Attach::Publish { node_id }
+}
+
+/// The driver's node ID: the CSINode's entry, else kubelet's annotation.
+async fn node_id(ctx: &Context, node: &str, driver: &str) -> Result<(bool, Option<String>), Error> {
+    let Some(n) = Api::<Node>::all(ctx.client.clone()).get_opt(node).await? else {
+        return Ok((false, None));
+    };
+    if let Some(csinode) = Api::<CSINode>::all(ctx.client.clone())
+        .get_opt(node)
+        .await?
+        && let Some(d) = csinode.spec.drivers.iter().find(|d| d.name == driver)
+    {
+        return Ok((true, Some(d.node_id.clone())));
+    }
+    let from_annotation = n
+        .annotations()
+        .get(ANN_NODE_IDS)
+        .and_then(|json| serde_json::from_str::<BTreeMap<String, String>>(json).ok())
+        .and_then(|ids| ids.get(driver).cloned());
+    Ok((true, from_annotation))
+}
+
+fn capability(pv: &PersistentVolume) -> Capability {
+    let spec = pv.spec.clone().unwrap_or_default();
+    let csi = spec.csi.clone().unwrap_or_default();
+    Capability {
+        block: spec.volume_mode.as_deref() == Some("Block"),
+        fs_type: csi.fs_type.unwrap_or_default(),
+        mount_flags: spec.mount_options.unwrap_or_default(),
+        access_mode: spec
+            .access_modes
+            .and_then(|m| m.first().cloned())
+            .unwrap_or_default(),
+    }
+}
+
+async fn publish_secrets(
+    ctx: &Context,
+    pv: &PersistentVolume,
+) -> Result<BTreeMap<String, String>, Error> {
+    let r = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .and_then(|c| c.controller_publish_secret_ref.as_ref());
+    match r {
+        Some(r) => Ok(secrets::read(
+            &ctx.client,
+            &SecretRef {
+                namespace: r.namespace.clone().unwrap_or_default(),
+                name: r.name.clone().unwrap_or_default(),
+            },
+        )
+        .await?),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+fn error_status(message: &str) -> serde_json::Value {
+    json!({ "time": k8s_openapi::jiff::Timestamp::now().to_string(), "message": message })
+}
+
+#[tracing::instrument(skip_all, fields(va = %va.name_any(), node = %va.spec.node_name))]
+pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let Some(driver) = ctx.drivers.get(&va.spec.attacher) else {
+        return Ok(Action::await_change());
+    };
+    let _timer = ctx.metrics.reconcile_timer("attach");
+    let pv = pv_name(&va).and_then(|n| ctx.stores.pvs.get(&ObjectRef::new(n)));
+    let (node_exists, node_id) = if attached(&va) && va.metadata.deletion_timestamp.is_none() {
+        (true, None)
+    } else {
+        node_id(&ctx, &va.spec.node_name, &driver.name).await?
+    };
+    let all = ctx.stores.attachments.state();
+    let others: Vec<_> = all
+        .iter()
+        .filter(|o| o.name_any() != va.name_any() && pv_name(o) == pv_name(&va))
+        .map(|o| o.as_ref())
+        .collect();
+    let step = plan(&AttachView {
+        va: &va,
+        pv: pv.as_deref(),
+        node_id,
+        node_exists,
+        others: &others,
+    });
+    tracing::debug!(?step, "planned");
+    let vas = Api::<VolumeAttachment>::all(ctx.client.clone());
+    let pp = PatchParams::default();
+    let ours = finalizer(&driver.name);
+    match step {
+        Attach::Nothing => {}
+        Attach::DeleteOrphan => {
+            tracing::info!("node is gone; detaching");
+            match vas.delete(&va.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Attach::Refuse(e) => {
+            vas.patch_status(
+                &va.name_any(),
+                &pp,
+                &Patch::Merge(json!({ "status": { "attached": false, "attachError": error_status(&e.to_string()) } })),
+            )
+            .await?;
+            ctx.metrics.reconcile_failed("attach", "refused");
+            return Ok(Action::requeue(ctx.backoff(&va.object_ref(&()), true)));
+        }
+        Attach::Prepare { node_id } => {
+            let pv = pv.expect("planned with a PV");
+            if !pv.finalizers().contains(&ours) {
+                let mut finalizers = pv.finalizers().to_vec();
+                finalizers.push(ours.clone());
+                let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": pv.resource_version() } });
+                Api::<PersistentVolume>::all(ctx.client.clone())
+                    .patch(&pv.name_any(), &pp, &Patch::Merge(patch))
+                    .await?;
+            }
+            let mut finalizers = va.finalizers().to_vec();
+            if !finalizers.contains(&ours) {
+                finalizers.push(ours.clone());
+            }
+            let patch = json!({ "metadata": {
+                "finalizers": finalizers,
+                "annotations": { ANN_NODE_ID: node_id },
+                "resourceVersion": va.resource_version(),
+            }});
+            vas.patch(&va.name_any(), &pp, &Patch::Merge(patch)).await?;
+        }
+        Attach::Publish { node_id } => {
+            let pv = pv.expect("planned with a PV");
+            let csi = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.csi.clone())
+                .unwrap_or_default();
+            let secrets = publish_secrets(&ctx, &pv).await?;
+            let result = driver
+                .publish(
+                    &csi.volume_handle,
+                    &node_id,
+                    &capability(&pv),
+                    csi.read_only.unwrap_or(false),
+                    csi.volume_attributes.unwrap_or_default(),
+                    secrets,
+                )
+                .await;
+            match result {
+                Ok(context) => {
+                    vas.patch_status(
+                        &va.name_any(),
+                        &pp,
+                        &Patch::Merge(json!({ "status": {
+                            "attached": true, "attachmentMetadata": context, "attachError": null,
+                        }})),
+                    )
+                    .await?;
+                    tracing::info!(volume = %csi.volume_handle, "attached");
+                    ctx.forget_failures(&va.object_ref(&()));
+                }
+                Err(e) => {
+                    vas.patch_status(
+                        &va.name_any(),
+                        &pp,
+                        &Patch::Merge(json!({ "status": { "attached": false, "attachError": error_status(&e.to_string()) } })),
+                    )
+                    .await?;
+                    return Err(e.into());
+                }
+            }
+        }
+        Attach::Unpublish { node_id } => {
+            let handle = pv
+                .as_ref()
+                .and_then(|p| p.spec.as_ref()?.csi.as_ref())
+                .map(|c| c.volume_handle.clone());
+            if let (Some(handle), Some(node_id)) = (handle, node_id) {
+                let secrets = match &pv {
+                    Some(pv) => publish_secrets(&ctx, pv).await?,
+                    None => BTreeMap::new(),
+                };
+                if let Err(e) = driver.unpublish(&handle, &node_id, secrets).await {
+                    vas.patch_status(
+                        &va.name_any(),
+                        &pp,
+                        &Patch::Merge(
+                            json!({ "status": { "detachError": error_status(&e.to_string()) } }),
+                        ),
+                    )
+                    .await?;
+                    return Err(e.into());
+                }
+                tracing::info!(volume = %handle, "detached");
+            }
+            vas.patch_status(
+                &va.name_any(),
+                &pp,
+                &Patch::Merge(json!({ "status": { "attached": false, "detachError": null, "attachmentMetadata": null } })),
+            )
+            .await?;
+            release(&vas, &va, &ours).await?;
+        }
+        Attach::Release => release(&vas, &va, &ours).await?,
+    }
+    Ok(Action::await_change())
+}
+
+async fn release(
+    vas: &Api<VolumeAttachment>,
+    va: &VolumeAttachment,
+    ours: &str,
+) -> Result<(), Error> {
+    let remaining: Vec<_> = va
+        .finalizers()
+        .iter()
+        .filter(|f| *f != ours)
+        .cloned()
+        .collect();
+    let patch = json!({ "metadata": { "finalizers": remaining } });
+    match vas
+        .patch(
+            &va.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn error_policy(va: Arc<VolumeAttachment>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_millis(50));
+    }
+    tracing::warn!(va = %va.name_any(), %error, "attach/detach failed");
+    ctx.metrics.reconcile_failed("attach", error.metric_label());
+    Action::requeue(ctx.backoff(&va.object_ref(&()), true))
+}
+
+/// Whether a PV being deleted may drop our finalizer: no VolumeAttachment
+/// names it any more.
+pub fn pv_released(pv: &PersistentVolume, attachments: &[Arc<VolumeAttachment>]) -> Option<String> {
+    let driver = pv.spec.as_ref()?.csi.as_ref()?.driver.clone();
+    let ours = finalizer(&driver);
+    let name = pv.name_any();
+    (pv.metadata.deletion_timestamp.is_some()
+        && pv.finalizers().contains(&ours)
+        && !attachments
+            .iter()
+            .any(|a| pv_name(a) == Some(name.as_str())))
+    .then_some(ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DRIVER: &str = "hostpath.csi.k8s.io";
+
+    fn va(name: &str, node: &str) -> VolumeAttachment {
+        serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "spec": { "attacher": DRIVER, "nodeName": node, "source": { "persistentVolumeName": "pv-1" } },
+        }))
+        .unwrap()
+    }
+
+    fn pv(mode: &str, with_finalizer: bool) -> PersistentVolume {
+        let mut pv: PersistentVolume = serde_json::from_value(json!({
+            "metadata": { "name": "pv-1" },
+            "spec": { "accessModes": [mode], "csi": { "driver": DRIVER, "volumeHandle": "h-1" } },
+        }))
+        .unwrap();
+        if with_finalizer {
+            pv.metadata.finalizers = Some(vec![finalizer(DRIVER)]);
+        }
+        pv
+    }
+
+    fn prepared(mut v: VolumeAttachment) -> VolumeAttachment {
+        v.metadata.finalizers = Some(vec![finalizer(DRIVER)]);
+        v.metadata.annotations = Some([(ANN_NODE_ID.to_string(), "id-a".to_string())].into());
+        v
+    }
+
+    fn view<'a>(
+        va: &'a VolumeAttachment,
+        pv: Option<&'a PersistentVolume>,
+        others: &'a [&'a VolumeAttachment],
+    ) -> AttachView<'a> {
+        AttachView {
+            va,
+            pv,
+            node_id: Some("id-a".into()),
+            node_exists: true,
+            others,
+        }
+    }
+
+    #[test]
+    fn finalizer_names_match_external_attacher() {
+        assert_eq!(finalizer(DRIVER), "external-attacher/hostpath-csi-k8s-io");
+    }
+
+    #[test]
+    fn attach_records_finalizers_before_publishing() {
+        let v = va("va-1", "a");
+        let p = pv("ReadWriteOnce", false);
+        assert_eq!(
+            plan(&view(&v, Some(&p), &[])),
+            Attach::Prepare {
+                node_id: "id-a".into()
+            }
+        );
+        let v = prepared(v);
+        let p = pv("ReadWriteOnce", true);
+        assert_eq!(
+            plan(&view(&v, Some(&p), &[])),
+            Attach::Publish {
+                node_id: "id-a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_single_node_volume_is_never_published_to_two_nodes() {
+        let mut there = prepared(va("va-b", "b"));
+        there.status = Some(serde_json::from_value(json!({ "attached": true })).unwrap());
+        let v = prepared(va("va-a", "a"));
+        let p = pv("ReadWriteOnce", true);
+        let Attach::Refuse(e) = plan(&view(&v, Some(&p), &[&there])) else {
+            panic!("published twice");
+        };
+        assert!(e.to_string().contains("attached to node b"), "{e}");
+        let shared = pv("ReadWriteMany", true);
+        assert_eq!(
+            plan(&view(&v, Some(&shared), &[&there])),
+            Attach::Publish {
+                node_id: "id-a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn detach_uses_the_recorded_node_id_even_when_the_node_is_gone() {
+        let mut v = prepared(va("va-1", "a"));
+        v.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        let mut gone = view(&v, None, &[]);
+        gone.node_exists = false;
+        gone.node_id = None;
+        assert_eq!(
+            plan(&gone),
+            Attach::Unpublish {
+                node_id: Some("id-a".into())
+            }
+        );
+        let undeleted = va("va-2", "a");
+        let mut orphan = view(&undeleted, None, &[]);
+        orphan.node_exists = false;
+        assert_eq!(plan(&orphan), Attach::DeleteOrphan);
+    }
+}
