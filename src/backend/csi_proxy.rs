@@ -231,13 +231,11 @@ impl CsiDriver {
 
     fn rpc_error(&self, op: &'static str, status: tonic::Status) -> ProxyError {
         match status.code() {
-            Code::Unavailable | Code::Unknown if status.message().contains("transport") => {
-                ProxyError::Unavailable {
-                    driver: self.name.clone(),
-                    socket: self.socket.display().to_string(),
-                    message: status.message().to_string(),
-                }
-            }
+            Code::Unavailable => ProxyError::Unavailable {
+                driver: self.name.clone(),
+                socket: self.socket.display().to_string(),
+                message: status.message().to_string(),
+            },
             Code::Cancelled | Code::DeadlineExceeded => ProxyError::Timeout {
                 driver: self.name.clone(),
                 op,

@@ -84,7 +84,12 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         .as_ref()
         .and_then(|s| s.csi.as_ref())
         .map(|c| c.volume_handle.clone());
-    let volume = handle.and_then(|h| ctx.stores.volumes.get(&ObjectRef::new(&h)));
+    // Provisioned Volumes carry the PV's name; a driver's handle is its own.
+    let volume = ctx
+        .stores
+        .volumes
+        .get(&ObjectRef::new(&pv.name_any()))
+        .or_else(|| handle.and_then(|h| ctx.stores.volumes.get(&ObjectRef::new(&h))));
     let action = reclaim::plan(&pv, exists, volume.as_deref(), |d| ctx.serves(d));
     tracing::debug!(?action, "planned");
 

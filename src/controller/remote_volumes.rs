@@ -113,6 +113,16 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
                     .await?;
                 }
                 Err(e) => {
+                    // Unchanged: writing it again would wake this reconcile
+                    // at once instead of after the backoff.
+                    let reported = volume.status.as_ref().is_some_and(|s| {
+                        s.phase == VolumePhase::Failed
+                            && s.observed_generation == volume.metadata.generation
+                            && s.last_error.as_deref() == Some(e.to_string().as_str())
+                    });
+                    if reported {
+                        return Err(e.into());
+                    }
                     let status = json!({ "status": {
                         "phase": VolumePhase::Failed,
                         "observedGeneration": volume.metadata.generation,

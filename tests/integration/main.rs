@@ -11,5 +11,6 @@ mod leader_election;
 mod manifests;
 mod node_socket;
 mod provisioning;
+mod proxy_driver;
 mod real_node;
 mod volume_api;

@@ -1,0 +1,237 @@
+//! stowage in place of external-provisioner and external-attacher for a
+//! driver nobody here wrote: csi-driver-host-path's `hostpathplugin`
+//! (`--enable-attach`, CSIDriver `attachRequired: true`), with
+//! kube-controller-manager's attach-detach controller creating the
+//! VolumeAttachments.
+//!
+//! Ignored in `just test`: the Go module proxy refuses
+//! github.com/kubernetes-csi/csi-driver-host-path, so no script of ours can
+//! build it on a fresh machine. `just test-proxy /path/to/hostpathplugin`
+//! runs it against a binary built from a checkout
+//! (`go build -mod=vendor ./cmd/hostpathplugin`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass, VolumeAttachment};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::fixtures::{claim, gone, is_bound, wait, wait_for_event};
+use crate::harness::{Process, TestNamespace, bare_cluster, client_for_path, unique_name};
+
+const DRIVER: &str = "hostpath.csi.k8s.io";
+const NODE: &str = "hp-node";
+const TOPOLOGY_KEY: &str = "topology.hostpath.csi/node";
+
+struct Plugin {
+    child: Child,
+}
+
+impl Plugin {
+    fn start(binary: &Path, socket: &Path, state: &Path) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(binary)
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg(format!("--drivername={DRIVER}"))
+            .arg(format!("--nodeid={NODE}"))
+            .arg(format!("--statedir={}", state.display()))
+            .arg("--enable-attach")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        Plugin { child }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn plugin_binary() -> PathBuf {
+    let path = std::env::var("STOWAGE_HOSTPATHPLUGIN").unwrap_or_else(|_| {
+        panic!(
+            "set STOWAGE_HOSTPATHPLUGIN to a hostpathplugin binary (csi-driver-host-path's \
+             cmd/hostpathplugin; the Go module proxy does not serve that module)"
+        )
+    });
+    let path = PathBuf::from(path);
+    assert!(path.exists(), "{} does not exist", path.display());
+    path
+}
+
+async fn apply<K>(api: &Api<K>, value: serde_json::Value)
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value).unwrap();
+    api.patch(
+        &object.name_any(),
+        &PatchParams::apply("stowage-test").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs a hostpathplugin binary: run `just test-proxy PATH`"]
+async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver() {
+    let binary = plugin_binary();
+    let kubeconfig = bare_cluster("proxy-driver", &[NODE]);
+    let client = client_for_path(&kubeconfig).await;
+    let dir = std::env::temp_dir().join(unique_name("stowage-hostpath"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("csi.sock");
+    let state = dir.join("state");
+    let mut plugin = Some(Plugin::start(&binary, &socket, &state));
+
+    // What kubelet and the driver's deployment would have set up.
+    apply(
+        &Api::<CSIDriver>::all(client.clone()),
+        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": { "name": DRIVER },
+                "spec": { "attachRequired": true, "podInfoOnMount": false } }),
+    )
+    .await;
+    Api::<Node>::all(client.clone())
+        .patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": {
+                "labels": { TOPOLOGY_KEY: NODE },
+                "annotations": { "volumes.kubernetes.io/controller-managed-attach-detach": "true" },
+            }})),
+        )
+        .await
+        .unwrap();
+    apply(
+        &Api::<CSINode>::all(client.clone()),
+        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": { "name": NODE },
+                "spec": { "drivers": [{ "name": DRIVER, "nodeID": NODE, "topologyKeys": [TOPOLOGY_KEY] }] } }),
+    )
+    .await;
+
+    let endpoint = format!("{DRIVER}=unix://{}", socket.display());
+    let controller = Process::start(
+        &kubeconfig,
+        &[
+            "controller",
+            "--leader-elect=false",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--csi-driver",
+            &endpoint,
+            "--csi-timeout",
+            "5s",
+        ],
+        &[],
+        "proxy-controller",
+    );
+
+    let ns = TestNamespace::new_with(client.clone(), "proxy").await;
+    let class = format!("{}-hostpath", ns.name);
+    apply(
+        &Api::<StorageClass>::all(client.clone()),
+        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": class },
+                "provisioner": DRIVER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete" }),
+    )
+    .await;
+    let claims = ns.api::<PersistentVolumeClaim>();
+    let uid = claim(&ns, "data", &class, "16Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
+    wait(&claims, "data", "Bound", is_bound).await;
+    let pv_name = format!("pvc-{uid}");
+    let pvs = Api::<PersistentVolume>::all(client.clone());
+    let pv = pvs.get(&pv_name).await.unwrap();
+    let spec = pv.spec.clone().unwrap();
+    let handle = spec.csi.as_ref().unwrap().volume_handle.clone();
+    assert_eq!(spec.csi.as_ref().unwrap().driver, DRIVER);
+    assert_ne!(handle, pv_name, "the driver's own volume ID");
+    let affinity = serde_json::to_string(&spec.node_affinity).unwrap();
+    assert!(affinity.contains(TOPOLOGY_KEY), "{affinity}");
+    assert_eq!(pv.annotations()["pv.kubernetes.io/provisioned-by"], DRIVER);
+
+    // A pod on the node: kcm creates the VolumeAttachment, we attach it.
+    let pods = ns.api::<Pod>();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "user" },
+        "spec": { "containers": [{ "name": "c", "image": "none" }],
+                  "volumes": [{ "name": "d", "persistentVolumeClaim": { "claimName": "data" } }] },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let vas = Api::<VolumeAttachment>::all(client.clone());
+    let attached = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let list = vas.list(&ListParams::default()).await.unwrap();
+            if let Some(va) = list.items.into_iter().find(|v| {
+                v.spec.source.persistent_volume_name.as_deref() == Some(&pv_name)
+                    && v.status.as_ref().is_some_and(|s| s.attached)
+            }) {
+                return va;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("VolumeAttachment never attached");
+    assert_eq!(attached.spec.node_name, NODE);
+    assert!(
+        attached
+            .finalizers()
+            .contains(&"external-attacher/hostpath-csi-k8s-io".to_string())
+    );
+    assert_eq!(
+        attached.annotations()["csi.alpha.kubernetes.io/node-id"],
+        NODE
+    );
+    let pv = pvs.get(&pv_name).await.unwrap();
+    assert!(
+        pv.finalizers()
+            .contains(&"external-attacher/hostpath-csi-k8s-io".to_string())
+    );
+
+    // The pod goes: kcm deletes the VolumeAttachment once we detached it.
+    pods.delete("user", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait(&pods, "user", "deleted", gone).await;
+    wait(&vas, &attached.name_any(), "detached and deleted", gone).await;
+
+    // The claim goes: DeleteVolume, then the PV.
+    claims
+        .delete("data", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(&pvs, &pv_name, "deleted", gone).await;
+    let left = std::fs::read_dir(&state)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(&handle))
+        .count();
+    assert_eq!(left, 0, "the driver still holds volume {handle}");
+
+    // The driver away for a while: a clear event, then recovery on its own.
+    drop(plugin.take());
+    claim(&ns, "later", &class, "16Mi", &["ReadWriteOnce"]).await;
+    let note = wait_for_event(&ns, "later", "ProvisioningFailed").await;
+    assert!(note.contains("not answering"), "{note}");
+    plugin = Some(Plugin::start(&binary, &socket, &state));
+    wait(&claims, "later", "Bound", is_bound).await;
+    claims
+        .delete("later", &DeleteParams::default())
+        .await
+        .unwrap();
+    controller.stop();
+    drop(plugin);
+    let _ = std::fs::remove_dir_all(&dir);
+}
