@@ -70,6 +70,13 @@ pub struct Config {
     #[arg(long = "csi-driver", value_name = "NAME=unix:///PATH")]
     pub csi_drivers: Vec<DriverEndpoint>,
 
+    /// Serve the built-in `local.stowage.dev` driver. Turn off in a
+    /// controller deployed beside another driver only (`--csi-driver`), so
+    /// that it and the cluster's main stowage controller never act on the
+    /// same claims.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub serve_local: bool,
+
     /// Deadline of each call to a `--csi-driver`, e.g. 30s or 500ms.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub csi_timeout: Duration,
@@ -147,6 +154,8 @@ pub struct Context {
     pub stores: Stores,
     /// The `--csi-driver`s, by name.
     pub drivers: BTreeMap<String, CsiDriver>,
+    /// `--serve-local`.
+    pub serve_local: bool,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -154,7 +163,8 @@ pub struct Context {
 impl Context {
     /// Whether stowage provisions for this provisioner name.
     pub fn serves(&self, provisioner: &str) -> bool {
-        provisioner == local::DRIVER_NAME || self.drivers.contains_key(provisioner)
+        (self.serve_local && provisioner == local::DRIVER_NAME)
+            || self.drivers.contains_key(provisioner)
     }
 
     /// Posts an event on `object` in the background: events are for people,
@@ -405,9 +415,24 @@ pub async fn run(config: Config) -> Result<(), Error> {
             .iter()
             .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
             .collect(),
+        serve_local: config.serve_local,
         recorder,
         failures: Mutex::default(),
     });
+
+    // Ask each driver what it can do now, so that a wrong socket or driver
+    // name shows in the log at start; a failure is asked again on first use.
+    for driver in ctx.drivers.values() {
+        let driver = driver.clone();
+        tokio::spawn(async move {
+            match driver.capabilities().await {
+                Ok(caps) => tracing::info!(driver = %driver.name, ?caps, "CSI driver answered"),
+                Err(e) => {
+                    tracing::warn!(driver = %driver.name, error = %e, "CSI driver not ready yet")
+                }
+            }
+        });
+    }
 
     let elector = config.leader_elect.then(|| {
         leader::LeaderElector::new(

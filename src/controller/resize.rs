@@ -277,6 +277,9 @@ pub async fn reconcile(
     claim: Arc<PersistentVolumeClaim>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    if !ctx.serve_local {
+        return Ok(Action::await_change());
+    }
     let _timer = ctx.metrics.reconcile_timer("resize");
     let s = &ctx.stores;
     let pv_name = claim

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use serde::Deserialize;
+
 use crate::harness::{kubeconfig, repo_root, upstream_binary};
 
 #[test]
@@ -45,4 +47,79 @@ fn api_server_accepts_every_manifest() {
     ] {
         assert!(stdout.contains(object), "{object} not applied:\n{stdout}");
     }
+}
+
+/// manifests/examples/ are what users copy to run stowage beside another
+/// driver: the API server must accept them, and `stowage` must accept the
+/// arguments they give it.
+#[test]
+fn api_server_and_stowage_accept_the_examples() {
+    let manifests = repo_root().join("manifests");
+    let kubectl = upstream_binary("kubectl");
+    let ns = Command::new(&kubectl)
+        .env("KUBECONFIG", kubeconfig())
+        .args(["apply", "--server-side", "-f"])
+        .arg(manifests.join("00-namespace.yaml"))
+        .output()
+        .expect("running kubectl");
+    assert!(
+        ns.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ns.stderr)
+    );
+    let examples = manifests.join("examples");
+    let out = Command::new(&kubectl)
+        .env("KUBECONFIG", kubeconfig())
+        .args(["apply", "--server-side", "--dry-run=server", "-f"])
+        .arg(&examples)
+        .output()
+        .expect("running kubectl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl apply failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("deployment.apps/csi-hostpath-controller"),
+        "{stdout}"
+    );
+
+    let mut checked = 0;
+    for file in std::fs::read_dir(&examples).unwrap() {
+        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            let containers = &value["spec"]["template"]["spec"]["containers"];
+            for container in containers.as_sequence().into_iter().flatten() {
+                if !container["image"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("stowage:")
+                {
+                    continue;
+                }
+                let args: Vec<String> = serde_yaml::from_value(container["args"].clone()).unwrap();
+                // Parsing succeeds, so the run gets as far as the API server,
+                // which this kubeconfig does not name.
+                let run = Command::new(env!("CARGO_BIN_EXE_stowage"))
+                    .args(&args)
+                    .env("KUBECONFIG", "/nonexistent/kubeconfig")
+                    .env_remove("KUBERNETES_SERVICE_HOST")
+                    .output()
+                    .expect("running stowage");
+                let stderr = String::from_utf8_lossy(&run.stderr);
+                assert_ne!(run.status.code(), Some(2), "{args:?} rejected: {stderr}");
+                assert!(
+                    stderr.contains("cannot reach the Kubernetes API"),
+                    "{args:?}: {stderr}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked > 0,
+        "no stowage container found in manifests/examples"
+    );
 }
