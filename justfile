@@ -57,3 +57,13 @@ bench-provision N="100": deps control-plane
 bench-pod-start N="20": deps control-plane
     cargo build --release --bin stowage --example bench_pod_start
     STOWAGE_WITH_NODE=1 bash scripts/cluster.sh run -- target/release/examples/bench_pod_start {{N}}
+
+# The proxy backend against csi-driver-host-path (not in `just test`: the Go module proxy does not serve that driver). PLUGIN: a hostpathplugin binary.
+test-proxy PLUGIN: control-plane
+    cargo build --all-targets
+    STOWAGE_HOSTPATHPLUGIN={{PLUGIN}} bash scripts/cluster.sh run -- bash -c 'STOWAGE_TEST_KUBECONFIG=$KUBECONFIG cargo test --test integration proxy_driver -- --ignored --nocapture'
+
+# Benchmark (not a test): stowage vs external-provisioner + external-attacher on one control plane and csi-driver-host-path. PLUGIN: a hostpathplugin binary.
+bench-compare N PLUGIN: deps control-plane
+    cargo build --release --bin stowage --example bench_compare
+    STOWAGE_SIDECARS=$(bash scripts/build-sidecars.sh) bash scripts/cluster.sh run -- target/release/examples/bench_compare {{N}} {{PLUGIN}}

@@ -13,8 +13,21 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+const WRITE_VERBS: &[&str] = &["POST", "PUT", "PATCH", "DELETE", "APPLY"];
+const READ_VERBS: &[&str] = &["GET", "LIST"];
+
 /// Write requests served by the API server so far, per resource.
 pub async fn api_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
+    api_requests(client, WRITE_VERBS).await
+}
+
+/// GET and LIST requests served by the API server so far, per resource
+/// (watches are long-lived and counted once, so they are left out).
+pub async fn api_reads(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
+    api_requests(client, READ_VERBS).await
+}
+
+async fn api_requests(client: &Client, verbs: &[&str]) -> anyhow::Result<BTreeMap<String, f64>> {
     let req = http::Request::get("/metrics").body(Vec::new())?;
     let text = client.request_text(req).await?;
     let mut out = BTreeMap::new();
@@ -27,7 +40,7 @@ pub async fn api_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>
             Some(line[start..].split('"').next()?.to_string())
         };
         let Some(verb) = label("verb") else { continue };
-        if !matches!(verb.as_str(), "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY") {
+        if !verbs.contains(&verb.as_str()) {
             continue;
         }
         let resource = match (label("resource"), label("subresource")) {
@@ -43,6 +56,14 @@ pub async fn api_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>
         *out.entry(resource).or_default() += value;
     }
     Ok(out)
+}
+
+/// Sum of the increases from `before` to `after`.
+pub fn total_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
 }
 
 pub fn peak_rss_kib(pid: u32) -> u64 {
