@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
-use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -124,11 +124,11 @@ pub fn plan(view: &AttachView) -> Attach {
         }
         return Attach::Release;
     }
-    if attached(va) {
-        return Attach::Nothing;
-    }
     if !view.node_exists {
         return Attach::DeleteOrphan;
+    }
+    if attached(va) {
+        return Attach::Nothing;
     }
     if va.spec.source.inline_volume_spec.is_some() {
         return Attach::Refuse(AttachError::Inline);
@@ -180,20 +180,26 @@ pub fn plan(view: &AttachView) -> Attach {
 }
 
 /// The driver's node ID: the CSINode's entry, else kubelet's annotation.
+/// From the caches; a Node missing there is confirmed with the API server,
+/// since a stale cache must not detach a volume in use.
 async fn node_id(ctx: &Context, node: &str, driver: &str) -> Result<(bool, Option<String>), Error> {
-    let Some(n) = Api::<Node>::all(ctx.client.clone()).get_opt(node).await? else {
+    let meta = ctx.stores.nodes.get(&ObjectRef::new(node));
+    let exists = meta.is_some()
+        || Api::<Node>::all(ctx.client.clone())
+            .get_metadata_opt(node)
+            .await?
+            .is_some();
+    if !exists {
         return Ok((false, None));
-    };
-    if let Some(csinode) = Api::<CSINode>::all(ctx.client.clone())
-        .get_opt(node)
-        .await?
+    }
+    if let Some(csinode) = ctx.stores.csinodes.get(&ObjectRef::new(node))
         && let Some(d) = csinode.spec.drivers.iter().find(|d| d.name == driver)
     {
         return Ok((true, Some(d.node_id.clone())));
     }
-    let from_annotation = n
-        .annotations()
-        .get(ANN_NODE_IDS)
+    let from_annotation = meta
+        .as_ref()
+        .and_then(|n| n.annotations().get(ANN_NODE_IDS))
         .and_then(|json| serde_json::from_str::<BTreeMap<String, String>>(json).ok())
         .and_then(|ids| ids.get(driver).cloned());
     Ok((true, from_annotation))
@@ -246,11 +252,7 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
     };
     let _timer = ctx.metrics.reconcile_timer("attach");
     let pv = pv_name(&va).and_then(|n| ctx.stores.pvs.get(&ObjectRef::new(n)));
-    let (node_exists, node_id) = if attached(&va) && va.metadata.deletion_timestamp.is_none() {
-        (true, None)
-    } else {
-        node_id(&ctx, &va.spec.node_name, &driver.name).await?
-    };
+    let (node_exists, node_id) = node_id(&ctx, &va.spec.node_name, &driver.name).await?;
     let all = ctx.stores.attachments.state();
     let others: Vec<_> = all
         .iter()
@@ -417,6 +419,10 @@ pub fn error_policy(va: Arc<VolumeAttachment>, error: &Error, ctx: Arc<Context>)
     if error.is_conflict() {
         return Action::requeue(Duration::from_millis(50));
     }
+    // Detached and deleted between the cache's view and our write.
+    if error.is_not_found() {
+        return Action::await_change();
+    }
     tracing::warn!(va = %va.name_any(), %error, "attach/detach failed");
     ctx.metrics.reconcile_failed("attach", error.metric_label());
     Action::requeue(ctx.backoff(&va.object_ref(&()), true))
@@ -543,6 +549,11 @@ mod tests {
         );
         let undeleted = va("va-2", "a");
         let mut orphan = view(&undeleted, None, &[]);
+        orphan.node_exists = false;
+        assert_eq!(plan(&orphan), Attach::DeleteOrphan);
+        let mut attached = prepared(va("va-3", "a"));
+        attached.status = Some(serde_json::from_value(json!({ "attached": true })).unwrap());
+        let mut orphan = view(&attached, None, &[]);
         orphan.node_exists = false;
         assert_eq!(plan(&orphan), Attach::DeleteOrphan);
     }

@@ -4,8 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::CSINode;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -196,18 +195,16 @@ async fn selected_node_topology(
     let Some(node) = claim.annotations().get(ANN_SELECTED_NODE) else {
         return Ok(None);
     };
-    let Some(csinode) = Api::<CSINode>::all(ctx.client.clone())
-        .get_opt(node)
-        .await?
-    else {
+    let Some(csinode) = ctx.stores.csinodes.get(&ObjectRef::new(node)) else {
         return Ok(None);
     };
     let Some(entry) = csinode.spec.drivers.iter().find(|d| d.name == driver) else {
         return Ok(None);
     };
-    let labels = Api::<Node>::all(ctx.client.clone())
-        .get_opt(node)
-        .await?
+    let labels = ctx
+        .stores
+        .nodes
+        .get(&ObjectRef::new(node))
         .map(|n| n.labels().clone())
         .unwrap_or_default();
     Ok(Some(

@@ -21,9 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -122,6 +123,11 @@ impl Error {
         matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
     }
 
+    /// The object went away while we worked on it.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 404)
+    }
+
     /// Short name used as a metric label.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -145,6 +151,10 @@ pub struct Stores {
     pub volumes: Store<Volume>,
     pub storage_nodes: Store<StorageNode>,
     pub attachments: Store<VolumeAttachment>,
+    pub csinodes: Store<CSINode>,
+    /// Nodes' metadata only (labels, annotations): all that attach and
+    /// topology need, at a fraction of a full Node's size.
+    pub nodes: Store<PartialObjectMeta<Node>>,
 }
 
 /// Shared by every reconcile.
@@ -293,6 +303,27 @@ where
     }
 }
 
+/// Nodes by metadata, without managedFields (kubelet's status updates make
+/// those the bulk of a Node's metadata).
+fn watch_node_metadata(
+    api: Api<PartialObjectMeta<Node>>,
+    writer: Writer<PartialObjectMeta<Node>>,
+    on_delete: impl Fn(&PartialObjectMeta<Node>) + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
+    watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|n| n.metadata.managed_fields = None)
+        .reflect(writer)
+        .for_each(move |event| {
+            match event {
+                Ok(watcher::Event::Delete(n)) => on_delete(&n),
+                Err(e) => tracing::warn!(error = %e, kind = "Node", "watch failed; retrying"),
+                Ok(_) => {}
+            }
+            std::future::ready(())
+        })
+}
+
 /// An unbounded channel of reconcile requests, fed from deletions.
 fn trigger<K: Resource<DynamicType = ()>>() -> (
     mpsc::UnboundedSender<ObjectRef<K>>,
@@ -322,7 +353,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let classes = Informer::<StorageClass>::new();
     let storage_nodes = Informer::<StorageNode>::new();
     let mut attachments = Informer::<VolumeAttachment>::new();
+    let csinodes = Informer::<CSINode>::new();
+    let (nodes_store, nodes_writer) = reflector::store();
     let stores = Stores {
+        csinodes: csinodes.store.clone(),
+        nodes: nodes_store,
         attachments: attachments.store.clone(),
         claims: claims.store.clone(),
         pvs: pvs.store.clone(),
@@ -365,6 +400,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
     };
     let attachments_for_attach = attachments.subscribe();
+    let (attach_trigger, attach_triggers) = trigger::<VolumeAttachment>();
+    // A Node gone: its VolumeAttachments are to be detached.
+    let on_node_deleted = {
+        let attachments = stores.attachments.clone();
+        move |node: &PartialObjectMeta<Node>| {
+            let name = node.name_any();
+            for va in attachments.state() {
+                if va.spec.node_name == name {
+                    let _ = attach_trigger.send(ObjectRef::from_obj(va.as_ref()));
+                }
+            }
+        }
+    };
     // A VolumeAttachment gone: its PV may drop our attacher finalizer.
     let on_attachment_deleted = {
         let pv_trigger = pv_trigger.clone();
@@ -397,6 +445,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tokio::spawn(volumes.run(Api::all(client.clone()), on_volume_deleted));
     tokio::spawn(classes.run(Api::all(client.clone()), |_| {}));
     tokio::spawn(storage_nodes.run(Api::all(client.clone()), |_| {}));
+    tokio::spawn(csinodes.run(Api::all(client.clone()), |_| {}));
+    tokio::spawn(watch_node_metadata(
+        Api::all(client.clone()),
+        nodes_writer,
+        on_node_deleted,
+    ));
 
     let identity = config.identity.clone().unwrap_or_else(default_identity);
     let recorder = Recorder::new(
@@ -462,6 +516,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stores.classes.wait_until_ready().boxed(),
         stores.storage_nodes.wait_until_ready().boxed(),
         stores.attachments.wait_until_ready().boxed(),
+        stores.csinodes.wait_until_ready().boxed(),
+        stores.nodes.wait_until_ready().boxed(),
     ]);
     ready.await.expect("reflectors run until the process ends");
 
@@ -539,6 +595,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let attach_jobs =
         Controller::for_shared_stream(attachments_for_attach, stores.attachments.clone())
             .with_config(controller::Config::default().concurrency(config.workers))
+            .reconcile_on(attach_triggers)
             .graceful_shutdown_on(shutdown_signal())
             .run(attach::reconcile, attach::error_policy, ctx.clone())
             .for_each(|_| async {});

@@ -207,6 +207,44 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
     wait(&pods, "user", "deleted", gone).await;
     wait(&vas, &attached.name_any(), "detached and deleted", gone).await;
 
+    // The node goes while the volume is attached there: we detach it.
+    let pod = Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some("again".into()),
+            ..Default::default()
+        },
+        ..pod
+    };
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let list = vas.list(&ListParams::default()).await.unwrap();
+            if let Some(va) = list.items.into_iter().find(|v| {
+                v.spec.source.persistent_volume_name.as_deref() == Some(&pv_name)
+                    && v.status.as_ref().is_some_and(|s| s.attached)
+            }) {
+                return va;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("VolumeAttachment never attached the second time");
+    Api::<Node>::all(client.clone())
+        .delete(NODE, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(
+        &vas,
+        &again.name_any(),
+        "detached after its node went",
+        gone,
+    )
+    .await;
+    pods.delete("again", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+
     // The claim goes: DeleteVolume, then the PV.
     claims
         .delete("data", &DeleteParams::default())
