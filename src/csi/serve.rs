@@ -45,6 +45,12 @@ pub struct Config {
     /// Bytes of volumes this endpoint may create (e.g. 100Gi).
     #[arg(long, value_parser = crate::node::parse_quantity, default_value = "1Ti")]
     pub capacity: i64,
+
+    /// Driver name answered by GetPluginInfo: serving the backend under a
+    /// name of its own lets a controller drive it with `--csi-driver`
+    /// beside the built-in `local.stowage.dev`.
+    #[arg(long, default_value = local::DRIVER_NAME)]
+    pub driver_name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +104,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let store = Store::new(&config.data_dir);
     let locks = VolumeLocks::default();
     let listener = bind(&socket)?;
-    tracing::info!(socket = %socket.display(), driver = local::DRIVER_NAME, "serving CSI Identity, Controller and Node");
+    tracing::info!(socket = %socket.display(), driver = %config.driver_name, "serving CSI Identity, Controller and Node");
     let result = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService {
-            driver: local::DRIVER_NAME.into(),
+            driver: config.driver_name.clone(),
             controller: true,
         }))
         .add_service(ControllerServer::new(ControllerService {

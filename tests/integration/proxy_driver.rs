@@ -4,11 +4,12 @@
 //! kube-controller-manager's attach-detach controller creating the
 //! VolumeAttachments.
 //!
-//! Ignored in `just test`: the Go module proxy refuses
+//! The host-path test is ignored in `just test`: the Go module proxy refuses
 //! github.com/kubernetes-csi/csi-driver-host-path, so no script of ours can
 //! build it on a fresh machine. `just test-proxy /path/to/hostpathplugin`
 //! runs it against a binary built from a checkout
-//! (`go build -mod=vendor ./cmd/hostpathplugin`).
+//! (`go build -mod=vendor ./cmd/hostpathplugin`). The last test runs in
+//! `just test`: the same proxy path against `stowage csi`'s socket.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -271,5 +272,175 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
         .unwrap();
     controller.stop();
     drop(plugin);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn holds(dir: &Path, handle: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name().to_string_lossy().contains(handle)
+                || (e.path().is_dir() && holds(&e.path(), handle))
+        })
+}
+
+/// `stowage csi` under a name of its own, so that the controller treats it
+/// as any other driver.
+const SOCKET_DRIVER: &str = "socket.stowage.dev";
+
+fn csi_server(socket: &Path, data: &Path, kubelet: &Path) -> Process {
+    let _ = std::fs::remove_file(socket);
+    let endpoint = format!("unix://{}", socket.display());
+    let server = Process::start(
+        Path::new("/dev/null"),
+        &[
+            "csi",
+            "--endpoint",
+            &endpoint,
+            "--node-name",
+            "csi-node",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--kubelet-dir",
+            kubelet.to_str().unwrap(),
+            "--driver-name",
+            SOCKET_DRIVER,
+        ],
+        &[],
+        "proxy-csi-server",
+    );
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        socket.exists(),
+        "stowage csi did not create {}",
+        socket.display()
+    );
+    server
+}
+
+/// The proxy backend in `just test`: a controller that serves no built-in
+/// driver (`--serve-local=false`) provisions and deletes through a CSI
+/// controller socket, here `stowage csi --driver-name socket.stowage.dev`,
+/// and rides out the socket's absence.
+#[tokio::test]
+async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence() {
+    let kubeconfig = bare_cluster("proxy-csi", &[]);
+    let client = client_for_path(&kubeconfig).await;
+    let dir = std::env::temp_dir().join(unique_name("stowage-proxy-csi"));
+    let (socket, data, kubelet) = (dir.join("csi.sock"), dir.join("data"), dir.join("kubelet"));
+    std::fs::create_dir_all(&kubelet).unwrap();
+    let server = csi_server(&socket, &data, &kubelet);
+    apply(
+        &Api::<CSIDriver>::all(client.clone()),
+        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": { "name": SOCKET_DRIVER },
+                "spec": { "attachRequired": false, "podInfoOnMount": false } }),
+    )
+    .await;
+    let endpoint = format!("{SOCKET_DRIVER}=unix://{}", socket.display());
+    let controller = Process::start(
+        &kubeconfig,
+        &[
+            "controller",
+            "--leader-elect=false",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--serve-local=false",
+            "--csi-driver",
+            &endpoint,
+            "--csi-timeout",
+            "5s",
+        ],
+        &[],
+        "proxy-csi-controller",
+    );
+
+    let ns = TestNamespace::new_with(client.clone(), "proxy-csi").await;
+    let class = format!("{}-socket", ns.name);
+    apply(
+        &Api::<StorageClass>::all(client.clone()),
+        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": class },
+                "provisioner": SOCKET_DRIVER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete",
+                "parameters": { "layout": "dir" } }),
+    )
+    .await;
+    let claims = ns.api::<PersistentVolumeClaim>();
+    let uid = claim(&ns, "data", &class, "16Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
+    wait(&claims, "data", "Bound", is_bound).await;
+    let pv_name = format!("pvc-{uid}");
+    let pvs = Api::<PersistentVolume>::all(client.clone());
+    let spec = pvs.get(&pv_name).await.unwrap().spec.unwrap();
+    let csi = spec.csi.as_ref().unwrap();
+    assert_eq!(csi.driver, SOCKET_DRIVER);
+    assert_eq!(
+        csi.volume_attributes.as_ref().unwrap()["layout"],
+        "dir",
+        "the driver's volume context"
+    );
+    let affinity = serde_json::to_string(&spec.node_affinity).unwrap();
+    assert!(
+        affinity.contains("csi-node"),
+        "the driver's topology: {affinity}"
+    );
+    let handle = csi.volume_handle.clone();
+    assert!(
+        holds(&data, &handle),
+        "no data for {handle} under {}",
+        data.display()
+    );
+    let volume = Api::<stowage::crd::Volume>::all(client.clone())
+        .get(&pv_name)
+        .await
+        .unwrap();
+    assert_eq!(
+        volume.status.unwrap().volume_handle.as_deref(),
+        Some(handle.as_str())
+    );
+
+    claims
+        .delete("data", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(&pvs, &pv_name, "deleted", gone).await;
+    assert!(
+        !holds(&data, &handle),
+        "DeleteVolume never reached the driver"
+    );
+
+    // The socket goes away: a clear event, then recovery on its own.
+    server.stop();
+    claim(&ns, "later", &class, "16Mi", &["ReadWriteOnce"]).await;
+    let note = wait_for_event(&ns, "later", "ProvisioningFailed").await;
+    assert!(note.contains("not answering"), "{note}");
+    assert!(
+        note.contains(&socket.display().to_string()),
+        "names the socket: {note}"
+    );
+    let server = csi_server(&socket, &data, &kubelet);
+    wait(&claims, "later", "Bound", is_bound).await;
+    let later = claims
+        .get("later")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .volume_name
+        .unwrap();
+    claims
+        .delete("later", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(&pvs, &later, "deleted", gone).await;
+    controller.stop();
+    server.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
