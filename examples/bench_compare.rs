@@ -42,7 +42,7 @@ use common::{api_reads, api_writes, peak_rss_kib, percentile, total_delta};
 const DRIVER: &str = "hostpath.csi.k8s.io";
 const NODE: &str = "bench-hostpath";
 const TOPOLOGY_KEY: &str = "topology.hostpath.csi/node";
-const IDLE_CLAIMS: usize = 10;
+const IDLE_CLAIMS: usize = 30;
 /// Requests in flight while creating claims and pods, as a busy user would.
 const CREATE_CONCURRENCY: usize = 32;
 /// stowage's default `--workers`.
@@ -88,6 +88,8 @@ struct Figures {
     idle_p99: f64,
     attach_p50: f64,
     attach_p99: f64,
+    va_p50: f64,
+    va_p99: f64,
     attach_per_s: f64,
     writes_per_volume: f64,
     reads_per_volume: f64,
@@ -411,16 +413,21 @@ async fn run_stack(
         })
     };
     let attached = Reached::default();
+    // When each VolumeAttachment was first seen: the attacher's own share
+    // of pod→attached, without kcm's attach-detach controller.
+    let va_seen = Reached::default();
     let watch_vas = {
-        let (vas, attached) = (vas.clone(), attached.clone());
+        let (vas, attached, va_seen) = (vas.clone(), attached.clone(), va_seen.clone());
         tokio::spawn(async move {
             let mut stream = watcher(vas, watcher::Config::default())
                 .applied_objects()
                 .boxed();
             while let Some(Ok(va)) = stream.next().await {
-                if va.status.as_ref().is_some_and(|s| s.attached)
-                    && let Some(pv) = va.spec.source.persistent_volume_name
-                {
+                let Some(pv) = va.spec.source.persistent_volume_name.clone() else {
+                    continue;
+                };
+                va_seen.record(pv.clone());
+                if va.status.as_ref().is_some_and(|s| s.attached) {
                     attached.record(pv);
                 }
             }
@@ -512,6 +519,14 @@ async fn run_stack(
         .map_err(|e| anyhow::anyhow!("{}: volumes not attached: {e}", stack.name()))?;
     let last_attached = pvs.iter().filter_map(|p| attached.get(p)).max().unwrap();
     let attach_per_s = n as f64 / last_attached.duration_since(attach_start).as_secs_f64();
+    let va_ms = sorted_ms(
+        pvs.iter()
+            .map(|p| {
+                let seen = va_seen.get(p).unwrap();
+                attached.get(p).unwrap().duration_since(seen).as_secs_f64() * 1000.0
+            })
+            .collect(),
+    );
     let attach_ms = sorted_ms(
         pvs.iter()
             .map(|p| {
@@ -591,6 +606,8 @@ async fn run_stack(
         idle_p99: percentile(&idle, 0.99),
         attach_p50: percentile(&attach_ms, 0.5),
         attach_p99: percentile(&attach_ms, 0.99),
+        va_p50: percentile(&va_ms, 0.5),
+        va_p99: percentile(&va_ms, 0.99),
         attach_per_s,
         writes_per_volume: writes / n as f64,
         reads_per_volume: reads / n as f64,
@@ -627,16 +644,16 @@ fn report(n: usize, results: &[Figures]) -> (String, String) {
     }
     md.push_str(
         "\n| stack | claims/s to all Bound | claim→Bound p50 ms | p99 ms | idle claim→Bound p50 ms | idle p99 ms \
-         | attaches/s | pod→attached p50 ms | p99 ms | API writes/volume | API reads/volume | peak RSS MiB (summed) | teardown s |\n",
+         | attaches/s | pod→attached p50 ms | p99 ms | VA→attached p50 ms | p99 ms | API writes/volume | API reads/volume | peak RSS MiB (summed) | teardown s |\n",
     );
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut csv = String::from(
         "stack,n,claims_per_s,bound_p50_ms,bound_p99_ms,idle_bound_p50_ms,idle_bound_p99_ms,\
-         attach_per_s,attach_p50_ms,attach_p99_ms,api_writes_per_volume,api_reads_per_volume,peak_rss_mib,teardown_s\n",
+         attach_per_s,attach_p50_ms,attach_p99_ms,va_attach_p50_ms,va_attach_p99_ms,api_writes_per_volume,api_reads_per_volume,peak_rss_mib,teardown_s\n",
     );
     for f in results {
         md.push_str(&format!(
-            "| {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            "| {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
             f.stack.name(),
             f.claims_per_s,
             f.bound_p50,
@@ -646,13 +663,15 @@ fn report(n: usize, results: &[Figures]) -> (String, String) {
             f.attach_per_s,
             f.attach_p50,
             f.attach_p99,
+            f.va_p50,
+            f.va_p99,
             f.writes_per_volume,
             f.reads_per_volume,
             f.rss_mib,
             f.teardown_s,
         ));
         csv.push_str(&format!(
-            "{},{n},{:.2},{:.1},{:.1},{:.1},{:.1},{:.2},{:.1},{:.1},{:.2},{:.2},{:.1},{:.1}\n",
+            "{},{n},{:.2},{:.1},{:.1},{:.1},{:.1},{:.2},{:.1},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.1}\n",
             f.stack.name(),
             f.claims_per_s,
             f.bound_p50,
@@ -662,6 +681,8 @@ fn report(n: usize, results: &[Figures]) -> (String, String) {
             f.attach_per_s,
             f.attach_p50,
             f.attach_p99,
+            f.va_p50,
+            f.va_p99,
             f.writes_per_volume,
             f.reads_per_volume,
             f.rss_mib,
