@@ -642,52 +642,61 @@ fn report(n: usize, results: &[Figures]) -> (String, String) {
     for f in results {
         md.push_str(&format!("- `{}`: {}\n", f.stack.name(), f.stack.describe()));
     }
-    md.push_str(
-        "\n| stack | claims/s to all Bound | claim→Bound p50 ms | p99 ms | idle claim→Bound p50 ms | idle p99 ms \
-         | attaches/s | pod→attached p50 ms | p99 ms | VA→attached p50 ms | p99 ms | API writes/volume | API reads/volume | peak RSS MiB (summed) | teardown s |\n",
-    );
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    let mut csv = String::from(
-        "stack,n,claims_per_s,bound_p50_ms,bound_p99_ms,idle_bound_p50_ms,idle_bound_p99_ms,\
-         attach_per_s,attach_p50_ms,attach_p99_ms,va_attach_p50_ms,va_attach_p99_ms,api_writes_per_volume,api_reads_per_volume,peak_rss_mib,teardown_s\n",
-    );
+    // (markdown header, CSV header, value, decimals in the markdown)
+    let columns = |f: &Figures| -> Vec<(&'static str, &'static str, f64, usize)> {
+        vec![
+            ("claims/s to all Bound", "claims_per_s", f.claims_per_s, 1),
+            ("claim→Bound p50 ms", "bound_p50_ms", f.bound_p50, 0),
+            ("p99 ms", "bound_p99_ms", f.bound_p99, 0),
+            (
+                "idle claim→Bound p50 ms",
+                "idle_bound_p50_ms",
+                f.idle_p50,
+                0,
+            ),
+            ("idle p99 ms", "idle_bound_p99_ms", f.idle_p99, 0),
+            ("attaches/s", "attach_per_s", f.attach_per_s, 1),
+            ("pod→attached p50 ms", "attach_p50_ms", f.attach_p50, 0),
+            ("p99 ms", "attach_p99_ms", f.attach_p99, 0),
+            ("VA→attached p50 ms", "va_attach_p50_ms", f.va_p50, 0),
+            ("p99 ms", "va_attach_p99_ms", f.va_p99, 0),
+            (
+                "API writes/volume",
+                "api_writes_per_volume",
+                f.writes_per_volume,
+                1,
+            ),
+            (
+                "API reads/volume",
+                "api_reads_per_volume",
+                f.reads_per_volume,
+                1,
+            ),
+            ("peak RSS MiB (summed)", "peak_rss_mib", f.rss_mib, 1),
+            ("teardown s", "teardown_s", f.teardown_s, 1),
+        ]
+    };
+    let mut csv = String::new();
+    if let Some(first) = results.first() {
+        let cols = columns(first);
+        md.push_str("\n| stack |");
+        csv.push_str("stack,n");
+        for (title, key, _, _) in &cols {
+            md.push_str(&format!(" {title} |"));
+            csv.push_str(&format!(",{key}"));
+        }
+        md.push_str(&format!("\n|---|{}\n", "---:|".repeat(cols.len())));
+        csv.push('\n');
+    }
     for f in results {
-        md.push_str(&format!(
-            "| {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
-            f.stack.name(),
-            f.claims_per_s,
-            f.bound_p50,
-            f.bound_p99,
-            f.idle_p50,
-            f.idle_p99,
-            f.attach_per_s,
-            f.attach_p50,
-            f.attach_p99,
-            f.va_p50,
-            f.va_p99,
-            f.writes_per_volume,
-            f.reads_per_volume,
-            f.rss_mib,
-            f.teardown_s,
-        ));
-        csv.push_str(&format!(
-            "{},{n},{:.2},{:.1},{:.1},{:.1},{:.1},{:.2},{:.1},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.1}\n",
-            f.stack.name(),
-            f.claims_per_s,
-            f.bound_p50,
-            f.bound_p99,
-            f.idle_p50,
-            f.idle_p99,
-            f.attach_per_s,
-            f.attach_p50,
-            f.attach_p99,
-            f.va_p50,
-            f.va_p99,
-            f.writes_per_volume,
-            f.reads_per_volume,
-            f.rss_mib,
-            f.teardown_s,
-        ));
+        md.push_str(&format!("| {} |", f.stack.name()));
+        csv.push_str(&format!("{},{n}", f.stack.name()));
+        for (_, _, value, decimals) in columns(f) {
+            md.push_str(&format!(" {value:.decimals$} |"));
+            csv.push_str(&format!(",{value:.2}"));
+        }
+        md.push('\n');
+        csv.push('\n');
     }
     if let (Some(base), Some(raised), Some(ours)) = (
         results.iter().find(|f| f.stack == Stack::SidecarsDefault),

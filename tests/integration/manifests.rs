@@ -7,16 +7,15 @@ use serde::Deserialize;
 
 use crate::harness::{kubeconfig, repo_root, upstream_binary};
 
-#[test]
-fn api_server_accepts_every_manifest() {
-    let manifests = repo_root().join("manifests");
-    // A dry run creates nothing, so the namespaced objects need their
-    // namespace for real.
+/// `kubectl apply --server-side --dry-run=server -f path`, after creating
+/// the namespace for real (a dry run creates nothing, so the namespaced
+/// objects need it). Returns what kubectl printed.
+fn dry_run_apply(path: &std::path::Path) -> String {
     let kubectl = upstream_binary("kubectl");
     let ns = Command::new(&kubectl)
         .env("KUBECONFIG", kubeconfig())
         .args(["apply", "--server-side", "-f"])
-        .arg(manifests.join("00-namespace.yaml"))
+        .arg(repo_root().join("manifests/00-namespace.yaml"))
         .output()
         .expect("running kubectl");
     assert!(
@@ -27,15 +26,21 @@ fn api_server_accepts_every_manifest() {
     let out = Command::new(&kubectl)
         .env("KUBECONFIG", kubeconfig())
         .args(["apply", "--server-side", "--dry-run=server", "-f"])
-        .arg(&manifests)
+        .arg(path)
         .output()
         .expect("running kubectl");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "kubectl apply failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn api_server_accepts_every_manifest() {
+    let stdout = dry_run_apply(&repo_root().join("manifests"));
     for object in [
         "namespace/stowage-system",
         "customresourcedefinition.apiextensions.k8s.io/volumes.stowage.dev",
@@ -54,32 +59,8 @@ fn api_server_accepts_every_manifest() {
 /// arguments they give it.
 #[test]
 fn api_server_and_stowage_accept_the_examples() {
-    let manifests = repo_root().join("manifests");
-    let kubectl = upstream_binary("kubectl");
-    let ns = Command::new(&kubectl)
-        .env("KUBECONFIG", kubeconfig())
-        .args(["apply", "--server-side", "-f"])
-        .arg(manifests.join("00-namespace.yaml"))
-        .output()
-        .expect("running kubectl");
-    assert!(
-        ns.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ns.stderr)
-    );
-    let examples = manifests.join("examples");
-    let out = Command::new(&kubectl)
-        .env("KUBECONFIG", kubeconfig())
-        .args(["apply", "--server-side", "--dry-run=server", "-f"])
-        .arg(&examples)
-        .output()
-        .expect("running kubectl");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kubectl apply failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let examples = repo_root().join("manifests/examples");
+    let stdout = dry_run_apply(&examples);
     assert!(
         stdout.contains("deployment.apps/csi-hostpath-controller"),
         "{stdout}"

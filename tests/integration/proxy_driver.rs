@@ -82,6 +82,24 @@ where
     .unwrap();
 }
 
+/// The VolumeAttachment of `pv` once it reads attached.
+async fn attached_va(vas: &Api<VolumeAttachment>, pv: &str) -> VolumeAttachment {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let list = vas.list(&ListParams::default()).await.unwrap();
+            if let Some(va) = list.items.into_iter().find(|v| {
+                v.spec.source.persistent_volume_name.as_deref() == Some(pv)
+                    && v.status.as_ref().is_some_and(|s| s.attached)
+            }) {
+                return va;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no VolumeAttachment of {pv} attached within 120s"))
+}
+
 #[tokio::test]
 #[ignore = "needs a hostpathplugin binary: run `just test-proxy PATH`"]
 async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver() {
@@ -171,20 +189,7 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let vas = Api::<VolumeAttachment>::all(client.clone());
-    let attached = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            let list = vas.list(&ListParams::default()).await.unwrap();
-            if let Some(va) = list.items.into_iter().find(|v| {
-                v.spec.source.persistent_volume_name.as_deref() == Some(&pv_name)
-                    && v.status.as_ref().is_some_and(|s| s.attached)
-            }) {
-                return va;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("VolumeAttachment never attached");
+    let attached = attached_va(&vas, &pv_name).await;
     assert_eq!(attached.spec.node_name, NODE);
     assert!(
         attached
@@ -217,20 +222,7 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
         ..pod
     };
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    let again = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            let list = vas.list(&ListParams::default()).await.unwrap();
-            if let Some(va) = list.items.into_iter().find(|v| {
-                v.spec.source.persistent_volume_name.as_deref() == Some(&pv_name)
-                    && v.status.as_ref().is_some_and(|s| s.attached)
-            }) {
-                return va;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("VolumeAttachment never attached the second time");
+    let again = attached_va(&vas, &pv_name).await;
     Api::<Node>::all(client.clone())
         .delete(NODE, &DeleteParams::default())
         .await
