@@ -166,11 +166,20 @@ async fn main() -> anyhow::Result<()> {
     let heartbeat = tokio::spawn(keep_node_ready(client.clone()));
 
     let mut results = Vec::new();
-    for stack in [
+    // STOWAGE_BENCH_STACKS=stowage (comma-separated names) runs a subset,
+    // for a quick look at one stack; the comparison wants all three.
+    let only = std::env::var("STOWAGE_BENCH_STACKS").ok();
+    let stacks = [
         Stack::SidecarsDefault,
         Stack::SidecarsRaised,
         Stack::Stowage,
-    ] {
+    ]
+    .into_iter()
+    .filter(|s| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == s.name()))
+    });
+    for stack in stacks {
         eprintln!("== {} ({n} claims)", stack.name());
         let work = std::env::temp_dir().join(format!(
             "stowage-compare-{}-{}",

@@ -275,8 +275,11 @@ where
         on_delete: impl Fn(&K) + Send + 'static,
     ) -> impl Future<Output = ()> + Send + 'static {
         let sinks = self.sinks;
+        // managedFields are the largest part of most objects' metadata and
+        // nothing here reads them: the caches hold the rest.
         let events = watcher(api, watcher::Config::default().any_semantic())
             .default_backoff()
+            .modify(|o| o.meta_mut().managed_fields = None)
             .reflect(self.writer);
         events.for_each(move |event| {
             let sinks = sinks.clone();
