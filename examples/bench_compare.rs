@@ -150,12 +150,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::anyhow!("set STOWAGE_SIDECARS to the directory scripts/build-sidecars.sh prints")
     })?);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let stowage = root.join("target/release/stowage");
-    anyhow::ensure!(
-        stowage.exists(),
-        "{} missing: run `cargo build --release` first",
-        stowage.display()
-    );
+    let stowage = common::release_stowage()?;
     let kubeconfig = std::env::var("KUBECONFIG")
         .map_err(|_| anyhow::anyhow!("run me under scripts/cluster.sh run"))?;
     let client = Client::try_default().await?;

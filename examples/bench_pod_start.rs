@@ -33,12 +33,7 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("run me under STOWAGE_WITH_NODE=1 scripts/cluster.sh run"))?;
     let kubelet_dir = std::env::var("STOWAGE_KUBELET_DIR")?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let stowage = root.join("target/release/stowage");
-    anyhow::ensure!(
-        stowage.exists(),
-        "{} missing: run `cargo build --release` first",
-        stowage.display()
-    );
+    let stowage = common::release_stowage()?;
     let client = Client::try_default().await?;
 
     let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());

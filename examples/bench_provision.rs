@@ -32,12 +32,7 @@ async fn main() -> anyhow::Result<()> {
         .parse()?;
     let layout = std::env::var("STOWAGE_BENCH_LAYOUT").unwrap_or_else(|_| "dir".into());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let stowage = root.join("target/release/stowage");
-    anyhow::ensure!(
-        stowage.exists(),
-        "{} missing: run `cargo build --release` first",
-        stowage.display()
-    );
+    let stowage = common::release_stowage()?;
     let client = Client::try_default().await?;
 
     // CRDs, Node objects and the node agents.

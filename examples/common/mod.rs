@@ -79,3 +79,15 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// target/release/stowage, which the benchmarks start; an error says how to
+/// build it.
+pub fn release_stowage() -> anyhow::Result<std::path::PathBuf> {
+    let stowage = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/stowage");
+    anyhow::ensure!(
+        stowage.exists(),
+        "{} missing: run `cargo build --release` first",
+        stowage.display()
+    );
+    Ok(stowage)
+}

@@ -82,6 +82,47 @@ where
     .unwrap();
 }
 
+/// `stowage controller --csi-driver DRIVER=unix://SOCKET` with a short
+/// call deadline, and `extra` arguments.
+fn proxy_controller(
+    kubeconfig: &Path,
+    driver: &str,
+    socket: &Path,
+    extra: &[&str],
+    log_name: &str,
+) -> Process {
+    let endpoint = format!("{driver}=unix://{}", socket.display());
+    let mut args = vec![
+        "controller",
+        "--leader-elect=false",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--csi-driver",
+        &endpoint,
+        "--csi-timeout",
+        "5s",
+    ];
+    args.extend_from_slice(extra);
+    Process::start(kubeconfig, &args, &[], log_name)
+}
+
+/// An `Immediate`, `Delete` StorageClass for `provisioner`; returns its name.
+async fn immediate_class(
+    client: &kube::Client,
+    name: &str,
+    provisioner: &str,
+    parameters: serde_json::Value,
+) -> String {
+    apply(
+        &Api::<StorageClass>::all(client.clone()),
+        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": name },
+                "provisioner": provisioner, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete",
+                "parameters": parameters }),
+    )
+    .await;
+    name.to_string()
+}
+
 /// The VolumeAttachment of `pv` once it reads attached.
 async fn attached_va(vas: &Api<VolumeAttachment>, pv: &str) -> VolumeAttachment {
     tokio::time::timeout(Duration::from_secs(120), async {
@@ -137,31 +178,9 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
     )
     .await;
 
-    let endpoint = format!("{DRIVER}=unix://{}", socket.display());
-    let controller = Process::start(
-        &kubeconfig,
-        &[
-            "controller",
-            "--leader-elect=false",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--csi-driver",
-            &endpoint,
-            "--csi-timeout",
-            "5s",
-        ],
-        &[],
-        "proxy-controller",
-    );
-
+    let controller = proxy_controller(&kubeconfig, DRIVER, &socket, &[], "proxy-controller");
     let ns = TestNamespace::new_with(client.clone(), "proxy").await;
-    let class = format!("{}-hostpath", ns.name);
-    apply(
-        &Api::<StorageClass>::all(client.clone()),
-        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": class },
-                "provisioner": DRIVER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete" }),
-    )
-    .await;
+    let class = immediate_class(&client, &format!("{}-hostpath", ns.name), DRIVER, json!({})).await;
     let claims = ns.api::<PersistentVolumeClaim>();
     let uid = claim(&ns, "data", &class, "16Mi", &["ReadWriteOnce"])
         .await
@@ -335,31 +354,19 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
                 "spec": { "attachRequired": false, "podInfoOnMount": false } }),
     )
     .await;
-    let endpoint = format!("{SOCKET_DRIVER}=unix://{}", socket.display());
-    let controller = Process::start(
+    let controller = proxy_controller(
         &kubeconfig,
-        &[
-            "controller",
-            "--leader-elect=false",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--serve-local=false",
-            "--csi-driver",
-            &endpoint,
-            "--csi-timeout",
-            "5s",
-        ],
-        &[],
+        SOCKET_DRIVER,
+        &socket,
+        &["--serve-local=false"],
         "proxy-csi-controller",
     );
-
     let ns = TestNamespace::new_with(client.clone(), "proxy-csi").await;
-    let class = format!("{}-socket", ns.name);
-    apply(
-        &Api::<StorageClass>::all(client.clone()),
-        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": class },
-                "provisioner": SOCKET_DRIVER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete",
-                "parameters": { "layout": "dir" } }),
+    let class = immediate_class(
+        &client,
+        &format!("{}-socket", ns.name),
+        SOCKET_DRIVER,
+        json!({ "layout": "dir" }),
     )
     .await;
     let claims = ns.api::<PersistentVolumeClaim>();
