@@ -51,6 +51,10 @@ pub async fn reconcile(
         (Some(c), None) if remote => selected_node_topology(&ctx, &claim, &c.provisioner).await?,
         _ => None,
     };
+    let cluster_topology = match (&class, &volume) {
+        (Some(c), None) if remote => cluster_topology(&ctx, &c.provisioner),
+        _ => Vec::new(),
+    };
     let view = ClaimView {
         claim: &claim,
         class: class.as_deref(),
@@ -61,6 +65,7 @@ pub async fn reconcile(
         static_match,
         remote,
         node_topology,
+        cluster_topology,
     };
     let pending = s
         .claims
@@ -182,6 +187,33 @@ fn kcm_binder_grace(claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> Opt
     let age = k8s_openapi::jiff::Timestamp::now().duration_since(created);
     let left = KCM_BINDER_GRACE.as_secs_f64() - age.as_secs_f64();
     (kcm_binder && left > 0.0).then(|| Duration::from_secs_f64(left))
+}
+
+/// Every topology segment where `driver` runs, as external-provisioner
+/// aggregates it for `Immediate` classes: for each CSINode listing the
+/// driver, its topology keys valued from that Node's labels (nodes missing
+/// a label are left out). Sorted and without repeats.
+fn cluster_topology(ctx: &Context, driver: &str) -> Vec<BTreeMap<String, String>> {
+    let mut segments = std::collections::BTreeSet::new();
+    for csinode in ctx.stores.csinodes.state() {
+        let Some(entry) = csinode.spec.drivers.iter().find(|d| d.name == driver) else {
+            continue;
+        };
+        let keys = entry.topology_keys.clone().unwrap_or_default();
+        if keys.is_empty() {
+            continue;
+        }
+        let Some(node) = ctx.stores.nodes.get(&ObjectRef::new(&csinode.name_any())) else {
+            continue;
+        };
+        let labels = node.labels();
+        let segment: Option<BTreeMap<_, _>> = keys
+            .iter()
+            .map(|k| Some((k.clone(), labels.get(k)?.clone())))
+            .collect();
+        segments.extend(segment);
+    }
+    segments.into_iter().collect()
 }
 
 /// The scheduler's node's topology for `driver`, as external-provisioner

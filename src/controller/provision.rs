@@ -42,6 +42,9 @@ pub struct ClaimView<'a> {
     /// For remote drivers: the scheduler's node's topology segments for the
     /// driver (its CSINode topology keys, valued from the Node's labels).
     pub node_topology: Option<BTreeMap<String, String>>,
+    /// For `Immediate` classes of a `--csi-driver`: every topology segment
+    /// where the driver runs (empty when it reports none).
+    pub cluster_topology: Vec<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -398,7 +401,7 @@ fn desired_remote_volume(
             }
         }
     } else {
-        Vec::new()
+        view.cluster_topology.clone()
     };
     let mut volume = Volume::new(
         &name,
@@ -611,10 +614,39 @@ mod tests {
             static_match: false,
             remote: false,
             node_topology: None,
+            cluster_topology: Vec::new(),
         })
     }
 
     const GI: i64 = 1 << 30;
+
+    #[test]
+    fn immediate_remote_claims_ask_for_every_segment_the_driver_runs_in() {
+        let mut class = class("Immediate", &[]);
+        class.provisioner = "hostpath.csi.k8s.io".into();
+        let zones: Vec<BTreeMap<String, String>> = ["a", "b"]
+            .iter()
+            .map(|z| BTreeMap::from([("zone".to_string(), z.to_string())]))
+            .collect();
+        let claim = claim("1Gi", &["ReadWriteOnce"], None);
+        let Provision::CreateVolume(v) = plan(&ClaimView {
+            claim: &claim,
+            class: Some(&class),
+            volume: None,
+            pv: None,
+            storage_nodes: &[],
+            all_volumes: &[],
+            static_match: false,
+            remote: true,
+            node_topology: None,
+            cluster_topology: zones.clone(),
+        }) else {
+            panic!("expected a Volume")
+        };
+        assert_eq!(v.spec.driver, "hostpath.csi.k8s.io");
+        assert_eq!(v.spec.requisite_topology, zones);
+        assert_eq!(v.spec.node, None);
+    }
 
     #[test]
     fn immediate_picks_the_node_with_most_room() {

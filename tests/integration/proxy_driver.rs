@@ -197,6 +197,15 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
     let affinity = serde_json::to_string(&spec.node_affinity).unwrap();
     assert!(affinity.contains(TOPOLOGY_KEY), "{affinity}");
     assert_eq!(pv.annotations()["pv.kubernetes.io/provisioned-by"], DRIVER);
+    // Immediate: CreateVolume was asked for every segment the driver runs in.
+    let volume = Api::<stowage::crd::Volume>::all(client.clone())
+        .get(&pv_name)
+        .await
+        .unwrap();
+    assert_eq!(
+        volume.spec.requisite_topology,
+        vec![[(TOPOLOGY_KEY.to_string(), NODE.to_string())].into()]
+    );
 
     // A pod on the node: kcm creates the VolumeAttachment, we attach it.
     let pods = ns.api::<Pod>();
