@@ -134,6 +134,21 @@ impl Reached {
     fn get(&self, name: &str) -> Option<Instant> {
         self.at.lock().unwrap().get(name).copied()
     }
+
+    /// When the last of `names` got there (all of them have).
+    fn last(&self, names: &[String]) -> Instant {
+        names.iter().filter_map(|n| self.get(n)).max().unwrap()
+    }
+
+    /// Milliseconds from `since(name)` to getting there, sorted.
+    fn ms_since(&self, names: &[String], since: impl Fn(&str) -> Instant) -> Vec<f64> {
+        sorted_ms(
+            names
+                .iter()
+                .map(|n| self.get(n).unwrap().duration_since(since(n)).as_secs_f64() * 1000.0)
+                .collect(),
+        )
+    }
 }
 
 #[tokio::main]
@@ -480,21 +495,8 @@ async fn run_stack(
         .wait_for(&names, Duration::from_secs(3600))
         .await
         .map_err(|e| anyhow::anyhow!("{}: claims not Bound: {e}", stack.name()))?;
-    let last_bound = names.iter().filter_map(|n| bound.get(n)).max().unwrap();
-    let claims_per_s = n as f64 / last_bound.duration_since(start).as_secs_f64();
-    let bound_ms = sorted_ms(
-        names
-            .iter()
-            .map(|n| {
-                bound
-                    .get(n)
-                    .unwrap()
-                    .duration_since(created[n].0)
-                    .as_secs_f64()
-                    * 1000.0
-            })
-            .collect(),
-    );
+    let claims_per_s = n as f64 / bound.last(&names).duration_since(start).as_secs_f64();
+    let bound_ms = bound.ms_since(&names, |n| created[n].0);
 
     // N pods on the node: kcm creates a VolumeAttachment for each claim.
     let pvs: Vec<String> = names
@@ -521,28 +523,13 @@ async fn run_stack(
         .wait_for(&pvs, Duration::from_secs(3600))
         .await
         .map_err(|e| anyhow::anyhow!("{}: volumes not attached: {e}", stack.name()))?;
-    let last_attached = pvs.iter().filter_map(|p| attached.get(p)).max().unwrap();
-    let attach_per_s = n as f64 / last_attached.duration_since(attach_start).as_secs_f64();
-    let va_ms = sorted_ms(
-        pvs.iter()
-            .map(|p| {
-                let seen = va_seen.get(p).unwrap();
-                attached.get(p).unwrap().duration_since(seen).as_secs_f64() * 1000.0
-            })
-            .collect(),
-    );
-    let attach_ms = sorted_ms(
-        pvs.iter()
-            .map(|p| {
-                attached
-                    .get(p)
-                    .unwrap()
-                    .duration_since(pod_created[p])
-                    .as_secs_f64()
-                    * 1000.0
-            })
-            .collect(),
-    );
+    let attach_per_s = n as f64
+        / attached
+            .last(&pvs)
+            .duration_since(attach_start)
+            .as_secs_f64();
+    let va_ms = attached.ms_since(&pvs, |p| va_seen.get(p).unwrap());
+    let attach_ms = attached.ms_since(&pvs, |p| pod_created[p]);
     let writes = total_delta(&writes_before, &api_writes(client).await?);
     let reads = total_delta(&reads_before, &api_reads(client).await?);
     let rss_kib: u64 = processes

@@ -47,13 +47,21 @@ pub async fn reconcile(
     let remote = class
         .as_deref()
         .is_some_and(|c| ctx.drivers.contains_key(&c.provisioner));
-    let node_topology = match (&class, &volume) {
-        (Some(c), None) if remote => selected_node_topology(&ctx, &claim, &c.provisioner).await?,
-        _ => None,
-    };
-    let cluster_topology = match (&class, &volume) {
-        (Some(c), None) if remote => cluster_topology(&ctx, &c.provisioner),
-        _ => Vec::new(),
+    // Only a remote claim still to be provisioned needs topology: the
+    // selected node's for WaitForFirstConsumer, everywhere the driver runs
+    // for Immediate.
+    let (node_topology, cluster_topology) = match (&class, &volume) {
+        (Some(c), None) if remote => {
+            if c.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER) {
+                (
+                    selected_node_topology(&ctx, &claim, &c.provisioner).await?,
+                    Vec::new(),
+                )
+            } else {
+                (None, cluster_topology(&ctx, &c.provisioner))
+            }
+        }
+        _ => (None, Vec::new()),
     };
     let view = ClaimView {
         claim: &claim,

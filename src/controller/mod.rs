@@ -306,27 +306,6 @@ where
     }
 }
 
-/// Nodes by metadata, without managedFields (kubelet's status updates make
-/// those the bulk of a Node's metadata).
-fn watch_node_metadata(
-    api: Api<PartialObjectMeta<Node>>,
-    writer: Writer<PartialObjectMeta<Node>>,
-    on_delete: impl Fn(&PartialObjectMeta<Node>) + Send + 'static,
-) -> impl Future<Output = ()> + Send + 'static {
-    watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(|n| n.metadata.managed_fields = None)
-        .reflect(writer)
-        .for_each(move |event| {
-            match event {
-                Ok(watcher::Event::Delete(n)) => on_delete(&n),
-                Err(e) => tracing::warn!(error = %e, kind = "Node", "watch failed; retrying"),
-                Ok(_) => {}
-            }
-            std::future::ready(())
-        })
-}
-
 /// An unbounded channel of reconcile requests, fed from deletions.
 fn trigger<K: Resource<DynamicType = ()>>() -> (
     mpsc::UnboundedSender<ObjectRef<K>>,
@@ -357,10 +336,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let storage_nodes = Informer::<StorageNode>::new();
     let mut attachments = Informer::<VolumeAttachment>::new();
     let csinodes = Informer::<CSINode>::new();
-    let (nodes_store, nodes_writer) = reflector::store();
+    // Metadata only: labels and annotations are all attach and topology read.
+    let nodes = Informer::<PartialObjectMeta<Node>>::new();
     let stores = Stores {
         csinodes: csinodes.store.clone(),
-        nodes: nodes_store,
+        nodes: nodes.store.clone(),
         attachments: attachments.store.clone(),
         claims: claims.store.clone(),
         pvs: pvs.store.clone(),
@@ -449,11 +429,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tokio::spawn(classes.run(Api::all(client.clone()), |_| {}));
     tokio::spawn(storage_nodes.run(Api::all(client.clone()), |_| {}));
     tokio::spawn(csinodes.run(Api::all(client.clone()), |_| {}));
-    tokio::spawn(watch_node_metadata(
-        Api::all(client.clone()),
-        nodes_writer,
-        on_node_deleted,
-    ));
+    tokio::spawn(nodes.run(Api::all(client.clone()), on_node_deleted));
 
     let identity = config.identity.clone().unwrap_or_else(default_identity);
     let recorder = Recorder::new(

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Process, unique_name, upstream_binary};
+use crate::harness::{csi_server, unique_name, upstream_binary};
 
 struct Outcome {
     passed: usize,
@@ -21,32 +21,13 @@ async fn run_sanity(fs_type: &str, access: &str, skip: Option<&str>) -> Outcome 
     let socket = work.join("csi.sock");
     let endpoint = format!("unix://{}", socket.display());
     let data = work.join("data");
-    let server = Process::start(
-        Path::new("/dev/null"),
-        &[
-            "csi",
-            "--endpoint",
-            &endpoint,
-            "--node-name",
-            "sanity-node",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--kubelet-dir",
-            kubelet.to_str().unwrap(),
-        ],
+    let server = csi_server(
+        &socket,
+        &data,
+        &kubelet,
+        "sanity-node",
         &[],
         &format!("csi-sanity-{fs_type}-{access}"),
-    );
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        socket.exists(),
-        "stowage csi did not create {}",
-        socket.display()
     );
 
     let params = work.join("params.yaml");

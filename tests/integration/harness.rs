@@ -344,6 +344,46 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `stowage csi` serving on `socket` (a stale one is removed first), with
+/// its volumes under `data`, paths checked against `kubelet`, and `extra`
+/// arguments; returns once the socket exists.
+pub fn csi_server(
+    socket: &Path,
+    data: &Path,
+    kubelet: &Path,
+    node: &str,
+    extra: &[&str],
+    log_name: &str,
+) -> Process {
+    let _ = std::fs::remove_file(socket);
+    let endpoint = format!("unix://{}", socket.display());
+    let mut args = vec![
+        "csi",
+        "--endpoint",
+        &endpoint,
+        "--node-name",
+        node,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--kubelet-dir",
+        kubelet.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let server = Process::start(Path::new("/dev/null"), &args, &[], log_name);
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        socket.exists(),
+        "stowage csi did not create {}; see target/test-logs/",
+        socket.display()
+    );
+    server
+}
+
 /// One `stowage` process under scripts/hold.sh.
 pub struct Process {
     child: Child,

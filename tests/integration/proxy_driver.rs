@@ -22,7 +22,9 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use crate::fixtures::{claim, gone, is_bound, wait, wait_for_event};
-use crate::harness::{Process, TestNamespace, bare_cluster, client_for_path, unique_name};
+use crate::harness::{
+    Process, TestNamespace, bare_cluster, client_for_path, csi_server, unique_name,
+};
 
 const DRIVER: &str = "hostpath.csi.k8s.io";
 const NODE: &str = "hp-node";
@@ -272,12 +274,10 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
         .await
         .unwrap();
     wait(&pvs, &pv_name, "deleted", gone).await;
-    let left = std::fs::read_dir(&state)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains(&handle))
-        .count();
-    assert_eq!(left, 0, "the driver still holds volume {handle}");
+    assert!(
+        !holds(&state, &handle),
+        "the driver still holds volume {handle}"
+    );
 
     // The driver away for a while: a clear event, then recovery on its own.
     drop(plugin.take());
@@ -310,41 +310,6 @@ fn holds(dir: &Path, handle: &str) -> bool {
 /// as any other driver.
 const SOCKET_DRIVER: &str = "socket.stowage.dev";
 
-fn csi_server(socket: &Path, data: &Path, kubelet: &Path) -> Process {
-    let _ = std::fs::remove_file(socket);
-    let endpoint = format!("unix://{}", socket.display());
-    let server = Process::start(
-        Path::new("/dev/null"),
-        &[
-            "csi",
-            "--endpoint",
-            &endpoint,
-            "--node-name",
-            "csi-node",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--kubelet-dir",
-            kubelet.to_str().unwrap(),
-            "--driver-name",
-            SOCKET_DRIVER,
-        ],
-        &[],
-        "proxy-csi-server",
-    );
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        socket.exists(),
-        "stowage csi did not create {}",
-        socket.display()
-    );
-    server
-}
-
 /// The proxy backend in `just test`: a controller that serves no built-in
 /// driver (`--serve-local=false`) provisions and deletes through a CSI
 /// controller socket, here `stowage csi --driver-name socket.stowage.dev`,
@@ -356,7 +321,14 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
     let dir = std::env::temp_dir().join(unique_name("stowage-proxy-csi"));
     let (socket, data, kubelet) = (dir.join("csi.sock"), dir.join("data"), dir.join("kubelet"));
     std::fs::create_dir_all(&kubelet).unwrap();
-    let server = csi_server(&socket, &data, &kubelet);
+    let server = csi_server(
+        &socket,
+        &data,
+        &kubelet,
+        "csi-node",
+        &["--driver-name", SOCKET_DRIVER],
+        "proxy-csi-server",
+    );
     apply(
         &Api::<CSIDriver>::all(client.clone()),
         json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": { "name": SOCKET_DRIVER },
@@ -433,7 +405,14 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
         note.contains(&socket.display().to_string()),
         "names the socket: {note}"
     );
-    let server = csi_server(&socket, &data, &kubelet);
+    let server = csi_server(
+        &socket,
+        &data,
+        &kubelet,
+        "csi-node",
+        &["--driver-name", SOCKET_DRIVER],
+        "proxy-csi-server",
+    );
     wait(&claims, "later", "Bound", is_bound).await;
     let later = claims
         .get("later")
