@@ -72,6 +72,7 @@ pub async fn reconcile(
         all_volumes: &volumes,
         static_match,
         remote,
+        serve_local: ctx.serve_local,
         node_topology,
         cluster_topology,
     };

@@ -39,6 +39,8 @@ pub struct ClaimView<'a> {
     pub static_match: bool,
     /// The class's provisioner is a `--csi-driver` that stowage serves.
     pub remote: bool,
+    /// `--serve-local`: this controller provisions `local.stowage.dev`.
+    pub serve_local: bool,
     /// For remote drivers: the scheduler's node's topology segments for the
     /// driver (its CSINode topology keys, valued from the Node's labels).
     pub node_topology: Option<BTreeMap<String, String>>,
@@ -167,7 +169,8 @@ pub fn plan(view: &ClaimView) -> Provision {
     };
     let provisioner = claim_provisioner(claim, Some(class));
     let remote = view.remote && provisioner == Some(class.provisioner.as_str());
-    if provisioner != Some(local::DRIVER_NAME) && !remote {
+    let local = view.serve_local && provisioner == Some(local::DRIVER_NAME);
+    if !local && !remote {
         return Provision::Skip;
     }
     let spec = claim.spec.as_ref();
@@ -613,6 +616,7 @@ mod tests {
             all_volumes: &[],
             static_match: false,
             remote: false,
+            serve_local: true,
             node_topology: None,
             cluster_topology: Vec::new(),
         })
@@ -638,6 +642,7 @@ mod tests {
             all_volumes: &[],
             static_match: false,
             remote: true,
+            serve_local: true,
             node_topology: None,
             cluster_topology: zones.clone(),
         }) else {

@@ -396,6 +396,30 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
         "DeleteVolume never reached the driver"
     );
 
+    // --serve-local=false: a local.stowage.dev claim is not this
+    // controller's. Serving it, it would write a Volume for it (or fail
+    // for want of node agents, with an event).
+    let local = immediate_class(
+        &client,
+        &format!("{}-local", ns.name),
+        "local.stowage.dev",
+        json!({}),
+    )
+    .await;
+    let uid = claim(&ns, "not-ours", &local, "16Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let volume = Api::<stowage::crd::Volume>::all(client.clone())
+        .get_opt(&format!("pvc-{uid}"))
+        .await
+        .unwrap();
+    assert!(volume.is_none(), "provisioned a local claim: {volume:?}");
+    // This cluster runs no kcm binder: any event on the claim is ours.
+    let events = crate::fixtures::events(&ns, "not-ours").await;
+    assert!(events.is_empty(), "acted on a local claim: {events:?}");
+
     // The socket goes away: a clear event, then recovery on its own.
     server.stop();
     claim(&ns, "later", &class, "16Mi", &["ReadWriteOnce"]).await;
