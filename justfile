@@ -32,9 +32,10 @@ control-plane:
 cluster: control-plane
     bash scripts/cluster.sh run -- bash -i
 
-# Regenerate crds/ from the Rust types in src/crd/.
+# Regenerate crds/ (and its copy in manifests/) from the Rust types in src/crd/.
 crds:
     cargo run --quiet -- crds > crds/stowage.dev.yaml
+    cp crds/stowage.dev.yaml manifests/01-crds.yaml
 
 # Format the code.
 fmt:

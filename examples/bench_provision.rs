@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let mut children = Vec::new();
     for i in 0..NODES {
         let node = format!("bench-{i}");
+        std::fs::create_dir_all(data.join(format!("{node}-kubelet")))?;
         let obj: Node = serde_json::from_value(json!({ "metadata": { "name": node, "labels": {
             "kubernetes.io/hostname": node, "topology.stowage.dev/node": node } } }))?;
         let _ = Api::<Node>::all(client.clone())

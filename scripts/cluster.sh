@@ -44,9 +44,11 @@ gen_certs() { # dir
       rm -f "$1.csr" "$1.ext"
     }
     sign apiserver "/CN=kube-apiserver" \
-      "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+      "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,IP:$POD_GATEWAY,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth"
     sign admin "/O=system:masters/CN=stowage-admin" "extendedKeyUsage=clientAuth"
+    # The API server's identity towards kubelet (kubectl logs, exec).
+    sign kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "extendedKeyUsage=clientAuth"
     sign controller-manager "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
     sign scheduler "/CN=system:kube-scheduler" "extendedKeyUsage=clientAuth"
     openssl genrsa -out sa.key 2048 2>/dev/null
@@ -113,6 +115,10 @@ up() {
   gen_certs "$dir"
   read -r etcd_port etcd_peer api_port kcm_port sched_port < <(free_ports 5)
   local api="https://127.0.0.1:$api_port"
+  # Pods on the test node's pod network reach the API server through the
+  # bridge's gateway address; without a node nothing listens beyond loopback.
+  local api_bind=127.0.0.1
+  [[ "${STOWAGE_WITH_NODE:-}" == 1 ]] && api_bind=0.0.0.0
   write_kubeconfig "$dir/kubeconfig" admin "$api"
   write_kubeconfig "$dir/controller-manager.kubeconfig" controller-manager "$api"
   write_kubeconfig "$dir/scheduler.kubeconfig" scheduler "$api"
@@ -128,7 +134,7 @@ up() {
 
   start kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$api_bind" --advertise-address 127.0.0.1 --secure-port "$api_port" \
     --tls-cert-file "$dir/apiserver.crt" --tls-private-key-file "$dir/apiserver.key" \
     --client-ca-file "$dir/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
@@ -136,7 +142,8 @@ up() {
     --service-account-signing-key-file "$dir/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --authorization-mode Node,RBAC --allow-privileged=true \
-    --disable-admission-plugins ServiceAccount \
+    --kubelet-client-certificate "$dir/kubelet-client.crt" --kubelet-client-key "$dir/kubelet-client.key" \
+    --kubelet-preferred-address-types Hostname,InternalIP \
     --profiling=false --v=1
   wait_healthy kube-apiserver "$api/readyz" 120 --cacert "$dir/ca.crt" \
     --cert "$dir/admin.crt" --key "$dir/admin.key"
@@ -163,6 +170,7 @@ up() {
 export KUBECONFIG=$dir/kubeconfig
 export STOWAGE_CLUSTER_DIR=$dir
 export STOWAGE_KUBE_BIN=$bin
+export STOWAGE_API_PORT=$api_port
 ENV
   log "control plane ready: $api (KUBECONFIG=$dir/kubeconfig, logs in $dir/logs)"
   if [[ "${STOWAGE_WITH_NODE:-}" == 1 ]]; then

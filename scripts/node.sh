@@ -7,7 +7,12 @@
 # Everything lives under $dir/node: containerd's root and state, kubelet's
 # root directory (so CSI paths are $dir/node/kubelet/...), logs in $dir/logs.
 
-NODE_NAME=${STOWAGE_NODE_NAME:-node-0}
+# kubelet refuses a loopback node IP, so the API server reaches this kubelet
+# (kubectl logs, exec) by the node's Hostname address, which is its name:
+# "localhost" resolves to loopback everywhere.
+NODE_NAME=${STOWAGE_NODE_NAME:-localhost}
+POD_SUBNET=${STOWAGE_POD_SUBNET:-10.244.0.0/24}
+POD_GATEWAY=$(python3 -c 'import ipaddress, sys; print(next(ipaddress.ip_network(sys.argv[1]).hosts()))' "$POD_SUBNET")
 
 node_up() { # bin dir, api server URL
   local bin=$1 n=$dir/node
@@ -27,11 +32,10 @@ node_up() { # bin dir, api server URL
     -e "s|conf_dir = \"/etc/cni/net.d\"|conf_dir = \"$n/cni\"|" \
     > "$n/containerd.toml"
   grep -q "address = \"$n/containerd.sock\"" "$n/containerd.toml" || die "could not point containerd at $n/containerd.sock"
-  local subnet=${STOWAGE_POD_SUBNET:-10.244.0.0/24}
   cat > "$n/cni/10-stowage.conflist" <<JSON
 {"cniVersion": "1.0.0", "name": "stowage-local", "plugins": [
   {"type": "bridge", "bridge": "stowage0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$subnet"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+   "ipam": {"type": "host-local", "dataDir": "$n/cni-ipam", "ranges": [[{"subnet": "$POD_SUBNET"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
   {"type": "loopback"}]}
 JSON
   start containerd containerd --config "$n/containerd.toml"
@@ -89,6 +93,8 @@ YAML
   cat >> "$dir/env" <<ENV
 export STOWAGE_NODE_NAME=$NODE_NAME
 export STOWAGE_KUBELET_DIR=$n/kubelet
+export STOWAGE_POD_GATEWAY=$POD_GATEWAY
+export STOWAGE_CONTAINERD_SOCKET=$n/containerd.sock
 ENV
   log "node $NODE_NAME ready (kubelet root $n/kubelet)"
 }

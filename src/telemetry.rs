@@ -52,18 +52,26 @@ impl Health for AlwaysHealthy {
 struct HttpState {
     registry: Arc<Registry>,
     health: Arc<dyn Health>,
+    readiness: Arc<dyn Health>,
 }
 
-/// Serves `/metrics` and `/healthz` until the process ends.
+/// Serves `/metrics`, `/healthz` (liveness: restart me if this fails) and
+/// `/readyz` (readiness: I do my job here) until the process ends.
 pub async fn serve_http(
     addr: SocketAddr,
     registry: Arc<Registry>,
     health: Arc<dyn Health>,
+    readiness: Arc<dyn Health>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(HttpState { registry, health });
+        .route("/readyz", get(readyz))
+        .with_state(HttpState {
+            registry,
+            health,
+            readiness,
+        });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving /metrics and /healthz");
@@ -90,7 +98,15 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
-    match state.health.healthy() {
+    answer(state.health.as_ref())
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    answer(state.readiness.as_ref())
+}
+
+fn answer(check: &dyn Health) -> (StatusCode, String) {
+    match check.healthy() {
         Ok(()) => (StatusCode::OK, "ok".to_string()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
     }

@@ -424,6 +424,7 @@ pub fn error_policy(va: Arc<VolumeAttachment>, error: &Error, ctx: Arc<Context>)
         return Action::await_change();
     }
     tracing::warn!(va = %va.name_any(), %error, "attach/detach failed");
+    ctx.report_if_forbidden(va.as_ref(), error);
     ctx.metrics.reconcile_failed("attach", error.metric_label());
     Action::requeue(ctx.backoff(&va.object_ref(&()), true))
 }

@@ -5,6 +5,7 @@ pub mod attach;
 pub mod bind;
 mod capacity;
 mod claims;
+pub mod forbidden;
 pub mod leader;
 mod metrics;
 mod persistent_volumes;
@@ -105,6 +106,16 @@ pub enum Error {
          Install it with `stowage crds | kubectl apply -f -` (or `kubectl apply -f crds/`)"
     )]
     CrdMissing { name: String, reason: String },
+    #[error(
+        "CustomResourceDefinition {name} is older than stowage {version}: it lacks {missing}, \
+         which the API server would silently drop. Apply this release's CRDs first \
+         (`kubectl apply -k manifests/` applies both; or `stowage crds | kubectl apply -f -`)"
+    )]
+    CrdOutdated {
+        name: String,
+        version: &'static str,
+        missing: String,
+    },
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
     #[error("metrics server: {0}")]
@@ -133,6 +144,8 @@ impl Error {
         match self {
             Error::Connect(_) => "connect",
             Error::CrdMissing { .. } => "crd_missing",
+            Error::CrdOutdated { .. } => "crd_outdated",
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
             Error::Kube(_) => "kube",
             Error::Http(_) => "http",
             Error::Election(_) => "leader_election",
@@ -180,6 +193,32 @@ impl Context {
     /// Posts an event on `object` in the background: events are for people,
     /// so they stay off the provisioning path, and failing to post is logged.
     pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        self.post_event(object, type_, reason, action, note);
+    }
+
+    /// An API call that RBAC refused gets an event on the object waiting for
+    /// it, naming the verb and resource to grant; other errors are reported
+    /// by their jobs.
+    pub fn report_if_forbidden<K: Resource<DynamicType = ()>>(&self, object: &K, error: &Error) {
+        let Error::Kube(kube::Error::Api(status)) = error else {
+            return;
+        };
+        let Some(refusal) = forbidden::Refusal::from_status(status) else {
+            return;
+        };
+        let note = refusal.note("stowage-controller");
+        tracing::error!(verb = %refusal.verb, resource = %refusal.resource, "{note}");
+        self.post_event(object, EventType::Warning, "Forbidden", "Authorize", &note);
+    }
+
+    fn post_event<K: Resource<DynamicType = ()>>(
         &self,
         object: &K,
         type_: EventType,
@@ -324,6 +363,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let http = telemetry::serve_http(
         config.metrics_addr,
         Arc::new(registry),
+        Arc::new(AlwaysHealthy),
+        // A replica waiting for the Lease is as ready as the leader: a
+        // rolling update must not wait for it to lead.
         Arc::new(AlwaysHealthy),
     );
     tokio::pin!(http);
@@ -641,6 +683,14 @@ pub async fn ensure_crds_established(client: &Client) -> Result<(), Error> {
             return Err(Error::CrdMissing {
                 name,
                 reason: "not established".into(),
+            });
+        }
+        let missing = crate::crd::missing_fields(&found, &crd);
+        if !missing.is_empty() {
+            return Err(Error::CrdOutdated {
+                name,
+                version: env!("CARGO_PKG_VERSION"),
+                missing: missing.join(", "),
             });
         }
     }

@@ -149,6 +149,7 @@ pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>)
         return Action::requeue(Duration::from_millis(50));
     }
     tracing::warn!(pv = %pv.name_any(), %error, "reclaim failed");
+    ctx.report_if_forbidden(pv.as_ref(), error);
     ctx.metrics
         .reconcile_failed("reclaim", error.metric_label());
     Action::requeue(ctx.backoff(&pv.object_ref(&()), true))
@@ -210,6 +211,7 @@ pub fn volume_error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<Context>
         return Action::requeue(Duration::from_millis(50));
     }
     tracing::warn!(volume = %volume.name_any(), %error, "volume reconcile failed");
+    ctx.report_if_forbidden(volume.as_ref(), error);
     ctx.metrics.reconcile_failed("volume", error.metric_label());
     Action::requeue(remote_volumes::retry_after(&ctx, &volume, error))
 }

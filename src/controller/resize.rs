@@ -439,6 +439,7 @@ pub fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<C
         return Action::requeue(Duration::from_millis(50));
     }
     tracing::warn!(claim = %claim.name_any(), %error, "resize failed");
+    ctx.report_if_forbidden(claim.as_ref(), error);
     ctx.metrics.reconcile_failed("resize", error.metric_label());
     Action::requeue(ctx.backoff(&claim.object_ref(&()), true))
 }

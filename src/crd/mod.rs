@@ -6,7 +6,12 @@ mod volume;
 pub use storage_node::*;
 pub use volume::*;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use std::collections::BTreeSet;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, CustomResourceDefinitionVersion, JSONSchemaProps,
+    JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 /// Every CRD stowage installs, in the order they are applied.
@@ -29,21 +34,117 @@ const GENERATED_HEADER: &str =
 
 /// Path of the generated file, relative to the repository root.
 pub const YAML_PATH: &str = "crds/stowage.dev.yaml";
+/// The same, as part of `kubectl apply -k manifests/`.
+pub const MANIFEST_PATH: &str = "manifests/01-crds.yaml";
+
+/// Fields this build reads or writes that the installed CRD's schema lacks,
+/// in every version this build uses. The API server prunes fields its
+/// schema does not know, so running against an older CRD would silently
+/// lose them; a newer CRD (more fields) is fine, since stowage writes only
+/// the fields it owns and never replaces whole objects of its kinds.
+pub fn missing_fields(
+    installed: &CustomResourceDefinition,
+    wanted: &CustomResourceDefinition,
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for version in &wanted.spec.versions {
+        let Some(found) = installed
+            .spec
+            .versions
+            .iter()
+            .find(|v| v.name == version.name && v.served)
+        else {
+            missing.push(format!("version {} (not served)", version.name));
+            continue;
+        };
+        let paths = |v: &CustomResourceDefinitionVersion| {
+            let mut out = BTreeSet::new();
+            if let Some(schema) = v
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+            {
+                property_paths(schema, "", &mut out);
+            }
+            out
+        };
+        let have = paths(found);
+        missing.extend(
+            paths(version)
+                .difference(&have)
+                .map(|p| format!("{}: {p}", version.name)),
+        );
+    }
+    missing
+}
+
+/// Dotted paths of every property in a structural schema (`[]` for items,
+/// `{}` for map values).
+fn property_paths(schema: &JSONSchemaProps, prefix: &str, out: &mut BTreeSet<String>) {
+    for (name, child) in schema.properties.iter().flatten() {
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        out.insert(path.clone());
+        property_paths(child, &path, out);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = &schema.items {
+        property_paths(items, &format!("{prefix}[]"), out);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(values)) = &schema.additional_properties {
+        property_paths(values, &format!("{prefix}{{}}"), out);
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
+    use kube::CustomResourceExt;
+
     #[test]
     fn committed_crds_match_the_rust_types() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(super::YAML_PATH);
-        let committed = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}; run `just crds`", path.display()));
         let generated = super::to_yaml().unwrap();
-        assert!(
-            committed == generated,
-            "{} is stale: the Rust types in src/crd/ changed. Run `just crds` and commit the result.",
-            super::YAML_PATH
+        for file in [super::YAML_PATH, super::MANIFEST_PATH] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let committed = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}; run `just crds`", path.display()));
+            assert!(
+                committed == generated,
+                "{file} is stale: the Rust types in src/crd/ changed. Run `just crds` and commit the result.",
+            );
+        }
+    }
+
+    #[test]
+    fn an_older_crd_is_missing_fields_and_a_newer_one_is_not() {
+        let wanted = super::Volume::crd();
+        assert!(super::missing_fields(&wanted, &wanted).is_empty());
+
+        let mut older = wanted.clone();
+        let schema = older.spec.versions[0]
+            .schema
+            .as_mut()
+            .unwrap()
+            .open_api_v3_schema
+            .as_mut()
+            .unwrap();
+        let spec = schema.properties.as_mut().unwrap().get_mut("spec").unwrap();
+        spec.properties.as_mut().unwrap().remove("reclaimPolicy");
+        assert_eq!(
+            super::missing_fields(&older, &wanted),
+            vec!["v1alpha1: spec.reclaimPolicy".to_string()]
+        );
+        // The same difference the other way round is a newer CRD: fine.
+        assert!(super::missing_fields(&wanted, &older).is_empty());
+
+        let mut unserved = wanted.clone();
+        unserved.spec.versions[0].served = false;
+        assert_eq!(
+            super::missing_fields(&unserved, &wanted),
+            vec!["version v1alpha1 (not served)".to_string()]
         );
     }
 }

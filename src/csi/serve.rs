@@ -98,6 +98,55 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     UnixListener::bind(path).map_err(io("binding"))
 }
 
+/// Which file a socket path names, so that an agent removes its socket on
+/// exit only while the path is still its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketId {
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketId {
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(SocketId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// Removes `path` if it still names this socket.
+    pub fn remove_if_still_at(self, path: &Path) {
+        if SocketId::of(path).is_ok_and(|now| now == self) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds a unix socket under a hidden name beside `path`, then renames it
+/// over `path` in one step: kubelet's plugin watcher ignores names starting
+/// with a dot and sees one creation at `path`, and a client never finds the
+/// path missing while one agent takes over from another.
+pub fn bind_replacing(path: &Path) -> Result<(UnixListener, SocketId), ServeError> {
+    let io = |op| {
+        move |source| ServeError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent).map_err(io("creating"))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let hidden = parent.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&hidden);
+    let listener = UnixListener::bind(&hidden).map_err(io("binding"))?;
+    std::fs::rename(&hidden, path).map_err(io("renaming onto"))?;
+    let id = SocketId::of(path).map_err(io("inspecting"))?;
+    Ok((listener, id))
+}
+
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let Backend::Local = config.backend;
     let socket = socket_path(&config.endpoint)?;

@@ -2,6 +2,7 @@
 //! assigned to this node and reports what it offers in a StorageNode.
 
 mod authority;
+pub mod handover;
 pub mod loop_device;
 pub mod mounts;
 pub mod paths;
@@ -11,7 +12,7 @@ mod volumes;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use prometheus_client::metrics::gauge::Gauge;
 use std::time::Duration;
@@ -91,6 +92,8 @@ pub enum Error {
     Socket(#[source] crate::csi::serve::ServeError),
     #[error("gRPC server: {0}")]
     Grpc(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Lock(#[from] handover::LockError),
 }
 
 impl Error {
@@ -104,6 +107,7 @@ impl Error {
             Error::Socket(_) => "socket",
             Error::InUse { .. } => "in_use",
             Error::Grpc(_) => "grpc",
+            Error::Lock(_) => "lock",
         }
     }
 }
@@ -139,11 +143,48 @@ pub async fn run(config: Config) -> Result<(), Error> {
         socket: socket.clone(),
         data_dir: config.data_dir.clone(),
     });
-    let http = telemetry::serve_http(config.metrics_addr, Arc::new(registry), health);
+    let readiness = Arc::new(NodeReadiness {
+        kubelet_dir: config.kubelet_dir.clone(),
+        acting: AtomicBool::new(false),
+    });
+    if let Err(problem) = readiness.kubelet_dir_problem() {
+        tracing::error!("{problem}");
+    }
+    let http = telemetry::serve_http(
+        config.metrics_addr,
+        Arc::new(registry),
+        health,
+        readiness.clone(),
+    );
     tokio::pin!(http);
-    let grpc = serve_socket(&socket, &config, registered)?;
-    tokio::pin!(grpc);
 
+    // A missing kubelet directory is a wrong hostPath or --kubelet-dir:
+    // creating it would register where kubelet never looks.
+    while !config.kubelet_dir.is_dir() {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            res = &mut http => return res.map_err(Error::Http),
+            () = crate::controller::shutdown_signal() => return Ok(()),
+        }
+    }
+
+    // During a rolling update the previous agent may still act here.
+    let me = std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid {}", std::process::id()));
+    let lock = tokio::select! {
+        lock = handover::acquire(&config.data_dir, &me) => lock?,
+        res = &mut http => return res.map_err(Error::Http),
+        () = crate::controller::shutdown_signal() => return Ok(()),
+    };
+
+    // Stop acting on SIGTERM, or when a newer agent asks to take over.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Stop>);
+    let stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
+    };
+    let (grpc, socket_id) = serve_socket(&socket, &config, registered, stop())?;
     let ctx = Arc::new(NodeContext {
         client: client.clone(),
         node: config.node_name.clone(),
@@ -163,22 +204,49 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", config.node_name));
     let controller = Controller::new(Api::<Volume>::all(client), mine)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.workers))
-        .graceful_shutdown_on(crate::controller::shutdown_signal())
+        .graceful_shutdown_on(stop())
         .run(volumes::reconcile, volumes::error_policy, ctx.clone())
         .for_each(|_| async {});
-
-    tracing::info!(node = %config.node_name, data_dir = %config.data_dir.display(), "node agent started");
-    let result = tokio::select! {
-        () = controller => {
-            tracing::info!("node agent stopped");
-            Ok(())
-        }
-        res = &mut http => res.map_err(Error::Http),
-        res = &mut grpc => res.map_err(Error::Grpc),
-        () = heartbeat => Ok(()),
+    let stopping = async {
+        let why = tokio::select! {
+            () = crate::controller::shutdown_signal() => Stop::Signal,
+            who = lock.handover_requested() => Stop::HandOver(who),
+        };
+        let _ = stop_tx.send(Some(why));
+        std::future::pending::<()>().await
     };
-    let _ = std::fs::remove_file(&socket);
-    result
+
+    readiness.acting.store(true, Ordering::Relaxed);
+    tracing::info!(node = %config.node_name, data_dir = %config.data_dir.display(), "node agent started");
+    // Both the CSI server and the Volume controller finish what they are
+    // doing before they return; mounts are never undone on the way out.
+    let result = tokio::select! {
+        (res, ()) = async { tokio::join!(grpc, controller) } => res.map_err(Error::Grpc),
+        res = &mut http => res.map_err(Error::Http),
+        () = heartbeat => Ok(()),
+        () = stopping => Ok(()),
+    };
+    readiness.acting.store(false, Ordering::Relaxed);
+    socket_id.remove_if_still_at(&socket);
+    drop(lock);
+    result?;
+    if let Some(Stop::HandOver(who)) = stop_tx.borrow().clone() {
+        tracing::info!(to = %who, "handed this node over to a newer agent; idle until stopped");
+        tokio::select! {
+            res = &mut http => res.map_err(Error::Http)?,
+            () = crate::controller::shutdown_signal() => {}
+        }
+    }
+    tracing::info!("node agent stopped");
+    Ok(())
+}
+
+/// Why the agent stops acting.
+#[derive(Debug, Clone)]
+enum Stop {
+    Signal,
+    /// A newer agent on this node (named) takes over.
+    HandOver(String),
 }
 
 /// `<kubelet-dir>/plugins_registry/<driver>-reg.sock`
@@ -189,15 +257,22 @@ pub fn socket_path(kubelet_dir: &std::path::Path) -> PathBuf {
 }
 
 /// Registration, CSI Identity and CSI Node on one unix socket.
-fn serve_socket(
+fn serve_socket<S: Future<Output = ()> + Send + 'static>(
     socket: &std::path::Path,
     config: &Config,
     registered: Gauge<i64, AtomicI64>,
-) -> Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>> + use<>, Error> {
+    stop: S,
+) -> Result<
+    (
+        impl Future<Output = Result<(), tonic::transport::Error>> + use<S>,
+        crate::csi::serve::SocketId,
+    ),
+    Error,
+> {
     use crate::csi::{VolumeLocks, identity::IdentityService, node::NodeService, serve};
     use crate::proto::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
     use crate::proto::pluginregistration::registration_server::RegistrationServer;
-    let listener = serve::bind(socket).map_err(Error::Socket)?;
+    let (listener, id) = serve::bind_replacing(socket).map_err(Error::Socket)?;
     tracing::info!(socket = %socket.display(), "serving plugin registration, CSI Identity and Node");
     let node = NodeService {
         store: Store::new(&config.data_dir),
@@ -205,7 +280,7 @@ fn serve_socket(
         kubelet_dir: config.kubelet_dir.clone(),
         locks: VolumeLocks::default(),
     };
-    Ok(tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(RegistrationServer::new(registration::RegistrationService {
             driver: local::DRIVER_NAME.into(),
             registered,
@@ -215,10 +290,8 @@ fn serve_socket(
             controller: false,
         }))
         .add_service(NodeServer::new(node))
-        .serve_with_incoming_shutdown(
-            authority::incoming(listener),
-            crate::controller::shutdown_signal(),
-        ))
+        .serve_with_incoming_shutdown(authority::incoming(listener), stop);
+    Ok((server, id))
 }
 
 /// Liveness: the socket kubelet uses is there and the data directory answers
@@ -236,6 +309,52 @@ impl Health for NodeHealth {
         statvfs(&self.data_dir)
             .map_err(|e| format!("data directory {}: {e}", self.data_dir.display()))?;
         Ok(())
+    }
+}
+
+/// Readiness: this agent acts on the node (holds the data directory, serves
+/// kubelet's socket), and mounts it makes reach kubelet and the pods.
+struct NodeReadiness {
+    kubelet_dir: PathBuf,
+    acting: AtomicBool,
+}
+
+impl NodeReadiness {
+    fn kubelet_dir_problem(&self) -> Result<(), String> {
+        let dir = &self.kubelet_dir;
+        if !dir.is_dir() {
+            return Err(format!(
+                "kubelet directory {} is missing: mount the node's kubelet root there \
+                 (hostPath /var/lib/kubelet), or point --kubelet-dir at it",
+                dir.display()
+            ));
+        }
+        let mounts = mounts::current().map_err(|e| format!("reading mountinfo: {e}"))?;
+        match mounts::holding(&mounts, dir) {
+            Some(m) if m.shared => Ok(()),
+            Some(m) => Err(format!(
+                "kubelet directory {} (on mount {}) is not a shared mount, so volumes \
+                 mounted here would never reach kubelet or the pods: mount it with \
+                 mountPropagation: Bidirectional, and make the host path shared \
+                 (kubelet does so for its root; else `mount --make-rshared`)",
+                dir.display(),
+                m.mount_point.display()
+            )),
+            None => Err(format!("no mount holds {}", dir.display())),
+        }
+    }
+}
+
+impl Health for NodeReadiness {
+    fn healthy(&self) -> Result<(), String> {
+        if !self.acting.load(Ordering::Relaxed) {
+            return Err(
+                "not acting on this node: waiting for the data directory's lock, \
+                 or handed over to a newer agent"
+                    .into(),
+            );
+        }
+        self.kubelet_dir_problem()
     }
 }
 

@@ -15,6 +15,9 @@ pub struct Mount {
     pub fs_type: String,
     pub source: String,
     pub options: Vec<String>,
+    /// Whether mounts made under this one propagate to its peers
+    /// (mountinfo's optional field `shared:N`).
+    pub shared: bool,
 }
 
 /// Parses mountinfo(5). Lines that do not parse are skipped.
@@ -28,6 +31,7 @@ fn parse_line(line: &str) -> Option<Mount> {
     let root = unescape(fields.get(3)?);
     let mount_point = PathBuf::from(unescape(fields.get(4)?));
     let mut options: Vec<String> = fields.get(5)?.split(',').map(String::from).collect();
+    let shared = fields.iter().skip(6).any(|f| f.starts_with("shared:"));
     let mut right = right.split(' ');
     let fs_type = right.next()?.to_string();
     let source = unescape(right.next()?);
@@ -45,6 +49,7 @@ fn parse_line(line: &str) -> Option<Mount> {
         fs_type,
         source,
         options,
+        shared,
     })
 }
 
@@ -75,6 +80,16 @@ pub fn current() -> std::io::Result<Vec<Mount>> {
     Ok(parse_mountinfo(&std::fs::read_to_string(
         "/proc/self/mountinfo",
     )?))
+}
+
+/// The mount that holds `path`: the topmost one whose mount point is the
+/// longest prefix of it.
+pub fn holding<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+    mounts
+        .iter()
+        .rev()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
 }
 
 /// The topmost mount at exactly `path`, if any.
@@ -162,6 +177,19 @@ mod tests {
             PathBuf::from("/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/pvc a/mount")
         );
         assert!(m[2].options.contains(&"ro".to_string()));
+    }
+
+    #[test]
+    fn propagation_and_the_mount_holding_a_path() {
+        let m = parse_mountinfo(SAMPLE);
+        assert!(!m[0].shared, "master:1 alone is a slave mount, not shared");
+        assert!(m[1].shared);
+        let held = holding(
+            &m,
+            Path::new("/var/lib/kubelet/plugins/kubernetes.io/csi/x/globalmount/sub"),
+        );
+        assert_eq!(held.map(|m| m.source.as_str()), Some("/dev/loop3"));
+        assert_eq!(holding(&m, Path::new("/elsewhere")), None);
     }
 
     #[test]

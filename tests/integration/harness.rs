@@ -475,7 +475,9 @@ fn spawn_held(
             .position(|a| *a == "--data-dir")
             .map(|i| args[i + 1])
             .expect("node needs --data-dir");
-        command.arg("--kubelet-dir").arg(format!("{data}/kubelet"));
+        let kubelet = format!("{data}/kubelet");
+        std::fs::create_dir_all(&kubelet).unwrap();
+        command.arg("--kubelet-dir").arg(kubelet);
     }
     command
         .env("KUBECONFIG", kubeconfig)
@@ -575,12 +577,19 @@ pub struct RealNode {
     pub kubelet_dir: PathBuf,
 }
 
-pub const REAL_NODE: &str = "node-0";
+pub const REAL_NODE: &str = "localhost";
 
 pub fn real_node() -> RealNode {
+    let node = real_node_without_stowage();
+    prepare(&node.kubeconfig, &[]);
+    node
+}
+
+/// The same control plane and node, with nothing of stowage installed: for
+/// tests that install it as users do.
+pub fn real_node_without_stowage() -> RealNode {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     let cluster = CLUSTER.get_or_init(|| start_cluster_with(None, true));
-    prepare(&cluster.kubeconfig, &[]);
     let kubelet_dir = cluster.kubeconfig.parent().unwrap().join("node/kubelet");
     assert!(
         kubelet_dir.is_dir(),

@@ -76,7 +76,7 @@ fn api_server_and_stowage_accept_the_examples() {
                 if !container["image"]
                     .as_str()
                     .unwrap_or("")
-                    .starts_with("stowage:")
+                    .starts_with("stowage.dev/stowage:")
                 {
                     continue;
                 }
