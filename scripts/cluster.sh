@@ -165,6 +165,13 @@ up() {
     --leader-elect=false --profiling=false --v=1
   wait_healthy kube-controller-manager "https://127.0.0.1:$kcm_port/healthz" 60 -k
   wait_healthy kube-scheduler "https://127.0.0.1:$sched_port/healthz" 60 -k
+  # Pods are refused until their namespace's ServiceAccount exists, and
+  # wait for the CA bundle their token volume carries.
+  local deadline=$((SECONDS + 60))
+  until "$bin/kubectl" --kubeconfig "$dir/kubeconfig" -n default get serviceaccount/default configmap/kube-root-ca.crt >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "kube-controller-manager made no default ServiceAccount (log: $dir/logs/kube-controller-manager.log)"
+    sleep 0.2
+  done
 
   cat > "$dir/env" <<ENV
 export KUBECONFIG=$dir/kubeconfig

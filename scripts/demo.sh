@@ -1,35 +1,24 @@
 #!/usr/bin/env bash
 # The demo, run inside `STOWAGE_WITH_NODE=1 cluster.sh run` (KUBECONFIG points
-# at a fresh local control plane with a real kubelet node): installs stowage's
-# CRDs and CSIDriver, starts the node agent (which registers with kubelet) and
-# the controller, and runs a pod that writes to a freshly provisioned volume.
+# at a fresh local control plane with a real kubelet node): installs stowage
+# as users do — its image imported into the node's containerd, then
+# `kubectl apply -k manifests/` (through scripts/install-local.sh) — and
+# runs a pod that writes to a freshly provisioned volume.
 # Waits for Ctrl-C when run from a terminal.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 kubectl() { "$STOWAGE_KUBE_BIN/kubectl" "$@"; }
-stowage="$REPO_ROOT/target/debug/stowage"
 logs=$STOWAGE_CLUSTER_DIR/logs
-data=$STOWAGE_CLUSTER_DIR/stowage-data
-node=${STOWAGE_NODE_NAME:?run me through STOWAGE_WITH_NODE=1 scripts/cluster.sh run}
+[[ -n ${STOWAGE_NODE_NAME:-} ]] || die "run me through STOWAGE_WITH_NODE=1 scripts/cluster.sh run"
+tag=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/Cargo.toml" | head -1)
 
-log "installing CRDs and the CSIDriver"
-kubectl apply --server-side -f "$REPO_ROOT/crds/" >/dev/null
-kubectl apply -f "$REPO_ROOT/manifests/30-csidriver.yaml" >/dev/null
-kubectl wait --for condition=Established --timeout 60s crd/volumes.stowage.dev crd/storagenodes.stowage.dev >/dev/null
-
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; }
-trap cleanup EXIT
-log "starting stowage node (data in $data, log $logs/stowage-node.log)"
-setpriv --pdeathsig TERM -- "$stowage" node --node-name "$node" --data-dir "$data" \
-  --kubelet-dir "$STOWAGE_KUBELET_DIR" \
-  --capacity 10Gi --metrics-addr 127.0.0.1:0 > "$logs/stowage-node.log" 2>&1 &
-pids+=($!)
-log "starting stowage controller (log $logs/stowage-controller.log)"
-setpriv --pdeathsig TERM -- "$stowage" controller --leader-election-namespace default \
-  --metrics-addr 127.0.0.1:0 > "$logs/stowage-controller.log" 2>&1 &
-pids+=($!)
+log "importing the stowage image into the node's containerd"
+bash "$REPO_ROOT/scripts/install-local.sh" import "$tag"
+log "kubectl apply -k manifests/ (with the local cluster's overlay)"
+bash "$REPO_ROOT/scripts/install-local.sh" apply "$tag" >/dev/null
+kubectl -n stowage-system rollout status deploy/stowage-controller --timeout 180s
+kubectl -n stowage-system rollout status ds/stowage-node --timeout 180s
 
 kubectl apply -f - <<'YAML'
 apiVersion: storage.k8s.io/v1
@@ -62,8 +51,6 @@ metadata:
   namespace: default
 spec:
   restartPolicy: Never
-  automountServiceAccountToken: false
-  hostNetwork: true
   containers:
     - name: writer
       image: stowage.dev/busybox:1
@@ -78,8 +65,11 @@ YAML
 if ! kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/writer --timeout 120s; then
   kubectl describe pvc demo
   kubectl describe pod writer
+  kubectl -n stowage-system logs -l app.kubernetes.io/part-of=stowage --tail 50
   die "the pod did not complete; logs in $logs"
 fi
+echo
+kubectl -n stowage-system get pods -o wide
 echo
 kubectl get pod,pvc,pv -o wide
 echo
@@ -87,32 +77,22 @@ kubectl get volumes.stowage.dev,storagenodes.stowage.dev
 echo
 kubectl get events --field-selector involvedObject.name=demo
 echo
-echo "The volume's image file on $node:"
-ls -ls "$data/volumes/"
-echo
-echo "What the pod wrote, read back from the image (after kubelet unmounted it):"
-kubectl wait --for=delete pod/writer --timeout 5s >/dev/null 2>&1 || true
-image=$(ls "$data"/volumes/*.img | head -1)
-mnt=$(mktemp -d)
-if mount -o loop,ro "$image" "$mnt" 2>/dev/null; then
-  cat "$mnt/hello"
-  umount "$mnt"
-else
-  echo "(the volume is still mounted for the pod; kubectl logs writer shows it)"
-fi
-rmdir "$mnt"
+echo "$ kubectl logs writer"
+kubectl logs writer
 
 cat <<MSG
 
-The local control plane is up with stowage provisioning real volumes. In another shell:
+The local control plane is up with stowage installed from its image and
+provisioning real volumes. In another shell:
 
   export KUBECONFIG=$KUBECONFIG
   alias kubectl=$STOWAGE_KUBE_BIN/kubectl
   kubectl get pvc,pv,volumes.stowage.dev
+  kubectl -n stowage-system logs deploy/stowage-controller
 
-Logs of every component: $logs/
+Logs of the control plane: $logs/
 MSG
 if [[ -t 0 ]]; then
   echo "Press Ctrl-C to stop everything."
-  wait
+  while sleep 3600; do :; done
 fi

@@ -12,12 +12,13 @@ mod volumes;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicI64;
 
 use prometheus_client::metrics::gauge::Gauge;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::watcher;
@@ -145,7 +146,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     });
     let readiness = Arc::new(NodeReadiness {
         kubelet_dir: config.kubelet_dir.clone(),
-        acting: AtomicBool::new(false),
+        idle: Mutex::new(Some("starting".into())),
     });
     if let Err(problem) = readiness.kubelet_dir_problem() {
         tracing::error!("{problem}");
@@ -169,6 +170,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
 
     // During a rolling update the previous agent may still act here.
+    readiness.idle("waiting for the data directory's lock (another node agent holds it)");
     let me = std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid {}", std::process::id()));
     let lock = tokio::select! {
         lock = handover::acquire(&config.data_dir, &me) => lock?,
@@ -202,11 +204,28 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
 
     let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", config.node_name));
-    let controller = Controller::new(Api::<Volume>::all(client), mine)
+    let volumes = Controller::new(Api::<Volume>::all(client), mine)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.workers))
-        .graceful_shutdown_on(stop())
+        .graceful_shutdown_on(stop());
+    let cache = volumes.store();
+    let volumes = volumes
         .run(volumes::reconcile, volumes::error_policy, ctx.clone())
         .for_each(|_| async {});
+    // kube-runtime's graceful stop waits for the cache, and the cache stops
+    // loading once asked to stop: a stop before the cache was ready would
+    // never end. Before it is ready no reconcile has run, so nothing needs
+    // finishing and the controller can simply be dropped.
+    let controller = async {
+        tokio::select! {
+            () = volumes => {}
+            () = async {
+                stop().await;
+                if cache.wait_until_ready().now_or_never().is_some() {
+                    std::future::pending::<()>().await;
+                }
+            } => tracing::debug!("stopped before the Volume cache was ready"),
+        }
+    };
     let stopping = async {
         let why = tokio::select! {
             () = crate::controller::shutdown_signal() => Stop::Signal,
@@ -216,7 +235,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         std::future::pending::<()>().await
     };
 
-    readiness.acting.store(true, Ordering::Relaxed);
+    readiness.acting();
     tracing::info!(node = %config.node_name, data_dir = %config.data_dir.display(), "node agent started");
     // Both the CSI server and the Volume controller finish what they are
     // doing before they return; mounts are never undone on the way out.
@@ -225,13 +244,24 @@ pub async fn run(config: Config) -> Result<(), Error> {
         res = &mut http => res.map_err(Error::Http),
         () = heartbeat => Ok(()),
         () = stopping => Ok(()),
+        // Handing over, and told to stop before the hand-over finished.
+        () = async { stop().await; crate::controller::shutdown_signal().await } => Ok(()),
     };
-    readiness.acting.store(false, Ordering::Relaxed);
-    socket_id.remove_if_still_at(&socket);
+    readiness.idle("stopping");
+    let handed_over = match stop_tx.borrow().clone() {
+        Some(Stop::HandOver(who)) => Some(who),
+        _ => None,
+    };
+    // The newer agent renames its socket over ours: removing ours would
+    // make kubelet see the plugin go away in between.
+    if handed_over.is_none() {
+        socket_id.remove_if_still_at(&socket);
+    }
     drop(lock);
     result?;
-    if let Some(Stop::HandOver(who)) = stop_tx.borrow().clone() {
+    if let Some(who) = handed_over {
         tracing::info!(to = %who, "handed this node over to a newer agent; idle until stopped");
+        readiness.idle(&format!("handed over to {who}; idle until stopped"));
         tokio::select! {
             res = &mut http => res.map_err(Error::Http)?,
             () = crate::controller::shutdown_signal() => {}
@@ -316,10 +346,19 @@ impl Health for NodeHealth {
 /// kubelet's socket), and mounts it makes reach kubelet and the pods.
 struct NodeReadiness {
     kubelet_dir: PathBuf,
-    acting: AtomicBool,
+    /// Why the agent does not act on the node, or None while it does.
+    idle: Mutex<Option<String>>,
 }
 
 impl NodeReadiness {
+    fn idle(&self, why: &str) {
+        *self.idle.lock().expect("readiness poisoned") = Some(why.to_string());
+    }
+
+    fn acting(&self) {
+        *self.idle.lock().expect("readiness poisoned") = None;
+    }
+
     fn kubelet_dir_problem(&self) -> Result<(), String> {
         let dir = &self.kubelet_dir;
         if !dir.is_dir() {
@@ -347,14 +386,12 @@ impl NodeReadiness {
 
 impl Health for NodeReadiness {
     fn healthy(&self) -> Result<(), String> {
-        if !self.acting.load(Ordering::Relaxed) {
-            return Err(
-                "not acting on this node: waiting for the data directory's lock, \
-                 or handed over to a newer agent"
-                    .into(),
-            );
+        let idle = self.idle.lock().expect("readiness poisoned").clone();
+        match (idle, self.kubelet_dir_problem()) {
+            (None, kubelet) => kubelet,
+            (Some(why), Ok(())) => Err(format!("not acting on this node: {why}")),
+            (Some(why), Err(kubelet)) => Err(format!("not acting on this node: {why}; {kubelet}")),
         }
-        self.kubelet_dir_problem()
     }
 }
 

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use fixtures::{claim, gone, is_bound, storage_class, wait, wait_for_event};
 use harness::{REAL_NODE, TestNamespace, client_for_path, real_node_without_stowage};
-use overlay::{IMAGE, Overlay, build_and_import};
+use overlay::{IMAGE, Overlay};
 use roll::{ClaimLoad, LeaseWatch, MountWatch, NAMESPACE, wait_rolled_out};
 
 const ROLL_TIMEOUT: Duration = Duration::from_secs(240);
@@ -82,8 +82,8 @@ async fn install_upgrade_and_roll_back_by_image_tag() {
     let v1 = env!("CARGO_PKG_VERSION").to_string();
     let v2 = format!("{v1}-next");
     let started = Instant::now();
-    build_and_import(overlay.env(), &v1);
-    build_and_import(overlay.env(), &v2);
+    overlay.build_and_import(&v1);
+    overlay.build_and_import(&v2);
     println!("images built and imported in {:?}", started.elapsed());
 
     // Install.

@@ -249,8 +249,13 @@ pub async fn wait_rolled_out(client: &Client, image: &str, timeout: Duration) {
 async fn rollout_problem(client: &Client, image: &str) -> Option<String> {
     let deployments = Api::<Deployment>::namespaced(client.clone(), NAMESPACE);
     let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), NAMESPACE);
-    let d = deployments.get("stowage-controller").await.ok()?;
-    let ds = daemonsets.get("stowage-node").await.ok()?;
+    let (d, ds) = match (
+        deployments.get("stowage-controller").await,
+        daemonsets.get("stowage-node").await,
+    ) {
+        (Ok(d), Ok(ds)) => (d, ds),
+        (d, ds) => return Some(format!("{:?} / {:?}", d.err(), ds.err())),
+    };
     let ds_status = ds.status.clone().unwrap_or_default();
     let d_status = d.status.clone().unwrap_or_default();
     if d_status.observed_generation < d.metadata.generation
@@ -266,10 +271,13 @@ async fn rollout_problem(client: &Client, image: &str) -> Option<String> {
     {
         return Some(format!("daemonset {ds_status:?}"));
     }
-    let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE)
+    let pods = match Api::<Pod>::namespaced(client.clone(), NAMESPACE)
         .list(&ListParams::default())
         .await
-        .ok()?;
+    {
+        Ok(pods) => pods,
+        Err(e) => return Some(e.to_string()),
+    };
     let stray: Vec<String> = pods
         .items
         .iter()

@@ -3,12 +3,14 @@
 
 mod controller_lifecycle;
 mod crash_safety;
+mod crd_evolution;
 mod csi_sanity;
 mod expansion;
 mod fixtures;
 mod harness;
 mod leader_election;
 mod manifests;
+mod node_handover;
 mod node_socket;
 mod provisioning;
 mod proxy_driver;
