@@ -21,7 +21,6 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use prometheus_client::registry::Registry;
 use serde_json::json;
 
 use crate::backend::local::{self, Store};
@@ -125,8 +124,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         source,
     })?;
 
-    let mut registry = Registry::with_prefix("stowage_node");
-    let metrics = Metrics::register(&mut registry);
+    let mut root = telemetry::registry();
+    let registry = root.sub_registry_with_prefix("stowage_node");
+    let metrics = Metrics::register(registry);
     let registered = Gauge::<i64, AtomicI64>::default();
     registered.set(-1);
     registry.register(
@@ -139,7 +139,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         socket: socket.clone(),
         data_dir: config.data_dir.clone(),
     });
-    let http = telemetry::serve_http(config.metrics_addr, Arc::new(registry), health);
+    let http = telemetry::serve_http(config.metrics_addr, Arc::new(root), health);
     tokio::pin!(http);
     let grpc = serve_socket(&socket, &config, registered)?;
     tokio::pin!(grpc);
