@@ -24,6 +24,10 @@ deps:
 build:
     cargo build
 
+# The container image for both roles, without a container engine: target/image/stowage-TAG.tar (TAG defaults to the crate version).
+image TAG="": deps
+    bash scripts/build-image.sh {{TAG}}
+
 # Build (or reuse from ~/.cache/stowage) etcd and the Kubernetes binaries.
 control-plane:
     bash scripts/build-control-plane.sh >/dev/null
