@@ -39,12 +39,16 @@ tag=${1:-$version}
 revision=$(git rev-parse HEAD)
 # Where the source lives: STOWAGE_IMAGE_SOURCE, else the origin remote.
 source_url=${STOWAGE_IMAGE_SOURCE:-$(git config --get remote.origin.url || echo https://stowage.dev)}
-# Timestamps in the image: the commit's (not exported: ring's build script
-# would rebuild when it changes).
+# Timestamps of the image and its stowage layer: the commit's (not exported:
+# ring's build script would rebuild when it changes).
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct HEAD)}
 for cmd in mmdebstrap dpkg-deb readelf python3; do
   command -v "$cmd" >/dev/null || die "$cmd missing: run scripts/install-deps.sh"
 done
+
+work=$(mktemp -d)
+tmp=
+trap 'rm -rf "$work" ${tmp:+"$tmp"}' EXIT
 
 log "building the release binary"
 cargo build --release --locked --bin stowage
@@ -72,11 +76,10 @@ if [[ ! -f $debian/packages.tsv ]]; then
   sort -o "$tmp/packages.tsv" "$tmp/packages.tsv"
   rm -rf "$debian"
   mv "$tmp" "$debian"
+  tmp=
 fi
 root=$debian/root
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 base=$work/base
 app=$work/app
 mkdir -p "$base" "$app/usr/local/bin"
@@ -88,7 +91,7 @@ put() {
   [[ -e $base/$path || -L $base/$path ]] && return 0
   [[ -e $root/$path || -L $root/$path ]] || die "$path is not in the Debian packages"
   mkdir -p "$base/$(dirname "$path")"
-  cp -P --preserve=mode "$root/$path" "$base/$path"
+  cp -P --preserve=mode,timestamps "$root/$path" "$base/$path"
   if [[ -L $root/$path ]]; then
     local target
     target=$(readlink "$root/$path")
@@ -138,6 +141,10 @@ done
 libs "$binary" >> "$work/libs"
 for file in "${TOOL_FILES[@]}" $(sort -u "$work/libs"); do put "$file"; done
 
+# The tools' layer changes only with the packages: its timestamps are those
+# of its newest file, not the commit's.
+base_epoch=$(find "$base" -type f -printf '%T@\n' | sort -n | tail -1 | cut -d. -f1)
+
 # Which packages the files came from, with the exact versions, and their
 # copyright notices.
 (cd "$base" && find . ! -type d | sed 's|^\./||') | sort > "$work/files"
@@ -174,8 +181,8 @@ mkdir -p "$out_dir"
 out=$out_dir/stowage-$tag.tar
 digest=$(python3 "$REPO_ROOT/scripts/oci-archive.py" \
   --name "$IMAGE_NAME" --tag "$tag" --created "$epoch" \
-  --layer "$base:Debian $DEBIAN_SUITE: ${TOOLS[*]}" \
-  --layer "$app:stowage $version" \
+  --layer "$base_epoch:$base:Debian $DEBIAN_SUITE: ${TOOLS[*]}" \
+  --layer "$epoch:$app:stowage $tag" \
   --entrypoint /usr/local/bin/stowage --user 0 \
   --env "PATH=$IMAGE_PATH" \
   --label "org.opencontainers.image.title=stowage" \

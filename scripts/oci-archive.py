@@ -5,14 +5,14 @@ has written them since Docker 25: an OCI image layout (`oci-layout`,
 `index.json`, `blobs/sha256/...`) plus a docker `manifest.json` whose Config
 and Layers name the same blobs.
 
-Stdlib only and deterministic: layer entries sorted, owned by 0:0, mtimes set
-to --created, gzip without name or timestamp. The same trees and arguments
+Stdlib only and deterministic: layer entries sorted, owned by 0:0, every
+mtime in a layer set to that layer's MTIME, gzip without name or timestamp. The same trees and arguments
 give the same bytes, hence the same image digest. (umoci and skopeo can each
 write one of the two formats but not one archive holding both, and would
 need their own timestamp handling; this writer is about 200 lines.)
 
 usage: oci-archive.py --name stowage.dev/stowage --tag 0.1.0 --created EPOCH
-         --layer DIR:COMMENT [--layer ...] [--entrypoint PATH] [--env K=V]
+         --layer MTIME:DIR:COMMENT [--layer ...] [--entrypoint PATH] [--env K=V]
          [--label K=V] [--user USER] OUT.tar
 """
 import argparse
@@ -75,7 +75,7 @@ def main():
     p.add_argument("--name", required=True, help="repository, e.g. stowage.dev/stowage")
     p.add_argument("--tag", required=True)
     p.add_argument("--created", type=int, required=True, help="seconds since the epoch")
-    p.add_argument("--layer", action="append", required=True, help="DIR:COMMENT")
+    p.add_argument("--layer", action="append", required=True, help="MTIME:DIR:COMMENT")
     p.add_argument("--entrypoint")
     p.add_argument("--env", action="append", default=[])
     p.add_argument("--label", action="append", default=[])
@@ -87,8 +87,8 @@ def main():
     blobs = {}  # digest -> bytes
     layers, diff_ids, history = [], [], []
     for spec in args.layer:
-        root, _, comment = spec.partition(":")
-        raw = layer_tar(root, args.created)
+        mtime, root, comment = spec.split(":", 2)
+        raw = layer_tar(root, int(mtime))
         compressed = gzipped(raw)
         d = digest(compressed)
         blobs[d] = compressed
