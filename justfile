@@ -6,12 +6,12 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# Local control plane with stowage provisioning a real volume; prints how to use kubectl.
-demo: deps build control-plane
+# Local control plane and kubelet node; stowage installed from its image with `kubectl apply -k`, provisioning a real volume.
+demo: deps image control-plane
     STOWAGE_WITH_NODE=1 bash scripts/cluster.sh run -- bash scripts/demo.sh
 
 # Everything CI checks: formatting, lints, generated files, unit and integration tests.
-test: deps fmt-check clippy control-plane
+test: deps fmt-check clippy control-plane image
     cargo build --all-targets
     bash scripts/cluster.sh run -- bash scripts/test-in-cluster.sh
     bash scripts/check-no-leftovers.sh
@@ -23,6 +23,10 @@ deps:
 # Build the stowage binary.
 build:
     cargo build
+
+# The container image for both roles, without a container engine: target/image/stowage-TAG.tar (TAG defaults to the crate version).
+image TAG="": deps
+    bash scripts/build-image.sh {{TAG}}
 
 # Build (or reuse from ~/.cache/stowage) etcd and the Kubernetes binaries.
 control-plane:

@@ -18,6 +18,10 @@ command -v containerd >/dev/null || need+=(containerd)
 command -v runc >/dev/null || need+=(runc)
 [[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
 [[ -x /usr/bin/busybox ]] || need+=(busybox-static)
+# The container image (scripts/build-image.sh): Debian's packages unpacked by
+# mmdebstrap, libraries found with readelf.
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v readelf >/dev/null || need+=(binutils)
 ((${#need[@]})) || exit 0
 
 [[ $(id -u) == 0 ]] || die "missing packages ${need[*]}; install them (apt-get install ${need[*]}) or run as root"

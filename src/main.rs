@@ -9,7 +9,7 @@ use stowage::telemetry::{self, LogFormat};
 /// Deployment and `stowage node` as a DaemonSet; `stowage csi` exposes a
 /// backend as a plain CSI endpoint for conformance tests and comparisons.
 #[derive(Parser, Debug)]
-#[command(version, propagate_version = true)]
+#[command(version = telemetry::LONG_VERSION, propagate_version = true)]
 struct Cli {
     /// Log line format.
     #[arg(

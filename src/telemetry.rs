@@ -4,8 +4,38 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::metrics::{family::Family, gauge::Gauge};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// The crate version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binary was built from (set by `build.rs`).
+pub const COMMIT: &str = env!("STOWAGE_GIT_COMMIT");
+/// What `stowage --version` prints after the name.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("STOWAGE_GIT_COMMIT"),
+    ")"
+);
+
+/// The registry a role serves on `/metrics`. It holds
+/// `stowage_build_info{version,commit} 1`, whatever the role; the role adds
+/// its own metrics under its prefix with
+/// [`Registry::sub_registry_with_prefix`].
+pub fn registry() -> Registry {
+    let mut registry = Registry::default();
+    let info = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+    info.get_or_create(&[("version", VERSION), ("commit", COMMIT)])
+        .set(1);
+    registry.register(
+        "stowage_build_info",
+        "The running stowage's version and git commit, always 1",
+        info,
+    );
+    registry
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -109,5 +139,34 @@ fn answer(check: &dyn Health) -> (StatusCode, String) {
     match check.healthy() {
         Ok(()) => (StatusCode::OK, "ok".to_string()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+
+    #[test]
+    fn build_info_is_unprefixed_beside_a_roles_metrics() {
+        let mut root = registry();
+        root.sub_registry_with_prefix("stowage_node").register(
+            "things",
+            "Things",
+            Counter::<u64>::default(),
+        );
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &root).unwrap();
+        let info = format!("\nstowage_build_info{{version=\"{VERSION}\",commit=\"{COMMIT}\"}} 1\n");
+        assert!(body.contains(&info), "{body}");
+        assert!(body.contains("\nstowage_node_things_total 0\n"), "{body}");
+        assert_eq!(body.matches("build_info").count(), 3, "{body}");
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        assert_eq!(LONG_VERSION, format!("{VERSION} (commit {COMMIT})"));
+        assert!(!COMMIT.is_empty());
     }
 }

@@ -31,7 +31,6 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 use crate::backend::csi_proxy::{CsiDriver, DriverEndpoint};
@@ -358,8 +357,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let client = Client::try_default().await.map_err(Error::Connect)?;
     ensure_crds_established(&client).await?;
 
-    let mut registry = Registry::with_prefix("stowage");
-    let metrics = Metrics::register(&mut registry);
+    let mut registry = telemetry::registry();
+    let metrics = Metrics::register(registry.sub_registry_with_prefix("stowage"));
     let http = telemetry::serve_http(
         config.metrics_addr,
         Arc::new(registry),

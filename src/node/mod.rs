@@ -23,7 +23,6 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use prometheus_client::registry::Registry;
 use serde_json::json;
 
 use crate::backend::local::{self, Store};
@@ -130,8 +129,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         source,
     })?;
 
-    let mut registry = Registry::with_prefix("stowage_node");
-    let metrics = Metrics::register(&mut registry);
+    let mut root = telemetry::registry();
+    let registry = root.sub_registry_with_prefix("stowage_node");
+    let metrics = Metrics::register(registry);
     let registered = Gauge::<i64, AtomicI64>::default();
     registered.set(-1);
     registry.register(
@@ -153,7 +153,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     let http = telemetry::serve_http(
         config.metrics_addr,
-        Arc::new(registry),
+        Arc::new(root),
         health,
         readiness.clone(),
     );

@@ -248,6 +248,15 @@ async fn metrics_report_jobs_backlog_and_claim_latency() {
     ] {
         assert!(body.contains(series), "/metrics lacks {series}:\n{body}");
     }
+    let build_info = format!(
+        "stowage_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        stowage::telemetry::VERSION,
+        stowage::telemetry::COMMIT
+    );
+    assert!(
+        body.contains(&build_info),
+        "/metrics lacks {build_info}:\n{body}"
+    );
     let bound = bound_count(&body);
     assert!(bound >= 1.0, "no bound claim observed");
     let (status, _) = http_get(&stack.metrics_url.replace("/metrics", "/healthz")).await;

@@ -159,6 +159,21 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .expect("creating test namespace");
+        // The API server refuses pods until the namespace's default
+        // ServiceAccount exists; kube-controller-manager makes it.
+        let accounts =
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &name);
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(
+                accounts,
+                "default",
+                |a: Option<&k8s_openapi::api::core::v1::ServiceAccount>| a.is_some(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no default ServiceAccount in {name} after 60s"))
+        .expect("watching ServiceAccounts");
         TestNamespace { client, name }
     }
 

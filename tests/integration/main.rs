@@ -8,6 +8,7 @@ mod csi_sanity;
 mod expansion;
 mod fixtures;
 mod harness;
+mod image;
 mod leader_election;
 mod manifests;
 mod node_handover;

@@ -172,6 +172,14 @@ async fn kubelet_registers_and_stages_publishes_through_one_socket() {
         metrics.contains("stowage_node_kubelet_registered 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(&format!(
+            "\nstowage_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            stowage::telemetry::VERSION,
+            stowage::telemetry::COMMIT
+        )),
+        "{metrics}"
+    );
     let (status, _) = http_get(&format!("http://{metrics_addr}/healthz")).await;
     assert_eq!(status, 200, "/healthz of a registered node agent");
 
