@@ -104,3 +104,40 @@ fn api_server_and_stowage_accept_the_examples() {
         "no stowage container found in manifests/examples"
     );
 }
+
+/// `kubectl apply -k manifests/` installs this release: every stowage image
+/// the kustomization renders carries the crate's version, which is the tag
+/// `just image` builds.
+#[test]
+fn the_kustomization_installs_this_release() {
+    let out = Command::new(upstream_binary("kubectl"))
+        .arg("kustomize")
+        .arg(repo_root().join("manifests"))
+        .output()
+        .expect("running kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    let images: Vec<&str> = rendered
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    assert_eq!(images.len(), 2, "controller and node agent: {images:?}");
+    let expected = format!("stowage.dev/stowage:{}", env!("CARGO_PKG_VERSION"));
+    for image in images {
+        assert_eq!(image, expected);
+    }
+    for kind in [
+        "kind: CustomResourceDefinition",
+        "kind: CSIDriver",
+        "kind: DaemonSet",
+    ] {
+        assert!(
+            rendered.contains(kind),
+            "{kind} missing from the kustomization"
+        );
+    }
+}
