@@ -6,10 +6,11 @@ has written them since Docker 25: an OCI image layout (`oci-layout`,
 and Layers name the same blobs.
 
 Stdlib only and deterministic: layer entries sorted, owned by 0:0, every
-mtime in a layer set to that layer's MTIME, gzip without name or timestamp. The same trees and arguments
-give the same bytes, hence the same image digest. (umoci and skopeo can each
-write one of the two formats but not one archive holding both, and would
-need their own timestamp handling; this writer is about 200 lines.)
+mtime in a layer set to that layer's MTIME, gzip without name or timestamp.
+The same trees and arguments give the same bytes, hence the same image
+digest. (umoci and skopeo can each write one of the two formats but not one
+archive holding both, and would need their own timestamp handling; this
+writer is under 200 lines and needs nothing but Python.)
 
 usage: oci-archive.py --name stowage.dev/stowage --tag 0.1.0 --created EPOCH
          --layer MTIME:DIR:COMMENT [--layer ...] [--entrypoint PATH] [--env K=V]
