@@ -34,15 +34,9 @@ case "$cmd" in
     base=$(realpath --relative-to="$overlay" "$REPO_ROOT/manifests")
     data=$dir/node/stowage-data
     env_patch="
-    - op: add
-      path: /spec/template/spec/containers/0/env/-
-      value: {name: KUBERNETES_SERVICE_HOST, value: \"$STOWAGE_POD_GATEWAY\"}
-    - op: add
-      path: /spec/template/spec/containers/0/env/-
-      value: {name: KUBERNETES_SERVICE_PORT, value: \"$STOWAGE_API_PORT\"}
-    - op: add
-      path: /spec/template/spec/containers/0/imagePullPolicy
-      value: Never"
+      - {op: add, path: /spec/template/spec/containers/0/env/-, value: {name: KUBERNETES_SERVICE_HOST, value: \"$STOWAGE_POD_GATEWAY\"}}
+      - {op: add, path: /spec/template/spec/containers/0/env/-, value: {name: KUBERNETES_SERVICE_PORT, value: \"$STOWAGE_API_PORT\"}}
+      - {op: add, path: /spec/template/spec/containers/0/imagePullPolicy, value: Never}"
     # The test ops fail the apply if manifests/ moved what this replaces.
     cat > "$overlay/kustomization.yaml" <<YAML
 apiVersion: kustomize.config.k8s.io/v1beta1
@@ -57,16 +51,16 @@ patches:
     patch: |-$env_patch
   - target: {kind: DaemonSet, name: stowage-node}
     patch: |-$env_patch
-    - {op: test, path: /spec/template/spec/volumes/0/name, value: kubelet}
-    - {op: replace, path: /spec/template/spec/volumes/0/hostPath/path, value: "$STOWAGE_KUBELET_DIR"}
-    - {op: replace, path: /spec/template/spec/containers/0/volumeMounts/0/mountPath, value: "$STOWAGE_KUBELET_DIR"}
-    - {op: test, path: /spec/template/spec/volumes/1/name, value: data}
-    - {op: replace, path: /spec/template/spec/volumes/1/hostPath/path, value: "$data"}
-    - {op: replace, path: /spec/template/spec/containers/0/volumeMounts/1/mountPath, value: "$data"}
-    - {op: test, path: /spec/template/spec/containers/0/env/2/name, value: STOWAGE_DATA_DIR}
-    - {op: replace, path: /spec/template/spec/containers/0/env/2/value, value: "$data"}
-    - {op: test, path: /spec/template/spec/containers/0/env/3/name, value: KUBELET_DIR}
-    - {op: replace, path: /spec/template/spec/containers/0/env/3/value, value: "$STOWAGE_KUBELET_DIR"}
+      - {op: test, path: /spec/template/spec/volumes/0/name, value: kubelet}
+      - {op: replace, path: /spec/template/spec/volumes/0/hostPath/path, value: "$STOWAGE_KUBELET_DIR"}
+      - {op: replace, path: /spec/template/spec/containers/0/volumeMounts/0/mountPath, value: "$STOWAGE_KUBELET_DIR"}
+      - {op: test, path: /spec/template/spec/volumes/1/name, value: data}
+      - {op: replace, path: /spec/template/spec/volumes/1/hostPath/path, value: "$data"}
+      - {op: replace, path: /spec/template/spec/containers/0/volumeMounts/1/mountPath, value: "$data"}
+      - {op: test, path: /spec/template/spec/containers/0/env/2/name, value: STOWAGE_DATA_DIR}
+      - {op: replace, path: /spec/template/spec/containers/0/env/2/value, value: "$data"}
+      - {op: test, path: /spec/template/spec/containers/0/env/3/name, value: KUBELET_DIR}
+      - {op: replace, path: /spec/template/spec/containers/0/env/3/value, value: "$STOWAGE_KUBELET_DIR"}
 YAML
     "$STOWAGE_KUBE_BIN/kubectl" --kubeconfig "$dir/kubeconfig" apply -k "$overlay"
     ;;
