@@ -26,7 +26,10 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use super::{Context, Error, capacity};
+use kube::runtime::Controller;
+
+use super::informer::Informers;
+use super::{Context, Error, capacity, claim_of_pv, claim_of_volume, job};
 use crate::backend::local::{self, Parameters};
 use crate::crd::{Volume, VolumePhase};
 use crate::quantity::{format_bytes, parse_bytes};
@@ -270,6 +273,21 @@ fn conditions_with(
         });
     }
     out
+}
+
+/// The expansion job, on its own queue: an expansion never waits behind a
+/// provisioning storm.
+pub fn controller(
+    ctx: Arc<Context>,
+    informers: &mut Informers,
+) -> impl Future<Output = ()> + Send + 'static {
+    let claims = informers.claims.subscribe();
+    let volumes = informers.volumes.subscribe();
+    let pvs = informers.pvs.subscribe();
+    let controller = Controller::for_shared_stream(claims, ctx.stores.claims.clone())
+        .watches_shared_stream(volumes, claim_of_volume)
+        .watches_shared_stream(pvs, claim_of_pv);
+    job(controller, reconcile, error_policy, ctx)
 }
 
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
