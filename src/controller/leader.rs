@@ -239,8 +239,19 @@ impl LeaderElector {
     }
 
     /// Gives the lease up so a standby takes over without waiting it out.
+    /// Bounded by the renew deadline as a whole: it runs on the way out,
+    /// within the pod's termination grace period.
     pub async fn release(&self) {
         self.renewals.set(None);
+        if tokio::time::timeout(self.config.renew_deadline, self.try_release())
+            .await
+            .is_err()
+        {
+            tracing::warn!("releasing leader lease timed out");
+        }
+    }
+
+    async fn try_release(&self) {
         let Ok(Some(mut lease)) = self.call(self.api.get_opt(&self.config.lease_name)).await else {
             return;
         };

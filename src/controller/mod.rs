@@ -420,6 +420,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
             () = shutdown.requested() => {
                 jobs.abort();
+                // An attempt cut short may have won the lease unseen.
+                elector.release().await;
                 return Ok(());
             }
         },
@@ -442,7 +444,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tracing::info!("controller started");
         std::future::pending::<()>().await
     };
-    let result = tokio::select! {
+    let mut result = tokio::select! {
         () = shutdown.requested() => Ok(()),
         () = serving => unreachable!("serves until stopped"),
         lost = &mut renewing => Err(Error::Election(lost)),
@@ -454,12 +456,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // are idempotent: the next leader picks up whatever is left.
     ctx.gate.close();
     if result.is_ok() {
-        let drained = tokio::select! {
-            drained = ctx.gate.drained(config.shutdown_timeout) => drained,
-            _ = &mut renewing => false,
-        };
-        if !drained {
-            tracing::warn!(timeout = ?config.shutdown_timeout, "reconciles still running at shutdown; abandoning them");
+        tokio::select! {
+            drained = ctx.gate.drained(config.shutdown_timeout) => if !drained {
+                tracing::warn!(timeout = ?config.shutdown_timeout, "reconciles still running at shutdown; abandoning them");
+            },
+            lost = &mut renewing => result = Err(Error::Election(lost)),
         }
     }
     jobs.abort();
