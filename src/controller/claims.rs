@@ -124,15 +124,34 @@ pub async fn reconcile(
     if !ours {
         return Ok(Action::await_change());
     }
+    // Also here: classes may have arrived after the claims that name them.
+    count_pending(&ctx);
     let name = provision::volume_name(&claim).unwrap_or_default();
     let volume = s.volumes.get(&ObjectRef::new(&name));
     let pv = s.pvs.get(&ObjectRef::new(&name));
+    let named = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .filter(|n| !n.is_empty());
+    // Every Volume (for room on nodes) and every PV (for a static match)
+    // matter only to a claim still looking for its PV; one that names its
+    // PV, or has ours, needs that PV alone.
+    let looking = named.is_none() && volume.is_none() && pv.is_none();
     let storage_nodes = s.storage_nodes.state();
-    let all_volumes = s.volumes.state();
+    let all_volumes = if looking {
+        s.volumes.state()
+    } else {
+        Vec::new()
+    };
     let nodes: Vec<_> = storage_nodes.iter().map(|n| n.as_ref()).collect();
     let volumes: Vec<_> = all_volumes.iter().map(|v| v.as_ref()).collect();
 
-    let pvs = s.pvs.state();
+    let pvs = match (&named, &pv) {
+        (Some(named), _) => s.pvs.get(&ObjectRef::new(named)).into_iter().collect(),
+        (None, Some(pv)) => vec![pv.clone()],
+        (None, None) => s.pvs.state(),
+    };
     let pv_refs: Vec<_> = pvs.iter().map(|p| p.as_ref()).collect();
     let static_match = class.as_deref().is_some_and(|c| {
         c.volume_binding_mode.as_deref() != Some(BINDING_WAIT_FOR_FIRST_CONSUMER)
