@@ -150,7 +150,7 @@ impl<K: Kind> Informer<K> {
             while let Some(event) = events.next().await {
                 match event {
                     Ok(watcher::Event::Init) => {
-                        progress.advanced(false);
+                        progress.list_started();
                         relist = Some(Relist::begin(store.state()));
                     }
                     Ok(watcher::Event::InitApply(_)) => progress.advanced(false),
@@ -276,6 +276,19 @@ impl WatchProgress {
 
     pub fn state(&self) -> ProgressState {
         *self.state.lock().expect("progress lock poisoned")
+    }
+
+    /// A list (re)starts. The watcher says so before every attempt, also
+    /// when the last one failed: only the first of a row starts the stall
+    /// clock, or a list that fails forever would look busy.
+    fn list_started(&self) {
+        let mut state = self.state.lock().expect("progress lock poisoned");
+        if state.listed {
+            *state = ProgressState {
+                last_event: Instant::now(),
+                listed: false,
+            };
+        }
     }
 
     fn advanced(&self, listed: bool) {
@@ -479,6 +492,26 @@ mod tests {
         assert_eq!(store.len(), 5000);
         let mut first = unconsumed.into_iter().next().unwrap();
         assert!(first.next().await.is_some(), "subscriber got nothing");
+    }
+
+    /// The watcher announces each list attempt; attempts that fail are no
+    /// progress, so the stall clock keeps running.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_that_keeps_failing_makes_no_progress() {
+        let informer = Informer::<ConfigMap>::default();
+        let progress = informer.progress();
+        let started = progress.state().last_event;
+        tokio::time::advance(std::time::Duration::from_secs(30)).await;
+        let attempts = (0..3).flat_map(|_| {
+            [
+                Ok(watcher::Event::Init),
+                Err(watcher::Error::NoResourceVersion),
+            ]
+        });
+        informer.run_on(stream::iter(attempts)).await;
+        let state = progress.state();
+        assert!(!state.listed);
+        assert_eq!(state.last_event, started);
     }
 
     #[tokio::test]
