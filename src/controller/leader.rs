@@ -35,7 +35,9 @@ pub enum ElectionError {
         name: String,
         deadline: Duration,
     },
-    #[error("lost the leader lease {namespace}/{name}: another replica holds it now")]
+    #[error(
+        "lost the leader lease {namespace}/{name}: another replica holds it now; stopped acting"
+    )]
     Taken { namespace: String, name: String },
     #[error(
         "leader election: renew deadline {renew_deadline:?} must be shorter than the lease \

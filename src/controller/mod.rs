@@ -196,6 +196,38 @@ pub struct Context {
 }
 
 impl Context {
+    fn new(
+        config: &Config,
+        client: Client,
+        metrics: Metrics,
+        stores: Stores,
+        identity: String,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "stowage-controller".into(),
+                instance: Some(identity),
+            },
+        );
+        Context {
+            client,
+            metrics,
+            stores,
+            drivers: config
+                .csi_drivers
+                .iter()
+                .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
+                .collect(),
+            serve_local: config.serve_local,
+            recorder,
+            failures: Mutex::default(),
+            gate: lifecycle::Gate::default(),
+            workers: config.workers,
+            pending: Mutex::default(),
+        }
+    }
+
     /// Whether stowage provisions for this provisioner name.
     pub fn serves(&self, provisioner: &str) -> bool {
         (self.serve_local && provisioner == local::DRIVER_NAME)
@@ -344,23 +376,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         client = connect => client?,
         () = shutdown.requested() => return Ok(()),
     };
-
     let identity = config.identity.clone().unwrap_or_else(default_identity);
     let elector = config
         .leader_elect
-        .then(|| {
-            leader::LeaderElector::new(
-                client.clone(),
-                leader::ElectionConfig {
-                    namespace: config.leader_election_namespace.clone(),
-                    lease_name: config.leader_election_lease.clone(),
-                    identity: identity.clone(),
-                    lease_duration: Duration::from_secs(15),
-                    renew_deadline: Duration::from_secs(10),
-                    retry_period: Duration::from_secs(2),
-                },
-            )
-        })
+        .then(|| leader::LeaderElector::new(client.clone(), election(&config, &identity)))
         .transpose()?;
 
     let mut informers = informer::Informers::default();
@@ -372,31 +391,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stall_timeout: config.health_stall_timeout,
     };
     let http = telemetry::serve_http(config.metrics_addr, Arc::new(registry), Arc::new(health));
-    tokio::pin!(http);
-
-    let recorder = Recorder::new(
+    let ctx = Arc::new(Context::new(
+        &config,
         client.clone(),
-        Reporter {
-            controller: "stowage-controller".into(),
-            instance: Some(identity),
-        },
-    );
-    let ctx = Arc::new(Context {
-        client: client.clone(),
         metrics,
-        stores: informers.stores(),
-        drivers: config
-            .csi_drivers
-            .iter()
-            .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
-            .collect(),
-        serve_local: config.serve_local,
-        recorder,
-        failures: Mutex::default(),
-        gate: lifecycle::Gate::default(),
-        workers: config.workers,
-        pending: Mutex::default(),
-    });
+        informers.stores(),
+        identity,
+    ));
     ask_drivers(&ctx);
 
     // Each job subscribes to the watches it needs; then the watches start.
@@ -411,27 +412,67 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let jobs = tokio::spawn(futures::future::join_all(jobs));
     let watches = tokio::spawn(informers.run(&client));
 
-    let acquired = match &elector {
+    let result = lead(
+        &ctx,
+        elector.as_ref(),
+        &shutdown,
+        http,
+        config.shutdown_timeout,
+    )
+    .await;
+
+    // Nothing acts any more; then give the lease up, whichever way we
+    // came here (release leaves a lease that is not ours alone).
+    jobs.abort();
+    watches.abort();
+    let _ = jobs.await;
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    match &result {
+        Ok(()) => tracing::info!("controller stopped"),
+        Err(e) => tracing::error!(error = %e, "controller stopped"),
+    }
+    result
+}
+
+fn election(config: &Config, identity: &str) -> leader::ElectionConfig {
+    leader::ElectionConfig {
+        namespace: config.leader_election_namespace.clone(),
+        lease_name: config.leader_election_lease.clone(),
+        identity: identity.to_string(),
+        lease_duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry_period: Duration::from_secs(2),
+    }
+}
+
+/// Waits for the lease (if elected), opens the gate once every cache is
+/// complete, and acts until asked to stop or until the lease or the HTTP
+/// server is lost. Returns with the gate closed and, on a clean stop, the
+/// running reconciles finished or `shutdown_timeout` spent.
+async fn lead(
+    ctx: &Context,
+    elector: Option<&leader::LeaderElector>,
+    shutdown: &lifecycle::Shutdown,
+    http: impl Future<Output = std::io::Result<()>>,
+    shutdown_timeout: Duration,
+) -> Result<(), Error> {
+    tokio::pin!(http);
+    let http_stopped =
+        |res: std::io::Result<()>| Err(res.err().map_or(Error::HttpStopped, Error::Http));
+    let acquired = match elector {
         Some(elector) => tokio::select! {
             acquired = elector.acquire() => Some(acquired),
-            res = &mut http => {
-                jobs.abort();
-                return res.map_err(Error::Http);
-            }
-            () = shutdown.requested() => {
-                jobs.abort();
-                // An attempt cut short may have won the lease unseen.
-                elector.release().await;
-                return Ok(());
-            }
+            res = &mut http => return http_stopped(res),
+            () = shutdown.requested() => return Ok(()),
         },
         None => None,
     };
 
-    // From here on we may hold the lease: every way out releases it.
     // Renewing runs on its own, from acquisition, whatever the jobs do.
     let renewing = async {
-        match (&elector, acquired) {
+        match (elector, acquired) {
             (Some(elector), Some(acquired)) => elector.hold(acquired).await,
             _ => std::future::pending().await,
         }
@@ -448,30 +489,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
         () = shutdown.requested() => Ok(()),
         () = serving => unreachable!("serves until stopped"),
         lost = &mut renewing => Err(Error::Election(lost)),
-        res = &mut http => res.map_err(Error::Http).and(Err(Error::HttpStopped)),
+        res = &mut http => http_stopped(res),
     };
 
-    // Stop acting: nothing new starts; what runs gets a moment to finish
-    // (while the lease is still renewed), then is abandoned. Reconciles
-    // are idempotent: the next leader picks up whatever is left.
+    // Stop acting: nothing new starts; on a clean stop what runs gets a
+    // moment to finish, while the lease is still renewed. Reconciles are
+    // idempotent: the next leader picks up whatever is left.
     ctx.gate.close();
     if result.is_ok() {
         tokio::select! {
-            drained = ctx.gate.drained(config.shutdown_timeout) => if !drained {
-                tracing::warn!(timeout = ?config.shutdown_timeout, "reconciles still running at shutdown; abandoning them");
+            drained = ctx.gate.drained(shutdown_timeout) => if !drained {
+                tracing::warn!(timeout = ?shutdown_timeout, "reconciles still running at shutdown; abandoning them");
             },
             lost = &mut renewing => result = Err(Error::Election(lost)),
         }
-    }
-    jobs.abort();
-    watches.abort();
-    let _ = jobs.await;
-    if let Some(elector) = &elector {
-        elector.release().await;
-    }
-    match &result {
-        Ok(()) => tracing::info!("controller stopped"),
-        Err(e) => tracing::error!(error = %e, "controller stopped"),
     }
     result
 }
