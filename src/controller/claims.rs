@@ -134,18 +134,20 @@ pub async fn reconcile(
         .as_ref()
         .and_then(|s| s.volume_name.clone())
         .filter(|n| !n.is_empty());
-    // Every Volume (for room on nodes) and every PV (for a static match)
-    // matter only to a claim still looking for its PV; one that names its
-    // PV, or has ours, needs that PV alone.
+    // Room on nodes and every PV (for a static match) matter only to a
+    // claim still looking for its PV; one that names its PV, or has ours,
+    // needs that PV alone.
     let looking = named.is_none() && volume.is_none() && pv.is_none();
     let storage_nodes = s.storage_nodes.state();
-    let all_volumes = if looking {
-        s.volumes.state()
+    let promised = if looking {
+        ctx.promised
+            .lock()
+            .expect("capacity index poisoned")
+            .per_node()
     } else {
-        Vec::new()
+        BTreeMap::new()
     };
     let nodes: Vec<_> = storage_nodes.iter().map(|n| n.as_ref()).collect();
-    let volumes: Vec<_> = all_volumes.iter().map(|v| v.as_ref()).collect();
 
     let pvs = match (&named, &pv) {
         (Some(named), _) => s.pvs.get(&ObjectRef::new(named)).into_iter().collect(),
@@ -182,7 +184,7 @@ pub async fn reconcile(
         volume: volume.as_deref(),
         pv: pv.as_deref(),
         storage_nodes: &nodes,
-        all_volumes: &volumes,
+        promised: &promised,
         static_match,
         remote,
         serve_local: ctx.serve_local,

@@ -193,6 +193,8 @@ pub struct Context {
     pub workers: u16,
     /// Claims not bound yet, by what they wait for.
     pub(crate) pending: Mutex<pending::PendingClaims>,
+    /// Bytes promised on each node, from the Volume watch.
+    pub(crate) promised: Mutex<capacity::Promised>,
 }
 
 impl Context {
@@ -225,6 +227,7 @@ impl Context {
             gate: lifecycle::Gate::default(),
             workers: config.workers,
             pending: Mutex::default(),
+            promised: Mutex::default(),
         }
     }
 
@@ -400,6 +403,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ));
     ask_drivers(&ctx);
 
+    index_capacity(&ctx, &mut informers);
     // Each job subscribes to the watches it needs; then the watches start.
     // Jobs drain their streams from now on, whether or not we lead.
     let jobs = [
@@ -434,6 +438,21 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Err(e) => tracing::error!(error = %e, "controller stopped"),
     }
     result
+}
+
+/// Room on nodes, shared by the claim and expansion jobs: kept from the
+/// Volume watch, before any job hears of a change.
+fn index_capacity(ctx: &Arc<Context>, informers: &mut informer::Informers) {
+    let applied = ctx.clone();
+    informers.volumes.on_apply(move |v| {
+        let mut promised = applied.promised.lock().expect("capacity index poisoned");
+        promised.apply(v);
+    });
+    let deleted = ctx.clone();
+    informers.volumes.on_delete(move |v| {
+        let mut promised = deleted.promised.lock().expect("capacity index poisoned");
+        promised.delete(v);
+    });
 }
 
 fn election(config: &Config, identity: &str) -> leader::ElectionConfig {

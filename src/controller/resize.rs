@@ -322,10 +322,13 @@ pub async fn reconcile(
     let volume = s.volumes.get(&ObjectRef::new(&volume_name));
     let free_on_node = volume.as_ref().and_then(|v| {
         let nodes = s.storage_nodes.state();
-        let volumes = s.volumes.state();
         let nodes: Vec<_> = nodes.iter().map(|n| n.as_ref()).collect();
-        let volumes: Vec<_> = volumes.iter().map(|v| v.as_ref()).collect();
-        capacity::free_on(&nodes, &volumes, v.spec.node.as_deref()?)
+        let promised = ctx
+            .promised
+            .lock()
+            .expect("capacity index poisoned")
+            .per_node();
+        capacity::free_on(&nodes, &promised, v.spec.node.as_deref()?)
     });
     let view = ResizeView {
         claim: &claim,
