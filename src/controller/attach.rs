@@ -16,16 +16,15 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::secrets::{self, SecretRef};
-use kube::core::PartialObjectMeta;
-use kube::runtime::Controller;
-
 use super::informer::Informers;
+use super::secrets::{self, SecretRef};
 use super::{Context, Error, job, trigger};
 use crate::backend::csi_proxy::Capability;
 

@@ -5,19 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::informer::Informers;
 use super::protocol::*;
 use super::reclaim::{self, Reclaim};
-use k8s_openapi::api::storage::v1::VolumeAttachment;
-use kube::runtime::Controller;
-
-use super::informer::Informers;
 use super::{Context, Error, attach, job, provision, remote_volumes, trigger};
 use crate::crd::Volume;
 

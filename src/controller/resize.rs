@@ -20,13 +20,12 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
-
-use kube::runtime::Controller;
 
 use super::informer::Informers;
 use super::{Context, Error, capacity, claim_of_pv, claim_of_volume, job};
