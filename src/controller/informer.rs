@@ -156,6 +156,7 @@ impl<K: Kind> Informer<K> {
                     Ok(watcher::Event::InitApply(_)) => progress.advanced(false),
                     Ok(watcher::Event::InitDone) => {
                         let after = store.state();
+                        tracing::debug!(kind = %K::kind(&()), objects = after.len(), "listed");
                         let changes = relist.take().unwrap_or_default().finish(&after);
                         if !changes.deleted.is_empty() {
                             tracing::info!(
@@ -249,6 +250,10 @@ impl<K: Kind> Relist<K> {
 pub struct WatchProgress {
     kind: String,
     state: Mutex<ProgressState>,
+    /// Whether a list ever completed. Its own signal, not the store's
+    /// `wait_until_ready`: that one remembers a single waiter's waker, and
+    /// each job's `Controller` waits on it too.
+    listed_once: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -267,7 +272,15 @@ impl WatchProgress {
                 last_event: Instant::now(),
                 listed: false,
             }),
+            listed_once: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Resolves once the cache has held a complete list.
+    pub async fn listed(&self) {
+        let mut listed = self.listed_once.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = listed.wait_for(|l| *l).await;
     }
 
     pub fn kind(&self) -> &str {
@@ -296,6 +309,10 @@ impl WatchProgress {
             last_event: Instant::now(),
             listed,
         };
+        if listed {
+            self.listed_once
+                .send_if_modified(|l| !std::mem::replace(l, true));
+        }
     }
 }
 
@@ -523,6 +540,9 @@ mod tests {
             .run_on(stream::iter(list(&[object("a", "1", "1")])))
             .await;
         assert!(progress.state().listed);
+        tokio::time::timeout(std::time::Duration::from_secs(1), progress.listed())
+            .await
+            .expect("listed() did not resolve after a list");
         assert_eq!(progress.kind(), "ConfigMap");
     }
 }

@@ -349,23 +349,6 @@ pub(crate) fn claim_of_pv(pv: Arc<PersistentVolume>) -> Option<ObjectRef<Persist
     Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
 }
 
-impl Stores {
-    /// Every cache holds a complete list.
-    async fn ready(&self) {
-        let ready = futures::future::try_join_all([
-            self.claims.wait_until_ready().boxed(),
-            self.pvs.wait_until_ready().boxed(),
-            self.volumes.wait_until_ready().boxed(),
-            self.classes.wait_until_ready().boxed(),
-            self.storage_nodes.wait_until_ready().boxed(),
-            self.attachments.wait_until_ready().boxed(),
-            self.csinodes.wait_until_ready().boxed(),
-            self.nodes.wait_until_ready().boxed(),
-        ]);
-        ready.await.expect("reflectors run until the process ends");
-    }
-}
-
 pub async fn run(config: Config) -> Result<(), Error> {
     // First, so that a SIGTERM at any later moment is a request to stop
     // cleanly, never the default "die holding the lease".
@@ -388,8 +371,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut informers = informer::Informers::default();
     let mut registry = Registry::with_prefix("stowage");
     let metrics = Metrics::register(&mut registry);
+    let watches = informers.progress();
     let health = health::ControllerHealth {
-        watches: informers.progress(),
+        watches: watches.clone(),
         renewals: elector.as_ref().map(|e| (e.renewals(), e.renew_deadline())),
         stall_timeout: config.health_stall_timeout,
     };
@@ -414,10 +398,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
         attach::controller(ctx.clone(), &mut informers).boxed(),
     ];
     let jobs = tokio::spawn(futures::future::join_all(jobs));
+    // Each watch's own signal: the stores' readiness wakes one waiter only.
+    let caches = async move {
+        for watch in &watches {
+            watch.listed().await;
+        }
+    };
     let watches = tokio::spawn(informers.run(&client));
 
     let result = lead(
         &ctx,
+        caches,
         elector.as_ref(),
         &shutdown,
         http,
@@ -466,12 +457,13 @@ fn election(config: &Config, identity: &str) -> leader::ElectionConfig {
     }
 }
 
-/// Waits for the lease (if elected), opens the gate once every cache is
-/// complete, and acts until asked to stop or until the lease or the HTTP
+/// Waits for the lease (if elected), opens the gate once `caches` says
+/// every cache is complete, and acts until asked to stop or until the lease or the HTTP
 /// server is lost. Returns with the gate closed and, on a clean stop, the
 /// running reconciles finished or `shutdown_timeout` spent.
 async fn lead(
     ctx: &Context,
+    caches: impl Future<Output = ()>,
     elector: Option<&leader::LeaderElector>,
     shutdown: &lifecycle::Shutdown,
     http: impl Future<Output = std::io::Result<()>>,
@@ -499,7 +491,7 @@ async fn lead(
     tokio::pin!(renewing);
     let serving = async {
         // Decide nothing from a half-filled cache.
-        ctx.stores.ready().await;
+        caches.await;
         ctx.gate.open();
         tracing::info!("controller started");
         std::future::pending::<()>().await
