@@ -2,6 +2,7 @@
 # hold.sh [--cleanup DIR] -- COMMAND...
 # Runs COMMAND until whoever started us closes our stdin (for example by
 # exiting), then stops it with SIGTERM (SIGKILL after 5s) and removes DIR.
+# Exits with COMMAND's status (137 when it had to be killed).
 # Test harnesses use it so that no process outlives the test run.
 set -uo pipefail
 cleanup=
@@ -20,5 +21,6 @@ kill -TERM "$child" 2>/dev/null
 for _ in $(seq 50); do running "$child" || break; sleep 0.1; done
 kill -KILL "$child" 2>/dev/null
 wait "$child" 2>/dev/null
+rc=$?
 [[ -n "$cleanup" ]] && rm -rf "$cleanup"
-exit 0
+exit "$rc"

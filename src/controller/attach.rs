@@ -16,13 +16,16 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::informer::Informers;
 use super::secrets::{self, SecretRef};
-use super::{Context, Error};
+use super::{Context, Error, job, trigger};
 use crate::backend::csi_proxy::Capability;
 
 /// Where external-attacher keeps the node ID it published to.
@@ -243,6 +246,30 @@ async fn publish_secrets(
 
 fn error_status(message: &str) -> serde_json::Value {
     json!({ "time": k8s_openapi::jiff::Timestamp::now().to_string(), "message": message })
+}
+
+/// The attach job, on its own queue: a pod start never waits behind
+/// provisioning. A Node deleted gets its VolumeAttachments detached.
+pub fn controller(
+    ctx: Arc<Context>,
+    informers: &mut Informers,
+) -> impl Future<Output = ()> + Send + 'static {
+    let attachments = informers.attachments.subscribe();
+    let (requeue, requeues) = trigger::<VolumeAttachment>();
+    let store = ctx.stores.attachments.clone();
+    informers
+        .nodes
+        .on_delete(move |node: &PartialObjectMeta<Node>| {
+            let name = node.name_any();
+            for va in store.state() {
+                if va.spec.node_name == name {
+                    let _ = requeue.send(ObjectRef::from_obj(va.as_ref()));
+                }
+            }
+        });
+    let controller = Controller::for_shared_stream(attachments, ctx.stores.attachments.clone())
+        .reconcile_on(requeues);
+    job(controller, reconcile, error_policy, ctx)
 }
 
 #[tracing::instrument(skip_all, fields(va = %va.name_any(), node = %va.spec.node_name))]

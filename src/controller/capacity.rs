@@ -1,26 +1,67 @@
 //! Room on each node: what its agent reports, less what Volumes there were
 //! promised. Images are sparse, so promises, not disk usage, must fit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use kube::ResourceExt;
 
 use crate::backend::local;
 use crate::crd::{StorageNode, Volume};
 
-/// Bytes each node has promised to Volumes.
-fn promised_bytes<'a>(volumes: &[&'a Volume]) -> BTreeMap<&'a str, i64> {
-    let mut out = BTreeMap::new();
-    for v in volumes {
-        if let Some(node) = v.spec.node.as_deref() {
-            *out.entry(node).or_default() += v.spec.capacity_bytes;
+/// Bytes each node has promised to Volumes, kept up to date from the Volume
+/// watch, so that placing a claim costs a pass over nodes, not over every
+/// Volume in the cluster.
+#[derive(Debug, Default)]
+pub struct Promised {
+    /// Each Volume's node and size, to undo it when it changes or goes.
+    volumes: HashMap<String, (String, i64)>,
+    /// Bytes and Volumes per node.
+    per_node: BTreeMap<String, (i64, usize)>,
+}
+
+impl Promised {
+    /// A Volume created or changed.
+    pub fn apply(&mut self, volume: &Volume) {
+        let name = volume.name_any();
+        self.forget(&name);
+        if let Some(node) = volume.spec.node.clone() {
+            let (bytes, count) = self.per_node.entry(node.clone()).or_default();
+            *bytes += volume.spec.capacity_bytes;
+            *count += 1;
+            self.volumes
+                .insert(name, (node, volume.spec.capacity_bytes));
         }
     }
-    out
+
+    pub fn delete(&mut self, volume: &Volume) {
+        self.forget(&volume.name_any());
+    }
+
+    fn forget(&mut self, name: &str) {
+        let Some((node, bytes)) = self.volumes.remove(name) else {
+            return;
+        };
+        if let Some((promised, count)) = self.per_node.get_mut(&node) {
+            *promised -= bytes;
+            *count -= 1;
+            if *count == 0 {
+                self.per_node.remove(&node);
+            }
+        }
+    }
+
+    /// Bytes promised per node.
+    pub fn per_node(&self) -> BTreeMap<String, i64> {
+        self.per_node
+            .iter()
+            .map(|(node, (bytes, _))| (node.clone(), *bytes))
+            .collect()
+    }
 }
 
 /// Free bytes per node that runs an agent for our driver (negative when a
 /// node shrank under its promises).
-pub fn free_bytes(nodes: &[&StorageNode], volumes: &[&Volume]) -> Vec<(String, i64)> {
-    let promised = promised_bytes(volumes);
+pub fn free_bytes(nodes: &[&StorageNode], promised: &BTreeMap<String, i64>) -> Vec<(String, i64)> {
     nodes
         .iter()
         .filter(|n| n.spec.driver == local::DRIVER_NAME)
@@ -33,8 +74,52 @@ pub fn free_bytes(nodes: &[&StorageNode], volumes: &[&Volume]) -> Vec<(String, i
 }
 
 /// Free bytes on one node, or None when no agent runs there.
-pub fn free_on(nodes: &[&StorageNode], volumes: &[&Volume], node: &str) -> Option<i64> {
-    free_bytes(nodes, volumes)
+pub fn free_on(
+    nodes: &[&StorageNode],
+    promised: &BTreeMap<String, i64>,
+    node: &str,
+) -> Option<i64> {
+    free_bytes(nodes, promised)
         .into_iter()
         .find_map(|(n, free)| (n == node).then_some(free))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::VolumeSpec;
+
+    fn volume(name: &str, node: &str, bytes: i64) -> Volume {
+        Volume::new(
+            name,
+            VolumeSpec {
+                node: Some(node.into()),
+                capacity_bytes: bytes,
+                ..serde_json::from_value(serde_json::json!({
+                    "driver": local::DRIVER_NAME,
+                    "capacityBytes": 0,
+                    "accessModes": [],
+                }))
+                .unwrap()
+            },
+        )
+    }
+
+    #[test]
+    fn promises_follow_volumes_as_they_change_and_go() {
+        let mut promised = Promised::default();
+        promised.apply(&volume("a", "n1", 10));
+        promised.apply(&volume("b", "n1", 5));
+        promised.apply(&volume("c", "n2", 7));
+        assert_eq!(promised.per_node()["n1"], 15);
+        // Grown by an expansion.
+        promised.apply(&volume("a", "n1", 20));
+        assert_eq!(promised.per_node()["n1"], 25);
+        promised.delete(&volume("b", "n1", 5));
+        promised.delete(&volume("a", "n1", 20));
+        assert!(!promised.per_node().contains_key("n1"));
+        assert_eq!(promised.per_node()["n2"], 7);
+        promised.delete(&volume("gone-already", "n2", 7));
+        assert_eq!(promised.per_node()["n2"], 7);
+    }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -13,10 +14,93 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::bind::{self, BindSteps, Binding};
+use super::informer::Informers;
 use super::protocol::*;
 use super::provision::{self, ClaimView, Provision};
-use super::{Context, Error};
+use super::{Context, Error, claim_of_pv, claim_of_volume, job, trigger};
 use crate::crd::Volume;
+
+/// The claim job: provisions and binds claims; a claim is looked at again
+/// when its Volume or PV changes, and when a Volume is deleted (its room
+/// may let a waiting claim fit).
+pub fn controller(
+    ctx: Arc<Context>,
+    informers: &mut Informers,
+) -> impl Future<Output = ()> + Send + 'static {
+    let claims = informers.claims.subscribe();
+    let volumes = informers.volumes.subscribe();
+    let pvs = informers.pvs.subscribe();
+    {
+        let ctx = ctx.clone();
+        informers.claims.on_apply(move |c| {
+            ctx.pending.lock().expect("pending index poisoned").apply(c);
+            count_pending(&ctx);
+        });
+    }
+    {
+        let ctx = ctx.clone();
+        informers.claims.on_delete(move |c| {
+            if let Some(uid) = c.uid() {
+                ctx.metrics.forget_claim(&uid);
+            }
+            ctx.pending
+                .lock()
+                .expect("pending index poisoned")
+                .delete(c);
+            count_pending(&ctx);
+        });
+    }
+    let (requeue, requeues) = trigger::<PersistentVolumeClaim>();
+    {
+        let ctx = ctx.clone();
+        informers.volumes.on_delete(move |v: &Volume| {
+            for claim in waiting_for_room_of(&ctx, v) {
+                let _ = requeue.send(claim);
+            }
+        });
+    }
+    let controller = Controller::for_shared_stream(claims, ctx.stores.claims.clone())
+        .watches_shared_stream(volumes, claim_of_volume)
+        .watches_shared_stream(pvs, claim_of_pv)
+        .reconcile_on(requeues);
+    job(controller, reconcile, error_policy, ctx)
+}
+
+/// The pending claims a deleted Volume's room could serve: those the
+/// scheduler placed on its node, and those of its driver's Immediate
+/// classes that have no node yet.
+fn waiting_for_room_of(ctx: &Context, volume: &Volume) -> Vec<ObjectRef<PersistentVolumeClaim>> {
+    let pending = ctx.pending.lock().expect("pending index poisoned");
+    let mut claims = volume
+        .spec
+        .node
+        .as_deref()
+        .map(|node| pending.on_node(node))
+        .unwrap_or_default();
+    for class in ctx.stores.classes.state() {
+        if class.provisioner == volume.spec.driver
+            && class.volume_binding_mode.as_deref() != Some(BINDING_WAIT_FOR_FIRST_CONSUMER)
+        {
+            claims.extend(pending.unscheduled(&class.name_any()));
+        }
+    }
+    claims
+}
+
+/// The backlog gauge, from the pending index: a sum over classes.
+fn count_pending(ctx: &Context) {
+    let pending = ctx
+        .pending
+        .lock()
+        .expect("pending index poisoned")
+        .count(|class| {
+            ctx.stores
+                .classes
+                .get(&ObjectRef::new(class))
+                .is_some_and(|c| ctx.serves(&c.provisioner))
+        });
+    ctx.metrics.claims_pending.set(pending as i64);
+}
 
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
 pub async fn reconcile(
@@ -30,15 +114,45 @@ pub async fn reconcile(
         .as_ref()
         .and_then(|s| s.storage_class_name.as_deref())
         .and_then(|name| s.classes.get(&ObjectRef::new(name)));
+    // Another provisioner's claim (most claims of a large cluster): both
+    // plans would skip it; do not read every Volume and PV to find that out.
+    let ours = class.as_deref().is_some_and(|c| {
+        ctx.serves(&c.provisioner)
+            || provision::claim_provisioner(&claim, Some(c)).is_some_and(|p| ctx.serves(p))
+    });
+    if !ours {
+        return Ok(Action::await_change());
+    }
+    // Also here: classes may have arrived after the claims that name them.
+    count_pending(&ctx);
     let name = provision::volume_name(&claim).unwrap_or_default();
     let volume = s.volumes.get(&ObjectRef::new(&name));
     let pv = s.pvs.get(&ObjectRef::new(&name));
+    let named = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .filter(|n| !n.is_empty());
+    // Room on nodes and every PV (for a static match) matter only to a
+    // claim still looking for its PV; one that names its PV, or has ours,
+    // needs that PV alone.
+    let looking = named.is_none() && volume.is_none() && pv.is_none();
     let storage_nodes = s.storage_nodes.state();
-    let all_volumes = s.volumes.state();
+    let promised = if looking {
+        ctx.promised
+            .lock()
+            .expect("capacity index poisoned")
+            .per_node()
+    } else {
+        BTreeMap::new()
+    };
     let nodes: Vec<_> = storage_nodes.iter().map(|n| n.as_ref()).collect();
-    let volumes: Vec<_> = all_volumes.iter().map(|v| v.as_ref()).collect();
 
-    let pvs = s.pvs.state();
+    let pvs = match (&named, &pv) {
+        (Some(named), _) => s.pvs.get(&ObjectRef::new(named)).into_iter().collect(),
+        (None, Some(pv)) => vec![pv.clone()],
+        (None, None) => s.pvs.state(),
+    };
     let pv_refs: Vec<_> = pvs.iter().map(|p| p.as_ref()).collect();
     let static_match = class.as_deref().is_some_and(|c| {
         c.volume_binding_mode.as_deref() != Some(BINDING_WAIT_FOR_FIRST_CONSUMER)
@@ -69,29 +183,13 @@ pub async fn reconcile(
         volume: volume.as_deref(),
         pv: pv.as_deref(),
         storage_nodes: &nodes,
-        all_volumes: &volumes,
+        promised: &promised,
         static_match,
         remote,
         serve_local: ctx.serve_local,
         node_topology,
         cluster_topology,
     };
-    let pending = s
-        .claims
-        .state()
-        .iter()
-        .filter(|c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
-        .filter(|c| {
-            let class = c
-                .spec
-                .as_ref()
-                .and_then(|s| s.storage_class_name.as_deref());
-            class
-                .and_then(|n| s.classes.get(&ObjectRef::new(n)))
-                .is_some_and(|c| ctx.serves(&c.provisioner))
-        })
-        .count();
-    ctx.metrics.claims_pending.set(pending as i64);
     let provision = provision::plan(&view);
     tracing::debug!(?provision, "planned");
     match provision {

@@ -4,6 +4,7 @@
 //! the lease once `renewTime + leaseDurationSeconds` has passed; a holder that
 //! cannot renew within `renew_deadline` stops acting.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -11,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, PostParams};
+use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct ElectionConfig {
@@ -24,12 +26,96 @@ pub struct ElectionConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElectionError {
-    #[error("lost the leader lease {namespace}/{name}: not renewed within {deadline:?}")]
+    #[error(
+        "lost the leader lease {namespace}/{name}: no renewal succeeded within the renew \
+         deadline ({deadline:?}); stopped acting before the lease could expire for another replica"
+    )]
     Lost {
         namespace: String,
         name: String,
         deadline: Duration,
     },
+    #[error(
+        "lost the leader lease {namespace}/{name}: another replica holds it now; stopped acting"
+    )]
+    Taken { namespace: String, name: String },
+    #[error(
+        "leader election: renew deadline {renew_deadline:?} must be shorter than the lease \
+         duration {lease_duration:?}, or two replicas could act at once"
+    )]
+    Timing {
+        renew_deadline: Duration,
+        lease_duration: Duration,
+    },
+}
+
+/// Why renewing stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// No renewal landed within the renew deadline of the last one.
+    Deadline,
+    /// The lease names another holder.
+    Taken,
+}
+
+/// Renews every `retry_period` until no renewal lands within
+/// `renew_deadline` of the last one (counted from when that renewal was
+/// sent, as its `renewTime` says). An attempt that hangs is abandoned at
+/// the deadline, so the caller stops acting before `lease_duration` could
+/// hand the lease to another replica. `renewed` hears of each success.
+pub async fn keep_renewing<F, Fut, E>(
+    acquired: Instant,
+    retry_period: Duration,
+    renew_deadline: Duration,
+    mut renew: F,
+    renewed: impl Fn(Instant),
+) -> Stop
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, E>>,
+    E: std::fmt::Display,
+{
+    let mut last = acquired;
+    loop {
+        let deadline = last + renew_deadline;
+        tokio::time::sleep_until((Instant::now() + retry_period).min(deadline)).await;
+        let sent = Instant::now();
+        if sent >= deadline {
+            return Stop::Deadline;
+        }
+        match tokio::time::timeout_at(deadline, renew()).await {
+            Ok(Ok(true)) => {
+                last = sent;
+                renewed(sent);
+            }
+            Ok(Ok(false)) => return Stop::Taken,
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing leader lease failed"),
+            Err(_) => {
+                tracing::warn!(
+                    ?renew_deadline,
+                    "renewing leader lease did not finish in time"
+                );
+                return Stop::Deadline;
+            }
+        }
+    }
+}
+
+/// When this replica last renewed its lease, for `/healthz`; None while it
+/// does not hold it.
+#[derive(Debug, Default)]
+pub struct Renewals {
+    last: Mutex<Option<Instant>>,
+}
+
+impl Renewals {
+    pub fn last(&self) -> Option<Instant> {
+        *self.last.lock().expect("renewals lock poisoned")
+    }
+
+    fn set(&self, at: Option<Instant>) {
+        *self.last.lock().expect("renewals lock poisoned") = at;
+    }
 }
 
 /// What to do with the lease as it stands, decided without I/O.
@@ -73,24 +159,52 @@ pub fn plan(lease: Option<&Lease>, identity: &str, now: Timestamp) -> LeaseDecis
 pub struct LeaderElector {
     api: Api<Lease>,
     config: ElectionConfig,
+    renewals: Arc<Renewals>,
+}
+
+/// A lease call that took longer than the renew deadline.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 impl LeaderElector {
-    pub fn new(client: Client, config: ElectionConfig) -> Self {
-        LeaderElector {
+    pub fn new(client: Client, config: ElectionConfig) -> Result<Self, ElectionError> {
+        if config.renew_deadline >= config.lease_duration {
+            return Err(ElectionError::Timing {
+                renew_deadline: config.renew_deadline,
+                lease_duration: config.lease_duration,
+            });
+        }
+        Ok(LeaderElector {
             api: Api::namespaced(client, &config.namespace),
             config,
-        }
+            renewals: Arc::default(),
+        })
     }
 
-    /// Returns once this process holds the lease.
-    pub async fn acquire(&self) {
+    pub fn renewals(&self) -> Arc<Renewals> {
+        self.renewals.clone()
+    }
+
+    pub fn renew_deadline(&self) -> Duration {
+        self.config.renew_deadline
+    }
+
+    /// Returns once this process holds the lease, with the moment the
+    /// winning attempt was sent (its `renewTime`).
+    pub async fn acquire(&self) -> Instant {
         let mut waiting_on = None;
         loop {
+            let sent = Instant::now();
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
                     tracing::info!(lease = %self.config.lease_name, identity = %self.config.identity, "became leader");
-                    return;
+                    self.renewals.set(Some(sent));
+                    return sent;
                 }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "leader election: lease update failed"),
@@ -104,26 +218,43 @@ impl LeaderElector {
         }
     }
 
-    /// Renews the lease until it cannot within `renew_deadline`; returns the
-    /// reason. The caller must stop acting at once when this returns.
-    pub async fn hold(&self) -> ElectionError {
-        let mut last_renewal = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(self.config.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => return self.lost(),
-                Err(e) => tracing::warn!(error = %e, "renewing leader lease failed"),
-            }
-            if last_renewal.elapsed() > self.config.renew_deadline {
-                return self.lost();
-            }
+    /// Renews the lease from `acquired` on until it cannot within
+    /// `renew_deadline`; returns the reason. The caller must stop acting at
+    /// once when this returns.
+    pub async fn hold(&self, acquired: Instant) -> ElectionError {
+        let stop = keep_renewing(
+            acquired,
+            self.config.retry_period,
+            self.config.renew_deadline,
+            || self.try_acquire_or_renew(),
+            |at| self.renewals.set(Some(at)),
+        )
+        .await;
+        self.renewals.set(None);
+        match stop {
+            Stop::Deadline => self.lost(),
+            Stop::Taken => ElectionError::Taken {
+                namespace: self.config.namespace.clone(),
+                name: self.config.lease_name.clone(),
+            },
         }
     }
 
     /// Gives the lease up so a standby takes over without waiting it out.
+    /// Bounded by the renew deadline as a whole: it runs on the way out,
+    /// within the pod's termination grace period.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.lease_name).await else {
+        self.renewals.set(None);
+        if tokio::time::timeout(self.config.renew_deadline, self.try_release())
+            .await
+            .is_err()
+        {
+            tracing::warn!("releasing leader lease timed out");
+        }
+    }
+
+    async fn try_release(&self) {
+        let Ok(Some(mut lease)) = self.call(self.api.get_opt(&self.config.lease_name)).await else {
             return;
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
@@ -133,12 +264,28 @@ impl LeaderElector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        if let Err(e) = self
-            .api
-            .replace(&self.config.lease_name, &PostParams::default(), &lease)
+        match self
+            .call(
+                self.api
+                    .replace(&self.config.lease_name, &PostParams::default(), &lease),
+            )
             .await
         {
-            tracing::warn!(error = %e, "releasing leader lease failed");
+            Ok(_) => tracing::info!(lease = %self.config.lease_name, "released the leader lease"),
+            Err(e) => tracing::warn!(error = %e, "releasing leader lease failed"),
+        }
+    }
+
+    /// One API call, abandoned after the renew deadline: a call that hangs
+    /// must not keep the elector from noticing that time is up.
+    async fn call<T>(
+        &self,
+        request: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, CallError> {
+        let limit = self.config.renew_deadline;
+        match tokio::time::timeout(limit, request).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CallError::TimedOut(limit)),
         }
     }
 
@@ -151,15 +298,18 @@ impl LeaderElector {
     }
 
     async fn current_holder(&self) -> Option<String> {
-        let lease = self.api.get_opt(&self.config.lease_name).await.ok()??;
+        let lease = self
+            .call(self.api.get_opt(&self.config.lease_name))
+            .await
+            .ok()??;
         lease.spec?.holder_identity
     }
 
     /// One attempt: Ok(true) when we hold the lease afterwards. Writes use
     /// the read resourceVersion, so two candidates cannot both win.
-    async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    async fn try_acquire_or_renew(&self) -> Result<bool, CallError> {
         let now = Timestamp::now();
-        let current = self.api.get_opt(&self.config.lease_name).await?;
+        let current = self.call(self.api.get_opt(&self.config.lease_name)).await?;
         let decision = plan(current.as_ref(), &self.config.identity, now);
         let spec_for = |transitions: i32, acquired: Option<MicroTime>| LeaseSpec {
             holder_identity: Some(self.config.identity.clone()),
@@ -179,7 +329,8 @@ impl LeaderElector {
                     },
                     spec: Some(spec_for(0, None)),
                 };
-                self.api.create(&PostParams::default(), &lease).await
+                self.call(self.api.create(&PostParams::default(), &lease))
+                    .await
             }
             LeaseDecision::Take { transitions } => {
                 let mut lease = current.expect("Take is only planned for an existing lease");
@@ -194,15 +345,17 @@ impl LeaderElector {
                     None
                 };
                 lease.spec = Some(spec_for(transitions, acquired));
-                self.api
-                    .replace(&self.config.lease_name, &PostParams::default(), &lease)
-                    .await
+                self.call(
+                    self.api
+                        .replace(&self.config.lease_name, &PostParams::default(), &lease),
+                )
+                .await
             }
         };
         match result {
             Ok(_) => Ok(true),
             // Someone else wrote first; we will see their lease next round.
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(CallError::Kube(kube::Error::Api(s))) if s.code == 409 => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -265,5 +418,92 @@ mod tests {
             plan(Some(&l), "a", Timestamp::now()),
             LeaseDecision::Take { transitions: 4 }
         );
+    }
+
+    const RETRY: Duration = Duration::from_secs(2);
+    const DEADLINE: Duration = Duration::from_secs(10);
+    const LEASE: Duration = Duration::from_secs(15);
+
+    /// A leader whose renewals hang (an API server that accepts the
+    /// connection and never answers) stops at the renew deadline, well
+    /// before the lease it last wrote could expire for another replica.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewals_hang_stops_before_its_lease_expires() {
+        let acquired = Instant::now();
+        let attempts = std::cell::Cell::new(0);
+        let stop = keep_renewing(
+            acquired,
+            RETRY,
+            DEADLINE,
+            || {
+                attempts.set(attempts.get() + 1);
+                std::future::pending::<Result<bool, String>>()
+            },
+            |_| panic!("a hanging renewal succeeded"),
+        )
+        .await;
+        assert_eq!(stop, Stop::Deadline);
+        assert_eq!(acquired.elapsed(), DEADLINE);
+        assert!(acquired.elapsed() < LEASE);
+        assert_eq!(attempts.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_counts_from_the_last_renewal_that_landed() {
+        let acquired = Instant::now();
+        let calls = std::cell::Cell::new(0);
+        let renewed = std::cell::RefCell::new(Vec::new());
+        let stop = keep_renewing(
+            acquired,
+            RETRY,
+            DEADLINE,
+            || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                async move {
+                    match n {
+                        // Two renewals land, then the API errors, then hangs.
+                        1 | 2 => Ok(true),
+                        3 | 4 => Err("connection refused".to_string()),
+                        _ => std::future::pending().await,
+                    }
+                }
+            },
+            |at| renewed.borrow_mut().push(at - acquired),
+        )
+        .await;
+        assert_eq!(stop, Stop::Deadline);
+        assert_eq!(*renewed.borrow(), [RETRY, RETRY * 2]);
+        assert_eq!(acquired.elapsed(), RETRY * 2 + DEADLINE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_renewals_stop_at_the_deadline_too() {
+        let acquired = Instant::now();
+        let stop = keep_renewing(
+            acquired,
+            RETRY,
+            DEADLINE,
+            || async { Err::<bool, _>("503") },
+            |_| {},
+        )
+        .await;
+        assert_eq!(stop, Stop::Deadline);
+        assert_eq!(acquired.elapsed(), DEADLINE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_taken_by_another_stops_at_once() {
+        let acquired = Instant::now();
+        let stop = keep_renewing(
+            acquired,
+            RETRY,
+            DEADLINE,
+            || async { Ok::<_, String>(false) },
+            |_| {},
+        )
+        .await;
+        assert_eq!(stop, Stop::Taken);
+        assert_eq!(acquired.elapsed(), RETRY);
     }
 }

@@ -6,8 +6,12 @@ pub mod bind;
 mod capacity;
 mod claims;
 pub mod forbidden;
+mod health;
+pub mod informer;
 pub mod leader;
+pub mod lifecycle;
 mod metrics;
+mod pending;
 mod persistent_volumes;
 pub mod protocol;
 pub mod provision;
@@ -26,17 +30,16 @@ use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, Persis
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{self, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 use crate::backend::csi_proxy::{CsiDriver, DriverEndpoint};
 use crate::backend::local;
 use crate::crd::{StorageNode, Volume};
-use crate::telemetry::{self, AlwaysHealthy};
+use crate::telemetry;
 
 pub use metrics::Metrics;
 
@@ -81,6 +84,17 @@ pub struct Config {
     /// Deadline of each call to a `--csi-driver`, e.g. 30s or 500ms.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub csi_timeout: Duration,
+
+    /// `/healthz` fails when a watch has been listing this long without any
+    /// progress (no event, list not complete), e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub health_stall_timeout: Duration,
+
+    /// On SIGTERM, how long reconciles already running may take to finish
+    /// before they are abandoned and the lease is released. Keep it well
+    /// inside the pod's termination grace period.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -119,6 +133,10 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("metrics server: {0}")]
     Http(#[source] std::io::Error),
+    #[error("metrics server stopped")]
+    HttpStopped,
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
     #[error(transparent)]
     Election(#[from] leader::ElectionError),
     #[error(transparent)]
@@ -146,7 +164,8 @@ impl Error {
             Error::CrdOutdated { .. } => "crd_outdated",
             Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
             Error::Kube(_) => "kube",
-            Error::Http(_) => "http",
+            Error::Http(_) | Error::HttpStopped => "http",
+            Error::Signals(_) => "signals",
             Error::Election(_) => "leader_election",
             Error::Driver(_) => "csi_driver",
             Error::Secrets(_) => "secrets",
@@ -180,9 +199,50 @@ pub struct Context {
     pub serve_local: bool,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
+    /// Whether reconciles may act now.
+    pub gate: lifecycle::Gate,
+    /// `--workers`: objects each job works on at once.
+    pub workers: u16,
+    /// Claims not bound yet, by what they wait for.
+    pub(crate) pending: Mutex<pending::PendingClaims>,
+    /// Bytes promised on each node, from the Volume watch.
+    pub(crate) promised: Mutex<capacity::Promised>,
 }
 
 impl Context {
+    fn new(
+        config: &Config,
+        client: Client,
+        metrics: Metrics,
+        stores: Stores,
+        identity: String,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "stowage-controller".into(),
+                instance: Some(identity),
+            },
+        );
+        Context {
+            client,
+            metrics,
+            stores,
+            drivers: config
+                .csi_drivers
+                .iter()
+                .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
+                .collect(),
+            serve_local: config.serve_local,
+            recorder,
+            failures: Mutex::default(),
+            gate: lifecycle::Gate::default(),
+            workers: config.workers,
+            pending: Mutex::default(),
+            promised: Mutex::default(),
+        }
+    }
+
     /// Whether stowage provisions for this provisioner name.
     pub fn serves(&self, provisioner: &str) -> bool {
         (self.serve_local && provisioner == local::DRIVER_NAME)
@@ -269,233 +329,243 @@ fn failure_key(object: &ObjectReference) -> String {
     )
 }
 
-type Writer<K> = reflector::store::Writer<K>;
-
-/// Fans one watch out to several jobs. Each job gets every applied object on
-/// its own channel; deletions go to `on_delete`, which turns them into
-/// reconcile requests for related objects (kube-runtime's shared streams
-/// deliver no deletions).
-struct Informer<K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static> {
-    store: Store<K>,
-    writer: Writer<K>,
-    sinks: Vec<mpsc::Sender<Arc<K>>>,
-}
-
-impl<K> Informer<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    fn new() -> Self {
-        let (store, writer) = reflector::store();
-        Informer {
-            store,
-            writer,
-            sinks: Vec::new(),
-        }
-    }
-
-    /// A stream of applied objects for one more job.
-    fn subscribe(&mut self) -> impl Stream<Item = Arc<K>> + Send + 'static {
-        let (tx, rx) = mpsc::channel(1024);
-        self.sinks.push(tx);
-        tokio_stream::wrappers::ReceiverStream::new(rx)
-    }
-
-    fn run(
-        self,
-        api: Api<K>,
-        on_delete: impl Fn(&K) + Send + 'static,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let sinks = self.sinks;
-        // managedFields are the largest part of most objects' metadata and
-        // nothing here reads them: the caches hold the rest.
-        let events = watcher(api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(|o| o.meta_mut().managed_fields = None)
-            .reflect(self.writer);
-        events.for_each(move |event| {
-            let sinks = sinks.clone();
-            let applied = match event {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => Some(Arc::new(o)),
-                Ok(watcher::Event::Delete(o)) => {
-                    on_delete(&o);
-                    None
-                }
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
-                    None
-                }
-            };
-            async move {
-                if let Some(o) = applied {
-                    for sink in &sinks {
-                        let _ = sink.send(o.clone()).await;
-                    }
-                }
-            }
-        })
-    }
-}
-
-/// An unbounded channel of reconcile requests, fed from deletions.
-fn trigger<K: Resource<DynamicType = ()>>() -> (
+/// A trigger for one job: reconcile requests sent from another kind's
+/// events (deletions above all). Unbounded, so that a hook on a watch never
+/// waits for a job.
+pub(crate) fn trigger<K: Resource<DynamicType = ()> + 'static>() -> (
     mpsc::UnboundedSender<ObjectRef<K>>,
-    impl Stream<Item = ObjectRef<K>>,
+    impl Stream<Item = ObjectRef<K>> + Send + 'static,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     (tx, tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
 }
 
-pub async fn run(config: Config) -> Result<(), Error> {
-    let client = Client::try_default().await.map_err(Error::Connect)?;
-    ensure_crds_established(&client).await?;
+/// Runs one job's controller until the process ends. Its streams are
+/// drained from the start; each reconcile first passes the gate, so none
+/// acts before this replica leads with complete caches, or after it began
+/// to stop.
+pub(crate) fn job<K, F, Fut>(
+    controller: Controller<K>,
+    reconcile: F,
+    error_policy: fn(Arc<K>, &Error, Arc<Context>) -> Action,
+    ctx: Arc<Context>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    K: informer::Kind,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let workers = ctx.workers;
+    controller
+        .with_config(controller::Config::default().concurrency(workers))
+        .run(
+            move |object, ctx| {
+                // Lazy until polled: nothing happens before the gate.
+                let reconcile = reconcile(object, ctx.clone());
+                async move {
+                    let Some(_pass) = ctx.gate.enter().await else {
+                        return Ok(Action::await_change());
+                    };
+                    reconcile.await
+                }
+            },
+            error_policy,
+            ctx,
+        )
+        .for_each(|_| async {})
+}
 
+/// The claim a Volume serves.
+pub(crate) fn claim_of_volume(v: Arc<Volume>) -> Option<ObjectRef<PersistentVolumeClaim>> {
+    let c = v.spec.claim.as_ref()?;
+    Some(ObjectRef::new(&c.name).within(&c.namespace))
+}
+
+/// The claim a PV is (being) bound to.
+pub(crate) fn claim_of_pv(pv: Arc<PersistentVolume>) -> Option<ObjectRef<PersistentVolumeClaim>> {
+    let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
+    Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
+}
+
+pub async fn run(config: Config) -> Result<(), Error> {
+    // First, so that a SIGTERM at any later moment is a request to stop
+    // cleanly, never the default "die holding the lease".
+    let shutdown = lifecycle::Shutdown::on_signals().map_err(Error::Signals)?;
+    let connect = async {
+        let client = Client::try_default().await.map_err(Error::Connect)?;
+        ensure_crds_established(&client).await?;
+        Ok::<_, Error>(client)
+    };
+    let client = tokio::select! {
+        client = connect => client?,
+        () = shutdown.requested() => return Ok(()),
+    };
+    let identity = config.identity.clone().unwrap_or_else(default_identity);
+    let elector = config
+        .leader_elect
+        .then(|| leader::LeaderElector::new(client.clone(), election(&config, &identity)))
+        .transpose()?;
+
+    let mut informers = informer::Informers::default();
     let mut registry = telemetry::registry();
     let metrics = Metrics::register(registry.sub_registry_with_prefix("stowage"));
+    let watches = informers.progress();
+    let health = health::ControllerHealth {
+        watches: watches.clone(),
+        renewals: elector.as_ref().map(|e| (e.renewals(), e.renew_deadline())),
+        stall_timeout: config.health_stall_timeout,
+    };
     let http = telemetry::serve_http(
         config.metrics_addr,
         Arc::new(registry),
-        Arc::new(AlwaysHealthy),
+        Arc::new(health),
         // A replica waiting for the Lease is as ready as the leader: a
         // rolling update must not wait for it to lead.
-        Arc::new(AlwaysHealthy),
+        Arc::new(crate::telemetry::AlwaysHealthy),
     );
-    tokio::pin!(http);
-
-    // One watch per kind, shared by every job (the sidecars run one each).
-    let mut claims = Informer::<PersistentVolumeClaim>::new();
-    let mut pvs = Informer::<PersistentVolume>::new();
-    let mut volumes = Informer::<Volume>::new();
-    let classes = Informer::<StorageClass>::new();
-    let storage_nodes = Informer::<StorageNode>::new();
-    let mut attachments = Informer::<VolumeAttachment>::new();
-    let csinodes = Informer::<CSINode>::new();
-    // Metadata only: labels and annotations are all attach and topology read.
-    let nodes = Informer::<PartialObjectMeta<Node>>::new();
-    let stores = Stores {
-        csinodes: csinodes.store.clone(),
-        nodes: nodes.store.clone(),
-        attachments: attachments.store.clone(),
-        claims: claims.store.clone(),
-        pvs: pvs.store.clone(),
-        classes: classes.store.clone(),
-        volumes: volumes.store.clone(),
-        storage_nodes: storage_nodes.store.clone(),
-    };
-    let (claims_for_claims, claims_for_pvs, claims_for_resize) =
-        (claims.subscribe(), claims.subscribe(), claims.subscribe());
-    let (pvs_for_claims, pvs_for_pvs, pvs_for_resize) =
-        (pvs.subscribe(), pvs.subscribe(), pvs.subscribe());
-    let (volumes_for_claims, volumes_for_pvs, volumes_for_volumes, volumes_for_resize) = (
-        volumes.subscribe(),
-        volumes.subscribe(),
-        volumes.subscribe(),
-        volumes.subscribe(),
-    );
-
-    // A claim gone: its PV may be Released, its Volume orphaned.
-    let (pv_trigger, pv_triggers) = trigger::<PersistentVolume>();
-    let (volume_trigger, volume_triggers) = trigger::<Volume>();
-    let (claim_trigger, claim_triggers) = trigger::<PersistentVolumeClaim>();
-    let on_claim_deleted = {
-        let (pv_trigger, volume_trigger) = (pv_trigger.clone(), volume_trigger.clone());
-        let metrics = metrics.clone();
-        move |c: &PersistentVolumeClaim| {
-            if let Some(uid) = c.uid() {
-                metrics.forget_claim(&uid);
-            }
-            let Some(name) = provision::volume_name(c) else {
-                return;
-            };
-            let bound = c
-                .spec
-                .as_ref()
-                .and_then(|s| s.volume_name.clone())
-                .filter(|n| !n.is_empty());
-            let _ = pv_trigger.send(ObjectRef::new(bound.as_deref().unwrap_or(&name)));
-            let _ = volume_trigger.send(ObjectRef::new(&name));
-        }
-    };
-    let attachments_for_attach = attachments.subscribe();
-    let (attach_trigger, attach_triggers) = trigger::<VolumeAttachment>();
-    // A Node gone: its VolumeAttachments are to be detached.
-    let on_node_deleted = {
-        let attachments = stores.attachments.clone();
-        move |node: &PartialObjectMeta<Node>| {
-            let name = node.name_any();
-            for va in attachments.state() {
-                if va.spec.node_name == name {
-                    let _ = attach_trigger.send(ObjectRef::from_obj(va.as_ref()));
-                }
-            }
-        }
-    };
-    // A VolumeAttachment gone: its PV may drop our attacher finalizer.
-    let on_attachment_deleted = {
-        let pv_trigger = pv_trigger.clone();
-        move |va: &VolumeAttachment| {
-            if let Some(pv) = va.spec.source.persistent_volume_name.as_deref() {
-                let _ = pv_trigger.send(ObjectRef::new(pv));
-            }
-        }
-    };
-    // A Volume gone: its PV can go, and its space may let a waiting claim fit.
-    let on_volume_deleted = {
-        let claims = stores.claims.clone();
-        move |v: &Volume| {
-            let pv = v
-                .spec
-                .persistent_volume_name
-                .clone()
-                .unwrap_or_else(|| v.name_any());
-            let _ = pv_trigger.send(ObjectRef::new(&pv));
-            for claim in claims.state() {
-                if claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending") {
-                    let _ = claim_trigger.send(ObjectRef::from_obj(claim.as_ref()));
-                }
-            }
-        }
-    };
-    tokio::spawn(claims.run(Api::all(client.clone()), on_claim_deleted));
-    tokio::spawn(attachments.run(Api::all(client.clone()), on_attachment_deleted));
-    tokio::spawn(pvs.run(Api::all(client.clone()), |_| {}));
-    tokio::spawn(volumes.run(Api::all(client.clone()), on_volume_deleted));
-    tokio::spawn(classes.run(Api::all(client.clone()), |_| {}));
-    tokio::spawn(storage_nodes.run(Api::all(client.clone()), |_| {}));
-    tokio::spawn(csinodes.run(Api::all(client.clone()), |_| {}));
-    tokio::spawn(nodes.run(Api::all(client.clone()), on_node_deleted));
-
-    let identity = config.identity.clone().unwrap_or_else(default_identity);
-    let recorder = Recorder::new(
+    let ctx = Arc::new(Context::new(
+        &config,
         client.clone(),
-        Reporter {
-            controller: "stowage-controller".into(),
-            instance: Some(identity.clone()),
-        },
-    );
-    let ctx = Arc::new(Context {
-        client: client.clone(),
         metrics,
-        stores: stores.clone(),
-        drivers: config
-            .csi_drivers
-            .iter()
-            .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
-            .collect(),
-        serve_local: config.serve_local,
-        recorder,
-        failures: Mutex::default(),
-    });
+        informers.stores(),
+        identity,
+    ));
+    ask_drivers(&ctx);
 
-    // Ask each driver what it can do now, so that a wrong socket or driver
-    // name shows in the log at start; a failure is asked again on first use.
+    index_capacity(&ctx, &mut informers);
+    // Each job subscribes to the watches it needs; then the watches start.
+    // Jobs drain their streams from now on, whether or not we lead.
+    let jobs = [
+        claims::controller(ctx.clone(), &mut informers).boxed(),
+        persistent_volumes::controller(ctx.clone(), &mut informers).boxed(),
+        persistent_volumes::volume_controller(ctx.clone(), &mut informers).boxed(),
+        resize::controller(ctx.clone(), &mut informers).boxed(),
+        attach::controller(ctx.clone(), &mut informers).boxed(),
+    ];
+    let jobs = tokio::spawn(futures::future::join_all(jobs));
+    // Each watch's own signal: the stores' readiness wakes one waiter only.
+    let caches = async move {
+        for watch in &watches {
+            watch.listed().await;
+        }
+    };
+    let watches = tokio::spawn(informers.run(&client));
+
+    let result = lead(
+        &ctx,
+        caches,
+        elector.as_ref(),
+        &shutdown,
+        http,
+        config.shutdown_timeout,
+    )
+    .await;
+
+    // Nothing acts any more; then give the lease up, whichever way we
+    // came here (release leaves a lease that is not ours alone).
+    jobs.abort();
+    watches.abort();
+    let _ = jobs.await;
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    match &result {
+        Ok(()) => tracing::info!("controller stopped"),
+        Err(e) => tracing::error!(error = %e, "controller stopped"),
+    }
+    result
+}
+
+/// Room on nodes, shared by the claim and expansion jobs: kept from the
+/// Volume watch, before any job hears of a change.
+fn index_capacity(ctx: &Arc<Context>, informers: &mut informer::Informers) {
+    let applied = ctx.clone();
+    informers.volumes.on_apply(move |v| {
+        let mut promised = applied.promised.lock().expect("capacity index poisoned");
+        promised.apply(v);
+    });
+    let deleted = ctx.clone();
+    informers.volumes.on_delete(move |v| {
+        let mut promised = deleted.promised.lock().expect("capacity index poisoned");
+        promised.delete(v);
+    });
+}
+
+fn election(config: &Config, identity: &str) -> leader::ElectionConfig {
+    leader::ElectionConfig {
+        namespace: config.leader_election_namespace.clone(),
+        lease_name: config.leader_election_lease.clone(),
+        identity: identity.to_string(),
+        lease_duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry_period: Duration::from_secs(2),
+    }
+}
+
+/// Waits for the lease (if elected), opens the gate once `caches` says
+/// every cache is complete, and acts until asked to stop or until the lease or the HTTP
+/// server is lost. Returns with the gate closed and, on a clean stop, the
+/// running reconciles finished or `shutdown_timeout` spent.
+async fn lead(
+    ctx: &Context,
+    caches: impl Future<Output = ()>,
+    elector: Option<&leader::LeaderElector>,
+    shutdown: &lifecycle::Shutdown,
+    http: impl Future<Output = std::io::Result<()>>,
+    shutdown_timeout: Duration,
+) -> Result<(), Error> {
+    tokio::pin!(http);
+    let http_stopped =
+        |res: std::io::Result<()>| Err(res.err().map_or(Error::HttpStopped, Error::Http));
+    let acquired = match elector {
+        Some(elector) => tokio::select! {
+            acquired = elector.acquire() => Some(acquired),
+            res = &mut http => return http_stopped(res),
+            () = shutdown.requested() => return Ok(()),
+        },
+        None => None,
+    };
+
+    // Renewing runs on its own, from acquisition, whatever the jobs do.
+    let renewing = async {
+        match (elector, acquired) {
+            (Some(elector), Some(acquired)) => elector.hold(acquired).await,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::pin!(renewing);
+    let serving = async {
+        // Decide nothing from a half-filled cache.
+        caches.await;
+        ctx.gate.open();
+        tracing::info!("controller started");
+        std::future::pending::<()>().await
+    };
+    let mut result = tokio::select! {
+        () = shutdown.requested() => Ok(()),
+        () = serving => unreachable!("serves until stopped"),
+        lost = &mut renewing => Err(Error::Election(lost)),
+        res = &mut http => http_stopped(res),
+    };
+
+    // Stop acting: nothing new starts; on a clean stop what runs gets a
+    // moment to finish, while the lease is still renewed. Reconciles are
+    // idempotent: the next leader picks up whatever is left.
+    ctx.gate.close();
+    if result.is_ok() {
+        tokio::select! {
+            drained = ctx.gate.drained(shutdown_timeout) => if !drained {
+                tracing::warn!(timeout = ?shutdown_timeout, "reconciles still running at shutdown; abandoning them");
+            },
+            lost = &mut renewing => result = Err(Error::Election(lost)),
+        }
+    }
+    result
+}
+
+/// Asks each driver what it can do now, so that a wrong socket or driver
+/// name shows in the log at start; a failure is asked again on first use.
+fn ask_drivers(ctx: &Context) {
     for driver in ctx.drivers.values() {
         let driver = driver.clone();
         tokio::spawn(async move {
@@ -507,142 +577,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
         });
     }
-
-    let elector = config.leader_elect.then(|| {
-        leader::LeaderElector::new(
-            client.clone(),
-            leader::ElectionConfig {
-                namespace: config.leader_election_namespace.clone(),
-                lease_name: config.leader_election_lease.clone(),
-                identity,
-                lease_duration: Duration::from_secs(15),
-                renew_deadline: Duration::from_secs(10),
-                retry_period: Duration::from_secs(2),
-            },
-        )
-    });
-    if let Some(elector) = &elector {
-        tokio::select! {
-            () = elector.acquire() => {}
-            res = &mut http => return res.map_err(Error::Http),
-            () = shutdown_signal() => return Ok(()),
-        }
-    }
-    // Decide nothing from a half-filled cache.
-    let ready = futures::future::try_join_all([
-        stores.claims.wait_until_ready().boxed(),
-        stores.pvs.wait_until_ready().boxed(),
-        stores.volumes.wait_until_ready().boxed(),
-        stores.classes.wait_until_ready().boxed(),
-        stores.storage_nodes.wait_until_ready().boxed(),
-        stores.attachments.wait_until_ready().boxed(),
-        stores.csinodes.wait_until_ready().boxed(),
-        stores.nodes.wait_until_ready().boxed(),
-    ]);
-    ready.await.expect("reflectors run until the process ends");
-
-    let claim_jobs = Controller::for_shared_stream(claims_for_claims, stores.claims.clone())
-        .with_config(controller::Config::default().concurrency(config.workers))
-        .watches_shared_stream(volumes_for_claims, |v: Arc<Volume>| {
-            v.spec
-                .claim
-                .as_ref()
-                .map(|c| ObjectRef::new(&c.name).within(&c.namespace))
-        })
-        .watches_shared_stream(pvs_for_claims, |pv: Arc<PersistentVolume>| {
-            let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
-            Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
-        })
-        .reconcile_on(claim_triggers)
-        .graceful_shutdown_on(shutdown_signal())
-        .run(claims::reconcile, claims::error_policy, ctx.clone())
-        .for_each(|_| async {});
-    let pv_jobs = Controller::for_shared_stream(pvs_for_pvs, stores.pvs.clone())
-        .with_config(controller::Config::default().concurrency(config.workers))
-        .watches_shared_stream(volumes_for_pvs, |v: Arc<Volume>| {
-            Some(ObjectRef::new(
-                v.spec
-                    .persistent_volume_name
-                    .as_deref()
-                    .unwrap_or(&v.name_any()),
-            ))
-        })
-        .watches_shared_stream(claims_for_pvs, |c: Arc<PersistentVolumeClaim>| {
-            let name = c
-                .spec
-                .as_ref()?
-                .volume_name
-                .clone()
-                .or_else(|| provision::volume_name(&c))?;
-            Some(ObjectRef::new(&name))
-        })
-        .reconcile_on(pv_triggers)
-        .graceful_shutdown_on(shutdown_signal())
-        .run(
-            persistent_volumes::reconcile,
-            persistent_volumes::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| async {});
-    let volume_jobs = Controller::for_shared_stream(volumes_for_volumes, stores.volumes.clone())
-        .with_config(controller::Config::default().concurrency(config.workers))
-        .reconcile_on(volume_triggers)
-        .graceful_shutdown_on(shutdown_signal())
-        .run(
-            persistent_volumes::reconcile_volume,
-            persistent_volumes::volume_error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| async {});
-    // Its own queue: an expansion never waits behind a provisioning storm.
-    let resize_jobs = Controller::for_shared_stream(claims_for_resize, stores.claims.clone())
-        .with_config(controller::Config::default().concurrency(config.workers))
-        .watches_shared_stream(volumes_for_resize, |v: Arc<Volume>| {
-            v.spec
-                .claim
-                .as_ref()
-                .map(|c| ObjectRef::new(&c.name).within(&c.namespace))
-        })
-        .watches_shared_stream(pvs_for_resize, |pv: Arc<PersistentVolume>| {
-            let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
-            Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
-        })
-        .graceful_shutdown_on(shutdown_signal())
-        .run(resize::reconcile, resize::error_policy, ctx.clone())
-        .for_each(|_| async {});
-    // Attach and detach have their own queue: a pod start never waits
-    // behind provisioning.
-    let attach_jobs =
-        Controller::for_shared_stream(attachments_for_attach, stores.attachments.clone())
-            .with_config(controller::Config::default().concurrency(config.workers))
-            .reconcile_on(attach_triggers)
-            .graceful_shutdown_on(shutdown_signal())
-            .run(attach::reconcile, attach::error_policy, ctx.clone())
-            .for_each(|_| async {});
-    let controllers = async {
-        tokio::join!(claim_jobs, pv_jobs, volume_jobs, resize_jobs, attach_jobs);
-    };
-    let lost = async {
-        match &elector {
-            Some(elector) => elector.hold().await,
-            None => std::future::pending().await,
-        }
-    };
-
-    tracing::info!("controller started");
-    let result = tokio::select! {
-        () = controllers => {
-            tracing::info!("controller stopped");
-            Ok(())
-        }
-        res = &mut http => res.map_err(Error::Http),
-        // Stop at once: another replica may already be acting.
-        lost = lost => Err(Error::Election(lost)),
-    };
-    if let (Some(elector), Ok(())) = (&elector, &result) {
-        elector.release().await;
-    }
-    result
 }
 
 pub async fn shutdown_signal() {

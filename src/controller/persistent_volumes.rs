@@ -5,17 +5,100 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::informer::Informers;
 use super::protocol::*;
 use super::reclaim::{self, Reclaim};
-use super::{Context, Error, attach, remote_volumes};
+use super::{Context, Error, attach, job, provision, remote_volumes, trigger};
 use crate::crd::Volume;
+
+/// The reclaim job, keyed by PV: a PV is looked at again when its Volume
+/// or claim changes, and when its claim, Volume or VolumeAttachment is
+/// deleted.
+pub fn controller(
+    ctx: Arc<Context>,
+    informers: &mut Informers,
+) -> impl Future<Output = ()> + Send + 'static {
+    let pvs = informers.pvs.subscribe();
+    let volumes = informers.volumes.subscribe();
+    let claims = informers.claims.subscribe();
+    let (requeue, requeues) = trigger::<PersistentVolume>();
+    let pv_of_claim = |c: &PersistentVolumeClaim| {
+        let bound = c
+            .spec
+            .as_ref()?
+            .volume_name
+            .clone()
+            .filter(|n| !n.is_empty());
+        bound.or_else(|| provision::volume_name(c))
+    };
+    {
+        // A claim gone: its PV may be Released.
+        let requeue = requeue.clone();
+        informers.claims.on_delete(move |c| {
+            if let Some(pv) = pv_of_claim(c) {
+                let _ = requeue.send(ObjectRef::new(&pv));
+            }
+        });
+    }
+    {
+        // A VolumeAttachment gone: its PV may drop our attacher finalizer.
+        let requeue = requeue.clone();
+        informers
+            .attachments
+            .on_delete(move |va: &VolumeAttachment| {
+                if let Some(pv) = va.spec.source.persistent_volume_name.as_deref() {
+                    let _ = requeue.send(ObjectRef::new(pv));
+                }
+            });
+    }
+    // A Volume gone: its PV can go.
+    informers.volumes.on_delete(move |v: &Volume| {
+        let _ = requeue.send(ObjectRef::new(&pv_of_volume(v)));
+    });
+    let controller = Controller::for_shared_stream(pvs, ctx.stores.pvs.clone())
+        .watches_shared_stream(volumes, |v: Arc<Volume>| {
+            Some(ObjectRef::new(&pv_of_volume(&v)))
+        })
+        .watches_shared_stream(claims, move |c: Arc<PersistentVolumeClaim>| {
+            Some(ObjectRef::new(&pv_of_claim(&c)?))
+        })
+        .reconcile_on(requeues);
+    job(controller, reconcile, error_policy, ctx)
+}
+
+/// The Volume job: Volumes whose claim is gone before their PV existed.
+/// A claim deleted triggers its Volume.
+pub fn volume_controller(
+    ctx: Arc<Context>,
+    informers: &mut Informers,
+) -> impl Future<Output = ()> + Send + 'static {
+    let volumes = informers.volumes.subscribe();
+    let (requeue, requeues) = trigger::<Volume>();
+    informers.claims.on_delete(move |c| {
+        if let Some(name) = provision::volume_name(c) {
+            let _ = requeue.send(ObjectRef::new(&name));
+        }
+    });
+    let controller =
+        Controller::for_shared_stream(volumes, ctx.stores.volumes.clone()).reconcile_on(requeues);
+    job(controller, reconcile_volume, volume_error_policy, ctx)
+}
+
+fn pv_of_volume(v: &Volume) -> String {
+    v.spec
+        .persistent_volume_name
+        .clone()
+        .unwrap_or_else(|| v.name_any())
+}
 
 /// Whether the claim a claimRef names still exists with the same UID. Asks
 /// the API server, not the cache: a stale cache must never delete data.

@@ -33,8 +33,8 @@ pub struct ClaimView<'a> {
     /// The PV named after the claim, if created.
     pub pv: Option<&'a PersistentVolume>,
     pub storage_nodes: &'a [&'a StorageNode],
-    /// Every Volume, to account what each node has promised already.
-    pub all_volumes: &'a [&'a Volume],
+    /// Bytes each node has promised to Volumes already.
+    pub promised: &'a BTreeMap<String, i64>,
     /// An existing PV can be bound instead (binding is tried first, as kcm does).
     pub static_match: bool,
     /// The class's provisioner is a `--csi-driver` that stowage serves.
@@ -306,7 +306,7 @@ fn desired_volume(
 }
 
 fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), ProvisionError> {
-    let free = capacity::free_bytes(view.storage_nodes, view.all_volumes);
+    let free = capacity::free_bytes(view.storage_nodes, view.promised);
     let Some((_, free)) = free.iter().find(|(n, _)| n == node) else {
         return Err(ProvisionError::NodeWithoutAgent(node.to_string()));
     };
@@ -323,7 +323,7 @@ fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), Provisi
 /// The node with the most free room that can hold `bytes`; ties go to the
 /// name that sorts first, so the choice is stable across retries.
 fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
-    let mut free = capacity::free_bytes(view.storage_nodes, view.all_volumes);
+    let mut free = capacity::free_bytes(view.storage_nodes, view.promised);
     free.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     match free.first() {
         None => Err(ProvisionError::NoNodes),
@@ -613,7 +613,7 @@ mod tests {
             volume: None,
             pv: None,
             storage_nodes: nodes,
-            all_volumes: &[],
+            promised: &BTreeMap::new(),
             static_match: false,
             remote: false,
             serve_local: true,
@@ -639,7 +639,7 @@ mod tests {
             volume: None,
             pv: None,
             storage_nodes: &[],
-            all_volumes: &[],
+            promised: &BTreeMap::new(),
             static_match: false,
             remote: true,
             serve_local: true,

@@ -20,13 +20,15 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use super::{Context, Error, capacity};
+use super::informer::Informers;
+use super::{Context, Error, capacity, claim_of_pv, claim_of_volume, job};
 use crate::backend::local::{self, Parameters};
 use crate::crd::{Volume, VolumePhase};
 use crate::quantity::{format_bytes, parse_bytes};
@@ -272,6 +274,21 @@ fn conditions_with(
     out
 }
 
+/// The expansion job, on its own queue: an expansion never waits behind a
+/// provisioning storm.
+pub fn controller(
+    ctx: Arc<Context>,
+    informers: &mut Informers,
+) -> impl Future<Output = ()> + Send + 'static {
+    let claims = informers.claims.subscribe();
+    let volumes = informers.volumes.subscribe();
+    let pvs = informers.pvs.subscribe();
+    let controller = Controller::for_shared_stream(claims, ctx.stores.claims.clone())
+        .watches_shared_stream(volumes, claim_of_volume)
+        .watches_shared_stream(pvs, claim_of_pv);
+    job(controller, reconcile, error_policy, ctx)
+}
+
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
 pub async fn reconcile(
     claim: Arc<PersistentVolumeClaim>,
@@ -304,10 +321,13 @@ pub async fn reconcile(
     let volume = s.volumes.get(&ObjectRef::new(&volume_name));
     let free_on_node = volume.as_ref().and_then(|v| {
         let nodes = s.storage_nodes.state();
-        let volumes = s.volumes.state();
         let nodes: Vec<_> = nodes.iter().map(|n| n.as_ref()).collect();
-        let volumes: Vec<_> = volumes.iter().map(|v| v.as_ref()).collect();
-        capacity::free_on(&nodes, &volumes, v.spec.node.as_deref()?)
+        let promised = ctx
+            .promised
+            .lock()
+            .expect("capacity index poisoned")
+            .per_node();
+        capacity::free_on(&nodes, &promised, v.spec.node.as_deref()?)
     });
     let view = ResizeView {
         claim: &claim,

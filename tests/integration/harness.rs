@@ -28,7 +28,9 @@ struct Cluster {
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static CLUSTER_WITHOUT_BINDER: OnceLock<Cluster> = OnceLock::new();
-static BARE_CLUSTERS: std::sync::Mutex<Vec<(&'static str, &'static Cluster)>> =
+/// One cell per name: tests asking for the same bare cluster at once wait
+/// for the first to start it instead of each starting their own.
+static BARE_CLUSTERS: std::sync::Mutex<Vec<(&'static str, &'static OnceLock<Cluster>)>> =
     std::sync::Mutex::new(Vec::new());
 
 const WITHOUT_BINDER: &str = "*,-persistentvolume-binder-controller";
@@ -335,17 +337,18 @@ fn wait_for_storage_nodes(kubeconfig: &Path, nodes: &[&str]) {
 /// Each `name` gets its own, so that tests running at once do not see each
 /// other's stowage processes.
 pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
-    let existing = BARE_CLUSTERS
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, c)| *c);
-    let cluster = existing.unwrap_or_else(|| {
-        let cluster: &'static Cluster = Box::leak(Box::new(start_cluster(Some(WITHOUT_BINDER))));
-        BARE_CLUSTERS.lock().unwrap().push((name, cluster));
-        cluster
-    });
+    let cell = {
+        let mut cells = BARE_CLUSTERS.lock().unwrap();
+        match cells.iter().find(|(n, _)| *n == name) {
+            Some((_, cell)) => *cell,
+            None => {
+                let cell: &'static OnceLock<Cluster> = Box::leak(Box::default());
+                cells.push((name, cell));
+                cell
+            }
+        }
+    };
+    let cluster = cell.get_or_init(|| start_cluster(Some(WITHOUT_BINDER)));
     prepare(&cluster.kubeconfig, nodes);
     cluster.kubeconfig.clone()
 }
@@ -402,13 +405,52 @@ pub fn csi_server(
 /// One `stowage` process under scripts/hold.sh.
 pub struct Process {
     child: Child,
+    log: PathBuf,
 }
 
 impl Process {
     pub fn start(kubeconfig: &Path, args: &[&str], env: &[(&str, &str)], log_name: &str) -> Self {
         Process {
             child: spawn_held(kubeconfig, None, args, env, log_name),
+            log: log_path(log_name),
         }
+    }
+
+    /// Waits until the process's log has a line containing `text`; false
+    /// on timeout.
+    pub async fn logged(&self, text: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(text)) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (through hold.sh, which kills after 5s) and waits up
+    /// to `timeout` for the process to end; returns how long it took and
+    /// its exit status (137: it had to be killed), or None on timeout.
+    pub async fn terminate(
+        mut self,
+        timeout: Duration,
+    ) -> Option<(Duration, std::process::ExitStatus)> {
+        let start = tokio::time::Instant::now();
+        drop(self.child.stdin.take());
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().expect("polling child") {
+                return Some((start.elapsed(), status));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
     }
 
     /// `stowage controller` without leader election, metrics on any port.
@@ -460,6 +502,12 @@ fn hold(kubeconfig: &Path, cleanup: Option<&Path>, args: &[&str], log_name: &str
     spawn_held(kubeconfig, cleanup, args, &[], log_name)
 }
 
+fn log_path(log_name: &str) -> PathBuf {
+    repo_root()
+        .join("target/test-logs")
+        .join(format!("{log_name}-{}.log", std::process::id()))
+}
+
 /// Starts `stowage ARGS` under scripts/hold.sh, logging to target/test-logs.
 fn spawn_held(
     kubeconfig: &Path,
@@ -468,10 +516,9 @@ fn spawn_held(
     env: &[(&str, &str)],
     log_name: &str,
 ) -> Child {
-    let logs = repo_root().join("target/test-logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let log =
-        std::fs::File::create(logs.join(format!("{log_name}-{}.log", std::process::id()))).unwrap();
+    let log_file = log_path(log_name);
+    std::fs::create_dir_all(log_file.parent().unwrap()).unwrap();
+    let log = std::fs::File::create(log_file).unwrap();
     let mut command = Command::new("bash");
     command.arg(repo_root().join("scripts/hold.sh"));
     if let Some(dir) = cleanup {

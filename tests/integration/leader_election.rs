@@ -22,8 +22,8 @@ fn config(ns: &str, identity: &str) -> ElectionConfig {
 #[tokio::test]
 async fn second_replica_waits_until_the_first_releases() {
     let ns = TestNamespace::new("leader").await;
-    let first = LeaderElector::new(ns.client.clone(), config(&ns.name, "replica-a"));
-    let second = LeaderElector::new(ns.client.clone(), config(&ns.name, "replica-b"));
+    let first = LeaderElector::new(ns.client.clone(), config(&ns.name, "replica-a")).unwrap();
+    let second = LeaderElector::new(ns.client.clone(), config(&ns.name, "replica-b")).unwrap();
 
     first.acquire().await;
     let lease = ns

@@ -16,4 +16,5 @@ mod node_socket;
 mod provisioning;
 mod proxy_driver;
 mod real_node;
+mod scale;
 mod volume_api;

@@ -1,0 +1,548 @@
+//! One watch per kind, shared by every job, that nothing downstream can
+//! stall.
+//!
+//! A watch feeds its cache (a kube-runtime reflector store) and then hands
+//! each change to the jobs that subscribed to the kind, on unbounded
+//! channels: a job that has not started consuming yet (it waits for the
+//! lease, or for the other caches) costs memory, never progress of the
+//! watch. An earlier version used bounded channels and waited for every
+//! cache before any job consumed; a cluster with more claims than one
+//! channel held never finished its first list. kube-runtime's own
+//! subscriber streams (`Writer::new_shared`) are bounded too, back-pressure
+//! the watch when one subscriber lags, and cannot carry deletions.
+//!
+//! Deletions go to `on_delete` hooks, which turn them into reconcile
+//! requests for related objects. An object that vanished while the watch
+//! was cut (the watch expired with 410 Gone and the watcher listed again)
+//! never gets a delete event of its own: the relist is compared with the
+//! cache it replaces, and whatever is missing, or came back with another
+//! UID, is reported deleted.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::Stores;
+use crate::crd::{StorageNode, Volume};
+
+/// What the informers need of a kind.
+pub trait Kind:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Kind for K where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+}
+
+type Hook<K> = Box<dyn Fn(&K) + Send + Sync + 'static>;
+
+/// The watch of one kind: its cache, its subscribers, its deletion hooks.
+pub struct Informer<K: Kind> {
+    store: Store<K>,
+    writer: reflector::store::Writer<K>,
+    subscribers: Vec<mpsc::UnboundedSender<Arc<K>>>,
+    on_apply: Vec<Hook<K>>,
+    on_delete: Vec<Hook<K>>,
+    progress: Arc<WatchProgress>,
+}
+
+impl<K: Kind> Default for Informer<K> {
+    fn default() -> Self {
+        let (store, writer) = reflector::store();
+        Informer {
+            store,
+            writer,
+            subscribers: Vec::new(),
+            on_apply: Vec::new(),
+            on_delete: Vec::new(),
+            progress: Arc::new(WatchProgress::new(K::kind(&()).into_owned())),
+        }
+    }
+}
+
+impl<K: Kind> Informer<K> {
+    /// The cache: complete once `wait_until_ready` returns.
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// Every object created or changed from now on (after the first list:
+    /// every object), to trigger a job's reconciles. Subscribe before
+    /// `run`.
+    pub fn subscribe(&mut self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers.push(tx);
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+    }
+
+    /// Calls `hook` with each object created or changed, once it is in the
+    /// cache, before any job hears of it: for indexes. It runs on the
+    /// watch's task: keep it short and never block.
+    pub fn on_apply(&mut self, hook: impl Fn(&K) + Send + Sync + 'static) {
+        self.on_apply.push(Box::new(hook));
+    }
+
+    /// Calls `hook` with each object deleted, after it left the cache. It
+    /// runs on the watch's task: keep it short and never block.
+    pub fn on_delete(&mut self, hook: impl Fn(&K) + Send + Sync + 'static) {
+        self.on_delete.push(Box::new(hook));
+    }
+
+    pub fn progress(&self) -> Arc<WatchProgress> {
+        self.progress.clone()
+    }
+
+    /// Watches the kind until the process ends.
+    pub fn run(self, api: Api<K>) -> impl Future<Output = ()> + Send + 'static {
+        // managedFields are the largest part of most objects' metadata and
+        // nothing here reads them: the caches hold the rest.
+        let events = watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|o| o.meta_mut().managed_fields = None);
+        self.run_on(events)
+    }
+
+    /// Feeds the cache and the jobs from `events` (a watcher's output).
+    pub(crate) fn run_on<S>(self, events: S) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    {
+        let Informer {
+            store,
+            writer,
+            subscribers,
+            on_apply,
+            on_delete,
+            progress,
+        } = self;
+        let applied = move |o: Arc<K>| {
+            for hook in &on_apply {
+                hook(&o);
+            }
+            for s in &subscribers {
+                // A job that stopped has dropped its receiver: nothing to do.
+                let _ = s.send(o.clone());
+            }
+        };
+        let deleted = move |o: &K| {
+            for hook in &on_delete {
+                hook(o);
+            }
+        };
+        async move {
+            let events = events.reflect(writer);
+            futures::pin_mut!(events);
+            let mut relist = None;
+            // Each event has reached the cache when it comes out here.
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::Init) => {
+                        progress.list_started();
+                        relist = Some(Relist::begin(store.state()));
+                    }
+                    Ok(watcher::Event::InitApply(_)) => progress.advanced(false),
+                    Ok(watcher::Event::InitDone) => {
+                        let after = store.state();
+                        tracing::debug!(kind = %K::kind(&()), objects = after.len(), "listed");
+                        let changes = relist.take().unwrap_or_default().finish(&after);
+                        if !changes.deleted.is_empty() {
+                            tracing::info!(
+                                kind = %K::kind(&()),
+                                deleted = changes.deleted.len(),
+                                "objects deleted while the watch was cut"
+                            );
+                        }
+                        for gone in &changes.deleted {
+                            deleted(gone);
+                        }
+                        for o in changes.changed {
+                            applied(o);
+                        }
+                        progress.advanced(true);
+                    }
+                    Ok(watcher::Event::Apply(o)) => {
+                        progress.advanced(true);
+                        // The cache's copy: no second one while jobs catch up.
+                        let cached = store.get(&ObjectRef::from_obj(&o));
+                        applied(cached.unwrap_or_else(|| Arc::new(o)));
+                    }
+                    Ok(watcher::Event::Delete(o)) => {
+                        progress.advanced(true);
+                        deleted(&o);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A relist in progress: the cache as it was before the list began.
+pub(crate) struct Relist<K: Kind> {
+    before: HashMap<ObjectRef<K>, Arc<K>>,
+}
+
+impl<K: Kind> Default for Relist<K> {
+    fn default() -> Self {
+        Relist {
+            before: HashMap::new(),
+        }
+    }
+}
+
+/// What a relist changed in the cache.
+#[derive(Debug)]
+pub(crate) struct RelistChanges<K> {
+    /// Gone from the list, or replaced by a new object of the same name.
+    pub deleted: Vec<Arc<K>>,
+    /// New, or changed since the cache last saw them.
+    pub changed: Vec<Arc<K>>,
+}
+
+impl<K: Kind> Relist<K> {
+    pub fn begin(before: Vec<Arc<K>>) -> Self {
+        Relist {
+            before: before
+                .into_iter()
+                .map(|o| (ObjectRef::from_obj(o.as_ref()), o))
+                .collect(),
+        }
+    }
+
+    /// Compares the list that replaced the cache (`after`) with the cache.
+    pub fn finish(mut self, after: &[Arc<K>]) -> RelistChanges<K> {
+        let mut changes = RelistChanges {
+            deleted: Vec::new(),
+            changed: Vec::new(),
+        };
+        for o in after {
+            match self.before.remove(&ObjectRef::from_obj(o.as_ref())) {
+                Some(old) if old.uid() != o.uid() => {
+                    changes.deleted.push(old);
+                    changes.changed.push(o.clone());
+                }
+                Some(old) if old.resource_version() == o.resource_version() => {}
+                _ => changes.changed.push(o.clone()),
+            }
+        }
+        changes.deleted.extend(self.before.into_values());
+        changes
+    }
+}
+
+/// How far a watch has come, for `/healthz`.
+#[derive(Debug)]
+pub struct WatchProgress {
+    kind: String,
+    state: Mutex<ProgressState>,
+    /// Whether a list ever completed. Its own signal, not the store's
+    /// `wait_until_ready`: that one remembers a single waiter's waker, and
+    /// each job's `Controller` waits on it too.
+    listed_once: tokio::sync::watch::Sender<bool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProgressState {
+    /// When the watch last delivered an event.
+    pub last_event: Instant,
+    /// Whether the cache holds a complete list (false during a list).
+    pub listed: bool,
+}
+
+impl WatchProgress {
+    fn new(kind: String) -> Self {
+        WatchProgress {
+            kind,
+            state: Mutex::new(ProgressState {
+                last_event: Instant::now(),
+                listed: false,
+            }),
+            listed_once: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Resolves once the cache has held a complete list.
+    pub async fn listed(&self) {
+        let mut listed = self.listed_once.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = listed.wait_for(|l| *l).await;
+    }
+
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    pub fn state(&self) -> ProgressState {
+        *self.state.lock().expect("progress lock poisoned")
+    }
+
+    /// A list (re)starts. The watcher says so before every attempt, also
+    /// when the last one failed: only the first of a row starts the stall
+    /// clock, or a list that fails forever would look busy.
+    fn list_started(&self) {
+        let mut state = self.state.lock().expect("progress lock poisoned");
+        if state.listed {
+            *state = ProgressState {
+                last_event: Instant::now(),
+                listed: false,
+            };
+        }
+    }
+
+    fn advanced(&self, listed: bool) {
+        *self.state.lock().expect("progress lock poisoned") = ProgressState {
+            last_event: Instant::now(),
+            listed,
+        };
+        if listed {
+            self.listed_once
+                .send_if_modified(|l| !std::mem::replace(l, true));
+        }
+    }
+}
+
+/// Every watch the controller runs.
+#[derive(Default)]
+pub struct Informers {
+    pub claims: Informer<PersistentVolumeClaim>,
+    pub pvs: Informer<PersistentVolume>,
+    pub volumes: Informer<Volume>,
+    pub classes: Informer<StorageClass>,
+    pub storage_nodes: Informer<StorageNode>,
+    pub attachments: Informer<VolumeAttachment>,
+    pub csinodes: Informer<CSINode>,
+    /// Metadata only: labels and annotations are all attach and topology read.
+    pub nodes: Informer<PartialObjectMeta<Node>>,
+}
+
+impl Informers {
+    pub fn stores(&self) -> Stores {
+        Stores {
+            claims: self.claims.store(),
+            pvs: self.pvs.store(),
+            classes: self.classes.store(),
+            volumes: self.volumes.store(),
+            storage_nodes: self.storage_nodes.store(),
+            attachments: self.attachments.store(),
+            csinodes: self.csinodes.store(),
+            nodes: self.nodes.store(),
+        }
+    }
+
+    pub fn progress(&self) -> Vec<Arc<WatchProgress>> {
+        vec![
+            self.claims.progress(),
+            self.pvs.progress(),
+            self.volumes.progress(),
+            self.classes.progress(),
+            self.storage_nodes.progress(),
+            self.attachments.progress(),
+            self.csinodes.progress(),
+            self.nodes.progress(),
+        ]
+    }
+
+    /// Runs every watch until the process ends. Jobs subscribe first.
+    pub fn run(self, client: &Client) -> impl Future<Output = ()> + Send + 'static {
+        let c = || client.clone();
+        let watches = [
+            self.claims.run(Api::all(c())).boxed(),
+            self.pvs.run(Api::all(c())).boxed(),
+            self.volumes.run(Api::all(c())).boxed(),
+            self.classes.run(Api::all(c())).boxed(),
+            self.storage_nodes.run(Api::all(c())).boxed(),
+            self.attachments.run(Api::all(c())).boxed(),
+            self.csinodes.run(Api::all(c())).boxed(),
+            self.nodes.run(Api::all(c())).boxed(),
+        ];
+        async move {
+            futures::future::join_all(watches).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::stream;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::ObjectMeta;
+
+    fn object(name: &str, uid: &str, version: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                uid: Some(uid.into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn list(objects: &[ConfigMap]) -> Vec<watcher::Result<watcher::Event<ConfigMap>>> {
+        let mut events = vec![Ok(watcher::Event::Init)];
+        events.extend(
+            objects
+                .iter()
+                .cloned()
+                .map(|o| Ok(watcher::Event::InitApply(o))),
+        );
+        events.push(Ok(watcher::Event::InitDone));
+        events
+    }
+
+    fn names(objects: &[Arc<ConfigMap>]) -> Vec<String> {
+        let mut names: Vec<_> = objects.iter().map(|o| o.name_any()).collect();
+        names.sort();
+        names
+    }
+
+    /// Runs an informer over `events`; returns what its subscriber and its
+    /// deletion hook saw.
+    async fn feed(
+        events: Vec<watcher::Result<watcher::Event<ConfigMap>>>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut informer = Informer::<ConfigMap>::default();
+        let applied = informer.subscribe();
+        let deleted = Arc::new(Mutex::new(Vec::new()));
+        let seen = deleted.clone();
+        informer.on_delete(move |o| seen.lock().unwrap().push(o.name_any()));
+        informer.run_on(stream::iter(events)).await;
+        let applied: Vec<_> = applied.map(|o| o.name_any()).collect().await;
+        let deleted = deleted.lock().unwrap().clone();
+        (applied, deleted)
+    }
+
+    #[tokio::test]
+    async fn an_object_missing_from_a_relist_is_reported_deleted() {
+        let (a, b) = (object("a", "1", "10"), object("b", "2", "11"));
+        let mut events = list(&[a.clone(), b.clone()]);
+        // The watch was cut; "b" was deleted meanwhile, "a" did not change.
+        events.extend(list(&[a]));
+        let (applied, deleted) = feed(events).await;
+        assert_eq!(deleted, ["b"]);
+        assert_eq!(
+            applied.iter().filter(|n| *n == "a").count(),
+            1,
+            "unchanged a resent: {applied:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_object_recreated_during_a_gap_is_deleted_then_applied() {
+        let old = object("a", "1", "10");
+        let new = object("a", "2", "20");
+        let mut events = list(&[old]);
+        events.extend(list(&[new]));
+        let (applied, deleted) = feed(events).await;
+        assert_eq!(deleted, ["a"]);
+        assert_eq!(applied, ["a", "a"]);
+    }
+
+    #[tokio::test]
+    async fn watch_deletions_reach_the_hooks_and_changes_the_subscribers() {
+        let a = object("a", "1", "10");
+        let mut events = list(&[]);
+        events.push(Ok(watcher::Event::Apply(a.clone())));
+        events.push(Ok(watcher::Event::Delete(a)));
+        let (applied, deleted) = feed(events).await;
+        assert_eq!(applied, ["a"]);
+        assert_eq!(deleted, ["a"]);
+    }
+
+    #[test]
+    fn relist_compares_by_uid_and_version() {
+        let before = vec![
+            Arc::new(object("same", "1", "1")),
+            Arc::new(object("changed", "2", "1")),
+            Arc::new(object("gone", "3", "1")),
+            Arc::new(object("replaced", "4", "1")),
+        ];
+        let after = vec![
+            Arc::new(object("same", "1", "1")),
+            Arc::new(object("changed", "2", "2")),
+            Arc::new(object("replaced", "5", "2")),
+            Arc::new(object("new", "6", "1")),
+        ];
+        let changes = Relist::begin(before).finish(&after);
+        assert_eq!(names(&changes.deleted), ["gone", "replaced"]);
+        assert_eq!(names(&changes.changed), ["changed", "new", "replaced"]);
+    }
+
+    /// The first list completes, and the cache is ready, while no job has
+    /// taken a single object from its stream: nothing between the watch and
+    /// a job can fill up and stop the list.
+    #[tokio::test]
+    async fn a_large_first_list_completes_with_no_job_consuming() {
+        let mut informer = Informer::<ConfigMap>::default();
+        let store = informer.store();
+        let mut unconsumed = Vec::new();
+        for _ in 0..3 {
+            unconsumed.push(informer.subscribe());
+        }
+        let objects: Vec<_> = (0..5000)
+            .map(|i| object(&format!("o{i}"), &i.to_string(), "1"))
+            .collect();
+        let events = stream::iter(list(&objects)).chain(stream::pending());
+        tokio::spawn(informer.run_on(events));
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.wait_until_ready())
+            .await
+            .expect("cache not ready while jobs were not consuming")
+            .unwrap();
+        assert_eq!(store.len(), 5000);
+        let mut first = unconsumed.into_iter().next().unwrap();
+        assert!(first.next().await.is_some(), "subscriber got nothing");
+    }
+
+    /// The watcher announces each list attempt; attempts that fail are no
+    /// progress, so the stall clock keeps running.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_that_keeps_failing_makes_no_progress() {
+        let informer = Informer::<ConfigMap>::default();
+        let progress = informer.progress();
+        let started = progress.state().last_event;
+        tokio::time::advance(std::time::Duration::from_secs(30)).await;
+        let attempts = (0..3).flat_map(|_| {
+            [
+                Ok(watcher::Event::Init),
+                Err(watcher::Error::NoResourceVersion),
+            ]
+        });
+        informer.run_on(stream::iter(attempts)).await;
+        let state = progress.state();
+        assert!(!state.listed);
+        assert_eq!(state.last_event, started);
+    }
+
+    #[tokio::test]
+    async fn progress_tracks_lists() {
+        let informer = Informer::<ConfigMap>::default();
+        let progress = informer.progress();
+        assert!(!progress.state().listed);
+        informer
+            .run_on(stream::iter(list(&[object("a", "1", "1")])))
+            .await;
+        assert!(progress.state().listed);
+        tokio::time::timeout(std::time::Duration::from_secs(1), progress.listed())
+            .await
+            .expect("listed() did not resolve after a list");
+        assert_eq!(progress.kind(), "ConfigMap");
+    }
+}
