@@ -225,12 +225,10 @@ async fn start_writer(ns: &TestNamespace, class: &str, kubelet_dir: &std::path::
         phase(p).as_deref() == Some("Running")
     })
     .await;
-    let mut writer = Writer {
+    Writer {
         kubelet_dir: kubelet_dir.to_path_buf(),
         mount: None,
-    };
-    writer.watch_mount(ns).await;
-    writer
+    }
 }
 
 impl Writer {
@@ -258,17 +256,15 @@ impl Writer {
 
     fn check_mount(&mut self, path_hint: &str) {
         let (samples, missing) = self.mount.take().unwrap().finish();
-        assert!(samples > 0);
+        assert!(samples > 0, "the mount watch took no sample");
+        println!("{path_hint}: the writer's mount was there in all {samples} samples");
         assert_eq!(
             missing, 0,
             "the writer's mount was gone in {missing} of {samples} samples ({path_hint})"
         );
     }
 
-    async fn finish(mut self, overlay: &Overlay, ns: &TestNamespace) {
-        if self.mount.is_some() {
-            self.check_mount("at the end");
-        }
+    async fn finish(self, overlay: &Overlay, ns: &TestNamespace) {
         let api = ns.api::<Pod>();
         let p = api.get("appender").await.unwrap();
         assert_eq!(
@@ -332,6 +328,7 @@ async fn roll_under_load(
     from: &str,
     to: &str,
 ) {
+    writer.watch_mount(ns).await;
     let leases = LeaseWatch::start(client);
     let load = ClaimLoad::start(ns, class, &format!("roll-{to}").replace('.', "-"));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -365,7 +362,6 @@ async fn roll_under_load(
         latencies.len()
     );
     writer.check_mount(&format!("roll {from} → {to}"));
-    writer.watch_mount(ns).await;
 }
 
 /// `newTag` naming an image that does not exist: the new pods cannot
