@@ -244,8 +244,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
         res = &mut http => res.map_err(Error::Http),
         () = heartbeat => Ok(()),
         () = stopping => Ok(()),
-        // Handing over, and told to stop before the hand-over finished.
-        () = async { stop().await; crate::controller::shutdown_signal().await } => Ok(()),
+        // kubelet may hold a connection open for good; in-flight calls get
+        // a moment to finish, and a second SIGTERM cuts even that short.
+        () = async {
+            stop().await;
+            tokio::select! {
+                () = tokio::time::sleep(STOP_GRACE) => {}
+                () = crate::controller::shutdown_signal() => {}
+            }
+        } => {
+            tracing::warn!("CSI calls or Volume work still open {STOP_GRACE:?} after the stop; leaving them");
+            Ok(())
+        }
     };
     readiness.idle("stopping");
     let handed_over = match stop_tx.borrow().clone() {
@@ -270,6 +280,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!("node agent stopped");
     Ok(())
 }
+
+/// How long calls in flight may finish once the agent stops acting. Every
+/// call is idempotent and kubelet retries it, so one cut short is redone by
+/// whichever agent acts next.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Why the agent stops acting.
 #[derive(Debug, Clone)]

@@ -13,6 +13,23 @@ mod harness;
 mod overlay;
 mod roll;
 
+/// Prints a figure and keeps it in target/test-reports/install.txt, since
+/// the test harness swallows the output of tests that pass.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        println!("{line}");
+        let dir = harness::repo_root().join("target/test-reports");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("install.txt"))
+            .unwrap();
+        std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes()).unwrap();
+    }};
+}
+
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -21,38 +38,13 @@ use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 
-use fixtures::{claim, gone, is_bound, storage_class, wait, wait_for_event};
+use fixtures::{claim, gone, is_bound, phase, pod, storage_class, wait, wait_for_event};
 use harness::{REAL_NODE, TestNamespace, client_for_path, real_node_without_stowage};
 use overlay::{IMAGE, Overlay};
 use roll::{ClaimLoad, LeaseWatch, MountWatch, NAMESPACE, wait_rolled_out};
 
 const ROLL_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn pod(name: &str, claim: &str, script: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": false,
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "c",
-                "image": "stowage.dev/busybox:1",
-                "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", script],
-                "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
-            }],
-            "volumes": [{ "name": "data", "persistentVolumeClaim": { "claimName": claim } }],
-        },
-    }))
-    .unwrap()
-}
-
-fn phase(p: Option<&Pod>) -> Option<String> {
-    p.and_then(|p| p.status.as_ref()?.phase.clone())
-}
 
 async fn run_to_completion(ns: &TestNamespace, pod: Pod) -> String {
     let api = ns.api::<Pod>();
@@ -84,13 +76,18 @@ async fn install_upgrade_and_roll_back_by_image_tag() {
     let started = Instant::now();
     overlay.build_and_import(&v1);
     overlay.build_and_import(&v2);
-    println!("images built and imported in {:?}", started.elapsed());
+    report!("images built and imported in {:?}", started.elapsed());
+    let archive = harness::repo_root().join(format!("target/image/stowage-{v1}.tar"));
+    report!(
+        "image archive: {} bytes",
+        std::fs::metadata(archive).unwrap().len()
+    );
 
     // Install.
     let started = Instant::now();
     overlay.apply(&v1);
     wait_rolled_out(&client, &format!("{IMAGE}:{v1}"), ROLL_TIMEOUT).await;
-    println!("installed and running in {:?}", started.elapsed());
+    report!("installed and running in {:?}", started.elapsed());
     runs_as_its_own_service_accounts(&client).await;
     let csinode = wait(
         &Api::<CSINode>::all(client.clone()),
@@ -257,7 +254,7 @@ impl Writer {
     fn check_mount(&mut self, path_hint: &str) {
         let (samples, missing) = self.mount.take().unwrap().finish();
         assert!(samples > 0, "the mount watch took no sample");
-        println!("{path_hint}: the writer's mount was there in all {samples} samples");
+        report!("{path_hint}: the writer's mount was there in all {samples} samples");
         assert_eq!(
             missing, 0,
             "the writer's mount was gone in {missing} of {samples} samples ({path_hint})"
@@ -280,8 +277,9 @@ impl Writer {
             &ns.name,
             "appender",
             "--",
-            "touch",
-            "/data/stop",
+            "/bin/sh",
+            "-c",
+            "touch /data/stop",
         ]);
         let logs = run_to_completion_existing(ns, "appender").await;
         let lines: u64 = logs
@@ -304,7 +302,7 @@ impl Writer {
             lines.to_string(),
             "every write is on disk, in order"
         );
-        println!("the writer wrote {lines} lines across the rolls, all intact");
+        report!("the writer wrote {lines} lines across the rolls, all intact");
     }
 }
 
@@ -353,11 +351,11 @@ async fn roll_under_load(
             released,
             "{old} did not release the Lease on SIGTERM; {new} had to wait for it to expire"
         );
-        println!("leader {old} → {new}: {gap:?} without a leader");
+        report!("leader {old} → {new}: {gap:?} without a leader");
     }
     let phase = phase(ns.api::<Pod>().get("appender").await.ok().as_ref());
     assert_eq!(phase.as_deref(), Some("Running"), "the writer kept running");
-    println!(
+    report!(
         "roll {from} → {to}: {rolled:?}; {} claims created during it, all Bound, slowest {slowest:?}",
         latencies.len()
     );

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::harness::{RealNode, repo_root, upstream_binary};
+use crate::harness::{RealNode, build_image_command, repo_root, upstream_binary};
 
 pub const IMAGE: &str = "stowage.dev/stowage";
 
@@ -28,9 +28,7 @@ impl Overlay {
     /// Builds the image for `tag` (scripts/build-image.sh) and imports it
     /// into the node's containerd.
     pub fn build_and_import(&self, tag: &str) {
-        run(Command::new("bash")
-            .arg(repo_root().join("scripts/build-image.sh"))
-            .arg(tag));
+        run(&mut build_image_command(Some(tag)));
         self.script("import", tag);
     }
 

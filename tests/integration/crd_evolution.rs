@@ -67,22 +67,7 @@ async fn crd_skew_newer_keeps_unknown_fields_older_stops_both_roles() {
     .await;
 
     let data = std::env::temp_dir().join(unique_name("stowage-crd-newer"));
-    let agent = Process::start(
-        &kubeconfig,
-        &[
-            "node",
-            "--node-name",
-            node,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--capacity",
-            "1Gi",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "crd-newer-node",
-    );
+    let agent = Process::node(&kubeconfig, node, &data, "crd-newer-node");
     let controller = Process::controller(&kubeconfig, "crd-newer-controller");
     let ns = TestNamespace::new_with(client.clone(), "crd-newer").await;
     let class = format!("{}-c", ns.name);
@@ -183,20 +168,7 @@ async fn crd_skew_newer_keeps_unknown_fields_older_stops_both_roles() {
         "the controller ran against a CRD that would drop spec.reclaimPolicy"
     );
     let data = std::env::temp_dir().join(unique_name("stowage-crd-older"));
-    let mut agent = Process::start(
-        &kubeconfig,
-        &[
-            "node",
-            "--node-name",
-            "crd-older-node",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "crd-older-node",
-    );
+    let mut agent = Process::node(&kubeconfig, "crd-older-node", &data, "crd-older-node");
     assert!(
         agent.exited_within(Duration::from_secs(60)).await,
         "the node agent ran against a CRD that would drop spec.reclaimPolicy"

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{ListParams, PostParams};
@@ -62,6 +62,31 @@ pub async fn claim(
         .create(&PostParams::default(), &claim)
         .await
         .expect("creating claim")
+}
+
+/// A busybox pod that runs `script` once, with `claim` mounted at /data.
+pub fn pod(name: &str, claim: &str, script: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "c",
+                "image": "stowage.dev/busybox:1",
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", script],
+                "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+            }],
+            "volumes": [{ "name": "data", "persistentVolumeClaim": { "claimName": claim } }],
+        },
+    }))
+    .unwrap()
+}
+
+pub fn phase(p: Option<&Pod>) -> Option<String> {
+    p.and_then(|p| p.status.as_ref()?.phase.clone())
 }
 
 pub async fn wait<K>(api: &Api<K>, name: &str, what: &str, cond: impl Condition<K>) -> Option<K>

@@ -353,6 +353,23 @@ pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
     cluster.kubeconfig.clone()
 }
 
+/// `scripts/build-image.sh [TAG]`, run as `just image` runs it: without the
+/// variables cargo sets for a test (CARGO_PKG_*, OUT_DIR, ...), which the
+/// nested release build would take for a change and rebuild for.
+pub fn build_image_command(tag: Option<&str>) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("scripts/build-image.sh"))
+        .args(tag);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let keep = matches!(key.as_ref(), "CARGO_HOME" | "CARGO_TARGET_DIR");
+        if !keep && (key.starts_with("CARGO_") || key == "OUT_DIR" || key == "CARGO") {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -460,6 +477,27 @@ impl Process {
             &[
                 "controller",
                 "--leader-elect=false",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            &[],
+            log_name,
+        )
+    }
+
+    /// `stowage node` for `node` with its volumes under `data`, room for
+    /// 1Gi, metrics on any port.
+    pub fn node(kubeconfig: &Path, node: &str, data: &Path, log_name: &str) -> Self {
+        Self::start(
+            kubeconfig,
+            &[
+                "node",
+                "--node-name",
+                node,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--capacity",
+                "1Gi",
                 "--metrics-addr",
                 "127.0.0.1:0",
             ],

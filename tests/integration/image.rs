@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use stowage::telemetry::{COMMIT, VERSION};
 
-use crate::harness::{repo_root, unique_name};
+use crate::harness::{build_image_command, repo_root, unique_name};
 
 const NAME: &str = "stowage.dev/stowage";
 /// Another tag for the same code, as the next release would be.
@@ -32,10 +32,7 @@ impl Archive {
         // cache and the archive of the default tag.
         static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cmd = Command::new("bash");
-        cmd.arg(repo_root().join("scripts/build-image.sh"));
-        cmd.args(tag);
-        let out = run(&mut cmd);
+        let out = run(&mut build_image_command(tag));
         let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         assert_eq!(
             path.file_name().unwrap().to_str().unwrap(),

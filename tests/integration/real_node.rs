@@ -11,34 +11,16 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::crd::Volume;
 
-use crate::fixtures::{claim, gone, storage_class, wait};
+use crate::fixtures::{self, claim, gone, phase, storage_class, wait};
 use crate::harness::{
     Process, REAL_NODE, TestNamespace, client_for_path, real_node, repo_root, unique_name,
 };
 
+/// Storage needs no pod network: these pods keep CNI out of the picture.
 fn pod(name: &str, claim: &str, script: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": false,
-            // Storage needs no pod network; host network keeps CNI out of it.
-            "hostNetwork": true,
-            "containers": [{
-                "name": "c",
-                "image": "stowage.dev/busybox:1",
-                "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", script],
-                "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
-            }],
-            "volumes": [{ "name": "data", "persistentVolumeClaim": { "claimName": claim } }],
-        },
-    }))
-    .unwrap()
-}
-
-fn phase(p: Option<&Pod>) -> Option<String> {
-    p.and_then(|p| p.status.as_ref()?.phase.clone())
+    let mut pod = fixtures::pod(name, claim, script);
+    pod.spec.as_mut().unwrap().host_network = Some(true);
+    pod
 }
 
 #[tokio::test]

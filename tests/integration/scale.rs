@@ -71,22 +71,7 @@ async fn node_agent(
     client: &Client,
 ) -> (Process, std::path::PathBuf) {
     let data = std::env::temp_dir().join(unique_name("stowage-scale"));
-    let agent = Process::start(
-        kubeconfig,
-        &[
-            "node",
-            "--node-name",
-            NODE,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--capacity",
-            "1Gi",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-        "scale-node",
-    );
+    let agent = Process::node(kubeconfig, NODE, &data, "scale-node");
     wait(
         &Api::<StorageNode>::all(client.clone()),
         NODE,
