@@ -1,5 +1,5 @@
 //! The controller as a process: leader election between replicas, claims
-//! deleted mid-provisioning, and what it reports on /metrics.
+//! deleted mid-provisioning.
 
 use std::time::Duration;
 
@@ -11,9 +11,7 @@ use serde_json::json;
 use stowage::crd::Volume;
 
 use crate::fixtures::{claim, is_bound, storage_class, wait};
-use crate::harness::{
-    Binder, Process, TestNamespace, bare_cluster, client_for_path, http_get, stack, unique_name,
-};
+use crate::harness::{Process, TestNamespace, bare_cluster, client_for_path, unique_name};
 
 /// The Volume is written but its node agent is down, so no data exists
 /// yet; the claim is deleted. Once the agent is back, nothing is left.
@@ -202,63 +200,4 @@ async fn standby_takes_over_and_a_leader_that_loses_its_lease_stops() {
     );
     agent.stop();
     let _ = std::fs::remove_dir_all(&data);
-}
-
-#[tokio::test]
-async fn metrics_report_jobs_backlog_and_claim_latency() {
-    let stack = stack(Binder::Kcm);
-    let ns = TestNamespace::new_with(stack.client().await, "metrics").await;
-    let class = format!("{}-c", ns.name);
-    storage_class(&ns.client, &class, "Immediate", "Delete", &[]).await;
-    claim(&ns, "measured", &class, "20Mi", &["ReadWriteOnce"])
-        .await
-        .uid()
-        .unwrap();
-    wait(
-        &ns.api::<PersistentVolumeClaim>(),
-        "measured",
-        "Bound",
-        is_bound,
-    )
-    .await;
-
-    // The controller observes the binding when it next sees the claim, which
-    // may be just after this test does.
-    let bound_count = |body: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with("stowage_claim_bound_duration_seconds_count"))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let mut body = String::new();
-    for _ in 0..100 {
-        let (status, text) = http_get(&stack.metrics_url).await;
-        assert_eq!(status, 200);
-        body = text;
-        if bound_count(&body) >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for series in [
-        "stowage_reconciles_total{job=\"claim\"}",
-        "stowage_reconcile_duration_seconds_bucket{le=",
-        "stowage_claim_bound_duration_seconds_count",
-        "stowage_claims_pending",
-    ] {
-        assert!(body.contains(series), "/metrics lacks {series}:\n{body}");
-    }
-    let build_info = format!(
-        "stowage_build_info{{version=\"{}\",commit=\"{}\"}} 1",
-        stowage::telemetry::VERSION,
-        stowage::telemetry::COMMIT
-    );
-    assert!(
-        body.contains(&build_info),
-        "/metrics lacks {build_info}:\n{body}"
-    );
-    let bound = bound_count(&body);
-    assert!(bound >= 1.0, "no bound claim observed");
-    let (status, _) = http_get(&stack.metrics_url.replace("/metrics", "/healthz")).await;
-    assert_eq!(status, 200);
 }

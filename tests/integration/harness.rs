@@ -223,8 +223,6 @@ pub const NODES: [(&str, &str); 3] = [
 pub struct Stack {
     pub kubeconfig: PathBuf,
     pub data_root: PathBuf,
-    /// The controller's `/metrics`.
-    pub metrics_url: String,
     _processes: Vec<Child>,
 }
 
@@ -261,7 +259,6 @@ pub fn stack(binder: Binder) -> &'static Stack {
                 &format!("node-{node}"),
             ));
         }
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         // The controller's holder also removes the data root when the run
         // ends (each agent's holder removes only its own directory).
         processes.push(hold(
@@ -271,16 +268,14 @@ pub fn stack(binder: Binder) -> &'static Stack {
                 "controller",
                 "--leader-elect=false",
                 "--metrics-addr",
-                &metrics_addr,
+                "127.0.0.1:0",
             ],
             "controller",
         ));
-        let metrics_url = format!("http://{metrics_addr}/metrics");
         wait_for_storage_nodes(&kubeconfig, &NODES.map(|(n, _)| n));
         Stack {
             kubeconfig,
             data_root,
-            metrics_url,
             _processes: processes,
         }
     })
@@ -645,6 +640,30 @@ pub async fn http_get(url: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Polls `url` until its status and body satisfy `ok` (a refused
+/// connection counts as status 0); returns the body.
+pub async fn wait_http(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + crate::fixtures::TIMEOUT;
+    loop {
+        let (status, body) = match tokio::net::TcpStream::connect(
+            url.trim_start_matches("http://").split('/').next().unwrap(),
+        )
+        .await
+        {
+            Ok(_) => http_get(url).await,
+            Err(_) => (0, String::new()),
+        };
+        if ok(status, &body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url}: not {what}; last answer {status} {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Path of an upstream binary built by scripts/build-control-plane.sh

@@ -11,6 +11,7 @@ mod harness;
 mod image;
 mod leader_election;
 mod manifests;
+mod metrics;
 mod node_handover;
 mod node_socket;
 mod provisioning;

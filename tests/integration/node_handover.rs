@@ -5,30 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{Process, client, free_port, http_get, install_crds, kubeconfig, unique_name};
-
-/// Polls `url` until its status and body satisfy `ok`; returns the body.
-async fn wait_http(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = match tokio::net::TcpStream::connect(
-            url.trim_start_matches("http://").split('/').next().unwrap(),
-        )
-        .await
-        {
-            Ok(_) => http_get(url).await,
-            Err(_) => (0, String::new()),
-        };
-        if ok(status, &body) {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url}: not {what}; last answer {status} {body:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use crate::harness::{
+    Process, client, free_port, http_get, install_crds, kubeconfig, unique_name, wait_http,
+};
 
 fn agent(data: &Path, kubelet: &Path, node: &str, port: u16, log: &str) -> Process {
     Process::start(
