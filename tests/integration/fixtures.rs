@@ -140,3 +140,21 @@ pub async fn wait_for_event(ns: &TestNamespace, name: &str, reason: &str) -> Str
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `kubectl exec POD -- /bin/sh -c SCRIPT` in the namespace (through the API
+/// server to kubelet, as users do); returns its stdout, fails on a non-zero
+/// exit.
+pub fn exec(kubeconfig: &std::path::Path, ns: &TestNamespace, pod: &str, script: &str) -> String {
+    let out = std::process::Command::new(crate::harness::upstream_binary("kubectl"))
+        .env("KUBECONFIG", kubeconfig)
+        .args(["exec", "-n", &ns.name, pod, "--", "/bin/sh", "-c", script])
+        .output()
+        .expect("running kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl exec {pod} -- {script:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -237,15 +237,17 @@ async fn pods_write_and_read_a_stowage_volume_on_a_real_kubelet() {
 
     expand_under_a_running_pod_then_offline(&ns, &client).await;
 
-    // Restarting the node agent under a running pod does not disturb it, and
-    // the restarted agent tears the volume down when the pod goes.
+    // Restarting the node agent under a running pod does not disturb it:
+    // what the pod wrote before is there after, it keeps writing, and the
+    // restarted agent tears the volume down when the pod goes.
     claim(&ns, "busy", &class, "16Mi", &["ReadWriteOnce"]).await;
     pods.create(
         &PostParams::default(),
         &pod(
             "busy",
             "busy",
-            "while true; do date >> /data/log; sleep 1; done",
+            "echo before > /data/marker && sync; \
+             while true; do date >> /data/log; sleep 0.2; done",
         ),
     )
     .await
@@ -254,10 +256,54 @@ async fn pods_write_and_read_a_stowage_volume_on_a_real_kubelet() {
         phase(p).as_deref() == Some("Running")
     })
     .await;
+    let lines = |out: &str| out.lines().count();
+    let kubeconfig = &node.kubeconfig;
+    wait_until("the pod writing", || {
+        lines(&fixtures::exec(kubeconfig, &ns, "busy", "cat /data/log")) > 0
+    })
+    .await;
+    let busy_pv = format!(
+        "pvc-{}",
+        ns.api::<PersistentVolumeClaim>()
+            .get("busy")
+            .await
+            .unwrap()
+            .uid()
+            .unwrap()
+    );
+    let mounted_before = mount_points_of(&busy_pv);
+    assert_eq!(
+        mounted_before.len(),
+        2,
+        "staging and pod mounts of {busy_pv}: {mounted_before:?}"
+    );
     agent.stop();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let written_while_down = lines(&fixtures::exec(kubeconfig, &ns, "busy", "cat /data/log"));
     let agent = start_agent();
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(
+        agent
+            .logged("registered with kubelet", fixtures::TIMEOUT)
+            .await,
+        "the restarted agent never registered with kubelet"
+    );
+    let out = fixtures::exec(
+        kubeconfig,
+        &ns,
+        "busy",
+        "echo after >> /data/marker && sync && cat /data/marker",
+    );
+    assert_eq!(out, "before\nafter\n", "the volume lost or refused data");
+    wait_until("the pod still appending", || {
+        lines(&fixtures::exec(kubeconfig, &ns, "busy", "cat /data/log")) > written_while_down
+    })
+    .await;
+    // kubelet finds the volume where it left it, for the unpublish and
+    // unstage that come when the pod goes.
+    assert_eq!(
+        mount_points_of(&busy_pv),
+        mounted_before,
+        "mounts changed across the agent restart"
+    );
     let running = pods.get("busy").await.unwrap();
     assert_eq!(
         phase(Some(&running)).as_deref(),
@@ -436,4 +482,46 @@ async fn expand_under_a_running_pod_then_offline(ns: &TestNamespace, client: &ku
         .await
         .unwrap();
     wait(&pods, "reader2", "deleted", gone).await;
+}
+
+/// Polls `cond` (a blocking check) until it holds, up to fixtures::TIMEOUT.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + fixtures::TIMEOUT;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "not {what} after {:?}",
+            fixtures::TIMEOUT
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The host's mount points of `volume`'s device: kubelet's per-pod
+/// directory (which carries the PV name) and every other mount of the same
+/// device, such as the staging mount (named by a hash of the handle); sorted.
+fn mount_points_of(volume: &str) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // (mount point, source device) of each line.
+    let mounts: Vec<(&str, &str)> = info
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            Some((left.split(' ').nth(4)?, right.split(' ').nth(1)?))
+        })
+        .collect();
+    let Some(device) = mounts
+        .iter()
+        .find(|(point, _)| point.contains(volume))
+        .map(|(_, device)| *device)
+    else {
+        return Vec::new();
+    };
+    let mut points: Vec<String> = mounts
+        .iter()
+        .filter(|(_, d)| *d == device)
+        .map(|(p, _)| p.to_string())
+        .collect();
+    points.sort();
+    points
 }
