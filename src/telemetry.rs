@@ -52,7 +52,15 @@ pub fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,tower=warn,hyper=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_target(false)).init(),
+        // Colour only for a person at a terminal: `kubectl logs` and log
+        // collectors would show the escape codes as text.
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
+            .init(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()

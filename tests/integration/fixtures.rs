@@ -110,6 +110,15 @@ pub fn gone<K>(o: Option<&K>) -> bool {
 
 /// Events about `name` in the namespace, as `kubectl describe` shows them.
 pub async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
+    events_from(ns, name, None).await
+}
+
+/// Events about `name`, only those `reporter` posted when given.
+async fn events_from(
+    ns: &TestNamespace,
+    name: &str,
+    reporter: Option<&str>,
+) -> Vec<(String, String)> {
     let list = ns
         .api::<Event>()
         .list(&ListParams::default())
@@ -118,24 +127,39 @@ pub async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
     list.items
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| reporter.is_none() || e.reporting_controller.as_deref() == reporter)
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
 
+/// Waits for an event `reason` about `name` (events are posted after the
+/// change they describe); returns its note.
 pub async fn wait_for_event(ns: &TestNamespace, name: &str, reason: &str) -> String {
+    wait_for_event_from(ns, name, reason, None).await
+}
+
+/// As wait_for_event, for an event stowage's controller posted (kcm's PV
+/// binder posts some of the same reasons).
+pub async fn wait_for_stowage_event(ns: &TestNamespace, name: &str, reason: &str) -> String {
+    wait_for_event_from(ns, name, reason, Some("stowage-controller")).await
+}
+
+async fn wait_for_event_from(
+    ns: &TestNamespace,
+    name: &str,
+    reason: &str,
+    reporter: Option<&str>,
+) -> String {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        if let Some((_, note)) = events(ns, name)
-            .await
-            .into_iter()
-            .find(|(r, _)| r == reason)
-        {
-            return note;
+        let events = events_from(ns, name, reporter).await;
+        if let Some((_, note)) = events.iter().find(|(r, _)| r == reason) {
+            return note.clone();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no {reason} event on {name}: {:?}",
-            events(ns, name).await
+            "no {reason} event on {name} from {}: {events:?}",
+            reporter.unwrap_or("anyone")
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

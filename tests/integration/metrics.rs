@@ -125,6 +125,11 @@ async fn metrics_count_claims_binds_and_failures_exactly() {
 
     let (status, _) = http_get(&url.replace("/metrics", "/healthz")).await;
     assert_eq!(status, 200, "/healthz of a controller that works");
+    let log = controller.log();
+    assert!(
+        log.contains("claim bound") && !log.contains('\x1b'),
+        "plain log lines, without terminal colour codes:\n{log}"
+    );
     controller.stop();
     agent.stop();
     let _ = std::fs::remove_dir_all(&data);

@@ -11,9 +11,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::crd::{Volume, VolumePhase};
 
-use crate::fixtures::{
-    TIMEOUT, claim, events, gone, is_bound, storage_class, wait, wait_for_event,
-};
+use crate::fixtures::{TIMEOUT, claim, gone, is_bound, storage_class, wait, wait_for_event};
 use crate::harness::{Binder, Stack, TestNamespace, stack};
 
 async fn setup(binder: Binder, prefix: &str) -> (&'static Stack, TestNamespace) {
@@ -112,13 +110,8 @@ async fn provisions_binds_and_deletes(binder: Binder) {
     let image = stack.volume_dir(&node).join(format!("{pv_name}.img"));
     let meta = std::fs::metadata(&image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
     assert_eq!(meta.len(), 300 << 20);
-    let events = events(&ns, "data").await;
-    assert!(
-        events
-            .iter()
-            .any(|(r, n)| r == "ProvisioningSucceeded" && n.contains(&pv_name)),
-        "{events:?}"
-    );
+    let note = wait_for_event(&ns, "data", "ProvisioningSucceeded").await;
+    assert!(note.contains(&pv_name), "{note}");
 
     // Delete: data, Volume and PV all go.
     claims
@@ -304,7 +297,9 @@ async fn wait_for_first_consumer(binder: Binder) {
         .await
         .uid()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once stowage has said it waits, it has seen the claim and chosen not
+    // to provision it.
+    crate::fixtures::wait_for_stowage_event(&ns, "late", "WaitForFirstConsumer").await;
     assert!(
         Api::<Volume>::all(ns.client.clone())
             .get_opt(&format!("pvc-{uid}"))

@@ -410,7 +410,10 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
         .await
         .uid()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Watch events arrive in order: once a claim made after it is Bound,
+    // the controller has seen this one and had time to act on it.
+    claim(&ns, "after", &class, "16Mi", &["ReadWriteOnce"]).await;
+    wait(&claims, "after", "Bound", is_bound).await;
     let volume = Api::<stowage::crd::Volume>::all(client.clone())
         .get_opt(&format!("pvc-{uid}"))
         .await
