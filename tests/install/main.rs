@@ -329,12 +329,13 @@ async fn roll_under_load(
     writer.watch_mount(ns).await;
     let leases = LeaseWatch::start(client);
     let load = ClaimLoad::start(ns, class, &format!("roll-{to}").replace('.', "-"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.wait_for_more_bound(2, Duration::from_secs(30)).await;
     let started = Instant::now();
     overlay.apply(to);
     wait_rolled_out(client, &format!("{IMAGE}:{to}"), ROLL_TIMEOUT).await;
     let rolled = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The new version provisions before the load stops.
+    load.wait_for_more_bound(2, Duration::from_secs(30)).await;
     let latencies = load.finish(Duration::from_secs(30)).await;
     let slowest = latencies.iter().map(|(_, d)| *d).max().unwrap();
     assert!(

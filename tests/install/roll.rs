@@ -83,6 +83,20 @@ impl ClaimLoad {
         }
     }
 
+    /// Waits until `more` claims beyond those bound now are Bound: the
+    /// stack is provisioning, not just alive.
+    pub async fn wait_for_more_bound(&self, more: usize, within: Duration) {
+        let target = self.bound.lock().unwrap().len() + more;
+        let deadline = Instant::now() + within;
+        while self.bound.lock().unwrap().len() < target {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {more} more claims Bound within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops creating, waits up to `within` after the last creation for
     /// every claim to be Bound, and returns each one's creation→Bound time.
     pub async fn finish(self, within: Duration) -> Vec<(String, Duration)> {

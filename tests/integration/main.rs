@@ -1,6 +1,7 @@
 //! Integration tests against a real local control plane (etcd,
 //! kube-apiserver, kube-controller-manager, kube-scheduler). See harness.rs.
 
+mod binder_coexistence;
 mod controller_lifecycle;
 mod crash_safety;
 mod crd_evolution;
