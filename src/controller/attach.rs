@@ -238,6 +238,7 @@ async fn publish_secrets(
                 namespace: r.namespace.clone().unwrap_or_default(),
                 name: r.name.clone().unwrap_or_default(),
             },
+            secrets::SecretFor::ControllerPublish,
         )
         .await?),
         None => Ok(BTreeMap::new()),

@@ -226,12 +226,7 @@ pub async fn reconcile(
                 EventType::Normal,
                 "Provisioning",
                 "Provision",
-                &format!(
-                    "External provisioner is provisioning volume for claim \"{}/{}\" on node {}",
-                    claim.namespace().unwrap_or_default(),
-                    claim.name_any(),
-                    volume.spec.node.as_deref().unwrap_or("?")
-                ),
+                &provisioning_note(&claim, volume.spec.node.as_deref()),
             )
             .await;
             create_idempotent(&Api::<Volume>::all(ctx.client.clone()), &volume).await?;
@@ -274,6 +269,24 @@ pub async fn reconcile(
         }
     }
     Ok(Action::await_change())
+}
+
+/// external-provisioner's words, naming the node only when there is one
+/// (`Immediate` claims of other drivers have none).
+fn provisioning_note(claim: &PersistentVolumeClaim, node: Option<&str>) -> String {
+    let key = format!(
+        "{}/{}",
+        claim.namespace().unwrap_or_default(),
+        claim.name_any()
+    );
+    match node {
+        Some(node) => {
+            format!(
+                "External provisioner is provisioning volume for claim \"{key}\" on node {node}"
+            )
+        }
+        None => format!("External provisioner is provisioning volume for claim \"{key}\""),
+    }
 }
 
 /// How long kube-controller-manager's binder gets to bind a fresh PV before

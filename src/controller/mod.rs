@@ -143,6 +143,8 @@ pub enum Error {
     Driver(#[from] crate::backend::csi_proxy::ProxyError),
     #[error(transparent)]
     Secrets(#[from] secrets::SecretError),
+    #[error(transparent)]
+    SecretRead(#[from] secrets::ReadError),
 }
 
 impl Error {
@@ -168,7 +170,7 @@ impl Error {
             Error::Signals(_) => "signals",
             Error::Election(_) => "leader_election",
             Error::Driver(_) => "csi_driver",
-            Error::Secrets(_) => "secrets",
+            Error::Secrets(_) | Error::SecretRead(_) => "secrets",
         }
     }
 }
@@ -266,8 +268,13 @@ impl Context {
     /// it, naming the verb and resource to grant; other errors are reported
     /// by their jobs.
     pub fn report_if_forbidden<K: Resource<DynamicType = ()>>(&self, object: &K, error: &Error) {
-        let Error::Kube(kube::Error::Api(status)) = error else {
-            return;
+        let status = match error {
+            Error::Kube(kube::Error::Api(status)) => status,
+            Error::SecretRead(e) => match &*e.source {
+                kube::Error::Api(status) => status,
+                _ => return,
+            },
+            _ => return,
         };
         let Some(refusal) = forbidden::Refusal::from_status(status) else {
             return;

@@ -88,7 +88,7 @@ async fn provisioner_secrets(
         claim_name: claim.map(|c| c.name.as_str()).unwrap_or_default(),
     };
     match secrets::secret_ref(&volume.spec.parameters, SecretFor::Provisioner, &values)? {
-        Some(r) => Ok(secrets::read(&ctx.client, &r).await?),
+        Some(r) => Ok(secrets::read(&ctx.client, &r, SecretFor::Provisioner).await?),
         None => Ok(BTreeMap::new()),
     }
 }
@@ -100,7 +100,15 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
     match plan(volume) {
         RemoteWork::Nothing => {}
         RemoteWork::Create => {
-            let secrets = provisioner_secrets(ctx, volume).await?;
+            // A Secret the class names but nobody created yet is the user's
+            // to fix: recorded like a driver failure, so the claim says so.
+            let secrets = match provisioner_secrets(ctx, volume).await {
+                Ok(secrets) => secrets,
+                Err(e) => {
+                    record_failure(&api, volume, "SecretUnavailable", &e.to_string()).await?;
+                    return Err(e);
+                }
+            };
             match driver.create_volume(create_request(volume, secrets)).await {
                 Ok(created) => {
                     crate::failpoint::hit("controller-after-create-volume");
@@ -113,23 +121,7 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
                     .await?;
                 }
                 Err(e) => {
-                    // Unchanged: writing it again would wake this reconcile
-                    // at once instead of after the backoff.
-                    let reported = volume.status.as_ref().is_some_and(|s| {
-                        s.phase == VolumePhase::Failed
-                            && s.observed_generation == volume.metadata.generation
-                            && s.last_error.as_deref() == Some(e.to_string().as_str())
-                    });
-                    if reported {
-                        return Err(e.into());
-                    }
-                    let status = json!({ "status": {
-                        "phase": VolumePhase::Failed,
-                        "observedGeneration": volume.metadata.generation,
-                        "lastError": e.to_string(),
-                        "conditions": [condition(volume, "False", &format!("{:?}", e.code()), &e.to_string())],
-                    }});
-                    api.patch_status(&volume.name_any(), &pp, &Patch::Merge(&status))
+                    record_failure(&api, volume, &format!("{:?}", e.code()), &e.to_string())
                         .await?;
                     return Err(e.into());
                 }
@@ -167,6 +159,38 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
         }
     }
     Ok(Action::await_change())
+}
+
+/// Marks the Volume Failed with `message`, unless it already says exactly
+/// that: writing it again would wake this reconcile at once instead of
+/// after the backoff.
+async fn record_failure(
+    api: &Api<Volume>,
+    volume: &Volume,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let reported = volume.status.as_ref().is_some_and(|s| {
+        s.phase == VolumePhase::Failed
+            && s.observed_generation == volume.metadata.generation
+            && s.last_error.as_deref() == Some(message)
+    });
+    if reported {
+        return Ok(());
+    }
+    let status = json!({ "status": {
+        "phase": VolumePhase::Failed,
+        "observedGeneration": volume.metadata.generation,
+        "lastError": message,
+        "conditions": [condition(volume, "False", reason, message)],
+    }});
+    api.patch_status(
+        &volume.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await?;
+    Ok(())
 }
 
 fn condition(volume: &Volume, status: &str, reason: &str, message: &str) -> serde_json::Value {

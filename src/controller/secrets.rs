@@ -136,11 +136,35 @@ pub fn driver_parameters(params: &BTreeMap<String, String>) -> BTreeMap<String, 
         .collect()
 }
 
+/// A Secret a class names that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot read Secret {namespace}/{name}, which StorageClass parameters \
+     csi.storage.k8s.io/{for_key}-secret-* name: {source}; create it or fix the parameters"
+)]
+pub struct ReadError {
+    pub namespace: String,
+    pub name: String,
+    pub for_key: &'static str,
+    #[source]
+    pub source: Box<kube::Error>,
+}
+
 /// A Secret's data as strings, for a CSI call's `secrets`.
-pub async fn read(client: &Client, r: &SecretRef) -> Result<BTreeMap<String, String>, kube::Error> {
+pub async fn read(
+    client: &Client,
+    r: &SecretRef,
+    kind: SecretFor,
+) -> Result<BTreeMap<String, String>, ReadError> {
     let secret = Api::<Secret>::namespaced(client.clone(), &r.namespace)
         .get(&r.name)
-        .await?;
+        .await
+        .map_err(|source| ReadError {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            for_key: kind.key(),
+            source: Box::new(source),
+        })?;
     Ok(secret
         .data
         .unwrap_or_default()

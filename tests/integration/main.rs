@@ -17,6 +17,7 @@ mod node_handover;
 mod node_socket;
 mod provisioning;
 mod proxy_driver;
+mod proxy_secrets;
 mod real_node;
 mod scale;
 mod volume_api;
