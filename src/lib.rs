@@ -10,4 +10,5 @@ pub mod failpoint;
 pub mod node;
 pub mod proto;
 pub mod quantity;
+pub mod retry;
 pub mod telemetry;

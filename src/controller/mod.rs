@@ -20,7 +20,7 @@ mod remote_volumes;
 pub mod resize;
 pub mod secrets;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -200,7 +200,7 @@ pub struct Context {
     /// `--serve-local`.
     pub serve_local: bool,
     recorder: Recorder,
-    failures: Mutex<HashMap<String, u32>>,
+    failures: crate::retry::Failures,
     /// Whether reconciles may act now.
     pub gate: lifecycle::Gate,
     /// `--workers`: objects each job works on at once.
@@ -237,7 +237,7 @@ impl Context {
                 .collect(),
             serve_local: config.serve_local,
             recorder,
-            failures: Mutex::default(),
+            failures: crate::retry::Failures::default(),
             gate: lifecycle::Gate::default(),
             workers: config.workers,
             pending: Mutex::default(),
@@ -309,31 +309,14 @@ impl Context {
         });
     }
 
-    /// Exponential retry delay per object: 1s, 2s, 4s... capped at 16s for
-    /// errors that can clear by themselves and 5 minutes for the rest.
+    /// Per-object retry delay: see crate::retry.
     pub fn backoff(&self, object: &ObjectReference, may_resolve_itself: bool) -> Duration {
-        let mut failures = self.failures.lock().expect("failure map poisoned");
-        let n = failures.entry(failure_key(object)).or_default();
-        *n = n.saturating_add(1);
-        let cap = if may_resolve_itself { 16 } else { 300 };
-        Duration::from_secs((1u64 << (*n - 1).min(9)).min(cap))
+        self.failures.backoff(object, may_resolve_itself)
     }
 
     pub fn forget_failures(&self, object: &ObjectReference) {
-        self.failures
-            .lock()
-            .expect("failure map poisoned")
-            .remove(&failure_key(object));
+        self.failures.forget(object);
     }
-}
-
-fn failure_key(object: &ObjectReference) -> String {
-    format!(
-        "{}/{}/{}",
-        object.kind.as_deref().unwrap_or_default(),
-        object.namespace.as_deref().unwrap_or_default(),
-        object.name.as_deref().unwrap_or_default()
-    )
 }
 
 /// A trigger for one job: reconcile requests sent from another kind's

@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Controller;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -117,6 +117,8 @@ pub struct NodeContext {
     pub node: String,
     pub store: Store,
     pub metrics: Metrics,
+    /// Per-Volume retry delays.
+    pub failures: crate::retry::Failures,
 }
 
 pub async fn run(config: Config) -> Result<(), Error> {
@@ -192,6 +194,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         node: config.node_name.clone(),
         store: Store::new(&config.data_dir),
         metrics,
+        failures: Default::default(),
     });
     report_storage_node(&ctx, &config).await?;
     let heartbeat = async {
@@ -204,7 +207,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
 
     let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", config.node_name));
-    let volumes = Controller::new(Api::<Volume>::all(client), mine)
+    // Only spec changes and deletion (both bump the generation) are work
+    // for the node; reacting to status writes, our own included, would
+    // retry a failure at once instead of after its backoff.
+    let (cache, writer) = reflector::store();
+    let changes = watcher(Api::<Volume>::all(client), mine)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let volumes = Controller::for_stream(changes, cache)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.workers))
         .graceful_shutdown_on(stop());
     let cache = volumes.store();

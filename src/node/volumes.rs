@@ -2,13 +2,11 @@
 //! Volume appears, deletes it when the Volume is deleted, and reports in
 //! `Volume.status`.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
+use std::sync::Arc;
 
 use super::{Error, NodeContext};
 use crate::backend::local::Parameters;
@@ -59,15 +57,14 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
             let params = match Parameters::parse(&volume.spec.parameters) {
                 Ok(p) => p,
                 Err(e) => {
-                    report(
-                        &api,
-                        &volume,
-                        VolumePhase::Failed,
-                        None,
-                        "InvalidParameters",
-                        &e.to_string(),
-                    )
-                    .await?;
+                    let message = e.to_string();
+                    let failed = Report {
+                        phase: VolumePhase::Failed,
+                        capacity: None,
+                        reason: "InvalidParameters",
+                        message: &message,
+                    };
+                    report(&api, &volume, failed).await?;
                     return Ok(Action::await_change());
                 }
             };
@@ -77,26 +74,23 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                     crate::failpoint::hit("node-before-ready-reported");
                     tracing::info!(bytes = actual, "volume data ready");
                     let msg = format!("{} bytes on node {}", actual, ctx.node);
-                    report(
-                        &api,
-                        &volume,
-                        VolumePhase::Ready,
-                        Some(actual),
-                        "Created",
-                        &msg,
-                    )
-                    .await?;
+                    let ready = Report {
+                        phase: VolumePhase::Ready,
+                        capacity: Some(actual),
+                        reason: "Created",
+                        message: &msg,
+                    };
+                    report(&api, &volume, ready).await?;
                 }
                 Err(e) => {
-                    report(
-                        &api,
-                        &volume,
-                        VolumePhase::Failed,
-                        None,
-                        "CreateFailed",
-                        &e.to_string(),
-                    )
-                    .await?;
+                    let message = e.to_string();
+                    let failed = Report {
+                        phase: VolumePhase::Failed,
+                        capacity: None,
+                        reason: "CreateFailed",
+                        message: &message,
+                    };
+                    report(&api, &volume, failed).await?;
                     return Err(e.into());
                 }
             }
@@ -127,36 +121,75 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                 .await?;
         }
     }
+    ctx.failures.forget(&volume.object_ref(&()));
     Ok(Action::await_change())
 }
 
-async fn report(
-    api: &Api<Volume>,
-    volume: &Volume,
+/// What a report says; written only when it differs from what the Volume
+/// already shows, so that a failure retried by backoff does not wake the
+/// next attempt with its own status write.
+struct Report<'a> {
     phase: VolumePhase,
     capacity: Option<i64>,
-    reason: &str,
-    message: &str,
-) -> Result<(), Error> {
-    let ready = if phase == VolumePhase::Ready {
-        "True"
-    } else {
-        "False"
-    };
+    reason: &'a str,
+    message: &'a str,
+}
+
+impl Report<'_> {
+    fn ready_status(&self) -> &'static str {
+        if self.phase == VolumePhase::Ready {
+            "True"
+        } else {
+            "False"
+        }
+    }
+
+    fn last_error(&self) -> Option<&str> {
+        (self.phase == VolumePhase::Failed).then_some(self.message)
+    }
+
+    fn already_shown(&self, volume: &Volume) -> bool {
+        let Some(status) = volume.status.as_ref() else {
+            return false;
+        };
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+        status.phase == self.phase
+            && status.observed_generation == volume.metadata.generation
+            && status.last_error.as_deref() == self.last_error()
+            && (self.capacity.is_none() || status.capacity_bytes == self.capacity)
+            && ready.is_some_and(|c| c.reason == self.reason && c.message == self.message)
+    }
+
+    /// The condition's transition time: kept while its status stays.
+    fn transition_time(&self, volume: &Volume) -> String {
+        volume
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .filter(|c| format!("{:?}", c.status) == self.ready_status())
+            .map(|c| c.last_transition_time.0.to_string())
+            .unwrap_or_else(|| k8s_openapi::jiff::Timestamp::now().to_string())
+    }
+}
+
+async fn report(api: &Api<Volume>, volume: &Volume, report: Report<'_>) -> Result<(), Error> {
+    if report.already_shown(volume) {
+        return Ok(());
+    }
     let mut status = json!({
-        "phase": phase,
+        "phase": report.phase,
         "observedGeneration": volume.metadata.generation,
         "conditions": [{
             "type": "Ready",
-            "status": ready,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+            "status": report.ready_status(),
+            "reason": report.reason,
+            "message": report.message,
+            "lastTransitionTime": report.transition_time(volume),
             "observedGeneration": volume.metadata.generation,
         }],
-        "lastError": if phase == VolumePhase::Failed { json!(message) } else { json!(null) },
+        "lastError": report.last_error(),
     });
-    if let Some(bytes) = capacity {
+    if let Some(bytes) = report.capacity {
         status["capacityBytes"] = json!(bytes);
         status["volumeHandle"] = json!(volume.name_any());
     }
@@ -173,7 +206,13 @@ pub fn error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<NodeContext>) -
     tracing::warn!(volume = %volume.name_any(), %error, "node volume work failed");
     ctx.metrics
         .reconcile_failed("node_volume", error.metric_label());
-    Action::requeue(Duration::from_secs(5))
+    // Waiting for kubelet to let go, or the API briefly away, clears by
+    // itself; a failing mkfs or a full disk needs someone.
+    let may_resolve_itself = matches!(error, Error::InUse { .. } | Error::Kube(_));
+    Action::requeue(
+        ctx.failures
+            .backoff(&volume.object_ref(&()), may_resolve_itself),
+    )
 }
 
 #[cfg(test)]

@@ -19,5 +19,6 @@ mod provisioning;
 mod proxy_driver;
 mod proxy_secrets;
 mod real_node;
+mod retry_backoff;
 mod scale;
 mod volume_api;

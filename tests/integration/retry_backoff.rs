@@ -1,0 +1,128 @@
+//! A failure that does not go away is retried at growing intervals, not in
+//! a loop, and explained once: the node agent's mkfs failing for a Volume.
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::{Api, ResourceExt};
+use stowage::crd::Volume;
+
+use crate::fixtures::{TIMEOUT, claim, is_bound, storage_class, wait, wait_for_event};
+use crate::harness::{Process, TestNamespace, bare_cluster, client_for_path, unique_name};
+
+const NODE: &str = "backoff-node";
+
+/// A `mkfs.ext4` ahead of the real one on PATH that fails as a dying disk
+/// would, and records when it was called.
+fn failing_mkfs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = dir.join("mkfs.ext4");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ndate +%s.%N >> {}\necho 'mkfs.ext4: simulated write error' >&2\nexit 1\n",
+            dir.join("calls").display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", script.to_str().unwrap()])
+        .status()
+        .unwrap();
+}
+
+fn calls(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("calls"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failing_mkfs_is_retried_at_growing_intervals() {
+    let kubeconfig = bare_cluster("backoff", &[NODE]);
+    let client = client_for_path(&kubeconfig).await;
+    let ns = TestNamespace::new_with(client.clone(), "backoff").await;
+    let class = format!("{}-c", ns.name);
+    storage_class(&client, &class, "Immediate", "Delete", &[]).await;
+    let work = std::env::temp_dir().join(unique_name("stowage-backoff"));
+    let shim = work.join("bin");
+    failing_mkfs(&shim);
+    let path = format!("{}:{}", shim.display(), std::env::var("PATH").unwrap());
+    let data = work.join("data");
+    let data_arg = data.to_str().unwrap();
+    let agent = Process::start(
+        &kubeconfig,
+        &[
+            "node",
+            "--node-name",
+            NODE,
+            "--data-dir",
+            data_arg,
+            "--capacity",
+            "1Gi",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[("PATH", &path)],
+        "backoff-node",
+    );
+    let controller = Process::controller(&kubeconfig, "backoff-controller");
+
+    let uid = claim(&ns, "data", &class, "16Mi", &["ReadWriteOnce"])
+        .await
+        .uid()
+        .unwrap();
+    let note = wait_for_event(&ns, "data", "ProvisioningFailed").await;
+    assert!(note.contains("simulated write error"), "{note}");
+
+    // 1 s, 2 s, 4 s, 8 s apart: five calls within about 15 s, never dozens.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while calls(&shim).len() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mkfs retried {} times in {TIMEOUT:?}",
+            calls(&shim).len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let times = calls(&shim);
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[0] >= 0.8,
+        "retried {:.2} s after the first failure: {gaps:?}",
+        gaps[0]
+    );
+    for pair in gaps.windows(2) {
+        assert!(
+            pair[1] >= pair[0] * 1.5,
+            "retry intervals do not grow: {gaps:?}"
+        );
+    }
+
+    // One failure, one status: the Volume is not rewritten at every retry.
+    let volumes = Api::<Volume>::all(client.clone());
+    let volume = volumes.get(&format!("pvc-{uid}")).await.unwrap();
+    let status = volume.status.unwrap();
+    let since = status.conditions[0].last_transition_time.0;
+    let first = k8s_openapi::jiff::Timestamp::from_millisecond((times[0] * 1000.0) as i64).unwrap();
+    assert!(
+        since <= first + k8s_openapi::jiff::SignedDuration::from_secs(2),
+        "the Failed condition was rewritten at a later retry ({since}; first failure {first})"
+    );
+
+    // The disk mended: the next retry succeeds with no one acting.
+    std::fs::remove_file(shim.join("mkfs.ext4")).unwrap();
+    wait(
+        &ns.api::<PersistentVolumeClaim>(),
+        "data",
+        "Bound",
+        is_bound,
+    )
+    .await;
+    controller.stop();
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&work);
+}
