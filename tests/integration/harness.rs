@@ -337,6 +337,11 @@ fn wait_for_storage_nodes(kubeconfig: &Path, nodes: &[&str]) {
 /// Each `name` gets its own, so that tests running at once do not see each
 /// other's stowage processes.
 pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
+    bare_cluster_of(name, nodes, Binder::StowageOnly)
+}
+
+/// As `bare_cluster`, with kube-controller-manager's PV binder on or off.
+pub fn bare_cluster_of(name: &'static str, nodes: &[&str], binder: Binder) -> PathBuf {
     let cell = {
         let mut cells = BARE_CLUSTERS.lock().unwrap();
         match cells.iter().find(|(n, _)| *n == name) {
@@ -348,7 +353,8 @@ pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
             }
         }
     };
-    let cluster = cell.get_or_init(|| start_cluster(Some(WITHOUT_BINDER)));
+    let controllers = (binder == Binder::StowageOnly).then_some(WITHOUT_BINDER);
+    let cluster = cell.get_or_init(|| start_cluster(controllers));
     prepare(&cluster.kubeconfig, nodes);
     cluster.kubeconfig.clone()
 }
@@ -427,6 +433,9 @@ pub struct Process {
 
 impl Process {
     pub fn start(kubeconfig: &Path, args: &[&str], env: &[(&str, &str)], log_name: &str) -> Self {
+        // A restart under the same name must not truncate the log of the
+        // run before it (a crash's last lines are the evidence).
+        let log_name = &numbered_log_name(log_name);
         Process {
             child: spawn_held(kubeconfig, None, args, env, log_name),
             log: log_path(log_name),
@@ -700,4 +709,72 @@ pub fn real_node_without_stowage() -> RealNode {
         kubeconfig: cluster.kubeconfig.clone(),
         kubelet_dir,
     }
+}
+
+/// `log_name` for its first start in this run, `log_name.N` for the Nth.
+fn numbered_log_name(log_name: &str) -> String {
+    static STARTS: std::sync::Mutex<Vec<(String, u32)>> = std::sync::Mutex::new(Vec::new());
+    let mut starts = STARTS.lock().unwrap();
+    let n = match starts.iter_mut().find(|(name, _)| name == log_name) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            starts.push((log_name.to_string(), 1));
+            1
+        }
+    };
+    if n == 1 {
+        log_name.to_string()
+    } else {
+        format!("{log_name}.{n}")
+    }
+}
+
+impl Process {
+    /// Where this start's output goes.
+    pub fn log_file(&self) -> &Path {
+        &self.log
+    }
+
+    /// Waits for the process to end by itself and returns its exit code
+    /// (as hold.sh passes it on: 128+N for signal N); None on timeout.
+    pub async fn exit_code_within(&mut self, timeout: Duration) -> Option<i32> {
+        if !self.exited_within(timeout).await {
+            return None;
+        }
+        let status = self.child.try_wait().expect("polling child")?;
+        Some(status.code().expect("hold.sh exits, it is not killed"))
+    }
+
+    /// SIGKILLs the stowage process itself (not hold.sh, which would stop
+    /// it gracefully): no shutdown path runs, no lease is released.
+    pub fn kill9(&self) {
+        let child = stowage_child_of(self.child.id())
+            .unwrap_or_else(|| panic!("no stowage process under hold.sh {}", self.child.id()));
+        // SAFETY: kill(2) on a pid we just found as our own grandchild.
+        let rc = unsafe { libc::kill(child, libc::SIGKILL) };
+        assert_eq!(
+            rc,
+            0,
+            "kill -9 {child}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The pid of the `stowage` process whose parent is `parent`.
+fn stowage_child_of(parent: u32) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent && head.ends_with("(stowage")).then_some(pid)
+        })
 }
