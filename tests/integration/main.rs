@@ -2,10 +2,14 @@
 //! kube-apiserver, kube-controller-manager, kube-scheduler). See harness.rs.
 
 mod controller_lifecycle;
-mod crash_safety;
+mod crash;
+mod crash_delete;
+mod crash_provision;
+mod crash_proxy;
 mod crd_evolution;
 mod csi_sanity;
 mod expansion;
+mod failpoints;
 mod fixtures;
 mod harness;
 mod image;
