@@ -14,6 +14,7 @@ mod fixtures;
 mod harness;
 mod image;
 mod leader_election;
+mod leader_takeover;
 mod manifests;
 mod node_handover;
 mod node_socket;
