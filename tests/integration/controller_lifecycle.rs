@@ -117,7 +117,7 @@ async fn claim_deleted_between_ready_data_and_its_pv_leaks_nothing() {
         .await
         .uid()
         .unwrap();
-    armed.assert_fired(&mut controller).await;
+    let crash_log = armed.assert_fired(&mut controller).await;
     let name = format!("pvc-{uid}");
     let volumes = Api::<Volume>::all(client.clone());
     let phase = volumes.get(&name).await.unwrap().status.map(|s| s.phase);
@@ -159,6 +159,7 @@ async fn claim_deleted_between_ready_data_and_its_pv_leaks_nothing() {
         seen.is_empty(),
         "a PV was created for a deleted claim: {seen:?}"
     );
+    crash_log.assert_kept();
     controller.stop();
     agent.stop();
     let _ = std::fs::remove_dir_all(&data);

@@ -38,7 +38,7 @@ impl Armed {
 
     /// The process ended at this failpoint: failpoint status, marker and
     /// log line all present. Any other end (panic, error, signal) fails.
-    pub async fn assert_fired(&self, process: &mut Process) {
+    pub async fn assert_fired(&self, process: &mut Process) -> CrashLog {
         let step = self.step;
         let log = process.log_file().display().to_string();
         let code = process.exit_code_within(TIMEOUT).await;
@@ -56,6 +56,31 @@ impl Armed {
             "{step}: no '{line}' in {log}"
         );
         let _ = std::fs::remove_file(&self.marker);
+        CrashLog {
+            path: process.log_file().to_path_buf(),
+            line,
+        }
+    }
+}
+
+/// The log of a run that crashed at a failpoint.
+#[must_use = "check that the restart kept it"]
+pub struct CrashLog {
+    path: PathBuf,
+    line: String,
+}
+
+impl CrashLog {
+    /// The crashed run's log still says where it stopped: a restart under
+    /// the same name must not have overwritten it.
+    pub fn assert_kept(&self) {
+        let log = std::fs::read_to_string(&self.path).unwrap_or_default();
+        assert!(
+            log.contains(&self.line),
+            "the crashed run's log {} lost '{}' after the restart",
+            self.path.display(),
+            self.line
+        );
     }
 }
 

@@ -59,11 +59,11 @@ async fn reclaim_through_crash(site: &Site, in_controller: bool, step: &'static 
     assert!(site.image(&uid).exists(), "{step}: no image once Bound");
 
     claims.delete(step, &DeleteParams::default()).await.unwrap();
-    if in_controller {
-        armed.assert_fired(&mut ctl).await;
+    let crash_log = if in_controller {
+        armed.assert_fired(&mut ctl).await
     } else {
-        armed.assert_fired(&mut agent).await;
-    }
+        armed.assert_fired(&mut agent).await
+    };
     assert_left_midway(site, step, &uid).await;
     if in_controller {
         ctl = controller(kc, &[], "reclaim-controller");
@@ -83,6 +83,7 @@ async fn reclaim_through_crash(site: &Site, in_controller: bool, step: &'static 
     );
     let left = files_for(&site.volumes_dir(), &uid);
     assert!(left.is_empty(), "{step}: data left behind: {left:?}");
+    crash_log.assert_kept();
     ctl.stop();
     agent.stop();
 }
@@ -162,13 +163,15 @@ async fn grow_through_crash(site: &Site, in_controller: bool, step: &'static str
         .patch(step, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .unwrap();
-    if in_controller {
-        armed.assert_fired(&mut ctl).await;
+    let crash_log = if in_controller {
+        let log = armed.assert_fired(&mut ctl).await;
         ctl = controller(kc, &[], "grow-controller");
+        log
     } else {
-        armed.assert_fired(&mut agent).await;
+        let log = armed.assert_fired(&mut agent).await;
         agent = node_agent(kc, node, &site.data, &[], "grow-node");
-    }
+        log
+    };
 
     let pending = |c: Option<&PersistentVolumeClaim>| {
         let statuses = c.and_then(|c| c.status.as_ref()?.allocated_resource_statuses.as_ref());
@@ -202,6 +205,7 @@ async fn grow_through_crash(site: &Site, in_controller: bool, step: &'static str
         (1, 1),
         "{step}"
     );
+    crash_log.assert_kept();
     ctl.stop();
     agent.stop();
 }

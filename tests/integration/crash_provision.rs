@@ -131,13 +131,15 @@ async fn provision_through_crash(
         .uid()
         .unwrap();
 
-    if in_controller {
-        armed.assert_fired(&mut ctl).await;
+    let crash_log = if in_controller {
+        let log = armed.assert_fired(&mut ctl).await;
         ctl = controller(kc, &[], "crash-controller");
+        log
     } else {
-        armed.assert_fired(&mut agent).await;
+        let log = armed.assert_fired(&mut agent).await;
         agent = node_agent(kc, node, &site.data, &[], "crash-node");
-    }
+        log
+    };
     let claims = site.ns.api::<PersistentVolumeClaim>();
     let bound = wait(&claims, step, "Bound after the restart", is_bound).await;
     // kcm's binder marks the claims it works on: the mode under test is the
@@ -152,6 +154,7 @@ async fn provision_through_crash(
         "{step}: kcm's binder mark"
     );
     assert_provisioned_once(site, step, &uid, image_bytes, fs).await;
+    crash_log.assert_kept();
     ctl.stop();
     agent.stop();
 }

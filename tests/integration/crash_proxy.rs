@@ -70,7 +70,7 @@ async fn proxy_killed_after_create_or_delete_volume_leaks_nothing() {
         .await
         .uid()
         .unwrap();
-    created.assert_fired(&mut ctl).await;
+    let created_log = created.assert_fired(&mut ctl).await;
     let name = format!("pvc-{uid}");
     let volumes = Api::<Volume>::all(client.clone());
     let volume = volumes.get(&name).await.unwrap();
@@ -99,7 +99,7 @@ async fn proxy_killed_after_create_or_delete_volume_leaks_nothing() {
         .delete("data", &DeleteParams::default())
         .await
         .unwrap();
-    deleted.assert_fired(&mut ctl).await;
+    let deleted_log = deleted.assert_fired(&mut ctl).await;
     assert!(!image.exists(), "DeleteVolume did not reach the driver");
     let volume = volumes.get(&name).await.unwrap();
     let held = volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER);
@@ -112,6 +112,8 @@ async fn proxy_killed_after_create_or_delete_volume_leaks_nothing() {
     assert_eq!(objects_for_claim(&client, &uid).await, (0, 0));
     let left = files_for(&volumes_dir, &uid);
     assert!(left.is_empty(), "left in the driver: {left:?}");
+    created_log.assert_kept();
+    deleted_log.assert_kept();
     ctl.stop();
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
