@@ -138,6 +138,18 @@ async fn claim_deleted_between_ready_data_and_its_pv_leaks_nothing() {
     wait(&claims, "doomed", "deleted", gone).await;
     let controller = crash::controller(&kubeconfig, &[], "window-controller");
     wait(&volumes, &name, "deleted", gone).await;
+    // The Volume gone is the controller's doing: by now a PV it made would
+    // have been seen.
+    let seen = pvs_seen.lock().unwrap().clone();
+    assert!(
+        seen.is_empty(),
+        "a PV was created for a deleted claim: {seen:?}"
+    );
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get_opt(&name)
+        .await
+        .unwrap();
+    assert!(pv.is_none(), "a PV outlived the claim: {pv:?}");
     assert!(
         controller
             .logged(
@@ -149,16 +161,6 @@ async fn claim_deleted_between_ready_data_and_its_pv_leaks_nothing() {
     );
     let left = files_for(&data.join("volumes"), &uid);
     assert!(left.is_empty(), "data left behind: {left:?}");
-    let pv = Api::<PersistentVolume>::all(client.clone())
-        .get_opt(&name)
-        .await
-        .unwrap();
-    assert!(pv.is_none(), "a PV outlived the claim: {pv:?}");
-    let seen = pvs_seen.lock().unwrap().clone();
-    assert!(
-        seen.is_empty(),
-        "a PV was created for a deleted claim: {seen:?}"
-    );
     crash_log.assert_kept();
     controller.stop();
     agent.stop();
