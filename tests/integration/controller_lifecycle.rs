@@ -182,13 +182,21 @@ async fn watch_for_pv(client: &kube::Client, name: &str) -> Arc<Mutex<Vec<String
             match event {
                 Ok(Event::InitDone) => drop(open.take().map(|o| o.send(()))),
                 Ok(Event::Init) => {}
-                Ok(other) => record.lock().unwrap().push(format!("{other:?}")),
+                Ok(Event::Apply(pv) | Event::InitApply(pv)) => {
+                    record.lock().unwrap().push(describe("written", &pv))
+                }
+                Ok(Event::Delete(pv)) => record.lock().unwrap().push(describe("deleted", &pv)),
                 Err(e) => record.lock().unwrap().push(format!("watch failed: {e}")),
             }
         }
     });
     opened.await.expect("PV watch never opened");
     seen
+}
+
+fn describe(what: &str, pv: &PersistentVolume) -> String {
+    let phase = pv.status.as_ref().and_then(|s| s.phase.clone());
+    format!("{what} {} (phase {phase:?})", pv.name_any())
 }
 
 /// Two replicas: the standby does nothing until the leader goes; a leader
