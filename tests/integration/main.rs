@@ -18,6 +18,7 @@ mod leader_takeover;
 mod manifests;
 mod node_handover;
 mod node_socket;
+mod process_exit;
 mod provisioning;
 mod proxy_driver;
 mod real_node;
