@@ -287,7 +287,18 @@ async fn standby_takes_over_and_a_leader_that_loses_its_lease_stops() {
         .unwrap();
     wait(&claims, "two", "Bound", is_bound).await;
 
-    // Someone else takes the lease: the leader must stop acting.
+    steal_lease_and_see_the_leader_stop(&leases, &mut second, &ns.name).await;
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Someone else takes the lease: the leader must stop acting, and exit
+/// non-zero saying why (README).
+async fn steal_lease_and_see_the_leader_stop(
+    leases: &Api<Lease>,
+    leader: &mut Process,
+    namespace: &str,
+) {
     let steal = json!({ "spec": {
         "holderIdentity": "intruder",
         "leaseDurationSeconds": 3600,
@@ -301,16 +312,13 @@ async fn standby_takes_over_and_a_leader_that_loses_its_lease_stops() {
         )
         .await
         .unwrap();
-    // README: a leader that loses its lease exits non-zero, saying so.
-    let code = second.exit_code_within(Duration::from_secs(20)).await;
+    let code = leader.exit_code_within(Duration::from_secs(20)).await;
     assert_eq!(code, Some(1), "leader's exit (None: kept running)");
     let why = format!(
         "lost the leader lease {}/stowage-controller: another replica holds it now",
-        ns.name
+        namespace
     );
-    assert!(second.log().contains(&why), "log lacks '{why}'");
-    agent.stop();
-    let _ = std::fs::remove_dir_all(&data);
+    assert!(leader.log().contains(&why), "log lacks '{why}'");
 }
 
 #[tokio::test]
