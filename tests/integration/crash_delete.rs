@@ -165,10 +165,12 @@ async fn grow_through_crash(site: &Site, in_controller: bool, step: &'static str
         .unwrap();
     let crash_log = if in_controller {
         let log = armed.assert_fired(&mut ctl).await;
+        assert_grow_left_midway(site, step, &uid).await;
         ctl = controller(kc, &[], "grow-controller");
         log
     } else {
         let log = armed.assert_fired(&mut agent).await;
+        assert_grow_left_midway(site, step, &uid).await;
         agent = node_agent(kc, node, &site.data, &[], "grow-node");
         log
     };
@@ -208,4 +210,39 @@ async fn grow_through_crash(site: &Site, in_controller: bool, step: &'static str
     crash_log.assert_kept();
     ctl.stop();
     agent.stop();
+}
+
+/// What the crash at `step` left of a growth from 20Mi to 40Mi, for the
+/// restarted process to finish.
+async fn assert_grow_left_midway(site: &Site, step: &str, uid: &str) {
+    let name = format!("pvc-{uid}");
+    match step {
+        "controller-after-volume-grown" => {
+            let pv = Api::<PersistentVolume>::all(site.client.clone())
+                .get(&name)
+                .await
+                .unwrap();
+            let capacity = pv.spec.unwrap().capacity.unwrap()["storage"].0.clone();
+            assert_eq!(capacity, "20Mi", "{step}: the PV grew without a controller");
+        }
+        "node-after-image-grown" => {
+            let len = std::fs::metadata(site.image(uid)).unwrap().len();
+            assert_eq!(
+                len,
+                40 << 20,
+                "{step}: the image was grown before the crash"
+            );
+            let volume = Api::<Volume>::all(site.client.clone())
+                .get(&name)
+                .await
+                .unwrap();
+            let reported = volume.status.and_then(|s| s.capacity_bytes);
+            assert_eq!(
+                reported,
+                Some(20 << 20),
+                "{step}: reported before the crash"
+            );
+        }
+        other => panic!("no midway check for {other}"),
+    }
 }
