@@ -247,6 +247,7 @@ impl Store {
         let current = file.metadata().map_err(io("reading", &image))?.len() as i64;
         if bytes > current {
             file.set_len(bytes as u64).map_err(io("growing", &image))?;
+            crate::failpoint::hit("node-after-image-grown");
         }
         Ok(bytes.max(current))
     }

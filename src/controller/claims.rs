@@ -235,6 +235,7 @@ pub async fn reconcile(
         }
         Provision::WaitForData { .. } => return Ok(Action::await_change()),
         Provision::CreatePv(pv) => {
+            crate::failpoint::hit("controller-before-pv-created");
             create_idempotent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
             crate::failpoint::hit("controller-after-pv-created");
             ctx.event(

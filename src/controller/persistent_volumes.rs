@@ -195,6 +195,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
+            crate::failpoint::hit("controller-after-volume-deleted");
             tracing::info!(volume = %name, "deleting volume data");
         }
         Reclaim::DeletePv => {
@@ -203,6 +204,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
+            crate::failpoint::hit("controller-after-pv-deleted");
             tracing::info!("volume data deleted; PV deleted");
         }
         Reclaim::RemoveFinalizer => {

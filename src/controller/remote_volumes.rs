@@ -143,6 +143,7 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
             };
             if let Some(id) = &volume_id {
                 driver.delete_volume(id, secrets).await?;
+                crate::failpoint::hit("controller-after-delete-volume");
                 tracing::info!(handle = %id, "backend volume deleted");
             }
             let remaining: Vec<_> = volume

@@ -106,6 +106,7 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                 });
             }
             ctx.store.delete(&name).await?;
+            crate::failpoint::hit("node-after-data-deleted");
             tracing::info!("volume data deleted");
             let remaining: Vec<_> = volume
                 .finalizers()

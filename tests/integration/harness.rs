@@ -332,6 +332,11 @@ fn wait_for_storage_nodes(kubeconfig: &Path, nodes: &[&str]) {
 /// Each `name` gets its own, so that tests running at once do not see each
 /// other's stowage processes.
 pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
+    bare_cluster_of(name, nodes, Binder::StowageOnly)
+}
+
+/// As `bare_cluster`, with kube-controller-manager's PV binder on or off.
+pub fn bare_cluster_of(name: &'static str, nodes: &[&str], binder: Binder) -> PathBuf {
     let cell = {
         let mut cells = BARE_CLUSTERS.lock().unwrap();
         match cells.iter().find(|(n, _)| *n == name) {
@@ -343,7 +348,8 @@ pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
             }
         }
     };
-    let cluster = cell.get_or_init(|| start_cluster(Some(WITHOUT_BINDER)));
+    let controllers = (binder == Binder::StowageOnly).then_some(WITHOUT_BINDER);
+    let cluster = cell.get_or_init(|| start_cluster(controllers));
     prepare(&cluster.kubeconfig, nodes);
     cluster.kubeconfig.clone()
 }
@@ -416,12 +422,15 @@ pub fn csi_server(
 
 /// One `stowage` process under scripts/hold.sh.
 pub struct Process {
-    child: Child,
+    pub(crate) child: Child,
     log: PathBuf,
 }
 
 impl Process {
     pub fn start(kubeconfig: &Path, args: &[&str], env: &[(&str, &str)], log_name: &str) -> Self {
+        // A restart under the same name must not truncate the log of the
+        // run before it (a crash's last lines are the evidence).
+        let log_name = &numbered_log_name(log_name);
         Process {
             child: spawn_held(kubeconfig, None, args, env, log_name),
             log: log_path(log_name),
@@ -718,5 +727,33 @@ pub fn real_node_without_stowage() -> RealNode {
     RealNode {
         kubeconfig: cluster.kubeconfig.clone(),
         kubelet_dir,
+    }
+}
+
+/// `log_name` for its first start in this run, `log_name.N` for the Nth.
+fn numbered_log_name(log_name: &str) -> String {
+    static STARTS: std::sync::Mutex<Vec<(String, u32)>> = std::sync::Mutex::new(Vec::new());
+    let mut starts = STARTS.lock().unwrap();
+    let n = match starts.iter_mut().find(|(name, _)| name == log_name) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            starts.push((log_name.to_string(), 1));
+            1
+        }
+    };
+    if n == 1 {
+        log_name.to_string()
+    } else {
+        format!("{log_name}.{n}")
+    }
+}
+
+impl Process {
+    /// Where this start's output goes.
+    pub fn log_file(&self) -> &Path {
+        &self.log
     }
 }

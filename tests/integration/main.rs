@@ -3,18 +3,24 @@
 
 mod binder_coexistence;
 mod controller_lifecycle;
-mod crash_safety;
+mod crash;
+mod crash_delete;
+mod crash_provision;
+mod crash_proxy;
 mod crd_evolution;
 mod csi_sanity;
 mod expansion;
+mod failpoints;
 mod fixtures;
 mod harness;
 mod image;
 mod leader_election;
+mod leader_takeover;
 mod manifests;
 mod metrics;
 mod node_handover;
 mod node_socket;
+mod process_exit;
 mod provisioning;
 mod proxy_driver;
 mod proxy_secrets;
