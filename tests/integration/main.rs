@@ -4,6 +4,7 @@
 mod controller_lifecycle;
 mod crash_safety;
 mod crd_evolution;
+mod csi_node;
 mod csi_sanity;
 mod expansion;
 mod fixtures;
@@ -11,6 +12,7 @@ mod harness;
 mod image;
 mod leader_election;
 mod manifests;
+mod node_calls;
 mod node_handover;
 mod node_socket;
 mod provisioning;
