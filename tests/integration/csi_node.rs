@@ -21,7 +21,7 @@ pub const MIB: i64 = 1 << 20;
 
 /// `stowage csi` on a socket of its own, with clients for both services.
 pub(crate) struct CsiNode {
-    server: Process,
+    server: Option<Process>,
     work: PathBuf,
     pub node: NodeClient<Channel>,
     pub controller: ControllerClient<Channel>,
@@ -48,7 +48,7 @@ impl CsiNode {
         let server = csi_server(&socket, &work.join("data"), &kubelet, "n", extra, log_name);
         let channel = connect(&socket).await;
         CsiNode {
-            server,
+            server: Some(server),
             work,
             node: NodeClient::new(channel.clone()),
             controller: ControllerClient::new(channel),
@@ -146,8 +146,8 @@ impl CsiNode {
     }
 
     /// Stops the server; everything must have been torn down by then.
-    pub async fn finish(self) {
-        self.server.stop();
+    pub async fn finish(mut self) {
+        self.server.take().unwrap().stop();
         let work = self.work.to_str().unwrap().to_string();
         wait_until("no mount under the test directory", || {
             !std::fs::read_to_string("/proc/self/mountinfo")
@@ -155,6 +155,42 @@ impl CsiNode {
                 .contains(&work)
         })
         .await;
+        wait_until("no loop device on the test's images", || {
+            !tool("losetup", &["-a"]).contains(&work)
+        })
+        .await;
+    }
+}
+
+/// A failed test leaves mounts and loop devices behind; they go here, so
+/// that the machine (shared with other test runs) stays clean.
+impl Drop for CsiNode {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        let work = self.work.to_str().unwrap();
+        let mut mounted: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(String::from))
+            .filter(|m| m.starts_with(work))
+            .collect();
+        mounted.reverse();
+        for mount in mounted {
+            let _ = Command::new("umount").arg(&mount).status();
+        }
+        let loops = Command::new("losetup").arg("-a").output();
+        for line in loops
+            .map(|o| o.stdout)
+            .unwrap_or_default()
+            .split(|b| *b == b'\n')
+        {
+            let line = String::from_utf8_lossy(line);
+            if let Some((dev, _)) = line.split_once(':').filter(|_| line.contains(work)) {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }
