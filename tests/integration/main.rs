@@ -9,6 +9,7 @@ mod csi_sanity;
 mod expansion;
 mod fixtures;
 mod harness;
+mod hung_driver;
 mod image;
 mod leader_election;
 mod manifests;

@@ -70,7 +70,7 @@ fn plugin_binary() -> PathBuf {
     path
 }
 
-async fn apply<K>(api: &Api<K>, value: serde_json::Value)
+pub(crate) async fn apply<K>(api: &Api<K>, value: serde_json::Value)
 where
     K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -109,7 +109,7 @@ fn proxy_controller(
 }
 
 /// An `Immediate`, `Delete` StorageClass for `provisioner`; returns its name.
-async fn immediate_class(
+pub(crate) async fn immediate_class(
     client: &kube::Client,
     name: &str,
     provisioner: &str,
@@ -295,7 +295,7 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn holds(dir: &Path, handle: &str) -> bool {
+pub(crate) fn holds(dir: &Path, handle: &str) -> bool {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -308,7 +308,7 @@ fn holds(dir: &Path, handle: &str) -> bool {
 
 /// `stowage csi` under a name of its own, so that the controller treats it
 /// as any other driver.
-const SOCKET_DRIVER: &str = "socket.stowage.dev";
+pub(crate) const SOCKET_DRIVER: &str = "socket.stowage.dev";
 
 /// The proxy backend in `just test`: a controller that serves no built-in
 /// driver (`--serve-local=false`) provisions and deletes through a CSI
