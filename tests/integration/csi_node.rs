@@ -145,6 +145,11 @@ impl CsiNode {
             .expect("NodeUnpublishVolume");
     }
 
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        self.server.as_ref().map(Process::log).unwrap_or_default()
+    }
+
     /// Stops the server; everything must have been torn down by then.
     pub async fn finish(mut self) {
         self.server.take().unwrap().stop();

@@ -11,6 +11,7 @@ mod fixtures;
 mod harness;
 mod hung_driver;
 mod image;
+mod json_logs;
 mod leader_election;
 mod manifests;
 mod node_calls;
