@@ -34,6 +34,24 @@ fn hung_driver(socket: &Path) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// A controller that serves only SOCKET_DRIVER, at `socket`, giving up on
+/// each call after 2 s.
+fn controller(kubeconfig: &Path, socket: &Path) -> Process {
+    let endpoint = format!("{SOCKET_DRIVER}=unix://{}", socket.display());
+    let args = [
+        "controller",
+        "--leader-elect=false",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--serve-local=false",
+        "--csi-driver",
+        &endpoint,
+        "--csi-timeout",
+        "2s",
+    ];
+    Process::start(kubeconfig, &args, &[], "hung-driver-controller")
+}
+
 #[tokio::test]
 async fn a_hung_driver_times_out_with_an_event_and_recovers_on_its_own() {
     let kubeconfig = bare_cluster("hung-driver", &[]);
@@ -48,19 +66,7 @@ async fn a_hung_driver_times_out_with_an_event_and_recovers_on_its_own() {
                 "spec": { "attachRequired": false, "podInfoOnMount": false } }),
     )
     .await;
-    let endpoint = format!("{SOCKET_DRIVER}=unix://{}", socket.display());
-    let args = [
-        "controller",
-        "--leader-elect=false",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--serve-local=false",
-        "--csi-driver",
-        &endpoint,
-        "--csi-timeout",
-        "2s",
-    ];
-    let controller = Process::start(&kubeconfig, &args, &[], "hung-driver-controller");
+    let controller = controller(&kubeconfig, &socket);
     let ns = TestNamespace::new_with(client.clone(), "hung").await;
     let class = immediate_class(
         &client,
