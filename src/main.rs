@@ -46,6 +46,9 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Once JSON logging is on, a log collector parses every line the
+    // process writes, the last one included.
+    let json_error = cli.log_format == LogFormat::Json && !matches!(cli.command, Command::Crds);
     let result = match cli.command {
         Command::Crds => stowage::crd::to_yaml()
             .map(|yaml| print!("{yaml}"))
@@ -73,7 +76,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Our errors already name their causes; the chain would repeat them.
-            eprintln!("error: {e}");
+            if json_error {
+                tracing::error!("{e}");
+            } else {
+                eprintln!("error: {e}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -78,9 +78,14 @@ pub enum ProxyError {
         code: Code,
         message: String,
     },
-    #[error("{driver} {op} did not answer within {timeout:?}")]
+    /// A driver that accepts the call and never answers is as stuck as
+    /// one whose socket is gone, and the user needs the same pointer.
+    #[error(
+        "CSI driver {driver} at {socket} is not answering: {op} got no answer within {timeout:?} (--csi-timeout)"
+    )]
     Timeout {
         driver: String,
+        socket: String,
         op: &'static str,
         timeout: Duration,
     },
@@ -238,6 +243,7 @@ impl CsiDriver {
             },
             Code::Cancelled | Code::DeadlineExceeded => ProxyError::Timeout {
                 driver: self.name.clone(),
+                socket: self.socket.display().to_string(),
                 op,
                 timeout: self.timeout,
             },
@@ -496,12 +502,18 @@ mod tests {
         assert!(!rpc(Code::Internal).is_final());
         let timeout = ProxyError::Timeout {
             driver: "d".into(),
+            socket: "/run/d.sock".into(),
             op: "CreateVolume",
             timeout: Duration::from_secs(1),
         };
         assert!(
             !timeout.is_final(),
             "a timed-out create may still be running"
+        );
+        let shown = timeout.to_string();
+        assert!(
+            shown.contains("d at /run/d.sock is not answering"),
+            "{shown}"
         );
     }
 

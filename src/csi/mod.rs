@@ -4,6 +4,7 @@
 //! upstream sidecars.
 
 pub mod controller;
+mod ext4;
 pub mod identity;
 pub mod node;
 pub mod serve;

@@ -4,12 +4,11 @@
 //! so kubelet's retries are harmless.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tokio::process::Command;
 use tonic::{Request, Response};
 
-use super::{CsiError, CsiResult, VolumeLocks, check_capability, required};
+use super::{CsiError, CsiResult, VolumeLocks, check_capability, ext4, required};
 use crate::backend::local::{self, FsType, Store, output, run};
 use crate::node::{loop_device, mounts, paths, statvfs};
 use crate::proto::csi::v1::{self as csi, node_server::Node, volume_capability::AccessType};
@@ -169,21 +168,8 @@ impl Node for NodeService {
                         run(mkfs).await.map_err(CsiError::from)?;
                     }
                     Some(fs) if fs == "ext4" => {
-                        // Preen: repairs what is safe to repair; exit 1 means it did.
-                        let status = Command::new("e2fsck")
-                            .arg("-p")
-                            .arg(&dev)
-                            .stdin(Stdio::null())
-                            .output()
-                            .await
-                            .map_err(|e| CsiError::Internal(format!("e2fsck: {e}")))?
-                            .status;
-                        if !matches!(status.code(), Some(0 | 1)) {
-                            Err(CsiError::Internal(format!(
-                                "e2fsck -p {} failed ({status}); the filesystem needs a manual repair",
-                                dev.display()
-                            )))?;
-                        }
+                        ext4::e2fsck(&dev, false).await?;
+                        ext4::grow_unmounted(&dev).await?;
                     }
                     Some(_) => {}
                 }

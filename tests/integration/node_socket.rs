@@ -24,7 +24,7 @@ use crate::harness::{
 
 const NODE: &str = "socket-node";
 
-async fn connect(socket: &Path) -> Channel {
+pub(crate) async fn connect(socket: &Path) -> Channel {
     let socket = socket.to_path_buf();
     Endpoint::try_from("http://[::]:50051")
         .unwrap()

@@ -295,7 +295,7 @@ async fn provisions_attaches_detaches_and_deletes_through_the_host_path_driver()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn holds(dir: &Path, handle: &str) -> bool {
+pub(crate) fn holds(dir: &Path, handle: &str) -> bool {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
