@@ -26,7 +26,7 @@ DEBIAN_SOURCES=(
 # The packages the tools come from (their dependencies are resolved by apt).
 DEBIAN_PACKAGES=(libc6 libgcc-s1 mount util-linux e2fsprogs xfsprogs)
 # Every program stowage runs (grep -rn 'Command::new' src).
-TOOLS=(mount umount losetup blkid mkfs.ext4 e2fsck resize2fs mkfs.xfs xfs_growfs)
+TOOLS=(mount umount losetup blkid blockdev mkfs.ext4 e2fsck resize2fs dumpe2fs mkfs.xfs xfs_growfs)
 # Data files the tools read: mke2fs's defaults per filesystem type.
 TOOL_FILES=(etc/mke2fs.conf)
 IMAGE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

@@ -39,7 +39,7 @@ const KCM_BINDS: [&str; 2] = [
 
 /// One control plane, node and StorageClass for a run of crash cases.
 pub struct Site {
-    pub kubeconfig: PathBuf,
+    pub kubeconfig: crate::harness::BareCluster,
     pub client: Client,
     pub ns: TestNamespace,
     pub class: String,

@@ -9,8 +9,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -30,7 +30,11 @@ static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static CLUSTER_WITHOUT_BINDER: OnceLock<Cluster> = OnceLock::new();
 /// One cell per name: tests asking for the same bare cluster at once wait
 /// for the first to start it instead of each starting their own.
-static BARE_CLUSTERS: std::sync::Mutex<Vec<(&'static str, &'static OnceLock<Cluster>)>> =
+/// Bare clusters in use, by name: shared by the tests that use one at the
+/// same time, and stopped once the last of them is done, so that a run
+/// never holds every cluster it ever started (each costs memory and inotify
+/// instances, of which a machine has 128 by default).
+static BARE_CLUSTERS: std::sync::Mutex<Vec<(&'static str, Weak<OnceLock<Cluster>>)>> =
     std::sync::Mutex::new(Vec::new());
 
 const WITHOUT_BINDER: &str = "*,-persistentvolume-binder-controller";
@@ -331,19 +335,23 @@ fn wait_for_storage_nodes(kubeconfig: &Path, nodes: &[&str]) {
 /// stowage processes themselves.
 /// Each `name` gets its own, so that tests running at once do not see each
 /// other's stowage processes.
-pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> PathBuf {
+pub fn bare_cluster(name: &'static str, nodes: &[&str]) -> BareCluster {
     bare_cluster_of(name, nodes, Binder::StowageOnly)
 }
 
-/// As `bare_cluster`, with kube-controller-manager's PV binder on or off.
-pub fn bare_cluster_of(name: &'static str, nodes: &[&str], binder: Binder) -> PathBuf {
+/// As bare_cluster, with kube-controller-manager's PV binder on or off.
+pub fn bare_cluster_of(name: &'static str, nodes: &[&str], binder: Binder) -> BareCluster {
     let cell = {
         let mut cells = BARE_CLUSTERS.lock().unwrap();
-        match cells.iter().find(|(n, _)| *n == name) {
-            Some((_, cell)) => *cell,
-            None => {
-                let cell: &'static OnceLock<Cluster> = Box::leak(Box::default());
-                cells.push((name, cell));
+        cells.retain(|(_, cell)| cell.strong_count() > 0);
+        match cells
+            .iter()
+            .find_map(|(n, cell)| (*n == name).then(|| cell.upgrade()))
+        {
+            Some(Some(cell)) => cell,
+            _ => {
+                let cell: Arc<OnceLock<Cluster>> = Arc::default();
+                cells.push((name, Arc::downgrade(&cell)));
                 cell
             }
         }
@@ -351,7 +359,30 @@ pub fn bare_cluster_of(name: &'static str, nodes: &[&str], binder: Binder) -> Pa
     let controllers = (binder == Binder::StowageOnly).then_some(WITHOUT_BINDER);
     let cluster = cell.get_or_init(|| start_cluster(controllers));
     prepare(&cluster.kubeconfig, nodes);
-    cluster.kubeconfig.clone()
+    BareCluster(cell)
+}
+
+/// A bare cluster's kubeconfig path; the cluster stops when the last test
+/// holding it drops it (`cluster.sh serve` ends when its stdin closes).
+#[derive(Clone)]
+pub struct BareCluster(Arc<OnceLock<Cluster>>);
+
+impl std::ops::Deref for BareCluster {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self
+            .0
+            .get()
+            .expect("started before it is handed out")
+            .kubeconfig
+    }
+}
+
+impl AsRef<Path> for BareCluster {
+    fn as_ref(&self) -> &Path {
+        self
+    }
 }
 
 /// `scripts/build-image.sh [TAG]`, run as `just image` runs it: without the

@@ -437,6 +437,8 @@ fn image_tools_and_their_libraries_run() {
     check(&["umount", "--version"], true, "umount from util-linux");
     check(&["e2fsck", "-V"], true, "e2fsck 1.47");
     check(&["resize2fs"], false, "Usage: resize2fs");
+    check(&["dumpe2fs", "-V"], true, "dumpe2fs 1.47");
+    check(&["blockdev", "--version"], true, "blockdev from util-linux");
     check(&["xfs_growfs", "-V"], true, "xfs_growfs version 6.");
 
     // And they do their work: on image files, as the node agent does on
@@ -478,4 +480,49 @@ fn image_tools_and_their_libraries_run() {
         .with_file_name(format!("stowage-{VERSION}.packages.txt"));
     assert_eq!(std::fs::read_to_string(beside).unwrap(), packages);
     assert!(root.join("usr/share/doc/xfsprogs/copyright").is_file());
+}
+
+/// Every program stowage runs is one the image carries: the node agent runs
+/// in the image, where a program missing from scripts/build-image.sh's
+/// TOOLS fails only on a real node, at the first call that needs it.
+#[test]
+fn every_program_stowage_runs_is_in_the_image() {
+    let script = std::fs::read_to_string(repo_root().join("scripts/build-image.sh")).unwrap();
+    let tools: Vec<&str> = script
+        .lines()
+        .find_map(|l| l.strip_prefix("TOOLS=("))
+        .and_then(|l| l.strip_suffix(')'))
+        .expect("a TOOLS=(...) line in scripts/build-image.sh")
+        .split_whitespace()
+        .collect();
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for file in rust_files(&repo_root().join("src")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for program in text.split("Command::new(\"").skip(1) {
+            let program = program.split('"').next().unwrap();
+            seen += 1;
+            if !tools.contains(&program) {
+                missing.push(format!("{program} ({})", file.display()));
+            }
+        }
+    }
+    assert!(seen >= 10, "found only {seen} programs run from src/");
+    assert!(
+        missing.is_empty(),
+        "programs stowage runs that the image lacks (add them to TOOLS): {missing:?}"
+    );
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
 }

@@ -89,11 +89,16 @@ fn api_server_and_stowage_accept_the_examples() {
                     .env_remove("KUBERNETES_SERVICE_HOST")
                     .output()
                     .expect("running stowage");
-                let stderr = String::from_utf8_lossy(&run.stderr);
-                assert_ne!(run.status.code(), Some(2), "{args:?} rejected: {stderr}");
+                // With --log-format=json the error is a log line on stdout.
+                let output = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&run.stdout),
+                    String::from_utf8_lossy(&run.stderr)
+                );
+                assert_ne!(run.status.code(), Some(2), "{args:?} rejected: {output}");
                 assert!(
-                    stderr.contains("cannot reach the Kubernetes API"),
-                    "{args:?}: {stderr}"
+                    output.contains("cannot reach the Kubernetes API"),
+                    "{args:?}: {output}"
                 );
                 checked += 1;
             }
