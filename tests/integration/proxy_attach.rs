@@ -268,7 +268,13 @@ async fn hung_driver_attach(
 ) {
     driver.pause();
     s.start_pod("hung", node, "data").await;
-    let va = wait_for_va(&s.vas, pv, |st| st.attach_error.is_some()).await;
+    let va = wait_for_va(
+        &s.vas,
+        pv,
+        "with an attachError while the driver hangs",
+        |st| st.attach_error.is_some(),
+    )
+    .await;
     let status = va.status.unwrap();
     assert!(!status.attached, "attached while the driver hangs");
     let message = status.attach_error.unwrap().message.unwrap_or_default();
@@ -280,24 +286,33 @@ async fn hung_driver_attach(
     s.attached(pv, node, handle).await;
 }
 
-/// The first VolumeAttachment of `pv` whose status satisfies `ok`.
+/// The first VolumeAttachment of `pv` whose status satisfies `ok`; on
+/// timeout the failure says `what` was awaited and what was seen.
 pub async fn wait_for_va(
     vas: &Api<VolumeAttachment>,
     pv: &str,
+    what: &str,
     ok: impl Fn(&k8s_openapi::api::storage::v1::VolumeAttachmentStatus) -> bool,
 ) -> VolumeAttachment {
     let deadline = tokio::time::Instant::now() + crate::fixtures::TIMEOUT;
     loop {
         let list = vas.list(&Default::default()).await.unwrap();
-        if let Some(va) = list.items.into_iter().find(|v| {
-            v.spec.source.persistent_volume_name.as_deref() == Some(pv)
-                && v.status.as_ref().is_some_and(&ok)
-        }) {
-            return va;
+        let mine: Vec<_> = list
+            .items
+            .into_iter()
+            .filter(|v| v.spec.source.persistent_volume_name.as_deref() == Some(pv))
+            .collect();
+        if let Some(va) = mine.iter().find(|v| v.status.as_ref().is_some_and(&ok)) {
+            return va.clone();
         }
+        let seen: Vec<_> = mine
+            .iter()
+            .map(|v| (&v.spec.node_name, &v.status))
+            .collect();
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no VolumeAttachment of {pv} reached the awaited status"
+            "no VolumeAttachment of {pv} {what} after {:?}; seen: {seen:?}",
+            crate::fixtures::TIMEOUT
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
