@@ -28,9 +28,10 @@ build:
 image TAG="": deps
     bash scripts/build-image.sh {{TAG}}
 
-# Build (or reuse from ~/.cache/stowage) etcd and the Kubernetes binaries.
+# Build (or reuse from ~/.cache/stowage) etcd, the Kubernetes binaries and the CSI mock driver.
 control-plane:
     bash scripts/build-control-plane.sh >/dev/null
+    bash scripts/build-mock-driver.sh >/dev/null
 
 # A shell with KUBECONFIG pointing at a fresh local control plane; exit to tear down.
 cluster: control-plane
@@ -63,10 +64,10 @@ bench-pod-start N="20": deps control-plane
     cargo build --release --bin stowage --example bench_pod_start
     STOWAGE_WITH_NODE=1 bash scripts/cluster.sh run -- target/release/examples/bench_pod_start {{N}}
 
-# The proxy backend against csi-driver-host-path (not in `just test`: the Go module proxy does not serve that driver). PLUGIN: a hostpathplugin binary.
+# The proxy backend's attach lifecycle against csi-driver-host-path (`just test` runs it against Kubernetes' CSI mock driver; the Go module proxy does not serve host-path). PLUGIN: a hostpathplugin binary.
 test-proxy PLUGIN: control-plane
     cargo build --all-targets
-    STOWAGE_HOSTPATHPLUGIN={{PLUGIN}} bash scripts/cluster.sh run -- bash -c 'STOWAGE_TEST_KUBECONFIG=$KUBECONFIG cargo test --test integration proxy_driver -- --ignored --nocapture'
+    STOWAGE_HOSTPATHPLUGIN={{PLUGIN}} bash scripts/cluster.sh run -- bash -c 'STOWAGE_TEST_KUBECONFIG=$KUBECONFIG cargo test --test integration proxy_attach -- --ignored --nocapture'
 
 # Benchmark (not a test): stowage vs external-provisioner + external-attacher on one control plane and csi-driver-host-path. PLUGIN: a hostpathplugin binary.
 bench-compare N PLUGIN: deps control-plane

@@ -34,8 +34,10 @@ static CLUSTER_WITHOUT_BINDER: OnceLock<Cluster> = OnceLock::new();
 /// same time, and stopped once the last of them is done, so that a run
 /// never holds every cluster it ever started (each costs memory and inotify
 /// instances, of which a machine has 128 by default).
-static BARE_CLUSTERS: std::sync::Mutex<Vec<(&'static str, Weak<OnceLock<Cluster>>)>> =
+static BARE_CLUSTERS: std::sync::Mutex<Vec<(&'static str, Weak<ClusterCell>)>> =
     std::sync::Mutex::new(Vec::new());
+
+type ClusterCell = OnceLock<Cluster>;
 
 const WITHOUT_BINDER: &str = "*,-persistentvolume-binder-controller";
 

@@ -14,11 +14,12 @@ use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::Api;
 use serde_json::json;
 
+use crate::external_driver::holds;
 use crate::fixtures::{claim, is_bound, wait, wait_for_event};
 use crate::harness::{
     Process, TestNamespace, bare_cluster, client_for_path, csi_server, unique_name,
 };
-use crate::proxy_driver::{SOCKET_DRIVER, apply, holds, immediate_class};
+use crate::proxy_driver::{SOCKET_DRIVER, apply, immediate_class};
 
 /// Listens on `socket`, accepts every connection and holds it open without
 /// reading or writing a byte, until the task is aborted (which closes them).

@@ -1,0 +1,74 @@
+// Command mock-csi-driver serves Kubernetes' own CSI mock driver
+// (k8s.io/kubernetes/test/e2e/storage/drivers/csi-test/mock/service, the
+// driver the Kubernetes e2e suite tests CSI with) on a unix socket: a CSI
+// controller with ControllerPublish/Unpublish, written and maintained
+// outside this project, for stowage's `--csi-driver` proxy tests.
+//
+// The mock keeps its volumes in memory and has one node, whose ID is the
+// driver name; it publishes to that node ID only.
+package main
+
+import (
+	"context"
+	"flag"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"k8s.io/kubernetes/test/e2e/storage/drivers/csi-test/mock/service"
+)
+
+func main() {
+	endpoint := flag.String("endpoint", "", "where to serve: unix:///path/to/csi.sock")
+	name := flag.String("name", service.Name, "driver name (also the mock's one node ID)")
+	topology := flag.Bool("enable-topology", false, "report the mock's topology segment "+service.TopologyKey+"="+service.TopologyValue)
+	attachLimit := flag.Int64("attach-limit", 0, "volumes publishable per node (0: no limit)")
+	flag.Parse()
+	path, ok := strings.CutPrefix(*endpoint, "unix://")
+	if !ok || path == "" {
+		log.Fatalf("--endpoint must be unix:///path, not %q", *endpoint)
+	}
+	if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+		log.Fatalf("removing stale %s: %v", path, err)
+	}
+	listener, err := net.Listen("unix", path)
+	if err != nil {
+		log.Fatalf("listening on %s: %v", path, err)
+	}
+	mock := service.New(service.Config{
+		DriverName:     *name,
+		EnableTopology: *topology,
+		AttachLimit:    *attachLimit,
+		IO:             service.OSDirIO{},
+	})
+	server := grpc.NewServer(grpc.UnaryInterceptor(logCalls))
+	csi.RegisterIdentityServer(server, mock)
+	csi.RegisterControllerServer(server, mock)
+	csi.RegisterNodeServer(server, mock)
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		<-signals
+		server.GracefulStop()
+	}()
+	log.Printf("serving CSI mock driver %s on %s", *name, path)
+	if err := server.Serve(listener); err != nil {
+		log.Fatalf("serving: %v", err)
+	}
+}
+
+// logCalls logs each call and its error, if any.
+func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	reply, err := handler(ctx, req)
+	if err != nil {
+		log.Printf("%s %v: %v", info.FullMethod, req, err)
+	} else {
+		log.Printf("%s %v", info.FullMethod, req)
+	}
+	return reply, err
+}
