@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 
@@ -16,21 +16,48 @@ const CAP_NEEDS_FIX: Duration = Duration::from_secs(300);
 
 #[derive(Default)]
 pub struct Failures {
-    counts: Mutex<HashMap<String, u32>>,
+    entries: Mutex<HashMap<String, Entry>>,
 }
+
+struct Entry {
+    count: u32,
+    retry_at: Instant,
+}
+
+/// A reconcile this close to its retry time is the retry itself.
+const EARLY: Duration = Duration::from_millis(100);
 
 impl Failures {
     /// Counts one more failure of `object`; returns how long to wait before
     /// the next try.
     pub fn backoff(&self, object: &ObjectReference, may_resolve_itself: bool) -> Duration {
-        let mut counts = self.counts.lock().expect("failure map poisoned");
-        let n = counts.entry(key(object)).or_default();
-        *n = n.saturating_add(1);
-        delay(*n, may_resolve_itself)
+        let mut entries = self.entries.lock().expect("failure map poisoned");
+        let entry = entries.entry(key(object)).or_insert(Entry {
+            count: 0,
+            retry_at: Instant::now(),
+        });
+        entry.count = entry.count.saturating_add(1);
+        let wait = delay(entry.count, may_resolve_itself);
+        entry.retry_at = Instant::now() + wait;
+        wait
+    }
+
+    /// How long `object` must still wait after its last failure, when a
+    /// reconcile comes early: woken by a status write (our own report of
+    /// that failure among them) rather than by its retry. A job calls this
+    /// before repeating the failed call, so that the call is repeated at the
+    /// backoff's pace, not at the pace of watch events.
+    pub fn wait_left(&self, object: &ObjectReference) -> Option<Duration> {
+        let entries = self.entries.lock().expect("failure map poisoned");
+        let left = entries
+            .get(&key(object))?
+            .retry_at
+            .saturating_duration_since(Instant::now());
+        (left > EARLY).then_some(left)
     }
 
     pub fn forget(&self, object: &ObjectReference) {
-        self.counts
+        self.entries
             .lock()
             .expect("failure map poisoned")
             .remove(&key(object));
@@ -79,6 +106,19 @@ mod tests {
         assert_eq!(failures.backoff(&object("b"), true).as_secs(), 1);
         failures.forget(&a);
         assert_eq!(failures.backoff(&a, true).as_secs(), 1);
+    }
+
+    #[test]
+    fn an_early_reconcile_learns_how_long_to_wait() {
+        let failures = Failures::default();
+        let a = object("a");
+        assert_eq!(failures.wait_left(&a), None, "never failed");
+        failures.backoff(&a, true);
+        failures.backoff(&a, true);
+        let left = failures.wait_left(&a).expect("2 s to wait");
+        assert!(left > Duration::from_millis(1500) && left <= Duration::from_secs(2));
+        failures.forget(&a);
+        assert_eq!(failures.wait_left(&a), None, "forgotten on success");
     }
 
     #[test]

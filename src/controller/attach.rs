@@ -295,6 +295,14 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
         others: &others,
     });
     tracing::debug!(?step, "planned");
+    // A refused or failed attach is asked again at its backoff's pace; our
+    // own attachError write must not wake it at once (external-attacher
+    // ignores status-only changes for the same reason).
+    if matches!(step, Attach::Refuse(_) | Attach::Publish { .. })
+        && let Some(left) = ctx.retry_not_yet(&va.object_ref(&()))
+    {
+        return Ok(Action::requeue(left));
+    }
     let vas = Api::<VolumeAttachment>::all(ctx.client.clone());
     let pp = PatchParams::default();
     let ours = finalizer(&driver.name);

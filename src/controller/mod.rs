@@ -317,6 +317,11 @@ impl Context {
     pub fn forget_failures(&self, object: &ObjectReference) {
         self.failures.forget(object);
     }
+
+    /// See crate::retry::Failures::wait_left.
+    pub fn retry_not_yet(&self, object: &ObjectReference) -> Option<Duration> {
+        self.failures.wait_left(object)
+    }
 }
 
 /// A trigger for one job: reconcile requests sent from another kind's

@@ -246,7 +246,11 @@ pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>)
 pub async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("volume");
     if let Some(driver) = ctx.drivers.get(&volume.spec.driver) {
-        remote_volumes::execute(&volume, driver, &ctx).await?;
+        // A retry not yet due keeps its time.
+        let action = remote_volumes::execute(&volume, driver, &ctx).await?;
+        if action != Action::await_change() {
+            return Ok(action);
+        }
     }
     if volume.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());

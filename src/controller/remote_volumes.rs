@@ -100,6 +100,11 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
     match plan(volume) {
         RemoteWork::Nothing => {}
         RemoteWork::Create => {
+            // Repeated at the backoff's pace, not when our own Failed status
+            // comes back through the watch.
+            if let Some(left) = ctx.retry_not_yet(&kube::Resource::object_ref(volume, &())) {
+                return Ok(Action::requeue(left));
+            }
             // A Secret the class names but nobody created yet is the user's
             // to fix: recorded like a driver failure, so the claim says so.
             let secrets = match provisioner_secrets(ctx, volume).await {

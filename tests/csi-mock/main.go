@@ -29,6 +29,8 @@ func main() {
 	topology := flag.Bool("enable-topology", false, "report the mock's topology segment "+service.TopologyKey+"="+service.TopologyValue)
 	attachLimit := flag.Int64("attach-limit", 0, "volumes publishable per node (0: no limit)")
 	flag.Parse()
+	// Tests read retry intervals off these lines.
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	path, ok := strings.CutPrefix(*endpoint, "unix://")
 	if !ok || path == "" {
 		log.Fatalf("--endpoint must be unix:///path, not %q", *endpoint)

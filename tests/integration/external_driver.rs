@@ -35,6 +35,8 @@ pub struct ExternalDriver {
     pub node_id: String,
     /// The topology segment the driver reports for its node.
     pub topology: (String, String),
+    /// More command-line arguments for the driver.
+    args: Vec<String>,
 }
 
 impl ExternalDriver {
@@ -54,7 +56,28 @@ impl ExternalDriver {
                 "io.kubernetes.storage.mock/node".into(),
                 "some-mock-node".into(),
             ),
+            args: Vec::new(),
         }
+    }
+
+    /// The same driver started with `args` as well.
+    pub fn with_args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// The driver's log: every call it was asked (the mock logs each one
+    /// with its time to the microsecond).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        repo_root().join("target/test-logs").join(format!(
+            "{}-{}.log",
+            self.name,
+            std::process::id()
+        ))
     }
 
     /// csi-driver-host-path as `hostpath.csi.k8s.io` on node `node`.
@@ -77,6 +100,7 @@ impl ExternalDriver {
             dir,
             node_id: node.into(),
             topology: ("topology.hostpath.csi/node".into(), node.into()),
+            args: Vec::new(),
         }
     }
 
@@ -101,9 +125,9 @@ impl ExternalDriver {
                 .arg(format!("--statedir={}", self.dir.join("state").display()))
                 .arg("--enable-attach"),
         };
-        let log_dir = repo_root().join("target/test-logs");
-        std::fs::create_dir_all(&log_dir).unwrap();
-        let log = log_dir.join(format!("{}-{}.log", self.name, std::process::id()));
+        command.args(&self.args);
+        let log = self.log_path();
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -30,6 +30,7 @@ mod provisioning;
 mod proxy_attach;
 mod proxy_driver;
 mod proxy_secrets;
+mod proxy_wffc;
 mod real_node;
 mod retry_backoff;
 mod scale;

@@ -55,6 +55,17 @@ impl Scene {
     /// CSIDriver (`attachRequired`), and on each node the driver's topology
     /// label, kcm-managed attach and a CSINode listing the driver.
     pub async fn install(client: &Client, driver: &ExternalDriver, nodes: &[&str]) {
+        Self::install_with_keys(client, driver, nodes, &[&driver.topology.0]).await;
+    }
+
+    /// As install, with CSINodes listing `keys` as the driver's topology
+    /// keys (a CSINode's driver entry cannot change once written).
+    pub async fn install_with_keys(
+        client: &Client,
+        driver: &ExternalDriver,
+        nodes: &[&str],
+        keys: &[&str],
+    ) {
         apply(
             &Api::<CSIDriver>::all(client.clone()),
             json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": { "name": driver.name },
@@ -77,7 +88,7 @@ impl Scene {
             apply(
                 &Api::<CSINode>::all(client.clone()),
                 json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": { "name": node },
-                        "spec": { "drivers": [{ "name": driver.name, "nodeID": driver.node_id, "topologyKeys": [key] }] } }),
+                        "spec": { "drivers": [{ "name": driver.name, "nodeID": driver.node_id, "topologyKeys": keys }] } }),
             )
             .await;
         }
@@ -279,7 +290,7 @@ async fn hung_driver_attach(
     assert!(!status.attached, "attached while the driver hangs");
     let message = status.attach_error.unwrap().message.unwrap_or_default();
     assert!(
-        message.contains("did not answer"),
+        message.contains("not answering"),
         "attachError names the timeout: {message}"
     );
     driver.resume();

@@ -1,5 +1,6 @@
 //! A failure that does not go away is retried at growing intervals, not in
-//! a loop, and explained once: the node agent's mkfs failing for a Volume.
+//! a loop, and explained once: the node agent's mkfs failing for a Volume,
+//! and a driver refusing ControllerPublish.
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,8 +9,11 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::{Api, ResourceExt};
 use stowage::crd::Volume;
 
+use crate::external_driver::ExternalDriver;
 use crate::fixtures::{TIMEOUT, claim, is_bound, storage_class, wait, wait_for_event};
 use crate::harness::{Process, TestNamespace, bare_cluster, client_for_path, unique_name};
+use crate::proxy_attach::{Scene, wait_for_va};
+use crate::proxy_driver::proxy_controller;
 
 const NODE: &str = "backoff-node";
 
@@ -89,18 +93,7 @@ async fn a_failing_mkfs_is_retried_at_growing_intervals() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let times = calls(&shim);
-    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(
-        gaps[0] >= 0.8,
-        "retried {:.2} s after the first failure: {gaps:?}",
-        gaps[0]
-    );
-    for pair in gaps.windows(2) {
-        assert!(
-            pair[1] >= pair[0] * 1.5,
-            "retry intervals do not grow: {gaps:?}"
-        );
-    }
+    assert_growing(&times);
 
     // One failure, one status: the Volume is not rewritten at every retry.
     let volumes = Api::<Volume>::all(client.clone());
@@ -125,4 +118,90 @@ async fn a_failing_mkfs_is_retried_at_growing_intervals() {
     controller.stop();
     agent.stop();
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The mock driver refuses a second volume on a node (`--attach-limit=1`,
+/// ResourceExhausted): the VolumeAttachment says so, ControllerPublish is
+/// asked again 1, 2, 4, 8 s apart, and the volume is attached on its own
+/// once the first one leaves the node.
+#[tokio::test]
+async fn a_refused_controller_publish_is_retried_at_growing_intervals() {
+    let node = "publish-node";
+    let kubeconfig = bare_cluster("publish-backoff", &[node]);
+    let client = client_for_path(&kubeconfig).await;
+    let driver = ExternalDriver::mock("backoff.csi.stowage.test").with_args(&["--attach-limit=1"]);
+    let _running = driver.start();
+    Scene::install(&client, &driver, &[node]).await;
+    let controller = proxy_controller(
+        &kubeconfig,
+        &driver.name,
+        &driver.socket,
+        &["--serve-local=false"],
+        "publish-backoff-controller",
+    );
+    let s = Scene::new(client.clone(), driver, "publish-backoff").await;
+    let (pv_a, handle_a) = s.provision("a").await;
+    let (pv_b, handle_b) = s.provision("b").await;
+    s.start_pod("first", node, "a").await;
+    s.attached(&pv_a, node, &handle_a).await;
+
+    s.start_pod("second", node, "b").await;
+    let va = wait_for_va(&s.vas, &pv_b, "refused", |st| st.attach_error.is_some()).await;
+    let message = va
+        .status
+        .unwrap()
+        .attach_error
+        .unwrap()
+        .message
+        .unwrap_or_default();
+    assert!(
+        message.contains("Cannot attach any more volumes"),
+        "{message}"
+    );
+    let publishes = || publish_times(&s.driver.log(), &handle_b);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while publishes().len() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ControllerPublish of {handle_b} asked {} times in {TIMEOUT:?}",
+            publishes().len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_growing(&publishes());
+
+    s.delete_pod("first").await;
+    s.attached(&pv_b, node, &handle_b).await;
+    controller.stop();
+}
+
+/// When the mock driver's log shows ControllerPublishVolume of `handle`
+/// being asked, in seconds since midnight.
+fn publish_times(log: &str, handle: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("/ControllerPublishVolume"))
+        .filter(|l| l.contains(&format!("volume_id:\"{handle}\"")))
+        .filter_map(|l| {
+            let time = l.split_whitespace().nth(1)?;
+            let mut hms = time.split(':').map(|p| p.parse::<f64>().ok());
+            Some(hms.next()?? * 3600.0 + hms.next()?? * 60.0 + hms.next()??)
+        })
+        .collect()
+}
+
+/// Retry intervals that start at about a second and at least grow by half
+/// each time.
+fn assert_growing(times: &[f64]) {
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[0] >= 0.8,
+        "retried {:.2} s after the first failure: {gaps:?}",
+        gaps[0]
+    );
+    for pair in gaps.windows(2) {
+        assert!(
+            pair[1] >= pair[0] * 1.5,
+            "retry intervals do not grow: {gaps:?}"
+        );
+    }
 }
