@@ -11,9 +11,8 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use crate::fixtures::{claim, is_bound, wait, wait_for_event};
-use crate::harness::{
-    Process, TestNamespace, bare_cluster, client_for_path, csi_server, unique_name,
-};
+use crate::harness::{TestNamespace, bare_cluster, client_for_path, csi_server, unique_name};
+use crate::proxy_driver::proxy_controller;
 
 const DRIVER: &str = "secrets.stowage.dev";
 
@@ -32,19 +31,11 @@ async fn secret_templates_reach_the_pv_and_a_missing_secret_is_explained() {
         &["--driver-name", DRIVER],
         "proxy-secrets-server",
     );
-    let endpoint = format!("{DRIVER}=unix://{}", socket.display());
-    let controller = Process::start(
+    let controller = proxy_controller(
         &kubeconfig,
-        &[
-            "controller",
-            "--leader-elect=false",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--serve-local=false",
-            "--csi-driver",
-            &endpoint,
-        ],
-        &[],
+        DRIVER,
+        &socket,
+        &["--serve-local=false"],
         "proxy-secrets-controller",
     );
     let ns = TestNamespace::new_with(client.clone(), "proxy-secrets").await;
