@@ -78,6 +78,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // STOWAGE_BENCH_CONTROLLER_ARGS: more flags, e.g. `--kcm-binder-grace 0s`.
+    let extra = std::env::var("STOWAGE_BENCH_CONTROLLER_ARGS").unwrap_or_default();
     let controller = tokio::process::Command::new(&stowage)
         .args([
             "controller",
@@ -85,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
             "--metrics-addr",
             "127.0.0.1:0",
         ])
+        .args(extra.split_whitespace())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -113,6 +116,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Watch first, so no Bound transition is missed.
     let watch_claims = claims.clone();
+    let lost = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let seen_lost = lost.clone();
     let watcher_task = tokio::spawn(async move {
         let mut bound = HashMap::new();
         let mut stream = watcher(watch_claims, watcher::Config::default())
@@ -120,6 +125,9 @@ async fn main() -> anyhow::Result<()> {
             .boxed();
         while let Some(claim) = stream.try_next().await.transpose() {
             let Ok(claim) = claim else { continue };
+            if claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Lost") {
+                seen_lost.lock().unwrap().insert(claim.name_any());
+            }
             if claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
                 bound.entry(claim.name_any()).or_insert_with(Instant::now);
                 if bound.len() == n {
@@ -175,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let total_writes: f64 = per_resource.values().sum();
     let rss_kib = peak_rss_kib(controller_pid);
+    let (lost, warnings) = binder_verdict(&client, &ns, lost).await?;
 
     let mut report = String::new();
     report.push_str(&format!("stowage provisioning benchmark: {n} claims, Immediate, layout {layout}, {NODES} node agents\n"));
@@ -199,6 +208,12 @@ async fn main() -> anyhow::Result<()> {
         "controller peak RSS         {:.1} MiB\n",
         rss_kib as f64 / 1024.0
     ));
+    report.push_str(&format!(
+        "claims ever Lost            {lost} (kcm's binder: {})\n",
+        std::env::var("STOWAGE_KCM_CONTROLLERS").unwrap_or_else(|_| "on".into())
+    ));
+    report.push_str(&format!("warnings on claims          {warnings:?}\n"));
+    report.push_str(&format!("controller flags            {extra}\n"));
     print!("{report}");
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -207,6 +222,33 @@ async fn main() -> anyhow::Result<()> {
     drop(children);
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
+}
+
+/// How many claims were ever seen Lost (counted once kcm's binder has had a
+/// full resync, 15 s, to look at every bound claim again), and the warning
+/// events on claims by reason.
+async fn binder_verdict(
+    client: &Client,
+    ns: &str,
+    lost: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+) -> anyhow::Result<(usize, BTreeMap<String, usize>)> {
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
+    for claim in claims.list(&Default::default()).await? {
+        if claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Lost") {
+            lost.lock().unwrap().insert(claim.name_any());
+        }
+    }
+    let mut warnings = BTreeMap::new();
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
+    for e in events.list(&Default::default()).await? {
+        if e.type_.as_deref() == Some("Warning") {
+            *warnings.entry(e.reason.unwrap_or_default()).or_default() +=
+                e.deprecated_count.unwrap_or(1).max(1) as usize;
+        }
+    }
+    let lost = lost.lock().unwrap().len();
+    Ok((lost, warnings))
 }
 
 fn claims_class(claims: &Api<PersistentVolumeClaim>) -> String {

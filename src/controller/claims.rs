@@ -263,7 +263,7 @@ pub async fn reconcile(
                 .iter()
                 .find(|p| p.name_any() == steps.pv)
                 .expect("planned from this list");
-            if let Some(wait) = kcm_binder_grace(&claim, pv) {
+            if let Some(wait) = kcm_binder_grace(&claim, pv, ctx.kcm_binder_grace) {
                 return Ok(Action::requeue(wait));
             }
             apply_binding(&ctx, &claim, pv, &steps).await?;
@@ -290,23 +290,23 @@ fn provisioning_note(claim: &PersistentVolumeClaim, node: Option<&str>) -> Strin
     }
 }
 
-/// How long kube-controller-manager's binder gets to bind a fresh PV before
-/// we do it ourselves.
-const KCM_BINDER_GRACE: Duration = Duration::from_secs(2);
-
 /// kcm's binder marks the claims it works on with the storage-provisioner
 /// annotation. When it is there, it will bind our PV itself: writing the
 /// same objects at the same moment only makes one of us fail (and kcm then
 /// posts a warning event on the claim). So we give it a short head start,
 /// and bind only what it has not bound by then; with the binder disabled
 /// the annotation never appears and we bind at once.
-fn kcm_binder_grace(claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> Option<Duration> {
+fn kcm_binder_grace(
+    claim: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+    grace: Duration,
+) -> Option<Duration> {
     let ann = claim.annotations();
     let kcm_binder =
         ann.contains_key(ANN_STORAGE_PROVISIONER) || ann.contains_key(ANN_BETA_STORAGE_PROVISIONER);
     let created = pv.metadata.creation_timestamp.as_ref()?.0;
     let age = k8s_openapi::jiff::Timestamp::now().duration_since(created);
-    let left = KCM_BINDER_GRACE.as_secs_f64() - age.as_secs_f64();
+    let left = grace.as_secs_f64() - age.as_secs_f64();
     (kcm_binder && left > 0.0).then(|| Duration::from_secs_f64(left))
 }
 

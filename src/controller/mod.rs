@@ -95,6 +95,13 @@ pub struct Config {
     /// inside the pod's termination grace period.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// When kube-controller-manager's PV binder runs, how long it may bind a
+    /// new PV to its claim before stowage does it itself. Both at once make
+    /// one write fail and kcm warn on the claim; binding before kcm's cache
+    /// has the PV can make it mark the claim Lost. 0s binds at once.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub kcm_binder_grace: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -199,6 +206,8 @@ pub struct Context {
     pub drivers: BTreeMap<String, CsiDriver>,
     /// `--serve-local`.
     pub serve_local: bool,
+    /// `--kcm-binder-grace`.
+    pub kcm_binder_grace: Duration,
     recorder: Recorder,
     failures: crate::retry::Failures,
     /// Whether reconciles may act now.
@@ -236,6 +245,7 @@ impl Context {
                 .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
                 .collect(),
             serve_local: config.serve_local,
+            kcm_binder_grace: config.kcm_binder_grace,
             recorder,
             failures: crate::retry::Failures::default(),
             gate: lifecycle::Gate::default(),
