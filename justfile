@@ -59,6 +59,11 @@ bench-provision N="100": deps control-plane
     cargo build --release --bin stowage --example bench_provision
     bash scripts/cluster.sh run -- target/release/examples/bench_provision {{N}}
 
+# Benchmark (not a test): the controller starting on N pre-populated claims (half another driver's), then 1000 new claims, beside the same on an empty control plane.
+bench-scale N="50000": deps control-plane
+    cargo build --release --bin stowage --example bench_scale
+    bash scripts/cluster.sh run -- target/release/examples/bench_scale {{N}}
+
 # Benchmark (not a test): N pods, each with a fresh volume, on the real kubelet node; pod creation -> Running.
 bench-pod-start N="20": deps control-plane
     cargo build --release --bin stowage --example bench_pod_start

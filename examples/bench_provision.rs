@@ -11,9 +11,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -36,47 +36,9 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default().await?;
 
     // CRDs, Node objects and the node agents.
-    let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());
-    for crd in stowage::crd::all() {
-        crds.patch(
-            &crd.name_any(),
-            &PatchParams::apply("bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::install_crds(&client).await?;
     let data = std::env::temp_dir().join(format!("stowage-bench-{}", std::process::id()));
-    let mut children = Vec::new();
-    for i in 0..NODES {
-        let node = format!("bench-{i}");
-        std::fs::create_dir_all(data.join(format!("{node}-kubelet")))?;
-        let obj: Node = serde_json::from_value(json!({ "metadata": { "name": node, "labels": {
-            "kubernetes.io/hostname": node, "topology.stowage.dev/node": node } } }))?;
-        let _ = Api::<Node>::all(client.clone())
-            .create(&PostParams::default(), &obj)
-            .await;
-        children.push(
-            tokio::process::Command::new(&stowage)
-                .args([
-                    "node",
-                    "--node-name",
-                    &node,
-                    "--capacity",
-                    "100Ti",
-                    "--metrics-addr",
-                    "127.0.0.1:0",
-                ])
-                .arg("--data-dir")
-                .arg(data.join(&node))
-                .arg("--kubelet-dir")
-                .arg(data.join(format!("{node}-kubelet")))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
+    let mut children = common::start_node_agents(&client, None, &data, NODES).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // STOWAGE_BENCH_CONTROLLER_ARGS: more flags, e.g. `--kcm-binder-grace 0s`.
     let extra = std::env::var("STOWAGE_BENCH_CONTROLLER_ARGS").unwrap_or_default();

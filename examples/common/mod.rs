@@ -91,3 +91,79 @@ pub fn release_stowage() -> anyhow::Result<std::path::PathBuf> {
     );
     Ok(stowage)
 }
+
+/// A client for the control plane `kubeconfig` points at.
+pub async fn client_for(kubeconfig: &std::path::Path) -> anyhow::Result<Client> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(kubeconfig)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Applies stowage's CRDs and gives the API server a moment to serve them.
+pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    let crds = kube::Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in stowage::crd::all() {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    Ok(())
+}
+
+/// Name of the `i`th node the benchmarks run a `stowage node` agent for.
+pub fn agent_node(i: usize) -> String {
+    format!("bench-{i}")
+}
+
+/// `count` Node objects (bench-0, ...) and a `stowage node` agent for each,
+/// its data under `data`, talking to the control plane of `kubeconfig`
+/// (None: the inherited KUBECONFIG). The agents die with the returned handles.
+pub async fn start_node_agents(
+    client: &Client,
+    kubeconfig: Option<&std::path::Path>,
+    data: &std::path::Path,
+    count: usize,
+) -> anyhow::Result<Vec<tokio::process::Child>> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::PostParams;
+    let stowage = release_stowage()?;
+    let mut children = Vec::new();
+    for i in 0..count {
+        let node = agent_node(i);
+        std::fs::create_dir_all(data.join(format!("{node}-kubelet")))?;
+        let obj: Node =
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": node, "labels": {
+            "kubernetes.io/hostname": node, "topology.stowage.dev/node": node } } }))?;
+        // Already there on a second run against the same control plane.
+        let _ = kube::Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &obj)
+            .await;
+        let mut command = tokio::process::Command::new(&stowage);
+        command
+            .args(["node", "--node-name", &node, "--capacity", "100Ti"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data.join(&node))
+            .arg("--kubelet-dir")
+            .arg(data.join(format!("{node}-kubelet")))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(kubeconfig) = kubeconfig {
+            command.env("KUBECONFIG", kubeconfig);
+        }
+        children.push(command.spawn()?);
+    }
+    Ok(children)
+}

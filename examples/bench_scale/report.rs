@@ -1,0 +1,99 @@
+//! bench_scale's markdown table and CSV, as bench_compare writes them.
+
+use crate::Run;
+
+/// (markdown header, CSV header, value, decimals in the markdown); NaN for
+/// what a run does not have (the empty cluster's population).
+fn columns(r: &Run) -> Vec<(&'static str, &'static str, f64, usize)> {
+    let p = r.populated.as_ref();
+    let pop = |f: &dyn Fn(&crate::Populated) -> f64| p.map(f).unwrap_or(f64::NAN);
+    vec![
+        ("objects", "objects", pop(&|p| p.objects() as f64), 0),
+        ("populate s", "populate_s", pop(&|p| p.secs), 1),
+        (
+            "populate writes/s",
+            "populate_writes_per_s",
+            pop(&|p| p.writes as f64 / p.secs),
+            0,
+        ),
+        ("settle s", "settle_s", r.settle_s, 1),
+        ("started s", "started_s", r.started_s, 2),
+        ("first Bound s", "first_bound_s", r.first_bound_s, 2),
+        ("RSS at start MiB", "rss_started_mib", r.rss_ready_mib, 1),
+        ("peak RSS MiB", "peak_rss_mib", r.rss_peak_mib, 1),
+        ("claims/s", "claims_per_s", r.claims.per_s, 1),
+        ("claim→Bound p50 ms", "bound_p50_ms", r.claims.p50_ms, 0),
+        ("p99 ms", "bound_p99_ms", r.claims.p99_ms, 0),
+        (
+            "API writes/volume",
+            "api_writes_per_volume",
+            r.claims.writes_per_volume,
+            1,
+        ),
+        (
+            "API reads/volume",
+            "api_reads_per_volume",
+            r.claims.reads_per_volume,
+            1,
+        ),
+    ]
+}
+
+fn cell(value: f64, decimals: usize) -> String {
+    if value.is_nan() {
+        "—".into()
+    } else {
+        format!("{value:.decimals$}")
+    }
+}
+
+pub fn render(n: usize, runs: &[Run]) -> (String, String) {
+    let mut md = format!(
+        "## stowage controller start and 1000 new claims on a cluster with {n} claims, PVs and {} Volumes\n\n",
+        n.div_ceil(2)
+    );
+    let mut csv = String::from("cluster,n");
+    if let Some(first) = runs.first() {
+        md.push_str("| cluster |");
+        for (title, key, _, _) in columns(first) {
+            md.push_str(&format!(" {title} |"));
+            csv.push_str(&format!(",{key}"));
+        }
+        md.push_str(&format!(
+            "\n|---|{}\n",
+            "---:|".repeat(columns(first).len())
+        ));
+        csv.push('\n');
+    }
+    for r in runs {
+        md.push_str(&format!("| {} |", r.label));
+        let n = r.populated.as_ref().map_or(0, |p| p.claims);
+        csv.push_str(&format!("{},{n}", r.label));
+        for (_, _, value, decimals) in columns(r) {
+            md.push_str(&format!(" {} |", cell(value, decimals)));
+            csv.push_str(&if value.is_nan() {
+                ",".to_string()
+            } else {
+                format!(",{value:.3}")
+            });
+        }
+        md.push('\n');
+        csv.push('\n');
+    }
+    if let [empty, full] = runs {
+        md.push_str(&format!(
+            "\nnew-claim throughput with {n} pre-populated vs empty: {:.0} % ({:.1} vs {:.1} claims/s)\n",
+            100.0 * full.claims.per_s / empty.claims.per_s,
+            full.claims.per_s,
+            empty.claims.per_s,
+        ));
+    }
+    md.push_str(
+        "\nstarted: `stowage controller` spawned → its log line `controller started` (every \
+         watch listed). first Bound: spawned → a claim created before it Bound. RSS: VmHWM of \
+         the controller, when that claim was Bound and after the 1000 claims. API requests are \
+         all clients' over the 1000 claims, from apiserver_request_total. settle: population \
+         done → API writes below 5/s.\n",
+    );
+    (md, csv)
+}
