@@ -205,6 +205,13 @@ async fn binder_verdict(
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
     for e in events.list(&Default::default()).await? {
         if e.type_.as_deref() == Some("Warning") {
+            if !warnings.contains_key(e.reason.as_deref().unwrap_or_default()) {
+                println!(
+                    "first {} warning: {}",
+                    e.reason.as_deref().unwrap_or_default(),
+                    e.note.as_deref().unwrap_or_default()
+                );
+            }
             *warnings.entry(e.reason.unwrap_or_default()).or_default() +=
                 e.deprecated_count.unwrap_or(1).max(1) as usize;
         }
