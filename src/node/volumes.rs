@@ -58,13 +58,7 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                 Ok(p) => p,
                 Err(e) => {
                     let message = e.to_string();
-                    let failed = Report {
-                        phase: VolumePhase::Failed,
-                        capacity: None,
-                        reason: "InvalidParameters",
-                        message: &message,
-                    };
-                    report(&api, &volume, failed).await?;
+                    report(&api, &volume, Report::failed("InvalidParameters", &message)).await?;
                     return Ok(Action::await_change());
                 }
             };
@@ -84,13 +78,7 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                 }
                 Err(e) => {
                     let message = e.to_string();
-                    let failed = Report {
-                        phase: VolumePhase::Failed,
-                        capacity: None,
-                        reason: "CreateFailed",
-                        message: &message,
-                    };
-                    report(&api, &volume, failed).await?;
+                    report(&api, &volume, Report::failed("CreateFailed", &message)).await?;
                     return Err(e.into());
                 }
             }
@@ -136,7 +124,16 @@ struct Report<'a> {
     message: &'a str,
 }
 
-impl Report<'_> {
+impl<'a> Report<'a> {
+    fn failed(reason: &'a str, message: &'a str) -> Self {
+        Report {
+            phase: VolumePhase::Failed,
+            capacity: None,
+            reason,
+            message,
+        }
+    }
+
     fn ready_status(&self) -> &'static str {
         if self.phase == VolumePhase::Ready {
             "True"
