@@ -135,7 +135,8 @@ impl ClaimLoad {
 /// When each holder of the Lease was first seen (None: released).
 type Sightings = Arc<Mutex<Vec<(Instant, Option<String>)>>>;
 
-/// Who held the Lease when, as seen by polling it every 50 ms.
+/// Who held the Lease when, from a watch: every write is seen, however
+/// short the time between a release and the next acquisition.
 pub struct LeaseWatch {
     seen: Sightings,
     task: JoinHandle<()>,
@@ -148,15 +149,18 @@ impl LeaseWatch {
         let task = {
             let seen = seen.clone();
             tokio::spawn(async move {
-                loop {
-                    if let Ok(Some(lease)) = api.get_opt("stowage-controller").await {
-                        let holder = lease.spec.and_then(|s| s.holder_identity);
-                        let mut seen = seen.lock().unwrap();
-                        if seen.last().map(|(_, h)| h) != Some(&holder) {
-                            seen.push((Instant::now(), holder));
-                        }
+                let config = watcher::Config::default().fields("metadata.name=stowage-controller");
+                let mut leases = watcher(api, config)
+                    .default_backoff()
+                    .applied_objects()
+                    .boxed();
+                while let Some(lease) = leases.next().await {
+                    let Ok(lease) = lease else { continue };
+                    let holder = lease.spec.and_then(|s| s.holder_identity);
+                    let mut seen = seen.lock().unwrap();
+                    if seen.last().map(|(_, h)| h) != Some(&holder) {
+                        seen.push((Instant::now(), holder));
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             })
         };
