@@ -72,7 +72,7 @@ bench-pod-start N="20": deps control-plane
 # The proxy backend's attach lifecycle against csi-driver-host-path (`just test` runs it against Kubernetes' CSI mock driver; the Go module proxy does not serve host-path). PLUGIN: a hostpathplugin binary.
 test-proxy PLUGIN: control-plane
     cargo build --all-targets
-    STOWAGE_HOSTPATHPLUGIN={{PLUGIN}} bash scripts/cluster.sh run -- bash -c 'STOWAGE_TEST_KUBECONFIG=$KUBECONFIG cargo test --test integration proxy_attach -- --ignored --nocapture'
+    STOWAGE_HOSTPATHPLUGIN={{PLUGIN}} bash scripts/cluster.sh run -- bash -c 'STOWAGE_TEST_KUBECONFIG=$KUBECONFIG cargo test --test integration provisions_attaches_detaches_and_deletes_through_an_external_driver -- --nocapture'
 
 # Benchmark (not a test): stowage vs external-provisioner + external-attacher on one control plane and csi-driver-host-path. PLUGIN: a hostpathplugin binary.
 bench-compare N PLUGIN: deps control-plane
