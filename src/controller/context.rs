@@ -1,0 +1,171 @@
+//! What every reconcile shares: the informer caches, the event recorder,
+//! the drivers and per-object retry state.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource};
+
+use crate::backend::csi_proxy::CsiDriver;
+use crate::backend::local;
+use crate::crd::{StorageNode, Volume};
+
+use super::{Config, Error, Metrics, capacity, forbidden, lifecycle, pending};
+
+/// The informer caches, one per kind, shared by every job.
+#[derive(Clone)]
+pub struct Stores {
+    pub claims: Store<PersistentVolumeClaim>,
+    pub pvs: Store<PersistentVolume>,
+    pub classes: Store<StorageClass>,
+    pub volumes: Store<Volume>,
+    pub storage_nodes: Store<StorageNode>,
+    pub attachments: Store<VolumeAttachment>,
+    pub csinodes: Store<CSINode>,
+    /// Nodes' metadata only (labels, annotations): all that attach and
+    /// topology need, at a fraction of a full Node's size.
+    pub nodes: Store<PartialObjectMeta<Node>>,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub metrics: Metrics,
+    pub stores: Stores,
+    /// The `--csi-driver`s, by name.
+    pub drivers: BTreeMap<String, CsiDriver>,
+    /// `--serve-local`.
+    pub serve_local: bool,
+    /// `--kcm-binder-grace`.
+    pub kcm_binder_grace: Duration,
+    recorder: Recorder,
+    failures: crate::retry::Failures,
+    /// Whether reconciles may act now.
+    pub gate: lifecycle::Gate,
+    /// `--workers`: objects each job works on at once.
+    pub workers: u16,
+    /// Claims not bound yet, by what they wait for.
+    pub(crate) pending: Mutex<pending::PendingClaims>,
+    /// Bytes promised on each node, from the Volume watch.
+    pub(crate) promised: Mutex<capacity::Promised>,
+}
+
+impl Context {
+    pub(super) fn new(
+        config: &Config,
+        client: Client,
+        metrics: Metrics,
+        stores: Stores,
+        identity: String,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "stowage-controller".into(),
+                instance: Some(identity),
+            },
+        );
+        Context {
+            client,
+            metrics,
+            stores,
+            drivers: config
+                .csi_drivers
+                .iter()
+                .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
+                .collect(),
+            serve_local: config.serve_local,
+            kcm_binder_grace: config.kcm_binder_grace,
+            recorder,
+            failures: crate::retry::Failures::default(),
+            gate: lifecycle::Gate::default(),
+            workers: config.workers,
+            pending: Mutex::default(),
+            promised: Mutex::default(),
+        }
+    }
+
+    /// Whether stowage provisions for this provisioner name.
+    pub fn serves(&self, provisioner: &str) -> bool {
+        (self.serve_local && provisioner == local::DRIVER_NAME)
+            || self.drivers.contains_key(provisioner)
+    }
+
+    /// Posts an event on `object` in the background: events are for people,
+    /// so they stay off the provisioning path, and failing to post is logged.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        self.post_event(object, type_, reason, action, note);
+    }
+
+    /// An API call that RBAC refused gets an event on the object waiting for
+    /// it, naming the verb and resource to grant; other errors are reported
+    /// by their jobs.
+    pub fn report_if_forbidden<K: Resource<DynamicType = ()>>(&self, object: &K, error: &Error) {
+        let status = match error {
+            Error::Kube(kube::Error::Api(status)) => status,
+            Error::SecretRead(e) => match &*e.source {
+                kube::Error::Api(status) => status,
+                _ => return,
+            },
+            _ => return,
+        };
+        let Some(refusal) = forbidden::Refusal::from_status(status) else {
+            return;
+        };
+        let note = refusal.note("stowage-controller");
+        tracing::error!(verb = %refusal.verb, resource = %refusal.resource, "{note}");
+        self.post_event(object, EventType::Warning, "Forbidden", "Authorize", &note);
+    }
+
+    fn post_event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        let recorder = self.recorder.clone();
+        let reference = object.object_ref(&());
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, reason, "posting event failed");
+            }
+        });
+    }
+
+    /// Per-object retry delay: see crate::retry.
+    pub fn backoff(&self, object: &ObjectReference, may_resolve_itself: bool) -> Duration {
+        self.failures.backoff(object, may_resolve_itself)
+    }
+
+    pub fn forget_failures(&self, object: &ObjectReference) {
+        self.failures.forget(object);
+    }
+
+    /// See crate::retry::Failures::wait_left.
+    pub fn retry_not_yet(&self, object: &ObjectReference) -> Option<Duration> {
+        self.failures.wait_left(object)
+    }
+}
