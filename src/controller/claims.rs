@@ -50,6 +50,18 @@ pub fn controller(
             count_pending(&ctx);
         });
     }
+    {
+        let ctx = ctx.clone();
+        informers.pvs.on_apply(move |pv| {
+            ctx.static_pvs.lock().expect("PV index poisoned").apply(pv);
+        });
+    }
+    {
+        let ctx = ctx.clone();
+        informers.pvs.on_delete(move |pv| {
+            ctx.static_pvs.lock().expect("PV index poisoned").delete(pv);
+        });
+    }
     let (requeue, requeues) = trigger::<PersistentVolumeClaim>();
     {
         let ctx = ctx.clone();
@@ -151,7 +163,7 @@ pub async fn reconcile(
     let pvs = match (&named, &pv) {
         (Some(named), _) => s.pvs.get(&ObjectRef::new(named)).into_iter().collect(),
         (None, Some(pv)) => vec![pv.clone()],
-        (None, None) => s.pvs.state(),
+        (None, None) => static_candidates(&ctx, &claim),
     };
     let pv_refs: Vec<_> = pvs.iter().map(|p| p.as_ref()).collect();
     let static_match = class.as_deref().is_some_and(|c| {
@@ -270,6 +282,26 @@ pub async fn reconcile(
         }
     }
     Ok(Action::await_change())
+}
+
+/// The PVs a claim looking for one could bind: its class's unclaimed PVs
+/// and any whose claimRef names it (from the index, not every PV).
+fn static_candidates(ctx: &Context, claim: &PersistentVolumeClaim) -> Vec<Arc<PersistentVolume>> {
+    let class = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
+    let namespace = claim.namespace().unwrap_or_default();
+    let names = ctx
+        .static_pvs
+        .lock()
+        .expect("PV index poisoned")
+        .candidates(&class, &namespace, &claim.name_any());
+    names
+        .iter()
+        .filter_map(|n| ctx.stores.pvs.get(&ObjectRef::new(n)))
+        .collect()
 }
 
 /// external-provisioner's words, naming the node only when there is one

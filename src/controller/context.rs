@@ -16,7 +16,7 @@ use crate::backend::csi_proxy::CsiDriver;
 use crate::backend::local;
 use crate::crd::{StorageNode, Volume};
 
-use super::{Config, Error, Metrics, capacity, forbidden, lifecycle, pending};
+use super::{Config, Error, Metrics, capacity, forbidden, lifecycle, pending, static_pvs};
 
 /// The informer caches, one per kind, shared by every job.
 #[derive(Clone)]
@@ -54,6 +54,8 @@ pub struct Context {
     pub(crate) pending: Mutex<pending::PendingClaims>,
     /// Bytes promised on each node, from the Volume watch.
     pub(crate) promised: Mutex<capacity::Promised>,
+    /// PVs a claim looking for one could bind, from the PV watch.
+    pub(crate) static_pvs: Mutex<static_pvs::StaticPvs>,
 }
 
 impl Context {
@@ -88,6 +90,7 @@ impl Context {
             workers: config.workers,
             pending: Mutex::default(),
             promised: Mutex::default(),
+            static_pvs: Mutex::default(),
         }
     }
 

@@ -22,6 +22,11 @@ pub struct FailureLabels {
     pub error: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub reconciles: Family<JobLabels, Counter>,
@@ -31,6 +36,8 @@ pub struct Metrics {
     pub claim_bound_seconds: Histogram,
     /// Claims of our classes not bound yet: the provisioning backlog.
     pub claims_pending: Gauge,
+    /// Objects each watch's cache holds (only stowage's, see `scope`).
+    pub cached_objects: Family<KindLabels, Gauge>,
     /// UIDs of claims whose bind time was observed (forgotten on deletion).
     bound_claims: Arc<Mutex<HashSet<String>>>,
 }
@@ -46,12 +53,19 @@ impl Metrics {
             reconcile_seconds,
             claim_bound_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             claims_pending: Gauge::default(),
+            cached_objects: Family::default(),
             bound_claims: Arc::default(),
         };
         registry.register(
             "claims_pending",
             "Claims of stowage's classes that are not bound yet",
             m.claims_pending.clone(),
+        );
+        registry.register(
+            "cached_objects",
+            "Objects in the controller's cache, per kind: other drivers' bound claims, \
+             claimed PVs and VolumeAttachments are left out",
+            m.cached_objects.clone(),
         );
         registry.register(
             "reconciles",

@@ -19,7 +19,9 @@ pub mod provision;
 pub mod reclaim;
 mod remote_volumes;
 pub mod resize;
+mod scope;
 pub mod secrets;
+mod static_pvs;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -282,6 +284,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ));
     ask_drivers(&ctx);
 
+    scope::limit(&ctx, &mut informers);
+    informers.count_into(&ctx.metrics.cached_objects);
     index_capacity(&ctx, &mut informers);
     // Each job subscribes to the watches it needs; then the watches start.
     // Jobs drain their streams from now on, whether or not we lead.

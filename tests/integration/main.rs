@@ -2,6 +2,7 @@
 //! kube-apiserver, kube-controller-manager, kube-scheduler). See harness.rs.
 
 mod binder_coexistence;
+mod cache_scope;
 mod controller_lifecycle;
 mod crash;
 mod crash_delete;

@@ -16,7 +16,7 @@ const NODE: &str = "metrics-node";
 
 /// The value of the series whose name and labels are exactly `series`
 /// (`name` or `name{label="v"}`); None when the body lacks it.
-fn value(body: &str, series: &str) -> Option<f64> {
+pub(crate) fn value(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
@@ -25,7 +25,7 @@ fn value(body: &str, series: &str) -> Option<f64> {
 /// Scrapes `url` until the series satisfies `cond`; returns the body. The
 /// controller updates some figures just after the API shows the change that
 /// caused them.
-async fn scrape_until(url: &str, series: &str, cond: impl Fn(f64) -> bool) -> String {
+pub(crate) async fn scrape_until(url: &str, series: &str, cond: impl Fn(f64) -> bool) -> String {
     wait_http(
         url,
         &format!("serving {series} as expected"),

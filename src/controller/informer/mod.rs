@@ -17,10 +17,18 @@
 //! never gets a delete event of its own: the relist is compared with the
 //! cache it replaces, and whatever is missing, or came back with another
 //! UID, is reported deleted.
+//!
+//! A kind may keep only the objects in its scope (`keep_only`, see
+//! `scope`): the rest never reach the cache or a job.
 
-use std::collections::HashMap;
+mod progress;
+mod relist;
+
+pub use progress::{ProgressState, WatchProgress};
+pub(crate) use relist::Relist;
+
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
@@ -28,12 +36,15 @@ use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::Stores;
+use super::metrics::KindLabels;
 use crate::crd::{StorageNode, Volume};
 
 /// What the informers need of a kind.
@@ -48,6 +59,7 @@ impl<K> Kind for K where
 }
 
 type Hook<K> = Box<dyn Fn(&K) + Send + Sync + 'static>;
+type Scope<K> = Box<dyn Fn(&K) -> bool + Send + Sync + 'static>;
 
 /// The watch of one kind: its cache, its subscribers, its deletion hooks.
 pub struct Informer<K: Kind> {
@@ -56,6 +68,7 @@ pub struct Informer<K: Kind> {
     subscribers: Vec<mpsc::UnboundedSender<Arc<K>>>,
     on_apply: Vec<Hook<K>>,
     on_delete: Vec<Hook<K>>,
+    scope: Option<Scope<K>>,
     progress: Arc<WatchProgress>,
 }
 
@@ -68,6 +81,7 @@ impl<K: Kind> Default for Informer<K> {
             subscribers: Vec::new(),
             on_apply: Vec::new(),
             on_delete: Vec::new(),
+            scope: None,
             progress: Arc::new(WatchProgress::new(K::kind(&()).into_owned())),
         }
     }
@@ -101,8 +115,27 @@ impl<K: Kind> Informer<K> {
         self.on_delete.push(Box::new(hook));
     }
 
+    /// Caches and hands on only the objects `keep` accepts. An object
+    /// that stops being accepted leaves the cache, and the deletion hooks
+    /// hear of it as if it were deleted.
+    pub fn keep_only(&mut self, keep: impl Fn(&K) -> bool + Send + Sync + 'static) {
+        self.scope = Some(Box::new(keep));
+    }
+
     pub fn progress(&self) -> Arc<WatchProgress> {
         self.progress.clone()
+    }
+
+    /// Keeps `gauge` at the number of objects in the cache.
+    pub fn count_into(&mut self, gauge: Gauge) {
+        let (store, applied) = (self.store.clone(), gauge.clone());
+        self.on_apply(move |_| {
+            applied.set(store.len() as i64);
+        });
+        let store = self.store.clone();
+        self.on_delete(move |_| {
+            gauge.set(store.len() as i64);
+        });
     }
 
     /// Watches the kind until the process ends.
@@ -122,12 +155,14 @@ impl<K: Kind> Informer<K> {
     {
         let Informer {
             store,
-            writer,
+            mut writer,
             subscribers,
             on_apply,
             on_delete,
+            scope,
             progress,
         } = self;
+        let in_scope = move |o: &K| scope.as_ref().is_none_or(|keep| keep(o));
         let applied = move |o: Arc<K>| {
             for hook in &on_apply {
                 hook(&o);
@@ -143,18 +178,30 @@ impl<K: Kind> Informer<K> {
             }
         };
         async move {
-            let events = events.reflect(writer);
             futures::pin_mut!(events);
             let mut relist = None;
-            // Each event has reached the cache when it comes out here.
             while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+                        continue;
+                    }
+                };
                 match event {
-                    Ok(watcher::Event::Init) => {
+                    watcher::Event::Init => {
+                        writer.apply_watcher_event(&watcher::Event::Init);
                         progress.list_started();
                         relist = Some(Relist::begin(store.state()));
                     }
-                    Ok(watcher::Event::InitApply(_)) => progress.advanced(false),
-                    Ok(watcher::Event::InitDone) => {
+                    watcher::Event::InitApply(o) => {
+                        if in_scope(&o) {
+                            writer.apply_watcher_event(&watcher::Event::InitApply(o));
+                        }
+                        progress.advanced(false);
+                    }
+                    watcher::Event::InitDone => {
+                        writer.apply_watcher_event(&watcher::Event::InitDone);
                         let after = store.state();
                         tracing::debug!(kind = %K::kind(&()), objects = after.len(), "listed");
                         let changes = relist.take().unwrap_or_default().finish(&after);
@@ -162,7 +209,7 @@ impl<K: Kind> Informer<K> {
                             tracing::info!(
                                 kind = %K::kind(&()),
                                 deleted = changes.deleted.len(),
-                                "objects deleted while the watch was cut"
+                                "objects deleted (or out of scope) since the last list"
                             );
                         }
                         for gone in &changes.deleted {
@@ -173,145 +220,27 @@ impl<K: Kind> Informer<K> {
                         }
                         progress.advanced(true);
                     }
-                    Ok(watcher::Event::Apply(o)) => {
+                    watcher::Event::Apply(o) => {
                         progress.advanced(true);
-                        // The cache's copy: no second one while jobs catch up.
-                        let cached = store.get(&ObjectRef::from_obj(&o));
-                        applied(cached.unwrap_or_else(|| Arc::new(o)));
+                        let key = ObjectRef::from_obj(&o);
+                        if in_scope(&o) {
+                            writer.apply_watcher_event(&watcher::Event::Apply(o));
+                            // The cache's copy: no second one while jobs catch up.
+                            if let Some(cached) = store.get(&key) {
+                                applied(cached);
+                            }
+                        } else if store.get(&key).is_some() {
+                            writer.apply_watcher_event(&watcher::Event::Delete(o.clone()));
+                            deleted(&o);
+                        }
                     }
-                    Ok(watcher::Event::Delete(o)) => {
+                    watcher::Event::Delete(o) => {
                         progress.advanced(true);
+                        writer.apply_watcher_event(&watcher::Event::Delete(o.clone()));
                         deleted(&o);
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying")
-                    }
                 }
             }
-        }
-    }
-}
-
-/// A relist in progress: the cache as it was before the list began.
-pub(crate) struct Relist<K: Kind> {
-    before: HashMap<ObjectRef<K>, Arc<K>>,
-}
-
-impl<K: Kind> Default for Relist<K> {
-    fn default() -> Self {
-        Relist {
-            before: HashMap::new(),
-        }
-    }
-}
-
-/// What a relist changed in the cache.
-#[derive(Debug)]
-pub(crate) struct RelistChanges<K> {
-    /// Gone from the list, or replaced by a new object of the same name.
-    pub deleted: Vec<Arc<K>>,
-    /// New, or changed since the cache last saw them.
-    pub changed: Vec<Arc<K>>,
-}
-
-impl<K: Kind> Relist<K> {
-    pub fn begin(before: Vec<Arc<K>>) -> Self {
-        Relist {
-            before: before
-                .into_iter()
-                .map(|o| (ObjectRef::from_obj(o.as_ref()), o))
-                .collect(),
-        }
-    }
-
-    /// Compares the list that replaced the cache (`after`) with the cache.
-    pub fn finish(mut self, after: &[Arc<K>]) -> RelistChanges<K> {
-        let mut changes = RelistChanges {
-            deleted: Vec::new(),
-            changed: Vec::new(),
-        };
-        for o in after {
-            match self.before.remove(&ObjectRef::from_obj(o.as_ref())) {
-                Some(old) if old.uid() != o.uid() => {
-                    changes.deleted.push(old);
-                    changes.changed.push(o.clone());
-                }
-                Some(old) if old.resource_version() == o.resource_version() => {}
-                _ => changes.changed.push(o.clone()),
-            }
-        }
-        changes.deleted.extend(self.before.into_values());
-        changes
-    }
-}
-
-/// How far a watch has come, for `/healthz`.
-#[derive(Debug)]
-pub struct WatchProgress {
-    kind: String,
-    state: Mutex<ProgressState>,
-    /// Whether a list ever completed. Its own signal, not the store's
-    /// `wait_until_ready`: that one remembers a single waiter's waker, and
-    /// each job's `Controller` waits on it too.
-    listed_once: tokio::sync::watch::Sender<bool>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct ProgressState {
-    /// When the watch last delivered an event.
-    pub last_event: Instant,
-    /// Whether the cache holds a complete list (false during a list).
-    pub listed: bool,
-}
-
-impl WatchProgress {
-    fn new(kind: String) -> Self {
-        WatchProgress {
-            kind,
-            state: Mutex::new(ProgressState {
-                last_event: Instant::now(),
-                listed: false,
-            }),
-            listed_once: tokio::sync::watch::Sender::new(false),
-        }
-    }
-
-    /// Resolves once the cache has held a complete list.
-    pub async fn listed(&self) {
-        let mut listed = self.listed_once.subscribe();
-        // The sender lives as long as `self`: this cannot fail.
-        let _ = listed.wait_for(|l| *l).await;
-    }
-
-    pub fn kind(&self) -> &str {
-        &self.kind
-    }
-
-    pub fn state(&self) -> ProgressState {
-        *self.state.lock().expect("progress lock poisoned")
-    }
-
-    /// A list (re)starts. The watcher says so before every attempt, also
-    /// when the last one failed: only the first of a row starts the stall
-    /// clock, or a list that fails forever would look busy.
-    fn list_started(&self) {
-        let mut state = self.state.lock().expect("progress lock poisoned");
-        if state.listed {
-            *state = ProgressState {
-                last_event: Instant::now(),
-                listed: false,
-            };
-        }
-    }
-
-    fn advanced(&self, listed: bool) {
-        *self.state.lock().expect("progress lock poisoned") = ProgressState {
-            last_event: Instant::now(),
-            listed,
-        };
-        if listed {
-            self.listed_once
-                .send_if_modified(|l| !std::mem::replace(l, true));
         }
     }
 }
@@ -357,12 +286,40 @@ impl Informers {
         ]
     }
 
+    /// Keeps the `cached_objects` gauge of each kind.
+    pub fn count_into(&mut self, gauges: &Family<KindLabels, Gauge>) {
+        let gauge = |kind: &str| {
+            gauges
+                .get_or_create(&KindLabels { kind: kind.into() })
+                .clone()
+        };
+        self.claims.count_into(gauge("PersistentVolumeClaim"));
+        self.pvs.count_into(gauge("PersistentVolume"));
+        self.volumes.count_into(gauge("Volume"));
+        self.classes.count_into(gauge("StorageClass"));
+        self.storage_nodes.count_into(gauge("StorageNode"));
+        self.attachments.count_into(gauge("VolumeAttachment"));
+        self.csinodes.count_into(gauge("CSINode"));
+        self.nodes.count_into(gauge("Node"));
+    }
+
     /// Runs every watch until the process ends. Jobs subscribe first.
     pub fn run(self, client: &Client) -> impl Future<Output = ()> + Send + 'static {
         let c = || client.clone();
+        // Which claims and PVs are kept depends on their class (see
+        // `scope`): those watches start once the classes are listed.
+        let classes = self.classes.progress();
+        let after_classes = |watch: futures::future::BoxFuture<'static, ()>| {
+            let classes = classes.clone();
+            async move {
+                classes.listed().await;
+                watch.await
+            }
+            .boxed()
+        };
         let watches = [
-            self.claims.run(Api::all(c())).boxed(),
-            self.pvs.run(Api::all(c())).boxed(),
+            after_classes(self.claims.run(Api::all(c())).boxed()),
+            after_classes(self.pvs.run(Api::all(c())).boxed()),
             self.volumes.run(Api::all(c())).boxed(),
             self.classes.run(Api::all(c())).boxed(),
             self.storage_nodes.run(Api::all(c())).boxed(),
@@ -381,7 +338,9 @@ mod tests {
     use super::*;
     use futures::stream;
     use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
     use kube::api::ObjectMeta;
+    use std::sync::Mutex;
 
     fn object(name: &str, uid: &str, version: &str) -> ConfigMap {
         ConfigMap {
@@ -406,12 +365,6 @@ mod tests {
         );
         events.push(Ok(watcher::Event::InitDone));
         events
-    }
-
-    fn names(objects: &[Arc<ConfigMap>]) -> Vec<String> {
-        let mut names: Vec<_> = objects.iter().map(|o| o.name_any()).collect();
-        names.sort();
-        names
     }
 
     /// Runs an informer over `events`; returns what its subscriber and its
@@ -465,25 +418,6 @@ mod tests {
         let (applied, deleted) = feed(events).await;
         assert_eq!(applied, ["a"]);
         assert_eq!(deleted, ["a"]);
-    }
-
-    #[test]
-    fn relist_compares_by_uid_and_version() {
-        let before = vec![
-            Arc::new(object("same", "1", "1")),
-            Arc::new(object("changed", "2", "1")),
-            Arc::new(object("gone", "3", "1")),
-            Arc::new(object("replaced", "4", "1")),
-        ];
-        let after = vec![
-            Arc::new(object("same", "1", "1")),
-            Arc::new(object("changed", "2", "2")),
-            Arc::new(object("replaced", "5", "2")),
-            Arc::new(object("new", "6", "1")),
-        ];
-        let changes = Relist::begin(before).finish(&after);
-        assert_eq!(names(&changes.deleted), ["gone", "replaced"]);
-        assert_eq!(names(&changes.changed), ["changed", "new", "replaced"]);
     }
 
     /// The first list completes, and the cache is ready, while no job has
