@@ -122,4 +122,56 @@ mod tests {
         promised.delete(&volume("gone-already", "n2", 7));
         assert_eq!(promised.per_node()["n2"], 7);
     }
+
+    fn node(name: &str, driver: &str, capacity: Option<i64>) -> StorageNode {
+        let mut n = StorageNode::new(
+            name,
+            crate::crd::StorageNodeSpec {
+                driver: driver.into(),
+                node: name.into(),
+            },
+        );
+        n.status = capacity.map(|c| crate::crd::StorageNodeStatus {
+            capacity_bytes: c,
+            ..Default::default()
+        });
+        n
+    }
+
+    /// Each row: promised bytes on "n1", what "n1" reports, free on "n1".
+    #[test]
+    fn free_is_reported_capacity_less_promises() {
+        let rows = [
+            (0, Some(100), Some(100)),
+            (40, Some(100), Some(60)),
+            (100, Some(100), Some(0)),
+            // The node's filesystem shrank under its promises.
+            (150, Some(100), Some(-50)),
+            // An agent that has not reported yet offers nothing.
+            (0, None, Some(0)),
+        ];
+        for (promised_bytes, capacity, free) in rows {
+            let nodes = [node("n1", local::DRIVER_NAME, capacity)];
+            let refs: Vec<_> = nodes.iter().collect();
+            let promised = BTreeMap::from([("n1".to_string(), promised_bytes)]);
+            assert_eq!(
+                free_on(&refs, &promised, "n1"),
+                free,
+                "{promised_bytes} promised of {capacity:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_nodes_of_our_driver_offer_room() {
+        let nodes = [
+            node("ours", local::DRIVER_NAME, Some(10)),
+            node("theirs", "other.example.com", Some(10)),
+        ];
+        let refs: Vec<_> = nodes.iter().collect();
+        let free = free_bytes(&refs, &BTreeMap::new());
+        assert_eq!(free, [("ours".to_string(), 10)]);
+        assert_eq!(free_on(&refs, &BTreeMap::new(), "theirs"), None);
+        assert_eq!(free_on(&refs, &BTreeMap::new(), "nowhere"), None);
+    }
 }
