@@ -15,9 +15,10 @@ use serde_json::json;
 
 use super::bind::{self, BindSteps, Binding};
 use super::informer::Informers;
+use super::job::{Job, Retry, trigger};
 use super::protocol::*;
 use super::provision::{self, ClaimView, Provision};
-use super::{Context, Error, claim_of_pv, claim_of_volume, job, trigger};
+use super::{Context, Error, claim_of_pv, claim_of_volume};
 use crate::crd::Volume;
 
 /// The claim job: provisions and binds claims; a claim is looked at again
@@ -75,7 +76,11 @@ pub fn controller(
         .watches_shared_stream(volumes, claim_of_volume)
         .watches_shared_stream(pvs, claim_of_pv)
         .reconcile_on(requeues);
-    job(controller, reconcile, error_policy, ctx)
+    let job = Job {
+        name: "claim",
+        retry: Retry::Backoff,
+    };
+    job.run(controller, reconcile, ctx)
 }
 
 /// The pending claims a deleted Volume's room could serve: those the
@@ -484,15 +489,4 @@ async fn apply_binding(
         tracing::info!(pv = %steps.pv, "claim bound");
     }
     Ok(())
-}
-
-pub fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
-    // A conflict means someone (often kcm's binder) wrote first: replan now.
-    if error.is_conflict() {
-        return Action::requeue(Duration::from_millis(50));
-    }
-    tracing::warn!(claim = %claim.name_any(), %error, "claim reconcile failed");
-    ctx.report_if_forbidden(claim.as_ref(), error);
-    ctx.metrics.reconcile_failed("claim", error.metric_label());
-    Action::requeue(ctx.backoff(&claim.object_ref(&()), true))
 }

@@ -9,6 +9,7 @@ mod context;
 pub mod forbidden;
 mod health;
 pub mod informer;
+mod job;
 pub mod leader;
 pub mod lifecycle;
 mod metrics;
@@ -27,13 +28,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::mpsc;
+use kube::{Api, Client, ResourceExt};
 
 use crate::backend::csi_proxy::DriverEndpoint;
 use crate::crd::Volume;
@@ -179,52 +178,6 @@ impl Error {
             Error::Secrets(_) | Error::SecretRead(_) => "secrets",
         }
     }
-}
-
-/// A trigger for one job: reconcile requests sent from another kind's
-/// events (deletions above all). Unbounded, so that a hook on a watch never
-/// waits for a job.
-pub(crate) fn trigger<K: Resource<DynamicType = ()> + 'static>() -> (
-    mpsc::UnboundedSender<ObjectRef<K>>,
-    impl Stream<Item = ObjectRef<K>> + Send + 'static,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (tx, tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-}
-
-/// Runs one job's controller until the process ends. Its streams are
-/// drained from the start; each reconcile first passes the gate, so none
-/// acts before this replica leads with complete caches, or after it began
-/// to stop.
-pub(crate) fn job<K, F, Fut>(
-    controller: Controller<K>,
-    reconcile: F,
-    error_policy: fn(Arc<K>, &Error, Arc<Context>) -> Action,
-    ctx: Arc<Context>,
-) -> impl Future<Output = ()> + Send + 'static
-where
-    K: informer::Kind,
-    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
-{
-    let workers = ctx.workers;
-    controller
-        .with_config(controller::Config::default().concurrency(workers))
-        .run(
-            move |object, ctx| {
-                // Lazy until polled: nothing happens before the gate.
-                let reconcile = reconcile(object, ctx.clone());
-                async move {
-                    let Some(_pass) = ctx.gate.enter().await else {
-                        return Ok(Action::await_change());
-                    };
-                    reconcile.await
-                }
-            },
-            error_policy,
-            ctx,
-        )
-        .for_each(|_| async {})
 }
 
 /// The claim a Volume serves.

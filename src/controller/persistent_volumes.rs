@@ -2,7 +2,6 @@
 //! vanished before a PV was made).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
@@ -11,13 +10,14 @@ use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::informer::Informers;
+use super::job::{Job, Retry, trigger};
 use super::protocol::*;
 use super::reclaim::{self, Reclaim};
-use super::{Context, Error, attach, job, provision, remote_volumes, trigger};
+use super::{Context, Error, attach, provision, remote_volumes};
 use crate::crd::Volume;
 
 /// The reclaim job, keyed by PV: a PV is looked at again when its Volume
@@ -72,7 +72,11 @@ pub fn controller(
             Some(ObjectRef::new(&pv_of_claim(&c)?))
         })
         .reconcile_on(requeues);
-    job(controller, reconcile, error_policy, ctx)
+    let job = Job {
+        name: "reclaim",
+        retry: Retry::Backoff,
+    };
+    job.run(controller, reconcile, ctx)
 }
 
 /// The Volume job: Volumes whose claim is gone before their PV existed.
@@ -90,7 +94,11 @@ pub fn volume_controller(
     });
     let controller =
         Controller::for_shared_stream(volumes, ctx.stores.volumes.clone()).reconcile_on(requeues);
-    job(controller, reconcile_volume, volume_error_policy, ctx)
+    let job = Job {
+        name: "volume",
+        retry: Retry::After(remote_volumes::retry_after),
+    };
+    job.run(controller, reconcile_volume, ctx)
 }
 
 fn pv_of_volume(v: &Volume) -> String {
@@ -229,17 +237,6 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     Ok(Action::await_change())
 }
 
-pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
-    if error.is_conflict() {
-        return Action::requeue(Duration::from_millis(50));
-    }
-    tracing::warn!(pv = %pv.name_any(), %error, "reclaim failed");
-    ctx.report_if_forbidden(pv.as_ref(), error);
-    ctx.metrics
-        .reconcile_failed("reclaim", error.metric_label());
-    Action::requeue(ctx.backoff(&pv.object_ref(&()), true))
-}
-
 /// A Volume whose claim was deleted before its PV existed has nobody to
 /// release it: delete it here so its data does not leak.
 #[tracing::instrument(skip_all, fields(volume = %volume.name_any()))]
@@ -293,14 +290,4 @@ pub async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
         Err(e) => Err(e.into()),
     }
-}
-
-pub fn volume_error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<Context>) -> Action {
-    if error.is_conflict() {
-        return Action::requeue(Duration::from_millis(50));
-    }
-    tracing::warn!(volume = %volume.name_any(), %error, "volume reconcile failed");
-    ctx.report_if_forbidden(volume.as_ref(), error);
-    ctx.metrics.reconcile_failed("volume", error.metric_label());
-    Action::requeue(remote_volumes::retry_after(&ctx, &volume, error))
 }
