@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use tonic::{Code, Status};
 
 use crate::backend::local::LocalError;
+use crate::node::filesystem::ProbeError;
 use crate::node::paths::PathError;
 use crate::proto::csi::v1 as csi;
 
@@ -35,6 +36,10 @@ pub enum CsiError {
     Path(#[from] PathError),
     #[error(transparent)]
     Local(#[from] LocalError),
+    /// What is on a device is in doubt, or not what was asked for: the user
+    /// (or an operator) has to look before anything is formatted.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
     #[error("{0}")]
     Internal(String),
 }
@@ -47,7 +52,7 @@ impl CsiError {
             CsiError::NotFound(_) => Code::NotFound,
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
             CsiError::OutOfRange(_) => Code::OutOfRange,
-            CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CsiError::FailedPrecondition(_) | CsiError::Probe(_) => Code::FailedPrecondition,
             CsiError::Local(_) | CsiError::Internal(_) => Code::Internal,
         }
     }

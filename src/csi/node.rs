@@ -9,7 +9,8 @@ use tokio::process::Command;
 use tonic::{Request, Response};
 
 use super::{CsiError, CsiResult, VolumeLocks, check_capability, ext4, required};
-use crate::backend::local::{self, FsType, Store, output, run};
+use crate::backend::local::{self, FsType, Store, run};
+use crate::node::filesystem::{self, Contents};
 use crate::node::{loop_device, mounts, paths, statvfs};
 use crate::proto::csi::v1::{self as csi, node_server::Node, volume_capability::AccessType};
 
@@ -89,17 +90,6 @@ fn mount_flags(cap: &csi::VolumeCapability) -> Vec<String> {
     }
 }
 
-/// The filesystem on a device, if any ("ext4", "xfs", ...). Probes the
-/// device itself (`-p`): blkid's cache remembers what a reused loop device
-/// held before, and trusting it could skip a format or grow the wrong thing.
-async fn filesystem_on(dev: &Path) -> Option<String> {
-    let mut blkid = Command::new("blkid");
-    blkid.args(["-p", "-o", "value", "-s", "TYPE"]).arg(dev);
-    // blkid exits 2 when it finds no filesystem.
-    let fs = output(blkid).await.ok()?.trim().to_string();
-    (!fs.is_empty()).then_some(fs)
-}
-
 fn fs_type(
     cap: &csi::VolumeCapability,
     context: &std::collections::HashMap<String, String>,
@@ -115,6 +105,28 @@ fn fs_type(
             "fs_type {other:?} is not supported; use ext4 or xfs"
         ))),
     }
+}
+
+/// Makes the loop device of one of our own images ready to mount as
+/// `wanted`: formatted only when blkid is sure it holds nothing, an ext4
+/// checked and grown, anything else left alone and refused.
+async fn prepare_filesystem(dev: &Path, wanted: FsType) -> Result<(), CsiError> {
+    let contents = filesystem::probe(dev).await?;
+    filesystem::check_type(dev, &contents, wanted.as_str())?;
+    match contents {
+        Contents::Empty => {
+            let mut mkfs = Command::new(format!("mkfs.{}", wanted.as_str()));
+            mkfs.arg(if wanted == FsType::Xfs { "-f" } else { "-F" })
+                .arg(dev);
+            run(mkfs).await.map_err(CsiError::from)?;
+        }
+        Contents::Filesystem(_) if wanted == FsType::Ext4 => {
+            ext4::e2fsck(dev, false).await?;
+            ext4::grow_unmounted(dev).await?;
+        }
+        Contents::Filesystem(_) => {}
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -160,24 +172,18 @@ impl Node for NodeService {
                     )))?;
                 }
                 let wanted = fs_type(cap, &req.volume_context)?;
-                match filesystem_on(&dev).await {
-                    None => {
-                        let mut mkfs = Command::new(format!("mkfs.{}", wanted.as_str()));
-                        mkfs.arg(if wanted == FsType::Xfs { "-f" } else { "-F" })
-                            .arg(&dev);
-                        run(mkfs).await.map_err(CsiError::from)?;
-                    }
-                    Some(fs) if fs == "ext4" => {
-                        ext4::e2fsck(&dev, false).await?;
-                        ext4::grow_unmounted(&dev).await?;
-                    }
-                    Some(_) => {}
+                // A refused device is not left attached: nothing of ours
+                // holds it until the user has looked.
+                if let Err(e) = prepare_filesystem(&dev, wanted).await {
+                    let _ = loop_device::detach(&image).await;
+                    Err(e)?;
                 }
                 tokio::fs::create_dir_all(&staging)
                     .await
                     .map_err(io_err("creating", &staging))?;
                 let options = mount_flags(cap);
-                if let Err(e) = mounts::mount(&dev, &staging, None, &options).await {
+                if let Err(e) = mounts::mount(&dev, &staging, Some(wanted.as_str()), &options).await
+                {
                     let _ = loop_device::detach(&image).await;
                     Err(CsiError::from(e))?;
                 }
@@ -397,13 +403,13 @@ impl Node for NodeService {
             Some(AccessType::Block(_))
         );
         if !block {
-            match filesystem_on(&dev).await.as_deref() {
-                Some("xfs") => {
+            match filesystem::probe(&dev).await.map_err(CsiError::from)? {
+                Contents::Filesystem(fs) if fs == "xfs" => {
                     let mut grow = Command::new("xfs_growfs");
                     grow.arg(&path);
                     run(grow).await.map_err(CsiError::from)?;
                 }
-                Some(_) => {
+                Contents::Filesystem(fs) if fs.starts_with("ext") => {
                     let mut grow = Command::new("resize2fs");
                     grow.arg(&dev);
                     run(grow).await.map_err(|e| {
@@ -412,7 +418,11 @@ impl Node for NodeService {
                         ))
                     })?;
                 }
-                None => {}
+                Contents::Filesystem(fs) => Err(CsiError::FailedPrecondition(format!(
+                    "{} holds a {fs} filesystem, which stowage cannot grow",
+                    dev.display()
+                )))?,
+                Contents::Empty => {}
             }
         }
         tracing::info!(volume = id, bytes = size, "volume expanded");

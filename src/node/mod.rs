@@ -2,6 +2,7 @@
 //! assigned to this node and reports what it offers in a StorageNode.
 
 mod authority;
+pub mod filesystem;
 pub mod handover;
 pub mod loop_device;
 pub mod mounts;

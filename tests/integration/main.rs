@@ -23,6 +23,7 @@ mod leader_takeover;
 mod manifests;
 mod metrics;
 mod node_calls;
+mod node_format;
 mod node_handover;
 mod node_socket;
 mod process_exit;
