@@ -49,6 +49,12 @@ impl CsiError {
         match self {
             CsiError::InvalidArgument(_) | CsiError::Path(_) => Code::InvalidArgument,
             CsiError::Local(LocalError::InvalidName(_)) => Code::InvalidArgument,
+            // A size the data directory's filesystem cannot hold in a file.
+            CsiError::Local(LocalError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EFBIG) =>
+            {
+                Code::OutOfRange
+            }
             CsiError::NotFound(_) => Code::NotFound,
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
             CsiError::OutOfRange(_) => Code::OutOfRange,

@@ -388,6 +388,11 @@ impl Node for NodeService {
             )))?;
         }
         let wanted = req.capacity_range.map_or(0, |r| r.required_bytes);
+        if wanted < 0 {
+            Err(CsiError::InvalidArgument(
+                "capacity_range.required_bytes must not be negative".into(),
+            ))?;
+        }
         let size = self.store.grow(id, wanted).await.map_err(CsiError::from)?;
         let dev = loop_device::find(&image)
             .await
