@@ -142,6 +142,15 @@ pub enum LocalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path} is a mount of {device} ({fs_type}) that stowage did not make; refusing to \
+         unmount it: unmount it by hand if it is stale"
+    )]
+    NotOurMount {
+        path: PathBuf,
+        device: String,
+        fs_type: String,
+    },
     #[error("{command} failed ({status}): {stderr}")]
     Command {
         command: String,

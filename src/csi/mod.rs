@@ -47,6 +47,7 @@ pub enum CsiError {
 impl CsiError {
     pub fn code(&self) -> Code {
         match self {
+            CsiError::Path(PathError::Io { .. }) => Code::Internal,
             CsiError::InvalidArgument(_) | CsiError::Path(_) => Code::InvalidArgument,
             CsiError::Local(LocalError::InvalidName(_)) => Code::InvalidArgument,
             // A size the data directory's filesystem cannot hold in a file.
@@ -59,6 +60,7 @@ impl CsiError {
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
             CsiError::OutOfRange(_) => Code::OutOfRange,
             CsiError::FailedPrecondition(_) | CsiError::Probe(_) => Code::FailedPrecondition,
+            CsiError::Local(LocalError::NotOurMount { .. }) => Code::FailedPrecondition,
             CsiError::Local(_) | CsiError::Internal(_) => Code::Internal,
         }
     }

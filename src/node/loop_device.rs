@@ -67,3 +67,14 @@ pub fn is_loop(dev: &Path) -> bool {
 pub async fn refresh_size(dev: &Path) -> Result<(), LocalError> {
     run(losetup(&["--set-capacity"], dev)).await
 }
+
+/// The file behind loop device `name` ("loop3"), from sysfs, or None if it
+/// is not attached. A file deleted since shows without its " (deleted)".
+pub fn backing_file(name: &std::ffi::OsStr) -> Option<PathBuf> {
+    let sys = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let text = std::fs::read_to_string(sys).ok()?;
+    let text = text.trim_end_matches('\n');
+    Some(PathBuf::from(
+        text.strip_suffix(" (deleted)").unwrap_or(text),
+    ))
+}
