@@ -144,8 +144,8 @@ impl NodeService {
             .open()
             .map_err(io_err("opening", &staging.path))?
             .ok_or_else(not_staged)?;
-        let fd = target.mkdir().map_err(io_err("creating", &target.path))?;
-        let options = mount_flags(cap);
+        let fd = target.mkdir().map_err(creating(target, "target_path"))?;
+        let options = mount_flags(cap)?;
         mounts::bind(&fd_path(&source), target, &fd, req.readonly, &options)
             .await
             .map_err(CsiError::from)
@@ -166,6 +166,22 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CsiEr
     move |source| CsiError::Local(local::LocalError::Io { op, path, source })
 }
 
+/// Making the final component of a request path: a symlink or a
+/// non-directory there is the request's mistake.
+fn creating(at: &Beneath, field: &str) -> impl FnOnce(std::io::Error) -> CsiError + use<> {
+    let (path, field) = (at.path.clone(), field.to_string());
+    move |e| match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR | libc::EISDIR | libc::EEXIST) => {
+            CsiError::InvalidArgument(format!(
+                "{field}: {} exists and is not what kubelet makes there (a symlink, or a \
+                 file where a directory belongs): {e}",
+                path.display()
+            ))
+        }
+        _ => io_err("creating", &path)(e),
+    }
+}
+
 fn mountinfo() -> impl FnOnce(std::io::Error) -> CsiError {
     |e| CsiError::Internal(format!("reading /proc/self/mountinfo: {e}"))
 }
@@ -180,11 +196,40 @@ fn required_capability(
     Ok(cap)
 }
 
-fn mount_flags(cap: &csi::VolumeCapability) -> Vec<String> {
-    match &cap.access_type {
-        Some(AccessType::Mount(m)) => m.mount_flags.clone(),
-        _ => Vec::new(),
+/// The capability's mount flags. Those that change what is mounted, or
+/// where, rather than how (a bind, a move, a new loop device over ours, a
+/// remount of something else) are refused: they would make mounts stowage
+/// does not recognise as its own, and so could never unmount.
+fn mount_flags(cap: &csi::VolumeCapability) -> Result<Vec<String>, CsiError> {
+    let Some(AccessType::Mount(m)) = &cap.access_type else {
+        return Ok(Vec::new());
+    };
+    const REFUSED: [&str; 10] = [
+        "bind",
+        "rbind",
+        "move",
+        "remount",
+        "loop",
+        "offset",
+        "sizelimit",
+        "x-mount.",
+        "helper",
+        "make-",
+    ];
+    for option in m.mount_flags.iter().flat_map(|f| f.split(',')) {
+        let name = option.split('=').next().unwrap_or("").to_ascii_lowercase();
+        let bad = REFUSED
+            .iter()
+            .any(|r| name == *r || (r.ends_with(['.', '-']) && name.starts_with(r)))
+            || option.contains('\0');
+        if bad {
+            return Err(CsiError::InvalidArgument(format!(
+                "mount flag {option:?} is not allowed: stowage makes the mounts itself; \
+                 remove it from the StorageClass or PersistentVolume mountOptions"
+            )));
+        }
     }
+    Ok(m.mount_flags.clone())
 }
 
 fn fs_type(
@@ -243,6 +288,7 @@ impl Node for NodeService {
         )
         .map_err(|e| path_error(field, e))?;
         let cap = required_capability(req.volume_capability.as_ref())?;
+        let options = mount_flags(cap)?;
         let _guard = self.locks.lock(id).await;
         let data = self.data(id)?;
         let staging = self.path(&req.staging_target_path, field, paths::Role::Staging, true)?;
@@ -256,7 +302,7 @@ impl Node for NodeService {
                     .map_err(mountinfo())?
                     .is_none()
                 {
-                    let fd = staging.mkdir().map_err(io_err("creating", &staging.path))?;
+                    let fd = staging.mkdir().map_err(creating(&staging, field))?;
                     mounts::bind(&dir, &staging, &fd, false, &[])
                         .await
                         .map_err(CsiError::from)?;
@@ -277,13 +323,21 @@ impl Node for NodeService {
                         m.source
                     )))?;
                 }
+                // Checking or formatting a device mounted elsewhere would
+                // harm the mount that is there.
+                let all = mounts::current().map_err(mountinfo())?;
+                if let Some(m) = all.iter().find(|m| Path::new(&m.source) == dev) {
+                    Err(CsiError::FailedPrecondition(format!(
+                        "volume {id} is already staged at {}; unstage it there first",
+                        m.mount_point.display()
+                    )))?;
+                }
                 let wanted = fs_type(cap, &req.volume_context)?;
                 // A refused device is not left attached: nothing of ours
                 // holds it until the user has looked.
                 let mounted = async {
                     prepare_filesystem(&dev, wanted).await?;
-                    let fd = staging.mkdir().map_err(io_err("creating", &staging.path))?;
-                    let options = mount_flags(cap);
+                    let fd = staging.mkdir().map_err(creating(&staging, field))?;
                     mounts::mount_on(&dev, &fd, Some(wanted.as_str()), &options)
                         .await
                         .map_err(CsiError::from)
@@ -355,6 +409,7 @@ impl Node for NodeService {
                 .map_err(|e| path_error(field, e))?;
         }
         let cap = required_capability(req.volume_capability.as_ref())?;
+        mount_flags(cap)?;
         let _guard = self.locks.lock(id).await;
         let data = self.data(id)?;
         let target = self.path(&req.target_path, "target_path", paths::Role::Target, true)?;
@@ -374,7 +429,7 @@ impl Node for NodeService {
                     })?;
                 let fd = target
                     .create_file()
-                    .map_err(io_err("creating", &target.path))?;
+                    .map_err(creating(&target, "target_path"))?;
                 mounts::bind(&dev, &target, &fd, req.readonly, &[])
                     .await
                     .map_err(CsiError::from)?;

@@ -202,10 +202,20 @@ pub fn made_from(m: &Mount, image: &Path, dir: &Path) -> bool {
             .file_name()
             .filter(|n| n.as_encoded_bytes().starts_with(b"loop"))
     };
-    if let Some(name) = loop_name
-        && loop_device::backing_file(name).is_some_and(|b| b == image)
-    {
-        return true;
+    if let Some(name) = loop_name {
+        // A device node bound for a block publish outlives the loop
+        // device's attachment (kubelet may unstage first after a crash):
+        // a loop device with nothing behind it holds no one's data.
+        // The loop device may since have been given to another of our
+        // images: the bind is still ours, and unmounting it only takes
+        // that device away from the pod.
+        let bound_node = !m.source.starts_with("/dev/loop");
+        match loop_device::backing_file(name) {
+            Some(b) if b == image => return true,
+            Some(b) if bound_node && b.parent() == image.parent() => return true,
+            None if bound_node => return true,
+            _ => {}
+        }
     }
     // A deleted directory shows as ".../name//deleted".
     let root = m.root.strip_suffix("//deleted").unwrap_or(&m.root);

@@ -46,7 +46,7 @@ pub enum PathError {
     NotAbsolute(String),
     #[error("{0:?} contains \"..\", \".\", \"//\" or a NUL byte")]
     NotNormal(String),
-    #[error("{path:?} is outside {root:?}")]
+    #[error("{path:?} is not beneath {root:?}")]
     Outside { path: String, root: String },
     #[error("{path:?} is not a path kubelet gives for {role}: expected {expected}")]
     NotKubelet {
