@@ -117,17 +117,21 @@ impl World {
 
     /// Runs one call; Err is its gRPC status.
     async fn call(&self, call: Call) -> Result<(), tonic::Status> {
+        match call {
+            Call::Stage(..) | Call::Unstage(..) | Call::Publish(..) | Call::Unpublish(..) => {
+                self.mount_call(call).await
+            }
+            Call::Stats(..) | Call::Expand(..) => self.usage_call(call).await,
+            _ => self.controller_call(call).await,
+        }
+    }
+
+    async fn mount_call(&self, call: Call) -> Result<(), tonic::Status> {
         use csi::*;
         // Calls with a path of even length go to a node accepting only
         // kubelet's shapes, the others to one accepting any path beneath
         // the kubelet directory: both layouts meet every kind of path.
         let n = |strict: bool| if strict { &self.strict } else { &self.beneath };
-        let range = |required_bytes, limit_bytes| {
-            Some(CapacityRange {
-                required_bytes,
-                limit_bytes,
-            })
-        };
         match call {
             Call::Stage(volume_id, staging_target_path, volume_capability, secrets) => {
                 let strict = staging_target_path.len() % 2 == 0;
@@ -183,6 +187,19 @@ impl World {
                     .await
                     .map(drop)
             }
+            _ => unreachable!("not a mount call"),
+        }
+    }
+
+    async fn usage_call(&self, call: Call) -> Result<(), tonic::Status> {
+        use csi::*;
+        let range = |required_bytes, limit_bytes| {
+            Some(CapacityRange {
+                required_bytes,
+                limit_bytes,
+            })
+        };
+        match call {
             Call::Stats(volume_id, volume_path) => {
                 let r = NodeGetVolumeStatsRequest {
                     volume_id,
@@ -206,6 +223,19 @@ impl World {
                     .await
                     .map(drop)
             }
+            _ => unreachable!("not a usage call"),
+        }
+    }
+
+    async fn controller_call(&self, call: Call) -> Result<(), tonic::Status> {
+        use csi::*;
+        let range = |required_bytes, limit_bytes| {
+            Some(CapacityRange {
+                required_bytes,
+                limit_bytes,
+            })
+        };
+        match call {
             Call::Create(name, required, limit, volume_capabilities, parameters) => {
                 let r = CreateVolumeRequest {
                     name,
@@ -251,6 +281,7 @@ impl World {
                     .await
                     .map(drop)
             }
+            _ => unreachable!("not a controller call"),
         }
     }
 
@@ -303,15 +334,21 @@ impl World {
     /// Unmounts and detaches whatever the cases left, and removes it all.
     fn clean(&self) {
         let work = self.work.to_str().unwrap();
-        let mut points: Vec<String> = mountinfo_points()
-            .into_iter()
-            .filter(|p| p.starts_with(work))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = std::process::Command::new("umount")
-                .args(["-l", &p])
-                .status();
+        // Mounts may be stacked; each round takes the top ones off.
+        for _ in 0..10 {
+            let mut points: Vec<String> = mountinfo_points()
+                .into_iter()
+                .filter(|p| p.starts_with(work))
+                .collect();
+            if points.is_empty() {
+                break;
+            }
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                let _ = std::process::Command::new("umount")
+                    .args(["-l", &p])
+                    .status();
+            }
         }
         let out = std::process::Command::new("losetup")
             .arg("-a")
