@@ -267,7 +267,8 @@ impl Node for NodeService {
                 let all = mounts::current().map_err(mountinfo())?;
                 if let Some(m) = all.iter().find(|m| Path::new(&m.source) == dev) {
                     Err(CsiError::FailedPrecondition(format!(
-                        "volume {id} is already staged at {}; unstage it there first",
+                        "volume {id} is already mounted at {} (staged or published \
+                         there); unpublish and unstage it there first",
                         m.mount_point.display()
                     )))?;
                 }
