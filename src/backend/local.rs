@@ -104,13 +104,24 @@ impl Parameters {
     }
 
     /// The size actually created for a request: whole MiB, at least what
-    /// the filesystem needs.
-    pub fn allocated_bytes(&self, requested: i64) -> i64 {
-        let rounded = (requested.max(0) as u64).div_ceil(MIB as u64) as i64 * MIB;
-        match self.layout {
+    /// the filesystem needs. None when rounding up leaves the range of a
+    /// CSI size (int64): such a request can never be met.
+    pub fn checked_allocated_bytes(&self, requested: i64) -> Option<i64> {
+        let rounded = (requested.max(0) as u64)
+            .div_ceil(MIB as u64)
+            .checked_mul(MIB as u64)
+            .and_then(|b| i64::try_from(b).ok())?;
+        Some(match self.layout {
             Layout::Image => rounded.max(self.fs_type.min_bytes()),
             Layout::Dir => rounded,
-        }
+        })
+    }
+
+    /// `checked_allocated_bytes`, with a size that cannot be met saturated
+    /// to i64::MAX: more than any node has room for, so it waits for room
+    /// (and says so) instead of wrapping round to a tiny volume.
+    pub fn allocated_bytes(&self, requested: i64) -> i64 {
+        self.checked_allocated_bytes(requested).unwrap_or(i64::MAX)
     }
 
     /// Whether growing the data leaves work for the node's NodeExpandVolume
@@ -130,6 +141,15 @@ pub enum LocalError {
         op: &'static str,
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error(
+        "{path} is a mount of {device} ({fs_type}) that stowage did not make; refusing to \
+         unmount it: unmount it by hand if it is stale"
+    )]
+    NotOurMount {
+        path: PathBuf,
+        device: String,
+        fs_type: String,
     },
     #[error("{command} failed ({status}): {stderr}")]
     Command {
@@ -427,6 +447,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(xfs.allocated_bytes(MIB), 300 * MIB);
+    }
+
+    #[test]
+    fn sizes_near_the_int64_limit_never_wrap() {
+        let p = Parameters::default();
+        let last_mib = i64::MAX / MIB * MIB;
+        assert_eq!(p.checked_allocated_bytes(last_mib), Some(last_mib));
+        assert_eq!(p.checked_allocated_bytes(last_mib + 1), None);
+        assert_eq!(p.checked_allocated_bytes(i64::MAX), None);
+        assert_eq!(p.allocated_bytes(i64::MAX), i64::MAX);
+        assert_eq!(p.allocated_bytes(i64::MIN), 16 * MIB);
     }
 
     #[test]

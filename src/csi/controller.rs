@@ -43,6 +43,16 @@ impl ControllerService {
         Ok(None)
     }
 
+    /// Bytes of capacity not taken by the volumes present.
+    async fn available(&self) -> Result<i64, CsiError> {
+        let mut used: i64 = 0;
+        for id in self.store.list().await.map_err(CsiError::from)? {
+            let bytes = self.existing_bytes(&id).await?.map_or(0, |(_, b)| b);
+            used = used.saturating_add(bytes);
+        }
+        Ok(self.capacity.saturating_sub(used).max(0))
+    }
+
     fn volume(&self, id: &str, bytes: i64, params: Parameters) -> csi::Volume {
         let mut context = BTreeMap::new();
         context.insert(
@@ -85,7 +95,11 @@ fn size_for(range: Option<&csi::CapacityRange>, params: Parameters) -> Result<i6
     } else {
         DEFAULT_BYTES
     };
-    let bytes = params.allocated_bytes(wanted);
+    let bytes = params.checked_allocated_bytes(wanted).ok_or_else(|| {
+        CsiError::OutOfRange(format!(
+            "required_bytes {wanted} rounded up to whole MiB exceeds the largest size CSI can express"
+        ))
+    })?;
     if limit > 0 && bytes > limit {
         return Err(CsiError::OutOfRange(format!(
             "the smallest {} volume is {bytes} bytes, more than limit_bytes {limit}",
@@ -240,15 +254,8 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::GetCapacityRequest>,
     ) -> CsiResult<csi::GetCapacityResponse> {
-        let used: i64 = {
-            let mut total = 0;
-            for id in self.store.list().await.map_err(CsiError::from)? {
-                total += self.existing_bytes(&id).await?.map_or(0, |(_, b)| b);
-            }
-            total
-        };
         Ok(Response::new(csi::GetCapacityResponse {
-            available_capacity: (self.capacity - used).max(0),
+            available_capacity: self.available().await?,
             maximum_volume_size: None,
             minimum_volume_size: Some(Parameters::default().allocated_bytes(1)),
         }))
@@ -330,11 +337,25 @@ impl Controller for ControllerService {
                 node_expansion_required: false,
             }));
         }
-        let wanted = Parameters::default().allocated_bytes(range.required_bytes);
-        if range.limit_bytes > 0 && wanted > range.limit_bytes {
+        if range.required_bytes < 0 || range.limit_bytes < 0 {
+            return Err(CsiError::InvalidArgument(
+                "capacity_range bytes must not be negative".into(),
+            )
+            .into());
+        }
+        let wanted = Parameters::default()
+            .checked_allocated_bytes(range.required_bytes)
+            .filter(|w| range.limit_bytes == 0 || *w <= range.limit_bytes)
+            .ok_or_else(|| {
+                CsiError::OutOfRange(format!(
+                    "required_bytes {} rounded up to whole MiB exceeds limit_bytes {}",
+                    range.required_bytes, range.limit_bytes
+                ))
+            })?;
+        if wanted > current && wanted - current > self.available().await? {
             return Err(CsiError::OutOfRange(format!(
-                "{wanted} bytes exceed limit_bytes {}",
-                range.limit_bytes
+                "growing volume {id} to {wanted} bytes does not fit: capacity is {}",
+                self.capacity
             ))
             .into());
         }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use tonic::{Code, Status};
 
 use crate::backend::local::LocalError;
+use crate::node::filesystem::ProbeError;
 use crate::node::paths::PathError;
 use crate::proto::csi::v1 as csi;
 
@@ -35,6 +36,10 @@ pub enum CsiError {
     Path(#[from] PathError),
     #[error(transparent)]
     Local(#[from] LocalError),
+    /// What is on a device is in doubt, or not what was asked for: the user
+    /// (or an operator) has to look before anything is formatted.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
     #[error("{0}")]
     Internal(String),
 }
@@ -42,12 +47,20 @@ pub enum CsiError {
 impl CsiError {
     pub fn code(&self) -> Code {
         match self {
+            CsiError::Path(PathError::Io { .. }) => Code::Internal,
             CsiError::InvalidArgument(_) | CsiError::Path(_) => Code::InvalidArgument,
             CsiError::Local(LocalError::InvalidName(_)) => Code::InvalidArgument,
+            // A size the data directory's filesystem cannot hold in a file.
+            CsiError::Local(LocalError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EFBIG) =>
+            {
+                Code::OutOfRange
+            }
             CsiError::NotFound(_) => Code::NotFound,
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
             CsiError::OutOfRange(_) => Code::OutOfRange,
-            CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CsiError::FailedPrecondition(_) | CsiError::Probe(_) => Code::FailedPrecondition,
+            CsiError::Local(LocalError::NotOurMount { .. }) => Code::FailedPrecondition,
             CsiError::Local(_) | CsiError::Internal(_) => Code::Internal,
         }
     }

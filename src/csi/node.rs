@@ -3,21 +3,30 @@
 //! pod. Every call checks mountinfo first and runs under the volume's lock,
 //! so kubelet's retries are harmless.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 use tonic::{Request, Response};
 
-use super::{CsiError, CsiResult, VolumeLocks, check_capability, ext4, required};
-use crate::backend::local::{self, FsType, Store, output, run};
-use crate::node::{loop_device, mounts, paths, statvfs};
+mod capability;
+mod usage;
+
+use super::{CsiError, CsiResult, VolumeLocks, ext4, required};
+use crate::backend::local::{self, FsType, Store, run};
+use crate::node::beneath::{Beneath, fd_path};
+use crate::node::filesystem::{self, Contents};
+use crate::node::{loop_device, mounts, paths};
 use crate::proto::csi::v1::{self as csi, node_server::Node, volume_capability::AccessType};
+use capability::{fs_type, mount_flags, required_capability};
 
 pub struct NodeService {
     pub store: Store,
     pub node: String,
     /// Target and staging paths must lie under this directory.
     pub kubelet_dir: PathBuf,
+    /// Which paths under it are accepted.
+    pub paths: paths::Layout,
     pub locks: VolumeLocks,
 }
 
@@ -25,6 +34,15 @@ pub struct NodeService {
 enum Data {
     Image(PathBuf),
     Dir(PathBuf),
+}
+
+/// A request path that is wrong is the caller's mistake; one that cannot
+/// be opened for another reason is ours.
+fn path_error(field: &str, e: paths::PathError) -> CsiError {
+    match e {
+        paths::PathError::Io { .. } => CsiError::Internal(format!("{field}: {e}")),
+        e => CsiError::InvalidArgument(format!("{field}: {e}")),
+    }
 }
 
 impl NodeService {
@@ -44,22 +62,104 @@ impl NodeService {
         )))
     }
 
-    fn path(&self, requested: &str, field: &str) -> Result<PathBuf, CsiError> {
-        paths::check(required(requested, field)?, &self.kubelet_dir)
-            .map_err(|e| CsiError::InvalidArgument(format!("{field}: {e}")))
+    /// A request path, opened beneath the kubelet directory without
+    /// following symlinks; its missing directories made when `create`.
+    fn path(
+        &self,
+        requested: &str,
+        field: &str,
+        role: paths::Role,
+        create: bool,
+    ) -> Result<Beneath, CsiError> {
+        let requested = required(requested, field)?;
+        paths::resolve(requested, &self.kubelet_dir, self.paths, role, create)
+            .map_err(|e| path_error(field, e))
     }
 
-    /// A path the volume should already be at (stats, expand): one that is
-    /// not even absolute cannot be where the volume is, which the spec calls
-    /// NotFound. Paths outside the kubelet directory stay InvalidArgument.
-    fn existing_path(&self, requested: &str, field: &str) -> Result<PathBuf, CsiError> {
-        match paths::check(required(requested, field)?, &self.kubelet_dir) {
-            Ok(p) => Ok(p),
-            Err(paths::PathError::NotAbsolute(p)) => {
-                Err(CsiError::NotFound(format!("{field} {p:?} does not exist")))
-            }
-            Err(e) => Err(CsiError::InvalidArgument(format!("{field}: {e}"))),
+    /// `path` without creating anything: None when a directory on the way
+    /// is missing (so nothing can be mounted there).
+    fn path_if_there(
+        &self,
+        requested: &str,
+        field: &str,
+        role: paths::Role,
+    ) -> Result<Option<Beneath>, CsiError> {
+        let requested = required(requested, field)?;
+        match paths::resolve(requested, &self.kubelet_dir, self.paths, role, false) {
+            Ok(at) => Ok(Some(at)),
+            Err(e) if e.is_missing() => Ok(None),
+            Err(e) => Err(path_error(field, e)),
         }
+    }
+
+    /// A path the volume should already be at (stats, expand), and what is
+    /// there: one that is not even absolute, or does not exist, cannot be
+    /// where the volume is, which the spec calls NotFound. Paths outside
+    /// the kubelet directory stay InvalidArgument.
+    fn existing_path(&self, requested: &str, field: &str) -> Result<(Beneath, OwnedFd), CsiError> {
+        let requested = required(requested, field)?;
+        let not_found = || CsiError::NotFound(format!("{field} {requested:?} does not exist"));
+        let at = match paths::resolve(
+            requested,
+            &self.kubelet_dir,
+            self.paths,
+            paths::Role::Volume,
+            false,
+        ) {
+            Ok(at) => at,
+            Err(paths::PathError::NotAbsolute(_)) => return Err(not_found()),
+            Err(e) if e.is_missing() => return Err(not_found()),
+            Err(e) => return Err(path_error(field, e)),
+        };
+        let opened = at
+            .open()
+            .map_err(|e| path_error(field, paths::opening(requested, &self.kubelet_dir, e)))?;
+        Ok((at, opened.ok_or_else(not_found)?))
+    }
+
+    /// Publishes a filesystem volume: a bind of its staging mount, reached
+    /// through a descriptor opened on the mount itself.
+    async fn publish_mount(
+        &self,
+        id: &str,
+        req: &csi::NodePublishVolumeRequest,
+        target: &Beneath,
+        cap: &csi::VolumeCapability,
+    ) -> Result<(), CsiError> {
+        let field = "staging_target_path";
+        let not_staged = || {
+            CsiError::FailedPrecondition(format!(
+                "volume {id} is not staged at {}",
+                req.staging_target_path
+            ))
+        };
+        let staging = self
+            .path_if_there(&req.staging_target_path, field, paths::Role::Staging)?
+            .ok_or_else(not_staged)?;
+        if mounts::mounted_at(&staging.path)
+            .map_err(mountinfo())?
+            .is_none()
+        {
+            return Err(not_staged());
+        }
+        let source = staging
+            .open()
+            .map_err(io_err("opening", &staging.path))?
+            .ok_or_else(not_staged)?;
+        let fd = target.mkdir().map_err(creating(target, "target_path"))?;
+        let options = mount_flags(cap)?;
+        mounts::bind(&fd_path(&source), target, &fd, req.readonly, &options)
+            .await
+            .map_err(CsiError::from)
+    }
+
+    /// Recognises the mounts stowage makes of volume `id` (and no others,
+    /// which it never unmounts).
+    fn made_by_us(&self, id: &str) -> Result<impl Fn(&mounts::Mount) -> bool + use<>, CsiError> {
+        local::validate_volume_id(id)?;
+        let root = paths::canonical_root(self.store.root());
+        let (image, dir) = (root.join(format!("{id}.img")), root.join(id));
+        Ok(move |m: &mounts::Mount| mounts::made_from(m, &image, &dir))
     }
 }
 
@@ -68,53 +168,46 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CsiEr
     move |source| CsiError::Local(local::LocalError::Io { op, path, source })
 }
 
+/// Making the final component of a request path: a symlink or a
+/// non-directory there is the request's mistake.
+fn creating(at: &Beneath, field: &str) -> impl FnOnce(std::io::Error) -> CsiError + use<> {
+    let (path, field) = (at.path.clone(), field.to_string());
+    move |e| match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR | libc::EISDIR | libc::EEXIST) => {
+            CsiError::InvalidArgument(format!(
+                "{field}: {} exists and is not what kubelet makes there (a symlink, or a \
+                 file where a directory belongs): {e}",
+                path.display()
+            ))
+        }
+        _ => io_err("creating", &path)(e),
+    }
+}
+
 fn mountinfo() -> impl FnOnce(std::io::Error) -> CsiError {
     |e| CsiError::Internal(format!("reading /proc/self/mountinfo: {e}"))
 }
 
-/// The request's capability, present and one local volumes can serve.
-fn required_capability(
-    cap: Option<&csi::VolumeCapability>,
-) -> Result<&csi::VolumeCapability, CsiError> {
-    let cap =
-        cap.ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-    check_capability(cap)?;
-    Ok(cap)
-}
-
-fn mount_flags(cap: &csi::VolumeCapability) -> Vec<String> {
-    match &cap.access_type {
-        Some(AccessType::Mount(m)) => m.mount_flags.clone(),
-        _ => Vec::new(),
+/// Makes the loop device of one of our own images ready to mount as
+/// `wanted`: formatted only when blkid is sure it holds nothing, an ext4
+/// checked and grown, anything else left alone and refused.
+async fn prepare_filesystem(dev: &Path, wanted: FsType) -> Result<(), CsiError> {
+    let contents = filesystem::probe(dev).await?;
+    filesystem::check_type(dev, &contents, wanted.as_str())?;
+    match contents {
+        Contents::Empty => {
+            let mut mkfs = Command::new(format!("mkfs.{}", wanted.as_str()));
+            mkfs.arg(if wanted == FsType::Xfs { "-f" } else { "-F" })
+                .arg(dev);
+            run(mkfs).await.map_err(CsiError::from)?;
+        }
+        Contents::Filesystem(_) if wanted == FsType::Ext4 => {
+            ext4::e2fsck(dev, false).await?;
+            ext4::grow_unmounted(dev).await?;
+        }
+        Contents::Filesystem(_) => {}
     }
-}
-
-/// The filesystem on a device, if any ("ext4", "xfs", ...). Probes the
-/// device itself (`-p`): blkid's cache remembers what a reused loop device
-/// held before, and trusting it could skip a format or grow the wrong thing.
-async fn filesystem_on(dev: &Path) -> Option<String> {
-    let mut blkid = Command::new("blkid");
-    blkid.args(["-p", "-o", "value", "-s", "TYPE"]).arg(dev);
-    // blkid exits 2 when it finds no filesystem.
-    let fs = output(blkid).await.ok()?.trim().to_string();
-    (!fs.is_empty()).then_some(fs)
-}
-
-fn fs_type(
-    cap: &csi::VolumeCapability,
-    context: &std::collections::HashMap<String, String>,
-) -> Result<FsType, CsiError> {
-    let requested = match &cap.access_type {
-        Some(AccessType::Mount(m)) if !m.fs_type.is_empty() => m.fs_type.clone(),
-        _ => context.get("fsType").cloned().unwrap_or_default(),
-    };
-    match requested.as_str() {
-        "" | "ext4" => Ok(FsType::Ext4),
-        "xfs" => Ok(FsType::Xfs),
-        other => Err(CsiError::InvalidArgument(format!(
-            "fs_type {other:?} is not supported; use ext4 or xfs"
-        ))),
-    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -125,21 +218,31 @@ impl Node for NodeService {
     ) -> CsiResult<csi::NodeStageVolumeResponse> {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
-        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
+        let field = "staging_target_path";
+        paths::check_only(
+            &req.staging_target_path,
+            &self.kubelet_dir,
+            self.paths,
+            paths::Role::Staging,
+        )
+        .map_err(|e| path_error(field, e))?;
         let cap = required_capability(req.volume_capability.as_ref())?;
+        let options = mount_flags(cap)?;
         let _guard = self.locks.lock(id).await;
         let data = self.data(id)?;
+        let staging = self.path(&req.staging_target_path, field, paths::Role::Staging, true)?;
         let block = matches!(cap.access_type, Some(AccessType::Block(_)));
         match data {
             Data::Dir(_) if block => Err(CsiError::InvalidArgument(format!(
                 "volume {id} is a directory: no block access"
             )))?,
             Data::Dir(dir) => {
-                if mounts::mounted_at(&staging).map_err(mountinfo())?.is_none() {
-                    tokio::fs::create_dir_all(&staging)
-                        .await
-                        .map_err(io_err("creating", &staging))?;
-                    mounts::bind(&dir, &staging, false, &[])
+                if mounts::mounted_at(&staging.path)
+                    .map_err(mountinfo())?
+                    .is_none()
+                {
+                    let fd = staging.mkdir().map_err(creating(&staging, field))?;
+                    mounts::bind(&dir, &staging, &fd, false, &[])
                         .await
                         .map_err(CsiError::from)?;
                 }
@@ -149,41 +252,43 @@ impl Node for NodeService {
                 if block {
                     return Ok(Response::new(csi::NodeStageVolumeResponse {}));
                 }
-                if let Some(m) = mounts::mounted_at(&staging).map_err(mountinfo())? {
+                if let Some(m) = mounts::mounted_at(&staging.path).map_err(mountinfo())? {
                     if Path::new(&m.source) == dev {
                         return Ok(Response::new(csi::NodeStageVolumeResponse {}));
                     }
                     Err(CsiError::FailedPrecondition(format!(
                         "{} is already a mount of {}",
-                        staging.display(),
+                        staging.path.display(),
                         m.source
                     )))?;
                 }
-                let wanted = fs_type(cap, &req.volume_context)?;
-                match filesystem_on(&dev).await {
-                    None => {
-                        let mut mkfs = Command::new(format!("mkfs.{}", wanted.as_str()));
-                        mkfs.arg(if wanted == FsType::Xfs { "-f" } else { "-F" })
-                            .arg(&dev);
-                        run(mkfs).await.map_err(CsiError::from)?;
-                    }
-                    Some(fs) if fs == "ext4" => {
-                        ext4::e2fsck(&dev, false).await?;
-                        ext4::grow_unmounted(&dev).await?;
-                    }
-                    Some(_) => {}
+                // Checking or formatting a device mounted elsewhere would
+                // harm the mount that is there.
+                let all = mounts::current().map_err(mountinfo())?;
+                if let Some(m) = all.iter().find(|m| Path::new(&m.source) == dev) {
+                    Err(CsiError::FailedPrecondition(format!(
+                        "volume {id} is already mounted at {} (staged or published \
+                         there); unpublish and unstage it there first",
+                        m.mount_point.display()
+                    )))?;
                 }
-                tokio::fs::create_dir_all(&staging)
-                    .await
-                    .map_err(io_err("creating", &staging))?;
-                let options = mount_flags(cap);
-                if let Err(e) = mounts::mount(&dev, &staging, None, &options).await {
+                let wanted = fs_type(cap, &req.volume_context)?;
+                // A refused device is not left attached: nothing of ours
+                // holds it until the user has looked.
+                let mounted = async {
+                    prepare_filesystem(&dev, wanted).await?;
+                    let fd = staging.mkdir().map_err(creating(&staging, field))?;
+                    mounts::mount_on(&dev, &fd, Some(wanted.as_str()), &options)
+                        .await
+                        .map_err(CsiError::from)
+                };
+                if let Err(e) = mounted.await {
                     let _ = loop_device::detach(&image).await;
-                    Err(CsiError::from(e))?;
+                    Err(e)?;
                 }
             }
         }
-        tracing::info!(volume = id, staging = %staging.display(), "volume staged");
+        tracing::info!(volume = id, staging = %staging.path.display(), "volume staged");
         Ok(Response::new(csi::NodeStageVolumeResponse {}))
     }
 
@@ -193,20 +298,32 @@ impl Node for NodeService {
     ) -> CsiResult<csi::NodeUnstageVolumeResponse> {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
-        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
-        local::validate_volume_id(id).map_err(CsiError::from)?;
+        let field = "staging_target_path";
+        paths::check_only(
+            &req.staging_target_path,
+            &self.kubelet_dir,
+            self.paths,
+            paths::Role::Staging,
+        )
+        .map_err(|e| path_error(field, e))?;
+        let ours = self.made_by_us(id)?;
         let _guard = self.locks.lock(id).await;
-        // The device behind the mount, found before unmounting: if the image
-        // file is already gone, the backing-file lookup cannot find it.
-        let mounted = mounts::mounted_at(&staging).map_err(mountinfo())?;
-        mounts::unmount(&staging).await.map_err(CsiError::from)?;
-        if let Some(dev) = mounted
-            .map(|m| PathBuf::from(m.source))
-            .filter(|d| loop_device::is_loop(d))
+        if let Some(staging) =
+            self.path_if_there(&req.staging_target_path, field, paths::Role::Staging)?
         {
-            loop_device::detach_device(&dev)
-                .await
-                .map_err(CsiError::from)?;
+            // The device behind the mount, found before unmounting: if
+            // the image file is already gone, the backing-file lookup
+            // cannot find it.
+            let mounted = mounts::mounted_at(&staging.path).map_err(mountinfo())?;
+            mounts::unmount(&staging, ours).map_err(CsiError::from)?;
+            if let Some(dev) = mounted
+                .map(|m| PathBuf::from(m.source))
+                .filter(|d| loop_device::is_loop(d))
+            {
+                loop_device::detach_device(&dev)
+                    .await
+                    .map_err(CsiError::from)?;
+            }
         }
         let image = self.store.image_path(id).map_err(CsiError::from)?;
         loop_device::detach(&image).await.map_err(CsiError::from)?;
@@ -220,12 +337,26 @@ impl Node for NodeService {
     ) -> CsiResult<csi::NodePublishVolumeResponse> {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
-        let target = self.path(&req.target_path, "target_path")?;
-        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
+        for (value, field, role) in [
+            (&req.target_path, "target_path", paths::Role::Target),
+            (
+                &req.staging_target_path,
+                "staging_target_path",
+                paths::Role::Staging,
+            ),
+        ] {
+            paths::check_only(value, &self.kubelet_dir, self.paths, role)
+                .map_err(|e| path_error(field, e))?;
+        }
         let cap = required_capability(req.volume_capability.as_ref())?;
+        mount_flags(cap)?;
         let _guard = self.locks.lock(id).await;
         let data = self.data(id)?;
-        if mounts::mounted_at(&target).map_err(mountinfo())?.is_some() {
+        let target = self.path(&req.target_path, "target_path", paths::Role::Target, true)?;
+        if mounts::mounted_at(&target.path)
+            .map_err(mountinfo())?
+            .is_some()
+        {
             return Ok(Response::new(csi::NodePublishVolumeResponse {}));
         }
         match (&cap.access_type, data) {
@@ -236,17 +367,10 @@ impl Node for NodeService {
                     .ok_or_else(|| {
                         CsiError::FailedPrecondition(format!("volume {id} is not staged"))
                     })?;
-                if let Some(parent) = target.parent() {
-                    tokio::fs::create_dir_all(parent)
-                        .await
-                        .map_err(io_err("creating", parent))?;
-                }
-                if !target.exists() {
-                    tokio::fs::File::create(&target)
-                        .await
-                        .map_err(io_err("creating", &target))?;
-                }
-                mounts::bind(&dev, &target, req.readonly, &[])
+                let fd = target
+                    .create_file()
+                    .map_err(creating(&target, "target_path"))?;
+                mounts::bind(&dev, &target, &fd, req.readonly, &[])
                     .await
                     .map_err(CsiError::from)?;
             }
@@ -255,23 +379,9 @@ impl Node for NodeService {
                     "volume {id} is a directory: no block access"
                 )))?;
             }
-            (_, _) => {
-                if mounts::mounted_at(&staging).map_err(mountinfo())?.is_none() {
-                    Err(CsiError::FailedPrecondition(format!(
-                        "volume {id} is not staged at {}",
-                        staging.display()
-                    )))?;
-                }
-                tokio::fs::create_dir_all(&target)
-                    .await
-                    .map_err(io_err("creating", &target))?;
-                let options = mount_flags(cap);
-                mounts::bind(&staging, &target, req.readonly, &options)
-                    .await
-                    .map_err(CsiError::from)?;
-            }
+            (_, _) => self.publish_mount(id, &req, &target, cap).await?,
         }
-        tracing::info!(volume = id, target = %target.display(), "volume published");
+        tracing::info!(volume = id, target = %target.path.display(), "volume published");
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
 
@@ -281,20 +391,23 @@ impl Node for NodeService {
     ) -> CsiResult<csi::NodeUnpublishVolumeResponse> {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
-        let target = self.path(&req.target_path, "target_path")?;
+        let field = "target_path";
+        paths::check_only(
+            &req.target_path,
+            &self.kubelet_dir,
+            self.paths,
+            paths::Role::Target,
+        )
+        .map_err(|e| path_error(field, e))?;
+        let ours = self.made_by_us(id)?;
         let _guard = self.locks.lock(id).await;
-        mounts::unmount(&target).await.map_err(CsiError::from)?;
-        let removed = match tokio::fs::symlink_metadata(&target).await {
-            Ok(m) if m.is_dir() => tokio::fs::remove_dir(&target).await,
-            Ok(_) => tokio::fs::remove_file(&target).await,
-            Err(e) => Err(e),
+        // Its directory gone, nothing is mounted there or left to remove.
+        let Some(target) = self.path_if_there(&req.target_path, field, paths::Role::Target)? else {
+            return Ok(Response::new(csi::NodeUnpublishVolumeResponse {}));
         };
-        match removed {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => Err(io_err("removing", &target)(e))?,
-        }
-        tracing::info!(volume = id, target = %target.display(), "volume unpublished");
+        mounts::unmount(&target, ours).map_err(CsiError::from)?;
+        target.remove().map_err(io_err("removing", &target.path))?;
+        tracing::info!(volume = id, target = %target.path.display(), "volume unpublished");
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -302,123 +415,16 @@ impl Node for NodeService {
         &self,
         request: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> CsiResult<csi::NodeGetVolumeStatsResponse> {
-        let req = request.into_inner();
-        let id = required(&req.volume_id, "volume_id")?;
-        required(&req.volume_path, "volume_path")?;
-        let data = self.data(id)?;
-        let path = self.existing_path(&req.volume_path, "volume_path")?;
-        let meta = tokio::fs::metadata(&path)
-            .await
-            .map_err(|_| CsiError::NotFound(format!("{} does not exist", path.display())))?;
-        use csi::volume_usage::Unit;
-        let mounted = mounts::mounted_at(&path).map_err(mountinfo())?.is_some();
-        let condition = match (&data, mounted) {
-            (_, true) => csi::VolumeCondition {
-                abnormal: false,
-                message: "volume is mounted".into(),
-            },
-            (_, false) => csi::VolumeCondition {
-                abnormal: true,
-                message: format!("{} is not mounted", path.display()),
-            },
-        };
-        let usage = if meta.is_file() || !meta.is_dir() {
-            // A published block device: its size is all there is to say.
-            let bytes = match &data {
-                Data::Image(image) => tokio::fs::metadata(image)
-                    .await
-                    .map(|m| m.len() as i64)
-                    .unwrap_or(0),
-                Data::Dir(_) => 0,
-            };
-            vec![csi::VolumeUsage {
-                available: 0,
-                total: bytes,
-                used: 0,
-                unit: Unit::Bytes as i32,
-            }]
-        } else {
-            let st = statvfs(&path).map_err(io_err("statvfs", &path))?;
-            vec![
-                csi::VolumeUsage {
-                    available: st.available_bytes,
-                    total: st.total_bytes,
-                    used: st.used_bytes,
-                    unit: Unit::Bytes as i32,
-                },
-                csi::VolumeUsage {
-                    available: st.free_inodes,
-                    total: st.total_inodes,
-                    used: st.total_inodes - st.free_inodes,
-                    unit: Unit::Inodes as i32,
-                },
-            ]
-        };
-        Ok(Response::new(csi::NodeGetVolumeStatsResponse {
-            usage,
-            volume_condition: Some(condition),
-        }))
+        Ok(Response::new(
+            self.volume_stats(request.into_inner()).await?,
+        ))
     }
 
     async fn node_expand_volume(
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,
     ) -> CsiResult<csi::NodeExpandVolumeResponse> {
-        let req = request.into_inner();
-        let id = required(&req.volume_id, "volume_id")?;
-        required(&req.volume_path, "volume_path")?;
-        let _guard = self.locks.lock(id).await;
-        let data = self.data(id)?;
-        let path = self.existing_path(&req.volume_path, "volume_path")?;
-        let Data::Image(image) = data else {
-            return Ok(Response::new(csi::NodeExpandVolumeResponse {
-                capacity_bytes: 0,
-            }));
-        };
-        if !path.exists() {
-            Err(CsiError::NotFound(format!(
-                "{} does not exist",
-                path.display()
-            )))?;
-        }
-        let wanted = req.capacity_range.map_or(0, |r| r.required_bytes);
-        let size = self.store.grow(id, wanted).await.map_err(CsiError::from)?;
-        let dev = loop_device::find(&image)
-            .await
-            .map_err(CsiError::from)?
-            .ok_or_else(|| CsiError::FailedPrecondition(format!("volume {id} is not staged")))?;
-        loop_device::refresh_size(&dev)
-            .await
-            .map_err(CsiError::from)?;
-        let block = matches!(
-            req.volume_capability
-                .as_ref()
-                .and_then(|c| c.access_type.as_ref()),
-            Some(AccessType::Block(_))
-        );
-        if !block {
-            match filesystem_on(&dev).await.as_deref() {
-                Some("xfs") => {
-                    let mut grow = Command::new("xfs_growfs");
-                    grow.arg(&path);
-                    run(grow).await.map_err(CsiError::from)?;
-                }
-                Some(_) => {
-                    let mut grow = Command::new("resize2fs");
-                    grow.arg(&dev);
-                    run(grow).await.map_err(|e| {
-                        CsiError::Internal(format!(
-                            "{e} (growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE in the node agent)"
-                        ))
-                    })?;
-                }
-                None => {}
-            }
-        }
-        tracing::info!(volume = id, bytes = size, "volume expanded");
-        Ok(Response::new(csi::NodeExpandVolumeResponse {
-            capacity_bytes: size,
-        }))
+        Ok(Response::new(self.expand(request.into_inner()).await?))
     }
 
     async fn node_get_capabilities(

@@ -42,6 +42,13 @@ pub struct Config {
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
 
+    /// Which paths under --kubelet-dir requests may name: `kubelet`, only
+    /// the staging and target paths kubelet builds; `beneath`, any path
+    /// beneath it (csi-sanity makes directories of its own). Either way
+    /// no path may run through a symlink.
+    #[arg(long, value_enum, default_value = "kubelet")]
+    pub request_paths: crate::node::paths::Layout,
+
     /// Bytes of volumes this endpoint may create (e.g. 100Gi).
     #[arg(long, value_parser = crate::node::parse_quantity, default_value = "1Ti")]
     pub capacity: i64,
@@ -169,6 +176,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             store,
             node: config.node_name,
             kubelet_dir: config.kubelet_dir,
+            paths: config.request_paths,
             locks,
         }))
         .serve_with_incoming_shutdown(

@@ -30,9 +30,12 @@ pub async fn find(image: &Path) -> Result<Option<PathBuf>, LocalError> {
     Ok(find_all(image).await?.into_iter().next())
 }
 
-/// Attaches `image` to a free loop device, or returns the one it has.
+/// Attaches `image` to a free loop device, or returns the one it has. A
+/// device we detached while something (udev's probe, a racing blkid) still
+/// had it open is only marked to clear itself on the last close, yet still
+/// lists the image: it would vanish under the caller, so it does not count.
 pub async fn attach(image: &Path) -> Result<PathBuf, LocalError> {
-    if let Some(dev) = find(image).await? {
+    if let Some(dev) = find_all(image).await?.into_iter().find(|d| !clearing(d)) {
         return Ok(dev);
     }
     let dev = output(losetup(&["--find", "--show"], image)).await?;
@@ -66,4 +69,29 @@ pub fn is_loop(dev: &Path) -> bool {
 /// Makes the device see a grown backing file.
 pub async fn refresh_size(dev: &Path) -> Result<(), LocalError> {
     run(losetup(&["--set-capacity"], dev)).await
+}
+
+/// The file behind loop device `name` ("loop3"), from sysfs, or None if it
+/// is not attached. A file deleted since shows without its " (deleted)".
+pub fn backing_file(name: &std::ffi::OsStr) -> Option<PathBuf> {
+    let sys = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let text = std::fs::read_to_string(sys).ok()?;
+    let text = text.trim_end_matches('\n');
+    Some(PathBuf::from(
+        text.strip_suffix(" (deleted)").unwrap_or(text),
+    ))
+}
+
+/// Whether a loop device is marked to detach on its last close and is not
+/// mounted (a mounted one is still in use, and attaching a second device
+/// to its image would let two filesystems write one image).
+fn clearing(dev: &Path) -> bool {
+    let marked = dev
+        .file_name()
+        .map(|n| Path::new("/sys/block").join(n).join("loop/autoclear"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .is_some_and(|v| v.trim() == "1");
+    marked
+        && super::mounts::current()
+            .is_ok_and(|all| !all.iter().any(|m| Path::new(&m.source) == dev))
 }

@@ -2,6 +2,8 @@
 //! assigned to this node and reports what it offers in a StorageNode.
 
 mod authority;
+pub mod beneath;
+pub mod filesystem;
 pub mod handover;
 pub mod loop_device;
 pub mod mounts;
@@ -335,6 +337,8 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
         store: Store::new(&config.data_dir),
         node: config.node_name.clone(),
         kubelet_dir: config.kubelet_dir.clone(),
+        // kubelet is the only caller here.
+        paths: crate::node::paths::Layout::Kubelet,
         locks: VolumeLocks::default(),
     };
     let server = tonic::transport::Server::builder()

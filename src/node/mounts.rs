@@ -1,14 +1,21 @@
 //! What is mounted where (from /proc/self/mountinfo), and mount/umount.
 //! Every node operation checks here first, so repeating one is harmless.
+//! Request paths are mounted on and unmounted through descriptors
+//! (beneath.rs), never by their text alone.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
+use super::beneath::{Beneath, fd_path};
+use super::loop_device;
 use crate::backend::local::{LocalError, run};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
+    /// major:minor of the mounted filesystem.
+    pub dev: String,
     pub mount_point: PathBuf,
     /// Path inside the source filesystem that is mounted (for bind mounts).
     pub root: String,
@@ -28,6 +35,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
 fn parse_line(line: &str) -> Option<Mount> {
     let (left, right) = line.split_once(" - ")?;
     let fields: Vec<&str> = left.split(' ').collect();
+    let dev = fields.get(2)?.to_string();
     let root = unescape(fields.get(3)?);
     let mount_point = PathBuf::from(unescape(fields.get(4)?));
     let mut options: Vec<String> = fields.get(5)?.split(',').map(String::from).collect();
@@ -44,6 +52,7 @@ fn parse_line(line: &str) -> Option<Mount> {
             .map(String::from),
     );
     Some(Mount {
+        dev,
         mount_point,
         root,
         fs_type,
@@ -97,6 +106,9 @@ pub fn mounted_at(path: &Path) -> std::io::Result<Option<Mount>> {
     Ok(current()?.into_iter().rev().find(|m| m.mount_point == path))
 }
 
+/// mount(8), told not to canonicalise: the paths given are either ours or
+/// `/proc/<pid>/fd/N` names of descriptors, which canonicalising would
+/// turn back into text that a symlink could redirect.
 pub async fn mount(
     source: &Path,
     target: &Path,
@@ -104,6 +116,7 @@ pub async fn mount(
     options: &[String],
 ) -> Result<(), LocalError> {
     let mut cmd = Command::new("mount");
+    cmd.arg("--no-canonicalize");
     if let Some(fs) = fs_type {
         cmd.args(["-t", fs]);
     }
@@ -114,43 +127,112 @@ pub async fn mount(
     run(cmd).await
 }
 
-/// Bind-mounts `source` on `target`; read-only needs a second, remount step.
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + use<> {
+    let path = path.to_path_buf();
+    move |source| LocalError::Io { op, path, source }
+}
+
+/// Mounts `source` on the directory or file open as `target_fd`, with the
+/// mount options a volume capability asks for.
+pub async fn mount_on(
+    source: &Path,
+    target_fd: &OwnedFd,
+    fs_type: Option<&str>,
+    options: &[String],
+) -> Result<(), LocalError> {
+    mount(source, &fd_path(target_fd), fs_type, options).await
+}
+
+/// Bind-mounts `source` on `target` (open as `target_fd`); read-only
+/// needs a second, remount step, on the new mount itself.
 pub async fn bind(
     source: &Path,
-    target: &Path,
+    target: &Beneath,
+    target_fd: &OwnedFd,
     readonly: bool,
     options: &[String],
 ) -> Result<(), LocalError> {
-    mount(source, target, None, &["bind".to_string()]).await?;
+    mount_on(source, target_fd, None, &["bind".to_string()]).await?;
     if readonly || !options.is_empty() {
         let mut opts = vec!["remount".to_string(), "bind".to_string()];
         if readonly {
             opts.push("ro".into());
         }
         opts.extend(options.iter().cloned());
-        if let Err(e) = mount(Path::new("none"), target, None, &opts).await {
-            let _ = unmount(target).await;
+        let remounted = match target.open().map_err(io("opening", &target.path))? {
+            Some(top) => mount(Path::new("none"), &fd_path(&top), None, &opts).await,
+            None => Err(io("opening", &target.path)(
+                std::io::ErrorKind::NotFound.into(),
+            )),
+        };
+        if let Err(e) = remounted {
+            let _ = target.unmount();
             return Err(e);
         }
     }
     Ok(())
 }
 
-/// Unmounts every mount stacked at `target`; nothing mounted is fine.
-pub async fn unmount(target: &Path) -> Result<(), LocalError> {
-    while mounted_at(target)
-        .map_err(|source| LocalError::Io {
-            op: "reading mountinfo",
-            path: target.into(),
-            source,
-        })?
-        .is_some()
-    {
-        let mut cmd = Command::new("umount");
-        cmd.arg(target);
-        run(cmd).await?;
+/// Unmounts every mount stacked at `target`, each only if `ours` says
+/// stowage made it; nothing mounted is fine.
+pub fn unmount(target: &Beneath, ours: impl Fn(&Mount) -> bool) -> Result<(), LocalError> {
+    while let Some(m) = mounted_at(&target.path).map_err(io("reading mountinfo", &target.path))? {
+        if !ours(&m) {
+            return Err(LocalError::NotOurMount {
+                path: target.path.clone(),
+                device: m.source,
+                fs_type: m.fs_type,
+            });
+        }
+        target.unmount().map_err(io("unmounting", &target.path))?;
     }
     Ok(())
+}
+
+/// Whether `m` is a mount stowage makes of the volume whose image is
+/// `image` or whose directory is `dir` (both as the kernel names them):
+/// its loop device mounted (staging, or a publish bound from the staging
+/// mount), the loop device node bound (block publish), or the directory
+/// bound.
+pub fn made_from(m: &Mount, image: &Path, dir: &Path) -> bool {
+    let loop_name = if m.source.starts_with("/dev/loop") {
+        Path::new(&m.source).file_name()
+    } else {
+        Path::new(&m.root)
+            .file_name()
+            .filter(|n| n.as_encoded_bytes().starts_with(b"loop"))
+    };
+    if let Some(name) = loop_name {
+        // A device node bound for a block publish outlives the loop
+        // device's attachment (kubelet may unstage first after a crash):
+        // a loop device with nothing behind it holds no one's data.
+        // The loop device may since have been given to another of our
+        // images: the bind is still ours, and unmounting it only takes
+        // that device away from the pod.
+        let bound_node = !m.source.starts_with("/dev/loop");
+        match loop_device::backing_file(name) {
+            Some(b) if b == image => return true,
+            Some(b) if bound_node && b.parent() == image.parent() => return true,
+            None if bound_node => return true,
+            _ => {}
+        }
+    }
+    // A deleted directory shows as ".../name//deleted".
+    let root = m.root.strip_suffix("//deleted").unwrap_or(&m.root);
+    let tail = dir.iter().rev().take(2).collect::<Vec<_>>();
+    let same_tail = Path::new(root)
+        .iter()
+        .rev()
+        .take(2)
+        .eq(tail.iter().copied());
+    same_tail && device_of(dir.parent().unwrap_or(dir)).is_some_and(|d| d == m.dev)
+}
+
+/// major:minor of the filesystem holding `path`, as mountinfo writes it.
+fn device_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    Some(format!("{}:{}", libc::major(dev), libc::minor(dev)))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use stowage::proto::csi::v1::volume_capability::{
 };
 use tonic::transport::Channel;
 
-use crate::harness::{Process, csi_server, unique_name};
+use crate::harness::{Process, csi_server_with_env, unique_name};
 use crate::node_socket::connect;
 
 pub const MIB: i64 = 1 << 20;
@@ -41,11 +41,27 @@ pub fn capability() -> csi::VolumeCapability {
 
 impl CsiNode {
     pub async fn start(log_name: &str, extra: &[&str]) -> Self {
+        Self::start_with_tools(log_name, extra, None).await
+    }
+
+    /// With `tools` (a directory of fake programs) ahead on the server's
+    /// PATH.
+    pub async fn start_with_tools(log_name: &str, extra: &[&str], tools: Option<&Path>) -> Self {
         let work = std::env::temp_dir().join(unique_name("stowage-node-calls"));
         let kubelet = work.join("kubelet");
         std::fs::create_dir_all(&kubelet).unwrap();
         let socket = work.join("csi.sock");
-        let server = csi_server(&socket, &work.join("data"), &kubelet, "n", extra, log_name);
+        let path = tools.map(|t| format!("{}:{}", t.display(), std::env::var("PATH").unwrap()));
+        let env: Vec<(&str, &str)> = path.iter().map(|p| ("PATH", p.as_str())).collect();
+        let server = csi_server_with_env(
+            &socket,
+            &work.join("data"),
+            &kubelet,
+            "n",
+            extra,
+            &env,
+            log_name,
+        );
         let channel = connect(&socket).await;
         CsiNode {
             server: Some(server),

@@ -103,12 +103,14 @@ async fn run_sanity(
     let socket = work.join("csi.sock");
     let endpoint = format!("unix://{}", socket.display());
     let log_name = format!("csi-sanity-{fs_type}-{access}");
+    // csi-sanity makes its own staging and target directories, not the
+    // ones kubelet would.
     let server = csi_server(
         &socket,
         &work.join("data"),
         &kubelet,
         "sanity-node",
-        &[],
+        &["--request-paths", "beneath"],
         &log_name,
     );
 

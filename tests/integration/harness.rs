@@ -424,6 +424,19 @@ pub fn csi_server(
     extra: &[&str],
     log_name: &str,
 ) -> Process {
+    csi_server_with_env(socket, data, kubelet, node, extra, &[], log_name)
+}
+
+/// `csi_server` with extra environment (a PATH with fake tools ahead).
+pub fn csi_server_with_env(
+    socket: &Path,
+    data: &Path,
+    kubelet: &Path,
+    node: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    log_name: &str,
+) -> Process {
     let _ = std::fs::remove_file(socket);
     let endpoint = format!("unix://{}", socket.display());
     let mut args = vec![
@@ -438,7 +451,7 @@ pub fn csi_server(
         kubelet.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let server = Process::start(Path::new("/dev/null"), &args, &[], log_name);
+    let server = Process::start(Path::new("/dev/null"), &args, env, log_name);
     for _ in 0..100 {
         if socket.exists() {
             break;

@@ -24,6 +24,8 @@ mod leader_takeover;
 mod manifests;
 mod metrics;
 mod node_calls;
+mod node_format;
+mod node_fuzz;
 mod node_handover;
 mod node_socket;
 mod process_exit;

@@ -2,8 +2,9 @@
 //! loop devices, filesystems and mounts through `stowage csi` (the same
 //! Node service kubelet reaches on the node socket): ext4 is checked before
 //! it is mounted, read-only publishes are read-only, the per-volume lock
-//! keeps concurrent calls from doubling mounts or loop devices, and an ext4
-//! image grown while unstaged is grown before it is mounted.
+//! keeps concurrent calls from doubling mounts or loop devices, an ext4
+//! image grown while unstaged is grown before it is mounted, and a mount
+//! stowage did not make is never unmounted.
 //!
 //! Already covered elsewhere: path traversal refused, calls safe to repeat
 //! and mounts kept over an agent restart
@@ -299,4 +300,54 @@ async fn volume_bytes(csi: &mut CsiNode, id: &str, path: &Path) -> i64 {
         .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
         .expect("bytes usage")
         .total
+}
+
+/// Design (node agent): stowage unmounts only the mounts it makes. A tmpfs
+/// someone else mounted at a volume's target path survives NodeUnpublish,
+/// which says what is there; stowage's own publish under it is still
+/// unmounted once the stranger is gone.
+#[tokio::test]
+async fn a_mount_stowage_did_not_make_is_left_alone() {
+    let mut csi = CsiNode::start("node-calls-foreign-mount", &[]).await;
+    let id = "foreign-mount";
+    csi.create(id, 32 * MIB).await;
+    csi.stage(id).await;
+    let target = csi.target(id, "pod");
+    let publish = csi.publish_request(id, &target, false);
+    csi.node
+        .node_publish_volume(publish)
+        .await
+        .expect("publish");
+    tool(
+        "mount",
+        &["-t", "tmpfs", "stranger", target.to_str().unwrap()],
+    );
+    std::fs::write(target.join("theirs"), "not stowage's").unwrap();
+
+    let err = csi
+        .node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.to_str().unwrap().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("stranger (tmpfs) that stowage did not make"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(mounts_at(&target), 2, "the tmpfs and the publish under it");
+    assert_eq!(
+        std::fs::read_to_string(target.join("theirs")).unwrap(),
+        "not stowage's"
+    );
+
+    tool("umount", &[target.to_str().unwrap()]);
+    csi.unpublish(id, &target).await;
+    assert_eq!(mounts_at(&target), 0);
+    csi.unstage(id).await;
+    csi.finish().await;
 }

@@ -1,0 +1,241 @@
+//! NodeStage never formats on doubt, on real loop devices and the real
+//! blkid: a blkid that fails, a device with two filesystem signatures, and
+//! a filesystem of another type than the one asked for each end in
+//! FailedPrecondition saying what to do, with the image left exactly as it
+//! was, nothing mounted and no loop device kept.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+
+use stowage::proto::csi::v1 as csi;
+use stowage::proto::csi::v1::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
+use tonic::Code;
+
+use crate::csi_node::{CsiNode, MIB, loops_of, mounts_at, tool, wait_until};
+use crate::harness::unique_name;
+
+fn mount_capability(fs_type: &str) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs_type.into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+/// A volume created as CreateVolume makes it: raw for block, formatted as
+/// `fs_type` otherwise.
+async fn create(csi: &mut CsiNode, id: &str, bytes: i64, fs_type: Option<&str>) {
+    let capability = match fs_type {
+        Some(fs) => mount_capability(fs),
+        None => csi::VolumeCapability {
+            access_type: Some(AccessType::Block(BlockVolume {})),
+            ..mount_capability("")
+        },
+    };
+    csi.controller
+        .create_volume(csi::CreateVolumeRequest {
+            name: id.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability],
+            parameters: fs_type
+                .map(|fs| [("fsType".to_string(), fs.to_string())].into())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume");
+}
+
+async fn stage_as(csi: &mut CsiNode, id: &str, fs_type: &str) -> Result<(), tonic::Status> {
+    let mut request = csi.stage_request(id);
+    request.volume_capability = Some(mount_capability(fs_type));
+    csi.node.node_stage_volume(request).await.map(drop)
+}
+
+/// A fingerprint of every byte of a file.
+fn digest(path: &Path) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            return hasher.finish();
+        }
+        hasher.write(&buf[..n]);
+    }
+}
+
+/// `blkid -p` on an image: its exit status and what it printed.
+fn blkid(image: &Path) -> (Option<i32>, String) {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(image)
+        .output()
+        .expect("running blkid; install util-linux");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.code(), text)
+}
+
+/// The refused stage left nothing behind and changed no byte.
+async fn assert_untouched(csi: &CsiNode, id: &str, before: u64) {
+    let image = csi.image(id);
+    wait_until("the refused device's loop device let go", || {
+        loops_of(&image).is_empty()
+    })
+    .await;
+    assert_eq!(mounts_at(&csi.staging(id)), 0, "a refused stage mounted");
+    assert_eq!(
+        digest(&image),
+        before,
+        "the refused stage changed the image"
+    );
+}
+
+fn failing_blkid(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let script = dir.join("blkid");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'blkid: simulated read error on the device' >&2\nexit 4\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A raw volume (as a block volume is created) staged for a filesystem is
+/// formatted only when blkid says it holds nothing; a blkid that fails
+/// leaves it unformatted, and the same call succeeds once blkid works.
+#[tokio::test]
+async fn a_failing_blkid_formats_nothing() {
+    let tools = std::env::temp_dir().join(unique_name("stowage-fake-blkid"));
+    failing_blkid(&tools);
+    let mut csi = CsiNode::start_with_tools("node-format-blkid", &[], Some(&tools)).await;
+    let id = "doubt";
+    create(&mut csi, id, 32 * MIB, None).await;
+    let image = csi.image(id);
+    assert_eq!(blkid(&image).0, Some(2), "a block volume starts raw");
+    let before = digest(&image);
+
+    let err = stage_as(&mut csi, id, "ext4").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("exit status 4")
+            && err.message().contains("simulated read error")
+            && err.message().contains("refusing to format"),
+        "{}",
+        err.message()
+    );
+    assert_untouched(&csi, id, before).await;
+    assert_eq!(blkid(&image).0, Some(2), "formatted despite the failure");
+
+    std::fs::remove_file(tools.join("blkid")).unwrap();
+    stage_as(&mut csi, id, "ext4")
+        .await
+        .expect("stage once blkid works");
+    assert_eq!(
+        tool(
+            "findmnt",
+            &["-no", "FSTYPE", csi.staging(id).to_str().unwrap()]
+        )
+        .trim(),
+        "ext4"
+    );
+    csi.unstage(id).await;
+    csi.finish().await;
+    let _ = std::fs::remove_dir_all(&tools);
+}
+
+/// An ext4 image with an xfs superblock written over its first sector:
+/// blkid -p finds both and exits 8. Neither is trusted.
+#[tokio::test]
+async fn two_signatures_are_refused() {
+    let mut csi = CsiNode::start("node-format-ambivalent", &[]).await;
+    let id = "twofs";
+    create(&mut csi, id, 32 * MIB, Some("ext4")).await;
+    let image = csi.image(id);
+    let donor = image.with_file_name("donor.xfs");
+    let file = std::fs::File::create(&donor).unwrap();
+    file.set_len(300 * MIB as u64).unwrap();
+    tool("mkfs.xfs", &["-q", donor.to_str().unwrap()]);
+    // xfs keeps its superblock in sector 0, which ext4 leaves unused.
+    tool(
+        "dd",
+        &[
+            &format!("if={}", donor.display()),
+            &format!("of={}", image.display()),
+            "bs=512",
+            "count=1",
+            "conv=notrunc",
+        ],
+    );
+    std::fs::remove_file(&donor).unwrap();
+    assert_eq!(
+        blkid(&image).0,
+        Some(8),
+        "the image should carry two signatures"
+    );
+    let before = digest(&image);
+
+    for fs in ["ext4", "xfs"] {
+        let err = stage_as(&mut csi, id, fs).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{fs}: {err:?}");
+        assert!(
+            err.message().contains("more than one signature")
+                && err.message().contains("wipefs --no-act"),
+            "{}",
+            err.message()
+        );
+        assert_untouched(&csi, id, before).await;
+    }
+    assert_eq!(blkid(&image).0, Some(8));
+    csi.finish().await;
+}
+
+/// An xfs volume staged as ext4 is refused naming both types; its data is
+/// still there when it is staged as xfs again.
+#[tokio::test]
+async fn a_filesystem_of_another_type_is_refused() {
+    let mut csi = CsiNode::start("node-format-foreign", &[]).await;
+    let id = "foreign";
+    create(&mut csi, id, 300 * MIB, Some("xfs")).await;
+    stage_as(&mut csi, id, "xfs").await.expect("staging as xfs");
+    std::fs::write(csi.staging(id).join("kept"), "xfs data").unwrap();
+    csi.unstage(id).await;
+    let image = csi.image(id);
+    wait_until("the loop device let go", || loops_of(&image).is_empty()).await;
+    let before = digest(&image);
+
+    let err = stage_as(&mut csi, id, "ext4").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("holds a xfs filesystem but ext4 was requested"),
+        "{}",
+        err.message()
+    );
+    assert_untouched(&csi, id, before).await;
+    assert_eq!(blkid(&image), (Some(0), "xfs".to_string()));
+
+    stage_as(&mut csi, id, "xfs")
+        .await
+        .expect("staging as xfs again");
+    assert_eq!(
+        std::fs::read_to_string(csi.staging(id).join("kept")).unwrap(),
+        "xfs data"
+    );
+    csi.unstage(id).await;
+    csi.finish().await;
+}
