@@ -7,6 +7,7 @@ pub mod controller;
 pub mod crd;
 pub mod csi;
 pub mod failpoint;
+pub mod kubeapi;
 pub mod node;
 pub mod proto;
 pub mod quantity;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
@@ -27,6 +27,7 @@ use super::job::{Job, Retry, trigger};
 use super::secrets::{self, SecretRef};
 use super::{Context, Error};
 use crate::backend::csi_proxy::Capability;
+use crate::kubeapi;
 
 /// Where external-attacher keeps the node ID it published to.
 pub const ANN_NODE_ID: &str = "csi.alpha.kubernetes.io/node-id";
@@ -315,11 +316,7 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
         Attach::Nothing => {}
         Attach::DeleteOrphan => {
             tracing::info!("node is gone; detaching");
-            match vas.delete(&va.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            kubeapi::delete(&vas, &va.name_any(), va.uid()).await?;
         }
         Attach::Refuse(e) => {
             vas.patch_status(
@@ -417,43 +414,17 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
                 }
                 tracing::info!(volume = %handle, "detached");
             }
-            vas.patch_status(
+            let detached = vas.patch_status(
                 &va.name_any(),
                 &pp,
                 &Patch::Merge(json!({ "status": { "attached": false, "detachError": null, "attachmentMetadata": null } })),
             )
             .await?;
-            release(&vas, &va, &ours).await?;
+            kubeapi::remove_finalizer(&vas, &detached, &ours).await?;
         }
-        Attach::Release => release(&vas, &va, &ours).await?,
+        Attach::Release => kubeapi::remove_finalizer(&vas, &va, &ours).await?,
     }
     Ok(Action::await_change())
-}
-
-async fn release(
-    vas: &Api<VolumeAttachment>,
-    va: &VolumeAttachment,
-    ours: &str,
-) -> Result<(), Error> {
-    let remaining: Vec<_> = va
-        .finalizers()
-        .iter()
-        .filter(|f| *f != ours)
-        .cloned()
-        .collect();
-    let patch = json!({ "metadata": { "finalizers": remaining } });
-    match vas
-        .patch(
-            &va.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Whether a PV being deleted may drop our finalizer: no VolumeAttachment

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -19,6 +19,7 @@ use super::protocol::*;
 use super::reclaim::{self, Reclaim};
 use super::{Context, Error, attach, provision, remote_volumes};
 use crate::crd::Volume;
+use crate::kubeapi;
 
 /// The reclaim job, keyed by PV: a PV is looked at again when its Volume
 /// or claim changes, and when its claim, Volume or VolumeAttachment is
@@ -132,20 +133,8 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     if driver.is_some_and(|d| ctx.drivers.contains_key(d))
         && let Some(ours) = attach::pv_released(&pv, &ctx.stores.attachments.state())
     {
-        let remaining: Vec<_> = pv
-            .finalizers()
-            .iter()
-            .filter(|f| **f != ours)
-            .cloned()
-            .collect();
-        let patch = json!({ "metadata": { "finalizers": remaining, "resourceVersion": pv.resource_version() } });
-        Api::<PersistentVolume>::all(ctx.client.clone())
-            .patch(
-                &pv.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
+        let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+        kubeapi::remove_finalizer(&pvs, &pv, &ours).await?;
         return Ok(Action::await_change());
     }
     let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.clone());
@@ -198,35 +187,21 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         }
         Reclaim::DeleteVolume(name) => {
             let volumes = Api::<Volume>::all(ctx.client.clone());
-            match volumes.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            let uid = volume
+                .as_ref()
+                .filter(|v| v.name_any() == name)
+                .and_then(|v| v.uid());
+            kubeapi::delete(&volumes, &name, uid).await?;
             crate::failpoint::hit("controller-after-volume-deleted");
             tracing::info!(volume = %name, "deleting volume data");
         }
         Reclaim::DeletePv => {
-            match pvs.delete(&pv.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            kubeapi::delete(&pvs, &pv.name_any(), pv.uid()).await?;
             crate::failpoint::hit("controller-after-pv-deleted");
             tracing::info!("volume data deleted; PV deleted");
         }
         Reclaim::RemoveFinalizer => {
-            let remaining: Vec<_> = pv
-                .finalizers()
-                .iter()
-                .filter(|f| *f != PV_PROVISIONER_FINALIZER)
-                .cloned()
-                .collect();
-            let patch = json!({
-                "metadata": { "finalizers": remaining, "resourceVersion": pv.resource_version() }
-            });
-            pvs.patch(&pv.name_any(), &pp, &Patch::Merge(&patch))
-                .await?;
+            kubeapi::remove_finalizer(&pvs, &pv, PV_PROVISIONER_FINALIZER).await?;
         }
         Reclaim::Retained => {
             ctx.event(&*pv, EventType::Normal, "VolumeRetained", "Reclaim",
@@ -282,12 +257,7 @@ pub async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<
         return Ok(Action::await_change());
     }
     tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), "claim deleted before its PV existed; deleting volume");
-    match Api::<Volume>::all(ctx.client.clone())
-        .delete(&volume.name_any(), &DeleteParams::default())
-        .await
-    {
-        Ok(_) => Ok(Action::await_change()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
-        Err(e) => Err(e.into()),
-    }
+    let volumes = Api::<Volume>::all(ctx.client.clone());
+    kubeapi::delete(&volumes, &volume.name_any(), volume.uid()).await?;
+    Ok(Action::await_change())
 }

@@ -19,6 +19,7 @@ use super::secrets::{self, SecretFor, TemplateValues};
 use super::{Context, Error};
 use crate::backend::csi_proxy::{Capability, CreateRequest, CreatedVolume, CsiDriver};
 use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase};
+use crate::kubeapi;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteWork {
@@ -151,17 +152,7 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
                 crate::failpoint::hit("controller-after-delete-volume");
                 tracing::info!(handle = %id, "backend volume deleted");
             }
-            let remaining: Vec<_> = volume
-                .finalizers()
-                .iter()
-                .filter(|f| *f != VOLUME_FINALIZER)
-                .cloned()
-                .collect();
-            let patch = json!({
-                "metadata": { "finalizers": remaining, "resourceVersion": volume.resource_version() }
-            });
-            api.patch(&volume.name_any(), &pp, &Patch::Merge(&patch))
-                .await?;
+            kubeapi::remove_finalizer(&api, volume, VOLUME_FINALIZER).await?;
         }
     }
     Ok(Action::await_change())

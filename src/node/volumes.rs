@@ -96,18 +96,7 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
             ctx.store.delete(&name).await?;
             crate::failpoint::hit("node-after-data-deleted");
             tracing::info!("volume data deleted");
-            let remaining: Vec<_> = volume
-                .finalizers()
-                .iter()
-                .filter(|f| *f != VOLUME_FINALIZER)
-                .cloned()
-                .collect();
-            // The resourceVersion makes this a compare-and-swap on the list.
-            let patch = json!({
-                "metadata": { "finalizers": remaining, "resourceVersion": volume.resource_version() }
-            });
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            crate::kubeapi::remove_finalizer(&api, &volume, VOLUME_FINALIZER).await?;
         }
     }
     ctx.failures.forget(&volume.object_ref(&()));

@@ -1,0 +1,65 @@
+//! The API idioms every job repeats, written once: dropping our finalizer
+//! and deleting what may already be gone.
+
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+fn gone(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// Removes `finalizer` from `object`'s list as the cache saw it. The
+/// resourceVersion makes the write a compare-and-swap, so a finalizer
+/// someone added meanwhile is never dropped (they get a conflict and the
+/// job replans). An object already gone has no finalizer left to remove.
+pub async fn remove_finalizer<K>(
+    api: &Api<K>,
+    object: &K,
+    finalizer: &str,
+) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let remaining: Vec<_> = object
+        .finalizers()
+        .iter()
+        .filter(|f| *f != finalizer)
+        .cloned()
+        .collect();
+    let patch = json!({
+        "metadata": { "finalizers": remaining, "resourceVersion": object.resource_version() }
+    });
+    match api
+        .patch(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Err(e) if gone(&e) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Deletes `name`, which may already be gone. With `uid`, only that
+/// object: one recreated under the same name since the cache saw it is
+/// left alone (the API server answers 409, returned as an error).
+pub async fn delete<K>(api: &Api<K>, name: &str, uid: Option<String>) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
+        Err(e) if gone(&e) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
