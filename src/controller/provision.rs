@@ -442,6 +442,9 @@ fn desired_remote_pv(
     class: &StorageClass,
     volume: &Volume,
 ) -> PersistentVolume {
+    // The status of a `--csi-driver` Volume is the controller's own (the
+    // node agents' admission policy keeps them to Volumes with a spec.node):
+    // handle, context and topology are what CreateVolume returned.
     let status = volume.status.clone().unwrap_or_default();
     // CSI's 0 means "unknown": the request is the best we know.
     let capacity = status
@@ -510,8 +513,11 @@ pub fn desired_pv(
     if volume.spec.driver != local::DRIVER_NAME {
         return desired_remote_pv(claim, class, volume);
     }
-    let status = volume.status.clone().unwrap_or_default();
-    let capacity = status.capacity_bytes.unwrap_or(volume.spec.capacity_bytes);
+    // Built from the spec alone: the status of a node-local Volume is
+    // written by its node agent, which must not be able to point the PV at
+    // another volume (handle), give it attributes, or grow it. The agent
+    // names the data after the Volume and creates it at the spec's size.
+    let capacity = volume.spec.capacity_bytes;
     let node = volume.spec.node.clone().unwrap_or_default();
     let params = Parameters::parse(&volume.spec.parameters).unwrap_or_default();
     let block = volume.spec.volume_mode == VolumeMode::Block;
@@ -544,7 +550,7 @@ pub fn desired_pv(
             },
             "csi": {
                 "driver": local::DRIVER_NAME,
-                "volumeHandle": status.volume_handle.unwrap_or_else(|| volume.name_any()),
+                "volumeHandle": volume.name_any(),
                 "fsType": if block { None } else { Some(params.fs_type.as_str()) },
                 "volumeAttributes": { "layout": match params.layout { Layout::Image => "image", Layout::Dir => "dir" } },
             },

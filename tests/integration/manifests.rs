@@ -49,6 +49,8 @@ fn api_server_accepts_every_manifest() {
         "daemonset.apps/stowage-node",
         "csidriver.storage.k8s.io/local.stowage.dev",
         "clusterrole.rbac.authorization.k8s.io/stowage-node",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/stowage-node-authority",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/stowage-node-authority",
     ] {
         assert!(stdout.contains(object), "{object} not applied:\n{stdout}");
     }
