@@ -24,7 +24,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::informer::Informers;
-use super::secrets::{self, SecretRef};
+use super::secrets::{self, SecretRef, Secrets};
 use super::{Context, Error, job, trigger};
 use crate::backend::csi_proxy::Capability;
 
@@ -222,10 +222,7 @@ fn capability(pv: &PersistentVolume) -> Capability {
     }
 }
 
-async fn publish_secrets(
-    ctx: &Context,
-    pv: &PersistentVolume,
-) -> Result<BTreeMap<String, String>, Error> {
+async fn publish_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
     let r = pv
         .spec
         .as_ref()
@@ -241,7 +238,7 @@ async fn publish_secrets(
             secrets::SecretFor::ControllerPublish,
         )
         .await?),
-        None => Ok(BTreeMap::new()),
+        None => Ok(Secrets::default()),
     }
 }
 
@@ -397,7 +394,7 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
             if let (Some(handle), Some(node_id)) = (handle, node_id) {
                 let secrets = match &pv {
                     Some(pv) => publish_secrets(&ctx, pv).await?,
-                    None => BTreeMap::new(),
+                    None => Secrets::default(),
                 };
                 if let Err(e) = driver.unpublish(&handle, &node_id, secrets).await {
                     vas.patch_status(

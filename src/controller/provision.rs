@@ -213,6 +213,16 @@ fn after_volume_written(view: &ClaimView, class: &StorageClass, volume: &Volume)
     };
     match status.phase {
         VolumePhase::Ready if status.observed_generation == volume.metadata.generation => {
+            // Resolved again for the PV: a name template may use a claim
+            // annotation that changed since the Volume was written.
+            if volume.spec.driver != local::DRIVER_NAME
+                && let Err(e) = secrets::all_refs(
+                    &volume.spec.parameters,
+                    &template_values(view.claim, &volume.name_any()),
+                )
+            {
+                return Provision::Fail(e.into());
+            }
             Provision::CreatePv(Box::new(desired_pv(view.claim, class, volume)))
         }
         VolumePhase::Failed => {
@@ -357,6 +367,7 @@ fn template_values<'a>(claim: &'a PersistentVolumeClaim, pv_name: &'a str) -> Te
         pv_name,
         claim_namespace: claim.metadata.namespace.as_deref().unwrap_or_default(),
         claim_name: claim.metadata.name.as_deref().unwrap_or_default(),
+        claim_annotations: claim.annotations(),
     }
 }
 
@@ -462,6 +473,7 @@ fn desired_remote_pv(
         csi["fsType"] = json!(fs);
     }
     let name = volume.name_any();
+    // Checked by `after_volume_written` just before: these resolve.
     for (kind, r) in secrets::all_refs(params, &template_values(claim, &name)).unwrap_or_default() {
         if let Some(field) = kind.pv_field() {
             csi[field] = json!(r);

@@ -35,5 +35,6 @@ mod proxy_wffc;
 mod real_node;
 mod retry_backoff;
 mod scale;
+mod secret_rules;
 mod service_accounts;
 mod volume_api;

@@ -263,14 +263,8 @@ async fn a_node_agent_token_without_a_node_writes_nothing() {
     assert!(code == 403 && msg.contains("names none"), "{code} {msg}");
 }
 
-/// The agent on node-a reports its Volume Ready and lies: another volume's
-/// handle, attributes, node-b's topology, a petabyte. The PV the controller
-/// makes follows the spec and the class, and the reclaim deletes that
-/// Volume and no other.
-#[tokio::test]
-async fn a_forged_status_neither_redirects_a_pv_nor_deletes_another_volume() {
-    let (kubeconfig, admin, agent_a) = setup().await;
-    let victim = volume_on(&admin, "node-b").await;
+/// The agent on node-a reports room for volumes, as it does on start.
+async fn room_on_node_a(agent_a: &Client) {
     let apply = PatchParams::apply("stowage-node");
     let nodes = Api::<StorageNode>::all(agent_a.clone());
     nodes
@@ -287,6 +281,17 @@ async fn a_forged_status_neither_redirects_a_pv_nor_deletes_another_volume() {
         .patch_status("node-a", &apply, &Patch::Apply(&room))
         .await
         .unwrap();
+}
+
+/// The agent on node-a reports its Volume Ready and lies: another volume's
+/// handle, attributes, node-b's topology, a petabyte. The PV the controller
+/// makes follows the spec and the class, and the reclaim deletes that
+/// Volume and no other.
+#[tokio::test]
+async fn a_forged_status_neither_redirects_a_pv_nor_deletes_another_volume() {
+    let (kubeconfig, admin, agent_a) = setup().await;
+    let victim = volume_on(&admin, "node-b").await;
+    room_on_node_a(&agent_a).await;
     let controller = Process::controller(&kubeconfig, "node-authority-controller");
     let ns = TestNamespace::new_with(admin.clone(), "forged").await;
     let class = format!("{}-dir", ns.name);

@@ -4,7 +4,7 @@
 //! binds the tokens of the pods it runs (so the API server adds the Pod's
 //! node to the token's user as `authentication.kubernetes.io/node-name`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -19,6 +19,7 @@ use crate::harness::{repo_root, unique_name, upstream_binary};
 
 pub const NAMESPACE: &str = "stowage-system";
 pub const NODE_ACCOUNT: &str = "stowage-node";
+pub const CONTROLLER_ACCOUNT: &str = "stowage-controller";
 
 /// Server-side applies the objects of `kinds` from manifests/`file`
 /// (all of them when `kinds` is empty) with kubectl, as a user would.
@@ -67,6 +68,19 @@ pub fn install_node_identity(kubeconfig: &Path) {
         &["ServiceAccount", "ClusterRole", "ClusterRoleBinding"],
     );
     apply_manifest(kubeconfig, "45-node-authority.yaml", &[]);
+}
+
+/// The controller's identity: its namespace, ServiceAccount and RBAC from
+/// manifests/, without the optional Secrets manifest.
+pub fn install_controller_identity(kubeconfig: &Path) {
+    apply_manifest(kubeconfig, "00-namespace.yaml", &[]);
+    apply_manifest(kubeconfig, "10-controller-rbac.yaml", &[]);
+}
+
+/// A kubeconfig for a stowage process acting as `account` (a token bound
+/// to nothing: the controller's identity does not depend on a node).
+pub async fn account_kubeconfig(kubeconfig: &Path, admin: &Client, account: &str) -> PathBuf {
+    kubeconfig_with_token(kubeconfig, &token(admin, account, None).await, account)
 }
 
 /// A Pod of `account` on `node` that never runs (no kubelet serves these
@@ -132,6 +146,15 @@ pub async fn client_with_token(kubeconfig: &Path, token: &str) -> Client {
     .await
     .expect("kubeconfig usable");
     Client::try_from(config).expect("building client")
+}
+
+/// A kubeconfig file that authenticates with `token` only, beside the
+/// admin's (its CA path is shared), for a stowage process.
+pub fn kubeconfig_with_token(kubeconfig: &Path, token: &str, name: &str) -> PathBuf {
+    let path = kubeconfig.with_file_name(format!("{}.kubeconfig", unique_name(name)));
+    let text = serde_yaml::to_string(&with_token(kubeconfig, token)).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// The node agent on `node`, as the API server will see it: a client with
