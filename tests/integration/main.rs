@@ -20,6 +20,7 @@ mod image;
 mod json_logs;
 mod leader_election;
 mod leader_takeover;
+mod least_privilege;
 mod manifests;
 mod metrics;
 mod node_authority;
