@@ -11,14 +11,81 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(protos, ["proto"])?;
+    let redacted = redacted_debug(&descriptors)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .skip_debug(redacted)
         .compile_fds(descriptors)?;
 
     println!("cargo:rustc-env=STOWAGE_GIT_COMMIT={}", commit());
     watch_git_head();
     Ok(())
+}
+
+/// Every message with a `secrets` field loses its derived `Debug` (which
+/// would print the secrets wherever a request is logged) for one written
+/// here into `OUT_DIR/<package>.redacted.rs`: the same fields, with the
+/// secrets' keys shown and their values not. Returns the messages' paths.
+fn redacted_debug(
+    descriptors: &protox::prost_reflect::prost_types::FileDescriptorSet,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let mut paths = Vec::new();
+    for file in &descriptors.file {
+        let mut code = String::new();
+        let mut names = Vec::new();
+        for message in &file.message_type {
+            if !message.field.iter().any(|f| f.name() == "secrets") {
+                continue;
+            }
+            paths.push(format!(".{}.{}", file.package(), message.name()));
+            names.push(format!("{:?}", message.name()));
+            code.push_str(&debug_impl(message));
+        }
+        code.push_str(&format!(
+            "/// Messages whose `Debug` hides their secrets.\npub const REDACTED: &[&str] = &[{}];\n",
+            names.join(", ")
+        ));
+        std::fs::write(
+            out_dir.join(format!("{}.redacted.rs", file.package())),
+            code,
+        )?;
+    }
+    Ok(paths)
+}
+
+fn debug_impl(message: &protox::prost_reflect::prost_types::DescriptorProto) -> String {
+    let mut fields = String::new();
+    let mut oneofs_done = Vec::new();
+    for field in &message.field {
+        // A real oneof is one Rust field named after the oneof.
+        let name = match field.oneof_index {
+            Some(i) if !field.proto3_optional() => {
+                if oneofs_done.contains(&i) {
+                    continue;
+                }
+                oneofs_done.push(i);
+                message.oneof_decl[i as usize].name().to_string()
+            }
+            _ => field.name().to_string(),
+        };
+        let rust = if ["type", "ref", "match", "mod", "move", "self"].contains(&name.as_str()) {
+            format!("r#{name}")
+        } else {
+            name.clone()
+        };
+        let value = if name == "secrets" {
+            format!("&crate::proto::Redacted(&self.{rust})")
+        } else {
+            format!("&self.{rust}")
+        };
+        fields.push_str(&format!("            .field({name:?}, {value})\n"));
+    }
+    format!(
+        "impl ::core::fmt::Debug for {n} {{\n    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{\n        f.debug_struct({n:?})\n{fields}            .finish()\n    }}\n}}\n",
+        n = message.name()
+    )
 }
 
 /// The short commit of the checkout; else `STOWAGE_COMMIT` (builds from a

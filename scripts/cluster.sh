@@ -16,6 +16,8 @@
 #   STOWAGE_CLUSTER_DIR      where to keep state (default: a fresh temp dir)
 #   STOWAGE_CLUSTER_KEEP=1   keep the state directory after teardown
 #   STOWAGE_WITH_NODE=1      also run a real node: containerd + kubelet (node.sh)
+#   STOWAGE_AUDIT=1          audit log of every request by a ServiceAccount of
+#                            stowage-system (metadata only) in DIR/logs/audit.log
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/node.sh"
@@ -132,6 +134,21 @@ up() {
     --unsafe-no-fsync --log-level warn
   wait_healthy etcd "http://127.0.0.1:$etcd_port/health" 60
 
+  local -a audit=()
+  if [[ "${STOWAGE_AUDIT:-}" == 1 ]]; then
+    cat > "$dir/audit-policy.yaml" <<'YAML'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts:stowage-system"]
+  - level: None
+YAML
+    audit=(--audit-policy-file "$dir/audit-policy.yaml" --audit-log-path "$dir/logs/audit.log"
+      --audit-log-format json --audit-log-mode blocking)
+  fi
+
   start kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address "$api_bind" --advertise-address 127.0.0.1 --secure-port "$api_port" \
@@ -144,7 +161,7 @@ up() {
     --authorization-mode Node,RBAC --allow-privileged=true \
     --kubelet-client-certificate "$dir/kubelet-client.crt" --kubelet-client-key "$dir/kubelet-client.key" \
     --kubelet-preferred-address-types Hostname,InternalIP \
-    --profiling=false --v=1
+    --profiling=false --v=1 "${audit[@]}"
   wait_healthy kube-apiserver "$api/readyz" 120 --cacert "$dir/ca.crt" \
     --cert "$dir/admin.crt" --key "$dir/admin.key"
 

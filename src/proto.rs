@@ -5,6 +5,17 @@ pub mod csi {
     pub mod v1 {
         #![allow(clippy::all, clippy::pedantic)]
         tonic::include_proto!("csi.v1");
+        // `Debug` for the requests that carry secrets (see build.rs).
+        include!(concat!(env!("OUT_DIR"), "/csi.v1.redacted.rs"));
+    }
+}
+
+/// A CSI `secrets` map in a `Debug` output: its keys, never its values.
+pub(crate) struct Redacted<'a>(pub &'a std::collections::HashMap<String, String>);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::backend::secrets::redacted(f, self.0.keys())
     }
 }
 
@@ -54,6 +65,70 @@ mod tests {
         assert_eq!(bytes, [tag(1), 1, b'v', tag(3), 1, b's', tag(4), 1, b't']);
         let back = csi::NodePublishVolumeRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(back, req);
+    }
+
+    /// Every CSI message with a `secrets` field, as written in the proto.
+    fn messages_with_secrets() -> Vec<String> {
+        let proto = include_str!("../proto/csi.proto");
+        let mut current = None;
+        let mut found = Vec::new();
+        for line in proto.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("message ") {
+                current = rest.split_whitespace().next().map(str::to_string);
+            }
+            if line.contains(" secrets = ")
+                && let Some(m) = &current
+            {
+                found.push(m.clone());
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn no_request_prints_its_secrets() {
+        assert_eq!(csi::REDACTED, messages_with_secrets().as_slice());
+        let secrets: std::collections::HashMap<_, _> =
+            [("password".to_string(), "hunter2".to_string())].into();
+        macro_rules! shown {
+            ($($t:ident),*) => {{
+                let mut shown = Vec::new();
+                $(shown.push(format!("{:?} {:#?}",
+                    csi::$t { secrets: secrets.clone(), ..Default::default() },
+                    csi::$t { secrets: secrets.clone(), ..Default::default() }));)*
+                shown
+            }};
+        }
+        let shown = shown!(
+            CreateVolumeRequest,
+            DeleteVolumeRequest,
+            ControllerPublishVolumeRequest,
+            ControllerUnpublishVolumeRequest,
+            ValidateVolumeCapabilitiesRequest,
+            ControllerModifyVolumeRequest,
+            CreateSnapshotRequest,
+            DeleteSnapshotRequest,
+            ListSnapshotsRequest,
+            GetSnapshotRequest,
+            ControllerExpandVolumeRequest,
+            NodeStageVolumeRequest,
+            NodePublishVolumeRequest,
+            NodeExpandVolumeRequest
+        );
+        assert_eq!(shown.len(), csi::REDACTED.len());
+        for text in shown {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("\"password\": <redacted>"), "{text}");
+        }
+        // The other fields are still there to read.
+        let req = csi::NodeStageVolumeRequest {
+            volume_id: "vol-1".into(),
+            staging_target_path: "/stage".into(),
+            secrets,
+            ..Default::default()
+        };
+        let text = format!("{req:?}");
+        assert!(text.contains("vol-1") && text.contains("/stage"), "{text}");
     }
 
     #[test]

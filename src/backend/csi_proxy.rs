@@ -17,6 +17,7 @@ use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request};
 
+use super::secrets::Secrets;
 use crate::proto::csi::v1 as csi;
 use csi::controller_client::ControllerClient;
 use csi::identity_client::IdentityClient;
@@ -163,7 +164,7 @@ pub struct CreateRequest {
     pub name: String,
     pub capacity_bytes: i64,
     pub parameters: BTreeMap<String, String>,
-    pub secrets: BTreeMap<String, String>,
+    pub secrets: Secrets,
     pub capability: Capability,
     /// Segments the volume must be reachable from (the scheduler's node).
     pub requisite: Vec<BTreeMap<String, String>>,
@@ -228,7 +229,10 @@ impl CsiDriver {
         }
     }
 
-    fn request<T>(&self, message: T) -> Request<T> {
+    /// The call's request, logged at debug level: requests that carry
+    /// secrets print only their keys (see build.rs).
+    fn request<T: std::fmt::Debug>(&self, message: T) -> Request<T> {
+        tracing::debug!(driver = %self.name, request = ?message, "calling the driver");
         let mut request = Request::new(message);
         request.set_timeout(self.timeout);
         request
@@ -357,7 +361,7 @@ impl CsiDriver {
             }),
             volume_capabilities: vec![req.capability.to_csi()],
             parameters: req.parameters.into_iter().collect(),
-            secrets: req.secrets.into_iter().collect(),
+            secrets: req.secrets.into_csi(),
             volume_content_source: None,
             accessibility_requirements: accessibility,
             mutable_parameters: Default::default(),
@@ -383,18 +387,14 @@ impl CsiDriver {
     }
 
     /// DeleteVolume; a volume the driver no longer knows counts as deleted.
-    pub async fn delete_volume(
-        &self,
-        volume_id: &str,
-        secrets: BTreeMap<String, String>,
-    ) -> Result<(), ProxyError> {
+    pub async fn delete_volume(&self, volume_id: &str, secrets: Secrets) -> Result<(), ProxyError> {
         let caps = self.capabilities().await?;
         if !caps.create_delete {
             return Err(self.unsupported("CREATE_DELETE_VOLUME"));
         }
         let message = csi::DeleteVolumeRequest {
             volume_id: volume_id.to_string(),
-            secrets: secrets.into_iter().collect(),
+            secrets: secrets.into_csi(),
         };
         match ControllerClient::new(self.channel.clone())
             .delete_volume(self.request(message))
@@ -415,7 +415,7 @@ impl CsiDriver {
         capability: &Capability,
         readonly: bool,
         volume_context: BTreeMap<String, String>,
-        secrets: BTreeMap<String, String>,
+        secrets: Secrets,
     ) -> Result<BTreeMap<String, String>, ProxyError> {
         let caps = self.capabilities().await?;
         if !caps.publish_unpublish {
@@ -426,7 +426,7 @@ impl CsiDriver {
             node_id: node_id.to_string(),
             volume_capability: Some(capability.to_csi()),
             readonly,
-            secrets: secrets.into_iter().collect(),
+            secrets: secrets.into_csi(),
             volume_context: volume_context.into_iter().collect(),
         };
         let response = ControllerClient::new(self.channel.clone())
@@ -443,7 +443,7 @@ impl CsiDriver {
         &self,
         volume_id: &str,
         node_id: &str,
-        secrets: BTreeMap<String, String>,
+        secrets: Secrets,
     ) -> Result<(), ProxyError> {
         let caps = self.capabilities().await?;
         if !caps.publish_unpublish {
@@ -452,7 +452,7 @@ impl CsiDriver {
         let message = csi::ControllerUnpublishVolumeRequest {
             volume_id: volume_id.to_string(),
             node_id: node_id.to_string(),
-            secrets: secrets.into_iter().collect(),
+            secrets: secrets.into_csi(),
         };
         match ControllerClient::new(self.channel.clone())
             .controller_unpublish_volume(self.request(message))

@@ -2,3 +2,4 @@
 
 pub mod csi_proxy;
 pub mod local;
+pub mod secrets;

@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::informer::Informers;
 use super::job::{Job, Retry, trigger};
-use super::secrets::{self, SecretRef};
+use super::secrets::{self, SecretRef, Secrets};
 use super::{Context, Error};
 use crate::backend::csi_proxy::Capability;
 use crate::kubeapi;
@@ -223,10 +223,7 @@ fn capability(pv: &PersistentVolume) -> Capability {
     }
 }
 
-async fn publish_secrets(
-    ctx: &Context,
-    pv: &PersistentVolume,
-) -> Result<BTreeMap<String, String>, Error> {
+async fn publish_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
     let r = pv
         .spec
         .as_ref()
@@ -242,7 +239,7 @@ async fn publish_secrets(
             secrets::SecretFor::ControllerPublish,
         )
         .await?),
-        None => Ok(BTreeMap::new()),
+        None => Ok(Secrets::default()),
     }
 }
 
@@ -399,7 +396,7 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
             if let (Some(handle), Some(node_id)) = (handle, node_id) {
                 let secrets = match &pv {
                     Some(pv) => publish_secrets(&ctx, pv).await?,
-                    None => BTreeMap::new(),
+                    None => Secrets::default(),
                 };
                 if let Err(e) = driver.unpublish(&handle, &node_id, secrets).await {
                     vas.patch_status(

@@ -119,10 +119,13 @@ impl Context {
     pub fn report_if_forbidden<K: Resource<DynamicType = ()>>(&self, object: &K, error: &Error) {
         let status = match error {
             Error::Kube(kube::Error::Api(status)) => status,
-            Error::SecretRead(e) => match &*e.source {
-                kube::Error::Api(status) => status,
-                _ => return,
-            },
+            // Reading Secrets has a manifest of its own, which the error names.
+            Error::SecretRead(e) if e.is_forbidden() => {
+                let note = e.to_string();
+                tracing::error!("{note}");
+                self.post_event(object, EventType::Warning, "Forbidden", "Authorize", &note);
+                return;
+            }
             _ => return,
         };
         let Some(refusal) = forbidden::Refusal::from_status(status) else {

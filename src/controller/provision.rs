@@ -213,6 +213,16 @@ fn after_volume_written(view: &ClaimView, class: &StorageClass, volume: &Volume)
     };
     match status.phase {
         VolumePhase::Ready if status.observed_generation == volume.metadata.generation => {
+            // Resolved again for the PV: a name template may use a claim
+            // annotation that changed since the Volume was written.
+            if volume.spec.driver != local::DRIVER_NAME
+                && let Err(e) = secrets::all_refs(
+                    &volume.spec.parameters,
+                    &template_values(view.claim, &volume.name_any()),
+                )
+            {
+                return Provision::Fail(e.into());
+            }
             Provision::CreatePv(Box::new(desired_pv(view.claim, class, volume)))
         }
         VolumePhase::Failed => {
@@ -357,6 +367,7 @@ fn template_values<'a>(claim: &'a PersistentVolumeClaim, pv_name: &'a str) -> Te
         pv_name,
         claim_namespace: claim.metadata.namespace.as_deref().unwrap_or_default(),
         claim_name: claim.metadata.name.as_deref().unwrap_or_default(),
+        claim_annotations: claim.annotations(),
     }
 }
 
@@ -442,6 +453,9 @@ fn desired_remote_pv(
     class: &StorageClass,
     volume: &Volume,
 ) -> PersistentVolume {
+    // The status of a `--csi-driver` Volume is the controller's own (the
+    // node agents' admission policy keeps them to Volumes with a spec.node):
+    // handle, context and topology are what CreateVolume returned.
     let status = volume.status.clone().unwrap_or_default();
     // CSI's 0 means "unknown": the request is the best we know.
     let capacity = status
@@ -459,6 +473,7 @@ fn desired_remote_pv(
         csi["fsType"] = json!(fs);
     }
     let name = volume.name_any();
+    // Checked by `after_volume_written` just before: these resolve.
     for (kind, r) in secrets::all_refs(params, &template_values(claim, &name)).unwrap_or_default() {
         if let Some(field) = kind.pv_field() {
             csi[field] = json!(r);
@@ -510,8 +525,11 @@ pub fn desired_pv(
     if volume.spec.driver != local::DRIVER_NAME {
         return desired_remote_pv(claim, class, volume);
     }
-    let status = volume.status.clone().unwrap_or_default();
-    let capacity = status.capacity_bytes.unwrap_or(volume.spec.capacity_bytes);
+    // Built from the spec alone: the status of a node-local Volume is
+    // written by its node agent, which must not be able to point the PV at
+    // another volume (handle), give it attributes, or grow it. The agent
+    // names the data after the Volume and creates it at the spec's size.
+    let capacity = volume.spec.capacity_bytes;
     let node = volume.spec.node.clone().unwrap_or_default();
     let params = Parameters::parse(&volume.spec.parameters).unwrap_or_default();
     let block = volume.spec.volume_mode == VolumeMode::Block;
@@ -544,7 +562,7 @@ pub fn desired_pv(
             },
             "csi": {
                 "driver": local::DRIVER_NAME,
-                "volumeHandle": status.volume_handle.unwrap_or_else(|| volume.name_any()),
+                "volumeHandle": volume.name_any(),
                 "fsType": if block { None } else { Some(params.fs_type.as_str()) },
                 "volumeAttributes": { "layout": match params.layout { Layout::Image => "image", Layout::Dir => "dir" } },
             },

@@ -15,7 +15,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::secrets::{self, SecretFor, TemplateValues};
+use super::secrets::{self, SecretFor, Secrets, TemplateValues};
 use super::{Context, Error};
 use crate::backend::csi_proxy::{Capability, CreateRequest, CreatedVolume, CsiDriver};
 use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase};
@@ -51,7 +51,7 @@ pub fn plan(volume: &Volume) -> RemoteWork {
     }
 }
 
-fn create_request(volume: &Volume, secrets: BTreeMap<String, String>) -> CreateRequest {
+fn create_request(volume: &Volume, secrets: Secrets) -> CreateRequest {
     let spec = &volume.spec;
     CreateRequest {
         name: volume.name_any(),
@@ -77,20 +77,22 @@ fn create_request(volume: &Volume, secrets: BTreeMap<String, String>) -> CreateR
 }
 
 /// The provisioner Secret's data, if the class names one.
-async fn provisioner_secrets(
-    ctx: &Context,
-    volume: &Volume,
-) -> Result<BTreeMap<String, String>, Error> {
+async fn provisioner_secrets(ctx: &Context, volume: &Volume) -> Result<Secrets, Error> {
     let name = volume.name_any();
     let claim = volume.spec.claim.as_ref();
+    // The provisioner Secret's templates never use annotations, so the
+    // claim's name and namespace, kept in the Volume, resolve it even
+    // once the claim is gone (DeleteVolume).
+    let no_annotations = BTreeMap::new();
     let values = TemplateValues {
         pv_name: &name,
         claim_namespace: claim.map(|c| c.namespace.as_str()).unwrap_or_default(),
         claim_name: claim.map(|c| c.name.as_str()).unwrap_or_default(),
+        claim_annotations: &no_annotations,
     };
     match secrets::secret_ref(&volume.spec.parameters, SecretFor::Provisioner, &values)? {
         Some(r) => Ok(secrets::read(&ctx.client, &r, SecretFor::Provisioner).await?),
-        None => Ok(BTreeMap::new()),
+        None => Ok(Secrets::default()),
     }
 }
 
@@ -277,7 +279,7 @@ mod tests {
 
     #[test]
     fn the_driver_gets_its_parameters_and_the_pvs_capability() {
-        let req = create_request(&volume(), BTreeMap::new());
+        let req = create_request(&volume(), Secrets::default());
         assert_eq!(req.name, "pvc-1");
         assert_eq!(req.parameters.len(), 1, "csi.storage.k8s.io/* stripped");
         assert_eq!(req.capability.fs_type, "xfs");

@@ -215,8 +215,12 @@ pub fn plan(view: &ResizeView) -> Resize {
         VolumePhase::Ready if this_generation => {}
         _ => return Resize::WaitForNode,
     }
-    let actual = done
-        .capacity_bytes
+    // Ready at this generation means grown to the spec's size. A remote
+    // driver may have rounded up (its answer is the controller's own
+    // record); a node agent's figure is not taken, so that it cannot grow
+    // a PV beyond what was asked.
+    let reported = done.capacity_bytes.filter(|_| volume.spec.node.is_none());
+    let actual = reported
         .unwrap_or(volume.spec.capacity_bytes)
         .max(volume.spec.capacity_bytes);
     let pv_bytes =

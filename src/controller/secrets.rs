@@ -1,11 +1,25 @@
 //! The standard `csi.storage.k8s.io/*` StorageClass parameters: which
-//! Secret goes with which CSI call, with external-provisioner's templates,
-//! and the parameters that reach the driver (all others).
+//! Secret goes with which CSI call, resolved exactly as external-provisioner
+//! resolves them, and the parameters that reach the driver (all others).
+//!
+//! Templates, per external-provisioner's `getSecretReference`:
+//! - a namespace may use `${pv.name}` and `${pvc.namespace}`: neither is
+//!   chosen by the claim's author, so a claim cannot point the driver at a
+//!   Secret in a namespace of its choosing;
+//! - a name may also use `${pvc.name}` and, except for the provisioner
+//!   Secret (resolved from the claim's name and namespace alone),
+//!   `${pvc.annotations['KEY']}`.
+//!
+//! The result must be a namespace name (DNS-1123 label) and a Secret name
+//! (DNS-1123 subdomain). A kind with no parameters of its own falls back
+//! to `csi.storage.k8s.io/secret-name` / `secret-namespace`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
+
+pub use crate::backend::secrets::Secrets;
 
 pub const PREFIX: &str = "csi.storage.k8s.io/";
 pub const FS_TYPE: &str = "csi.storage.k8s.io/fstype";
@@ -22,7 +36,7 @@ pub enum SecretFor {
 }
 
 impl SecretFor {
-    fn key(self) -> &'static str {
+    pub fn key(self) -> &'static str {
         match self {
             SecretFor::Provisioner => "provisioner",
             SecretFor::ControllerPublish => "controller-publish",
@@ -45,6 +59,12 @@ impl SecretFor {
         }
     }
 
+    /// external-provisioner resolves the provisioner Secret from a claim
+    /// carrying only its name and namespace: no annotations.
+    fn annotations_allowed(self) -> bool {
+        self != SecretFor::Provisioner
+    }
+
     pub const ALL: [SecretFor; 6] = [
         SecretFor::Provisioner,
         SecretFor::ControllerPublish,
@@ -65,10 +85,40 @@ pub struct SecretRef {
 pub enum SecretError {
     #[error("StorageClass parameter {0} is set without its pair {1}: set both or neither")]
     Unpaired(String, String),
+    #[error("StorageClass parameter {key} is empty: name a Secret, or remove it and its pair")]
+    Empty { key: String },
     #[error(
-        "StorageClass parameter {key}: {value:?} uses an unknown template; use ${{pv.name}}, ${{pvc.namespace}} or ${{pvc.name}}"
+        "StorageClass parameter {key}: {value:?} uses ${{{token}}}, which a secret {part} \
+         cannot use; use {allowed}"
     )]
-    Template { key: String, value: String },
+    Token {
+        key: String,
+        value: String,
+        token: String,
+        part: &'static str,
+        allowed: String,
+    },
+    #[error(
+        "StorageClass parameter {key}: {value:?} uses the claim annotation {annotation:?}, \
+         which the claim does not have: annotate the claim"
+    )]
+    Annotation {
+        key: String,
+        value: String,
+        annotation: String,
+    },
+    #[error(
+        "StorageClass parameter {key}: {value:?} gives {resolved:?}, which is not a valid \
+         {part} name ({rule}): fix the template or the {origin}"
+    )]
+    Invalid {
+        key: String,
+        value: String,
+        resolved: String,
+        part: &'static str,
+        rule: &'static str,
+        origin: &'static str,
+    },
 }
 
 /// What templates may refer to.
@@ -76,20 +126,179 @@ pub struct TemplateValues<'a> {
     pub pv_name: &'a str,
     pub claim_namespace: &'a str,
     pub claim_name: &'a str,
+    pub claim_annotations: &'a BTreeMap<String, String>,
 }
 
-fn expand(key: &str, value: &str, values: &TemplateValues) -> Result<String, SecretError> {
-    let out = value
-        .replace("${pv.name}", values.pv_name)
-        .replace("${pvc.namespace}", values.claim_namespace)
-        .replace("${pvc.name}", values.claim_name);
-    if out.contains("${") {
-        return Err(SecretError::Template {
-            key: key.to_string(),
-            value: value.to_string(),
-        });
+/// Which half of a reference a template gives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Name,
+    Namespace,
+}
+
+fn value_of<'a>(
+    token: &str,
+    part: Part,
+    kind: SecretFor,
+    values: &'a TemplateValues,
+) -> Option<Result<&'a str, String>> {
+    match token {
+        "pv.name" => Some(Ok(values.pv_name)),
+        "pvc.namespace" => Some(Ok(values.claim_namespace)),
+        "pvc.name" if part == Part::Name => Some(Ok(values.claim_name)),
+        _ if part == Part::Name && kind.annotations_allowed() => {
+            let key = token
+                .strip_prefix("pvc.annotations['")?
+                .strip_suffix("']")?;
+            Some(
+                values
+                    .claim_annotations
+                    .get(key)
+                    .map(String::as_str)
+                    .ok_or_else(|| key.to_string()),
+            )
+        }
+        _ => None,
     }
+}
+
+fn allowed(part: Part, kind: SecretFor) -> String {
+    match part {
+        Part::Namespace => "${pv.name} or ${pvc.namespace}".into(),
+        Part::Name if kind.annotations_allowed() => {
+            "${pv.name}, ${pvc.namespace}, ${pvc.name} or ${pvc.annotations['KEY']}".into()
+        }
+        Part::Name => "${pv.name}, ${pvc.namespace} or ${pvc.name}".into(),
+    }
+}
+
+/// `template` with its `${...}` tokens replaced, as Go's os.Expand does
+/// for external-provisioner; any token not allowed here is an error.
+fn expand(
+    key: &str,
+    template: &str,
+    part: Part,
+    kind: SecretFor,
+    values: &TemplateValues,
+) -> Result<String, SecretError> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            // An unterminated token stays as written; validation refuses it.
+            out.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let token = &after[..end];
+        match value_of(token, part, kind, values) {
+            Some(Ok(v)) => out.push_str(v),
+            Some(Err(annotation)) => {
+                return Err(SecretError::Annotation {
+                    key: key.into(),
+                    value: template.into(),
+                    annotation,
+                });
+            }
+            None => {
+                return Err(SecretError::Token {
+                    key: key.into(),
+                    value: template.into(),
+                    token: token.into(),
+                    part: if part == Part::Name {
+                        "name"
+                    } else {
+                        "namespace"
+                    },
+                    allowed: allowed(part, kind),
+                });
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
     Ok(out)
+}
+
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`
+fn label_shaped(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !s.is_empty()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// A DNS-1123 label: what a namespace name must be.
+pub fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && label_shaped(s)
+}
+
+/// A DNS-1123 subdomain: what a Secret name must be (Kubernetes limits
+/// the whole to 253 characters, not each part to 63).
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(label_shaped)
+}
+
+/// Resolves one half of a reference and checks the result.
+fn resolve(
+    key: &str,
+    template: &str,
+    part: Part,
+    kind: SecretFor,
+    values: &TemplateValues,
+) -> Result<String, SecretError> {
+    let resolved = expand(key, template, part, kind, values)?;
+    let (valid, part_name, rule) = match part {
+        Part::Namespace => (
+            is_dns1123_label(&resolved),
+            "namespace",
+            "a DNS-1123 label: at most 63 lowercase letters, digits and '-', starting and ending alphanumeric",
+        ),
+        Part::Name => (
+            is_dns1123_subdomain(&resolved),
+            "Secret",
+            "a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253",
+        ),
+    };
+    if valid {
+        return Ok(resolved);
+    }
+    Err(SecretError::Invalid {
+        key: key.into(),
+        value: template.into(),
+        resolved,
+        part: part_name,
+        rule,
+        origin: if template.contains("${") {
+            "claim it names"
+        } else {
+            "parameter"
+        },
+    })
+}
+
+/// The (name, namespace) parameter keys configured for `kind`: its own
+/// pair, else the default pair; None when neither is set.
+fn keys_for(
+    params: &BTreeMap<String, String>,
+    kind: SecretFor,
+) -> Result<Option<(String, String)>, SecretError> {
+    for prefix in [format!("{PREFIX}{}-", kind.key()), PREFIX.to_string()] {
+        let name_key = format!("{prefix}secret-name");
+        let ns_key = format!("{prefix}secret-namespace");
+        match (params.contains_key(&name_key), params.contains_key(&ns_key)) {
+            (false, false) => continue,
+            (true, false) => return Err(SecretError::Unpaired(name_key, ns_key)),
+            (false, true) => return Err(SecretError::Unpaired(ns_key, name_key)),
+            (true, true) => return Ok(Some((name_key, ns_key))),
+        }
+    }
+    Ok(None)
 }
 
 /// The Secret configured for `kind`, if any.
@@ -98,17 +307,18 @@ pub fn secret_ref(
     kind: SecretFor,
     values: &TemplateValues,
 ) -> Result<Option<SecretRef>, SecretError> {
-    let name_key = format!("{PREFIX}{}-secret-name", kind.key());
-    let ns_key = format!("{PREFIX}{}-secret-namespace", kind.key());
-    match (params.get(&name_key), params.get(&ns_key)) {
-        (None, None) => Ok(None),
-        (Some(_), None) => Err(SecretError::Unpaired(name_key, ns_key)),
-        (None, Some(_)) => Err(SecretError::Unpaired(ns_key, name_key)),
-        (Some(name), Some(ns)) => Ok(Some(SecretRef {
-            name: expand(&name_key, name, values)?,
-            namespace: expand(&ns_key, ns, values)?,
-        })),
+    let Some((name_key, ns_key)) = keys_for(params, kind)? else {
+        return Ok(None);
+    };
+    for key in [&name_key, &ns_key] {
+        if params[key].is_empty() {
+            return Err(SecretError::Empty { key: key.clone() });
+        }
     }
+    Ok(Some(SecretRef {
+        namespace: resolve(&ns_key, &params[&ns_key], Part::Namespace, kind, values)?,
+        name: resolve(&name_key, &params[&name_key], Part::Name, kind, values)?,
+    }))
 }
 
 /// Every configured reference, checked: errors surface at provisioning,
@@ -136,104 +346,91 @@ pub fn driver_parameters(params: &BTreeMap<String, String>) -> BTreeMap<String, 
         .collect()
 }
 
-/// A Secret a class names that cannot be read.
+/// The manifest that lets the controller read Secrets. Reading them is
+/// needed only by classes of `--csi-driver`s that name Secrets, so the
+/// main ClusterRole does not grant it.
+pub const RBAC_MANIFEST: &str = "manifests/optional/controller-secrets.yaml";
+
+/// A Secret a class names that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot read Secret {namespace}/{name}, which StorageClass parameters \
-     csi.storage.k8s.io/{for_key}-secret-* name: {source}; create it or fix the parameters"
-)]
-pub struct ReadError {
-    pub namespace: String,
-    pub name: String,
-    pub for_key: &'static str,
-    #[source]
-    pub source: Box<kube::Error>,
+pub enum ReadError {
+    #[error(
+        "stowage-controller may not read Secret {namespace}/{name}, which StorageClass \
+         parameters csi.storage.k8s.io/{for_key}-secret-* name: reading Secrets is granted \
+         separately, apply {manifest} (ClusterRole stowage-controller-secrets). \
+         API server: {message}",
+        manifest = RBAC_MANIFEST
+    )]
+    Forbidden {
+        namespace: String,
+        name: String,
+        for_key: &'static str,
+        message: String,
+    },
+    #[error(
+        "cannot read Secret {namespace}/{name}, which StorageClass parameters \
+         csi.storage.k8s.io/{for_key}-secret-* name: {source}; create it or fix the parameters"
+    )]
+    Unreadable {
+        namespace: String,
+        name: String,
+        for_key: &'static str,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("Secret {namespace}/{name} (csi.storage.k8s.io/{for_key}-secret-*): {source}")]
+    NotText {
+        namespace: String,
+        name: String,
+        for_key: &'static str,
+        #[source]
+        source: crate::backend::secrets::NotText,
+    },
 }
 
-/// A Secret's data as strings, for a CSI call's `secrets`.
-pub async fn read(
-    client: &Client,
-    r: &SecretRef,
-    kind: SecretFor,
-) -> Result<BTreeMap<String, String>, ReadError> {
-    let secret = Api::<Secret>::namespaced(client.clone(), &r.namespace)
+impl ReadError {
+    /// The API server's refusal, when RBAC is what stands in the way.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, ReadError::Forbidden { .. })
+    }
+}
+
+/// A Secret's data for a CSI call's `secrets`, byte for byte.
+pub async fn read(client: &Client, r: &SecretRef, kind: SecretFor) -> Result<Secrets, ReadError> {
+    let (namespace, name, for_key) = (r.namespace.clone(), r.name.clone(), kind.key());
+    let secret = match Api::<Secret>::namespaced(client.clone(), &r.namespace)
         .get(&r.name)
         .await
-        .map_err(|source| ReadError {
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-            for_key: kind.key(),
-            source: Box::new(source),
-        })?;
-    Ok(secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-        .collect())
+    {
+        Ok(secret) => secret,
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            return Err(ReadError::Forbidden {
+                namespace,
+                name,
+                for_key,
+                message: status.message,
+            });
+        }
+        Err(source) => {
+            return Err(ReadError::Unreadable {
+                namespace,
+                name,
+                for_key,
+                source: Box::new(source),
+            });
+        }
+    };
+    let data = secret.data.unwrap_or_default();
+    Secrets::from_data(data.into_iter().map(|(k, v)| (k, v.0)).collect()).map_err(|source| {
+        ReadError::NotText {
+            namespace,
+            name,
+            for_key,
+            source,
+        }
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    const VALUES: TemplateValues = TemplateValues {
-        pv_name: "pvc-1",
-        claim_namespace: "team",
-        claim_name: "data",
-    };
-
-    #[test]
-    fn templates_expand_and_unknown_ones_are_refused() {
-        let p = params(&[
-            (
-                "csi.storage.k8s.io/provisioner-secret-name",
-                "${pvc.name}-key",
-            ),
-            (
-                "csi.storage.k8s.io/provisioner-secret-namespace",
-                "${pvc.namespace}",
-            ),
-        ]);
-        assert_eq!(
-            secret_ref(&p, SecretFor::Provisioner, &VALUES).unwrap(),
-            Some(SecretRef {
-                namespace: "team".into(),
-                name: "data-key".into()
-            })
-        );
-        let bad = params(&[
-            (
-                "csi.storage.k8s.io/node-stage-secret-name",
-                "${pvc.annotations['x']}",
-            ),
-            ("csi.storage.k8s.io/node-stage-secret-namespace", "ns"),
-        ]);
-        let err = secret_ref(&bad, SecretFor::NodeStage, &VALUES).unwrap_err();
-        assert!(err.to_string().contains("${pv.name}"), "{err}");
-    }
-
-    #[test]
-    fn half_a_reference_is_an_error_naming_the_missing_key() {
-        let p = params(&[("csi.storage.k8s.io/controller-publish-secret-name", "s")]);
-        let err = all_refs(&p, &VALUES).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("csi.storage.k8s.io/controller-publish-secret-namespace"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn the_driver_sees_only_its_own_parameters() {
-        let p = params(&[("type", "fast"), (FS_TYPE, "xfs")]);
-        assert_eq!(driver_parameters(&p), params(&[("type", "fast")]));
-    }
-}
+#[path = "secrets_tests.rs"]
+mod tests;

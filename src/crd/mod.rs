@@ -1,5 +1,6 @@
 //! Custom resources owned by stowage.
 
+mod rules;
 mod storage_node;
 mod volume;
 
@@ -10,13 +11,44 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, CustomResourceDefinitionVersion, JSONSchemaProps,
-    JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    JSONSchemaPropsOrArray, JSONSchemaPropsOrBool, ValidationRule,
 };
 use kube::CustomResourceExt;
 
 /// Every CRD stowage installs, in the order they are applied.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![Volume::crd(), StorageNode::crd()]
+    vec![volume_crd(), storage_node_crd()]
+}
+
+/// A Volume's spec is what the controller decided, and the PV, the node's
+/// work and the reclaim all follow from it: once written it only grows.
+/// Node agents may write Volumes (status, finalizer), so this is enforced
+/// by the API server rather than trusted.
+fn volume_crd() -> CustomResourceDefinition {
+    let mut crd = Volume::crd();
+    rules::freeze(
+        rules::property(rules::root(&mut crd), "spec"),
+        &["capacityBytes"],
+    );
+    crd
+}
+
+/// A StorageNode speaks for the node it is named after, and for no other.
+fn storage_node_crd() -> CustomResourceDefinition {
+    let mut crd = StorageNode::crd();
+    let root = rules::root(&mut crd);
+    root.x_kubernetes_validations
+        .get_or_insert_with(Vec::new)
+        .push(ValidationRule {
+            rule: "self.metadata.name == self.spec.node".into(),
+            message: Some(
+                "a StorageNode is named after its node: spec.node must equal metadata.name".into(),
+            ),
+            field_path: Some(".spec.node".into()),
+            ..Default::default()
+        });
+    rules::freeze(rules::property(root, "spec"), &[]);
+    crd
 }
 
 /// The CRDs as a multi-document YAML stream, exactly as committed in `crds/`.
@@ -102,8 +134,6 @@ fn property_paths(schema: &JSONSchemaProps, prefix: &str, out: &mut BTreeSet<Str
 mod tests {
     use std::path::Path;
 
-    use kube::CustomResourceExt;
-
     #[test]
     fn committed_crds_match_the_rust_types() {
         let generated = super::to_yaml().unwrap();
@@ -120,7 +150,7 @@ mod tests {
 
     #[test]
     fn an_older_crd_is_missing_fields_and_a_newer_one_is_not() {
-        let wanted = super::Volume::crd();
+        let wanted = super::all().remove(0);
         assert!(super::missing_fields(&wanted, &wanted).is_empty());
 
         let mut older = wanted.clone();

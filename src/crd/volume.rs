@@ -19,7 +19,8 @@ pub const VOLUME_FINALIZER: &str = "stowage.dev/volume-protection";
 /// watches only its own.
 pub const NODE_LABEL: &str = "stowage.dev/node";
 
-/// What a backend volume should be.
+/// What a backend volume should be. Fixed when written, except that
+/// `capacityBytes` may grow: see `super::all` for the rules that say so.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "stowage.dev",
@@ -40,7 +41,6 @@ pub const NODE_LABEL: &str = "stowage.dev/node";
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSpec {
     /// CSI driver name that owns this volume, e.g. `local.stowage.dev`.
-    #[x_kube(validation = Rule::new("self == oldSelf").message("driver is immutable"))]
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -66,7 +66,6 @@ pub struct VolumeSpec {
 
     /// Node that holds the data, for node-local backends. Set once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("node is immutable"))]
     pub node: Option<String>,
 
     /// Topology segments the volume must be reachable from (for CSI drivers
@@ -208,12 +207,9 @@ pub enum ConditionStatus {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use kube::CustomResourceExt;
-
     #[test]
     fn schema_is_structural_for_enums() {
-        let crd = serde_json::to_value(Volume::crd()).unwrap();
+        let crd = serde_json::to_value(&crate::crd::all()[0]).unwrap();
         let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let modes = &spec["properties"]["accessModes"]["items"];
         assert_eq!(modes["type"], "string");
@@ -226,9 +222,11 @@ mod tests {
 
     #[test]
     fn immutability_rules_are_in_the_schema() {
-        let crd = serde_json::to_string(&Volume::crd()).unwrap();
+        let crd = serde_json::to_string(&crate::crd::all()[0]).unwrap();
         assert!(crd.contains("driver is immutable"));
         assert!(crd.contains("node is immutable"));
+        assert!(crd.contains("parameters is immutable"));
+        assert!(!crd.contains("capacityBytes is immutable"));
         assert!(crd.contains("capacityBytes cannot shrink"));
     }
 }

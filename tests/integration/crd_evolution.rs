@@ -153,12 +153,13 @@ async fn crd_skew_newer_keeps_unknown_fields_older_stops_both_roles() {
     agent.stop();
 
     // Then the CRD loses a field this build writes.
+    // An older CRD has neither the field nor the rule that freezes it.
     edit_volume_schema(&client, |s| {
-        part(s, "spec")
-            .properties
-            .as_mut()
-            .unwrap()
-            .remove("reclaimPolicy");
+        let spec = part(s, "spec");
+        spec.properties.as_mut().unwrap().remove("reclaimPolicy");
+        if let Some(rules) = spec.x_kubernetes_validations.as_mut() {
+            rules.retain(|r| r.field_path.as_deref() != Some(".reclaimPolicy"));
+        }
     })
     .await;
 

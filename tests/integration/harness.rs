@@ -85,8 +85,17 @@ fn start_cluster(kcm_controllers: Option<&str>) -> Cluster {
 }
 
 fn start_cluster_with(kcm_controllers: Option<&str>, with_node: bool) -> Cluster {
+    start_cluster_env(kcm_controllers, with_node, &[])
+}
+
+fn start_cluster_env(
+    kcm_controllers: Option<&str>,
+    with_node: bool,
+    env: &[(&str, &str)],
+) -> Cluster {
     let script = repo_root().join("scripts/cluster.sh");
     let mut command = Command::new("bash");
+    command.envs(env.iter().copied());
     if with_node {
         command.env("STOWAGE_WITH_NODE", "1");
     }
@@ -362,6 +371,20 @@ pub fn bare_cluster_of(name: &'static str, nodes: &[&str], binder: Binder) -> Ba
     let cluster = cell.get_or_init(|| start_cluster(controllers));
     prepare(&cluster.kubeconfig, nodes);
     BareCluster(cell)
+}
+
+/// A bare cluster of its own (not shared by name) whose API server writes
+/// an audit log of every request by stowage-system's ServiceAccounts, at
+/// `audit_log(&cluster)`.
+pub fn audited_cluster(nodes: &[&str]) -> BareCluster {
+    let cell: Arc<OnceLock<Cluster>> = Arc::default();
+    cell.get_or_init(|| start_cluster_env(Some(WITHOUT_BINDER), false, &[("STOWAGE_AUDIT", "1")]));
+    prepare(&cell.get().unwrap().kubeconfig, nodes);
+    BareCluster(cell)
+}
+
+pub fn audit_log(cluster: &BareCluster) -> PathBuf {
+    cluster.parent().unwrap().join("logs/audit.log")
 }
 
 /// A bare cluster's kubeconfig path; the cluster stops when the last test

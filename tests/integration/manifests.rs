@@ -49,9 +49,22 @@ fn api_server_accepts_every_manifest() {
         "daemonset.apps/stowage-node",
         "csidriver.storage.k8s.io/local.stowage.dev",
         "clusterrole.rbac.authorization.k8s.io/stowage-node",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/stowage-node-authority",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/stowage-node-authority",
     ] {
         assert!(stdout.contains(object), "{object} not applied:\n{stdout}");
     }
+    // Applied on its own, by those whose classes use Secrets.
+    let optional = dry_run_apply(&repo_root().join("manifests/optional"));
+    assert!(
+        optional
+            .contains("clusterrolebinding.rbac.authorization.k8s.io/stowage-controller-secrets"),
+        "{optional}"
+    );
+    assert!(
+        !stdout.contains("stowage-controller-secrets"),
+        "`kubectl apply -f manifests/` must not grant reading Secrets:\n{stdout}"
+    );
 }
 
 /// manifests/examples/ are what users copy to run stowage beside another

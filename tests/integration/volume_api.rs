@@ -207,6 +207,55 @@ async fn api_server_refuses_to_move_or_shrink_a_volume() {
         msg.contains("spec.capacityBytes") && msg.contains("cannot shrink"),
         "{msg}"
     );
+    // A field rule alone does not run when the field is removed (and a
+    // second write could then add another value): the rules are on spec.
+    let json_patch = |ops: serde_json::Value| {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let ops = serde_json::from_value(ops).unwrap();
+            api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(ops))
+                .await
+                .expect_err("the API server accepted a forbidden change")
+        }
+    };
+    let msg =
+        rejection_message(json_patch(json!([{ "op": "remove", "path": "/spec/node" }])).await);
+    assert!(
+        msg.contains("spec.node") && msg.contains("node is immutable"),
+        "{msg}"
+    );
+    for (field, ops) in [
+        (
+            "parameters",
+            json!([{ "op": "remove", "path": "/spec/parameters" }]),
+        ),
+        (
+            "parameters",
+            json!([{ "op": "add", "path": "/spec/parameters/csi.storage.k8s.io~1node-stage-secret-name", "value": "x" }]),
+        ),
+        (
+            "claim",
+            json!([{ "op": "add", "path": "/spec/claim", "value": { "namespace": "a", "name": "b", "uid": "c" } }]),
+        ),
+        (
+            "persistentVolumeName",
+            json!([{ "op": "add", "path": "/spec/persistentVolumeName", "value": "pv-other" }]),
+        ),
+        (
+            "source",
+            json!([{ "op": "add", "path": "/spec/source", "value": { "volume": "other" } }]),
+        ),
+    ] {
+        let msg = rejection_message(json_patch(ops).await);
+        assert!(
+            msg.contains(&format!("spec.{field}")) && msg.contains("is immutable"),
+            "{msg}"
+        );
+    }
+    let kept = api.get(&name).await.unwrap();
+    assert_eq!(kept.spec.node.as_deref(), Some("node-a"));
+    assert_eq!(kept.spec.claim, None);
 
     api.delete(&name, &DeleteParams::default())
         .await
