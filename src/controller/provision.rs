@@ -12,17 +12,18 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
-use serde_json::json;
 
 use super::capacity;
 use super::protocol::*;
 use super::secrets::{self, TemplateValues};
-use crate::backend::local::{self, Layout, Parameters};
-use crate::crd::{
-    AccessMode, ClaimReference, NODE_LABEL, ReclaimPolicy, StorageNode, VOLUME_FINALIZER, Volume,
-    VolumeMode, VolumePhase, VolumeSpec,
-};
+use crate::backend::local;
+use crate::crd::{StorageNode, Volume, VolumePhase};
 use crate::quantity::{format_bytes, parse_bytes};
+
+mod desired;
+
+pub use desired::desired_pv;
+use desired::{desired_remote_volume, desired_volume};
 
 /// Everything `plan` looks at for one claim.
 pub struct ClaimView<'a> {
@@ -243,79 +244,11 @@ fn after_volume_written(view: &ClaimView, class: &StorageClass, volume: &Volume)
     }
 }
 
-/// The Volume to write for a claim, or None while waiting for the scheduler.
-fn desired_volume(
+pub(super) fn check_room_on(
     view: &ClaimView,
-    class: &StorageClass,
-) -> Result<Option<Volume>, ProvisionError> {
-    let claim = view.claim;
-    let spec = claim.spec.clone().unwrap_or_default();
-    let params = Parameters::parse(&class.parameters.clone().unwrap_or_default())?;
-
-    let access_modes = spec
-        .access_modes
-        .unwrap_or_default()
-        .iter()
-        .map(|m| match m.as_str() {
-            "ReadWriteOnce" => Ok(AccessMode::ReadWriteOnce),
-            "ReadWriteOncePod" => Ok(AccessMode::ReadWriteOncePod),
-            other => Err(ProvisionError::AccessMode(other.to_string())),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let volume_mode = match spec.volume_mode.as_deref() {
-        Some("Block") => VolumeMode::Block,
-        _ => VolumeMode::Filesystem,
-    };
-    if volume_mode == VolumeMode::Block && params.layout == Layout::Dir {
-        return Err(ProvisionError::BlockOnDir);
-    }
-    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
-        return Err(ProvisionError::DataSource);
-    }
-    let requested = requested_bytes(claim)?;
-    let bytes = params.allocated_bytes(requested);
-
-    let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
-    let node = if wffc {
-        let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
-            return Ok(None);
-        };
-        check_room_on(view, selected, bytes)?;
-        selected.clone()
-    } else {
-        choose_node(view, bytes)?
-    };
-
-    let name = volume_name(claim).expect("claims from the API server have a UID");
-    let mut volume = Volume::new(
-        &name,
-        VolumeSpec {
-            driver: local::DRIVER_NAME.to_string(),
-            parameters: class.parameters.clone().unwrap_or_default(),
-            capacity_bytes: bytes,
-            access_modes,
-            volume_mode,
-            node: Some(node.clone()),
-            requisite_topology: Vec::new(),
-            source: None,
-            claim: Some(ClaimReference {
-                namespace: claim.namespace().unwrap_or_default(),
-                name: claim.name_any(),
-                uid: claim.uid().unwrap_or_default(),
-            }),
-            persistent_volume_name: Some(name.clone()),
-            reclaim_policy: match class.reclaim_policy.as_deref() {
-                Some("Retain") => ReclaimPolicy::Retain,
-                _ => ReclaimPolicy::Delete,
-            },
-        },
-    );
-    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
-    volume.metadata.labels = Some(BTreeMap::from([(NODE_LABEL.to_string(), node)]));
-    Ok(Some(volume))
-}
-
-fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), ProvisionError> {
+    node: &str,
+    bytes: i64,
+) -> Result<(), ProvisionError> {
     let free = capacity::free_bytes(view.storage_nodes, view.promised);
     let Some((_, free)) = free.iter().find(|(n, _)| n == node) else {
         return Err(ProvisionError::NodeWithoutAgent(node.to_string()));
@@ -332,7 +265,7 @@ fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), Provisi
 
 /// The node with the most free room that can hold `bytes`; ties go to the
 /// name that sorts first, so the choice is stable across retries.
-fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
+pub(super) fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
     let mut free = capacity::free_bytes(view.storage_nodes, view.promised);
     free.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     match free.first() {
@@ -346,7 +279,7 @@ fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
     }
 }
 
-fn requested_bytes(claim: &PersistentVolumeClaim) -> Result<i64, ProvisionError> {
+pub(super) fn requested_bytes(claim: &PersistentVolumeClaim) -> Result<i64, ProvisionError> {
     let requested = claim
         .spec
         .as_ref()
@@ -362,7 +295,10 @@ fn requested_bytes(claim: &PersistentVolumeClaim) -> Result<i64, ProvisionError>
     Ok(bytes)
 }
 
-fn template_values<'a>(claim: &'a PersistentVolumeClaim, pv_name: &'a str) -> TemplateValues<'a> {
+pub(super) fn template_values<'a>(
+    claim: &'a PersistentVolumeClaim,
+    pv_name: &'a str,
+) -> TemplateValues<'a> {
     TemplateValues {
         pv_name,
         claim_namespace: claim.metadata.namespace.as_deref().unwrap_or_default(),
@@ -371,395 +307,5 @@ fn template_values<'a>(claim: &'a PersistentVolumeClaim, pv_name: &'a str) -> Te
     }
 }
 
-/// The Volume to write for a claim of a `--csi-driver`: the driver decides
-/// placement, within the scheduler's node's topology for
-/// `WaitForFirstConsumer`.
-fn desired_remote_volume(
-    view: &ClaimView,
-    class: &StorageClass,
-) -> Result<Option<Volume>, ProvisionError> {
-    let claim = view.claim;
-    let spec = claim.spec.clone().unwrap_or_default();
-    let name = volume_name(claim).expect("claims from the API server have a UID");
-    let parameters = class.parameters.clone().unwrap_or_default();
-    secrets::all_refs(&parameters, &template_values(claim, &name))?;
-    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
-        return Err(ProvisionError::DataSource);
-    }
-    let access_modes = spec
-        .access_modes
-        .unwrap_or_default()
-        .iter()
-        .map(|m| match m.as_str() {
-            "ReadWriteOnce" => Ok(AccessMode::ReadWriteOnce),
-            "ReadWriteOncePod" => Ok(AccessMode::ReadWriteOncePod),
-            "ReadOnlyMany" => Ok(AccessMode::ReadOnlyMany),
-            "ReadWriteMany" => Ok(AccessMode::ReadWriteMany),
-            other => Err(ProvisionError::AccessMode(other.to_string())),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let bytes = requested_bytes(claim)?;
-    let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
-    let requisite_topology = if wffc {
-        let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
-            return Ok(None);
-        };
-        match &view.node_topology {
-            Some(t) if !t.is_empty() => vec![t.clone()],
-            Some(_) => Vec::new(),
-            None => {
-                return Err(ProvisionError::NoTopology {
-                    node: selected.clone(),
-                    driver: class.provisioner.clone(),
-                });
-            }
-        }
-    } else {
-        view.cluster_topology.clone()
-    };
-    let mut volume = Volume::new(
-        &name,
-        VolumeSpec {
-            driver: class.provisioner.clone(),
-            parameters,
-            capacity_bytes: bytes,
-            access_modes,
-            volume_mode: match spec.volume_mode.as_deref() {
-                Some("Block") => VolumeMode::Block,
-                _ => VolumeMode::Filesystem,
-            },
-            node: None,
-            requisite_topology,
-            source: None,
-            claim: Some(ClaimReference {
-                namespace: claim.namespace().unwrap_or_default(),
-                name: claim.name_any(),
-                uid: claim.uid().unwrap_or_default(),
-            }),
-            persistent_volume_name: Some(name.clone()),
-            reclaim_policy: match class.reclaim_policy.as_deref() {
-                Some("Retain") => ReclaimPolicy::Retain,
-                _ => ReclaimPolicy::Delete,
-            },
-        },
-    );
-    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
-    Ok(Some(volume))
-}
-
-/// The PV external-provisioner would create for a `--csi-driver` volume.
-fn desired_remote_pv(
-    claim: &PersistentVolumeClaim,
-    class: &StorageClass,
-    volume: &Volume,
-) -> PersistentVolume {
-    // The status of a `--csi-driver` Volume is the controller's own (the
-    // node agents' admission policy keeps them to Volumes with a spec.node):
-    // handle, context and topology are what CreateVolume returned.
-    let status = volume.status.clone().unwrap_or_default();
-    // CSI's 0 means "unknown": the request is the best we know.
-    let capacity = status
-        .capacity_bytes
-        .filter(|b| *b > 0)
-        .unwrap_or(volume.spec.capacity_bytes);
-    let block = volume.spec.volume_mode == VolumeMode::Block;
-    let params = &volume.spec.parameters;
-    let mut csi = json!({
-        "driver": volume.spec.driver,
-        "volumeHandle": status.volume_handle.clone().unwrap_or_else(|| volume.name_any()),
-        "volumeAttributes": status.volume_context,
-    });
-    if !block && let Some(fs) = params.get(secrets::FS_TYPE) {
-        csi["fsType"] = json!(fs);
-    }
-    let name = volume.name_any();
-    // Checked by `after_volume_written` just before: these resolve.
-    for (kind, r) in secrets::all_refs(params, &template_values(claim, &name)).unwrap_or_default() {
-        if let Some(field) = kind.pv_field() {
-            csi[field] = json!(r);
-        }
-    }
-    let mut pv = json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {
-            "name": name,
-            "annotations": { ANN_PROVISIONED_BY: volume.spec.driver },
-            "finalizers": [PV_PROVISIONER_FINALIZER],
-        },
-        "spec": {
-            "capacity": { "storage": format_bytes(capacity) },
-            "accessModes": claim.spec.as_ref().and_then(|s| s.access_modes.clone()).unwrap_or_default(),
-            "persistentVolumeReclaimPolicy": class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
-            "storageClassName": class.name_any(),
-            "mountOptions": class.mount_options.clone(),
-            "volumeMode": if block { "Block" } else { "Filesystem" },
-            "claimRef": {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "namespace": claim.namespace(),
-                "name": claim.name_any(),
-                "uid": claim.uid(),
-            },
-            "csi": csi,
-        },
-    });
-    if !status.topology.is_empty() {
-        let expressions: Vec<_> = status
-            .topology
-            .iter()
-            .map(|(k, v)| json!({ "key": k, "operator": "In", "values": [v] }))
-            .collect();
-        pv["spec"]["nodeAffinity"] =
-            json!({ "required": { "nodeSelectorTerms": [{ "matchExpressions": expressions }] } });
-    }
-    serde_json::from_value(pv).expect("PV literal matches the PersistentVolume schema")
-}
-
-/// The PV external-provisioner would create for this volume.
-pub fn desired_pv(
-    claim: &PersistentVolumeClaim,
-    class: &StorageClass,
-    volume: &Volume,
-) -> PersistentVolume {
-    if volume.spec.driver != local::DRIVER_NAME {
-        return desired_remote_pv(claim, class, volume);
-    }
-    // Built from the spec alone: the status of a node-local Volume is
-    // written by its node agent, which must not be able to point the PV at
-    // another volume (handle), give it attributes, or grow it. The agent
-    // names the data after the Volume and creates it at the spec's size.
-    let capacity = volume.spec.capacity_bytes;
-    let node = volume.spec.node.clone().unwrap_or_default();
-    let params = Parameters::parse(&volume.spec.parameters).unwrap_or_default();
-    let block = volume.spec.volume_mode == VolumeMode::Block;
-    let access_modes: Vec<_> = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.access_modes.clone())
-        .unwrap_or_default();
-    let pv = json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {
-            "name": volume.name_any(),
-            "annotations": { ANN_PROVISIONED_BY: local::DRIVER_NAME },
-            "finalizers": [PV_PROVISIONER_FINALIZER],
-        },
-        "spec": {
-            "capacity": { "storage": format_bytes(capacity) },
-            "accessModes": access_modes,
-            "persistentVolumeReclaimPolicy": class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
-            "storageClassName": class.name_any(),
-            "mountOptions": class.mount_options.clone(),
-            "volumeMode": if block { "Block" } else { "Filesystem" },
-            "claimRef": {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "namespace": claim.namespace(),
-                "name": claim.name_any(),
-                "uid": claim.uid(),
-            },
-            "csi": {
-                "driver": local::DRIVER_NAME,
-                "volumeHandle": volume.name_any(),
-                "fsType": if block { None } else { Some(params.fs_type.as_str()) },
-                "volumeAttributes": { "layout": match params.layout { Layout::Image => "image", Layout::Dir => "dir" } },
-            },
-            "nodeAffinity": { "required": { "nodeSelectorTerms": [{
-                "matchExpressions": [{ "key": local::TOPOLOGY_KEY, "operator": "In", "values": [node] }]
-            }]}},
-        },
-    });
-    serde_json::from_value(pv).expect("PV literal matches the PersistentVolume schema")
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::crd::{StorageNodeSpec, StorageNodeStatus};
-
-    fn class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
-        serde_json::from_value(json!({
-            "metadata": { "name": "c" },
-            "provisioner": local::DRIVER_NAME,
-            "volumeBindingMode": mode,
-            "parameters": params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-        }))
-        .unwrap()
-    }
-
-    fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> PersistentVolumeClaim {
-        let mut c: PersistentVolumeClaim = serde_json::from_value(json!({
-            "metadata": { "name": "data", "namespace": "ns", "uid": "u1" },
-            "spec": { "storageClassName": "c", "accessModes": modes,
-                      "resources": { "requests": { "storage": size } } },
-        }))
-        .unwrap();
-        if let Some(node) = selected {
-            c.metadata.annotations = Some(BTreeMap::from([(
-                ANN_SELECTED_NODE.to_string(),
-                node.to_string(),
-            )]));
-        }
-        c
-    }
-
-    fn node(name: &str, capacity: i64) -> StorageNode {
-        let mut n = StorageNode::new(
-            name,
-            StorageNodeSpec {
-                driver: local::DRIVER_NAME.into(),
-                node: name.into(),
-            },
-        );
-        n.status = Some(StorageNodeStatus {
-            capacity_bytes: capacity,
-            ..Default::default()
-        });
-        n
-    }
-
-    fn plan_for(
-        claim: &PersistentVolumeClaim,
-        class: &StorageClass,
-        nodes: &[&StorageNode],
-    ) -> Provision {
-        plan(&ClaimView {
-            claim,
-            class: Some(class),
-            volume: None,
-            pv: None,
-            storage_nodes: nodes,
-            promised: &BTreeMap::new(),
-            static_match: false,
-            remote: false,
-            serve_local: true,
-            node_topology: None,
-            cluster_topology: Vec::new(),
-        })
-    }
-
-    const GI: i64 = 1 << 30;
-
-    #[test]
-    fn immediate_remote_claims_ask_for_every_segment_the_driver_runs_in() {
-        let mut class = class("Immediate", &[]);
-        class.provisioner = "hostpath.csi.k8s.io".into();
-        let zones: Vec<BTreeMap<String, String>> = ["a", "b"]
-            .iter()
-            .map(|z| BTreeMap::from([("zone".to_string(), z.to_string())]))
-            .collect();
-        let claim = claim("1Gi", &["ReadWriteOnce"], None);
-        let Provision::CreateVolume(v) = plan(&ClaimView {
-            claim: &claim,
-            class: Some(&class),
-            volume: None,
-            pv: None,
-            storage_nodes: &[],
-            promised: &BTreeMap::new(),
-            static_match: false,
-            remote: true,
-            serve_local: true,
-            node_topology: None,
-            cluster_topology: zones.clone(),
-        }) else {
-            panic!("expected a Volume")
-        };
-        assert_eq!(v.spec.driver, "hostpath.csi.k8s.io");
-        assert_eq!(v.spec.requisite_topology, zones);
-        assert_eq!(v.spec.node, None);
-    }
-
-    #[test]
-    fn immediate_picks_the_node_with_most_room() {
-        let (a, b) = (node("a", GI), node("b", 4 * GI));
-        let Provision::CreateVolume(v) = plan_for(
-            &claim("1Gi", &["ReadWriteOnce"], None),
-            &class("Immediate", &[]),
-            &[&a, &b],
-        ) else {
-            panic!("expected a Volume")
-        };
-        assert_eq!(v.name_any(), "pvc-u1");
-        assert_eq!(v.spec.node.as_deref(), Some("b"));
-        assert_eq!(v.spec.capacity_bytes, GI);
-        assert_eq!(v.labels()[NODE_LABEL], "b");
-        assert!(v.finalizers().contains(&VOLUME_FINALIZER.to_string()));
-    }
-
-    #[test]
-    fn wait_for_first_consumer_waits_for_the_scheduler_then_uses_its_node() {
-        let (a, b) = (node("a", 4 * GI), node("b", 4 * GI));
-        let wffc = class("WaitForFirstConsumer", &[]);
-        assert_eq!(
-            plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &wffc, &[&a, &b]),
-            Provision::WaitForConsumer
-        );
-        let Provision::CreateVolume(v) = plan_for(
-            &claim("1Gi", &["ReadWriteOnce"], Some("a")),
-            &wffc,
-            &[&a, &b],
-        ) else {
-            panic!("expected a Volume")
-        };
-        assert_eq!(v.spec.node.as_deref(), Some("a"));
-    }
-
-    #[test]
-    fn bad_requests_fail_with_what_to_change() {
-        let a = node("a", GI);
-        let imm = class("Immediate", &[]);
-        let cases = [
-            (
-                claim("0", &["ReadWriteOnce"], None),
-                ProvisionError::ZeroSize,
-            ),
-            (
-                claim("1Gi", &["ReadWriteMany"], None),
-                ProvisionError::AccessMode("ReadWriteMany".into()),
-            ),
-            (
-                claim("1Gi", &["ReadOnlyMany"], None),
-                ProvisionError::AccessMode("ReadOnlyMany".into()),
-            ),
-        ];
-        for (c, expected) in cases {
-            assert_eq!(plan_for(&c, &imm, &[&a]), Provision::Fail(expected));
-        }
-        let Provision::Fail(e) = plan_for(&claim("2Gi", &["ReadWriteOnce"], None), &imm, &[&a])
-        else {
-            panic!()
-        };
-        assert!(
-            matches!(e, ProvisionError::NoRoom { .. }) && e.may_resolve_itself(),
-            "{e}"
-        );
-        assert_eq!(
-            plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &imm, &[]),
-            Provision::Fail(ProvisionError::NoNodes)
-        );
-        let bad = class("Immediate", &[("fsType", "btrfs")]);
-        assert!(matches!(
-            plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &bad, &[&a]),
-            Provision::Fail(ProvisionError::Parameters(_))
-        ));
-    }
-
-    #[test]
-    fn other_provisioners_and_bound_claims_are_skipped() {
-        let a = node("a", GI);
-        let mut other = class("Immediate", &[]);
-        other.provisioner = "ebs.csi.aws.com".into();
-        assert_eq!(
-            plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &other, &[&a]),
-            Provision::Skip
-        );
-        let mut bound = claim("1Gi", &["ReadWriteOnce"], None);
-        bound.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
-        assert_eq!(
-            plan_for(&bound, &class("Immediate", &[]), &[&a]),
-            Provision::Skip
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,315 @@
+//! The objects provisioning writes, one builder each: the Volume (intent,
+//! before any data) and the PV external-provisioner would create. The
+//! local and `--csi-driver` variants differ only in placement, the CSI
+//! source and the node affinity.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+use super::super::protocol::*;
+use super::super::secrets;
+use super::{
+    ClaimView, ProvisionError, check_room_on, choose_node, requested_bytes, template_values,
+    volume_name,
+};
+use crate::backend::local::{self, Layout, Parameters};
+use crate::crd::{
+    AccessMode, ClaimReference, NODE_LABEL, ReclaimPolicy, VOLUME_FINALIZER, Volume, VolumeMode,
+    VolumeSpec,
+};
+use crate::quantity::format_bytes;
+
+/// Where a Volume's data goes: a node (local), or topology segments the
+/// driver must honour (`--csi-driver`).
+enum Placement {
+    Node(String),
+    Topology(Vec<BTreeMap<String, String>>),
+}
+
+/// The claim's access modes, each one `allowed`.
+fn access_modes(
+    claim: &PersistentVolumeClaim,
+    allowed: &[AccessMode],
+) -> Result<Vec<AccessMode>, ProvisionError> {
+    let modes = claim.spec.as_ref().and_then(|s| s.access_modes.clone());
+    modes
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            serde_json::from_value::<AccessMode>(json!(m))
+                .ok()
+                .filter(|mode| allowed.contains(mode))
+                .ok_or_else(|| ProvisionError::AccessMode(m.clone()))
+        })
+        .collect()
+}
+
+fn volume_mode(claim: &PersistentVolumeClaim) -> VolumeMode {
+    match claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) {
+        Some("Block") => VolumeMode::Block,
+        _ => VolumeMode::Filesystem,
+    }
+}
+
+fn refuse_data_source(claim: &PersistentVolumeClaim) -> Result<(), ProvisionError> {
+    let spec = claim.spec.as_ref();
+    if spec.is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some()) {
+        return Err(ProvisionError::DataSource);
+    }
+    Ok(())
+}
+
+/// The one Volume builder: what both kinds share (claim, PV name, reclaim
+/// policy, our finalizer), placed as `placement` says.
+fn volume(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    bytes: i64,
+    access_modes: Vec<AccessMode>,
+    placement: Placement,
+) -> Volume {
+    let name = volume_name(claim).expect("claims from the API server have a UID");
+    let (node, requisite_topology) = match placement {
+        Placement::Node(node) => (Some(node), Vec::new()),
+        Placement::Topology(t) => (None, t),
+    };
+    let mut volume = Volume::new(
+        &name,
+        VolumeSpec {
+            driver: class.provisioner.clone(),
+            parameters: class.parameters.clone().unwrap_or_default(),
+            capacity_bytes: bytes,
+            access_modes,
+            volume_mode: volume_mode(claim),
+            node: node.clone(),
+            requisite_topology,
+            source: None,
+            claim: Some(ClaimReference {
+                namespace: claim.namespace().unwrap_or_default(),
+                name: claim.name_any(),
+                uid: claim.uid().unwrap_or_default(),
+            }),
+            persistent_volume_name: Some(name.clone()),
+            reclaim_policy: match class.reclaim_policy.as_deref() {
+                Some("Retain") => ReclaimPolicy::Retain,
+                _ => ReclaimPolicy::Delete,
+            },
+        },
+    );
+    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
+    volume.metadata.labels = node.map(|n| BTreeMap::from([(NODE_LABEL.to_string(), n)]));
+    volume
+}
+
+/// The Volume to write for a claim of `local.stowage.dev`, or None while
+/// waiting for the scheduler.
+pub(super) fn desired_volume(
+    view: &ClaimView,
+    class: &StorageClass,
+) -> Result<Option<Volume>, ProvisionError> {
+    let claim = view.claim;
+    let params = Parameters::parse(&class.parameters.clone().unwrap_or_default())?;
+    let modes = access_modes(
+        claim,
+        &[AccessMode::ReadWriteOnce, AccessMode::ReadWriteOncePod],
+    )?;
+    if volume_mode(claim) == VolumeMode::Block && params.layout == Layout::Dir {
+        return Err(ProvisionError::BlockOnDir);
+    }
+    refuse_data_source(claim)?;
+    let bytes = params.allocated_bytes(requested_bytes(claim)?);
+    let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
+    let node = if wffc {
+        let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
+            return Ok(None);
+        };
+        check_room_on(view, selected, bytes)?;
+        selected.clone()
+    } else {
+        choose_node(view, bytes)?
+    };
+    Ok(Some(volume(
+        claim,
+        class,
+        bytes,
+        modes,
+        Placement::Node(node),
+    )))
+}
+
+/// The Volume to write for a claim of a `--csi-driver`: the driver decides
+/// placement, within the scheduler's node's topology for
+/// `WaitForFirstConsumer`.
+pub(super) fn desired_remote_volume(
+    view: &ClaimView,
+    class: &StorageClass,
+) -> Result<Option<Volume>, ProvisionError> {
+    let claim = view.claim;
+    let name = volume_name(claim).expect("claims from the API server have a UID");
+    let parameters = class.parameters.clone().unwrap_or_default();
+    secrets::all_refs(&parameters, &template_values(claim, &name))?;
+    refuse_data_source(claim)?;
+    let all = [
+        AccessMode::ReadWriteOnce,
+        AccessMode::ReadWriteOncePod,
+        AccessMode::ReadOnlyMany,
+        AccessMode::ReadWriteMany,
+    ];
+    let modes = access_modes(claim, &all)?;
+    let bytes = requested_bytes(claim)?;
+    let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
+    let topology = if wffc {
+        let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
+            return Ok(None);
+        };
+        match &view.node_topology {
+            Some(t) if !t.is_empty() => vec![t.clone()],
+            Some(_) => Vec::new(),
+            None => {
+                return Err(ProvisionError::NoTopology {
+                    node: selected.clone(),
+                    driver: class.provisioner.clone(),
+                });
+            }
+        }
+    } else {
+        view.cluster_topology.clone()
+    };
+    Ok(Some(volume(
+        claim,
+        class,
+        bytes,
+        modes,
+        Placement::Topology(topology),
+    )))
+}
+
+/// The one PV builder: what external-provisioner writes for every driver,
+/// with the CSI source and node affinity of the volume's kind.
+fn pv(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    volume: &Volume,
+    capacity: i64,
+    csi: Value,
+    node_affinity: Option<Value>,
+) -> PersistentVolume {
+    let block = volume.spec.volume_mode == VolumeMode::Block;
+    let mut pv = json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": volume.name_any(),
+            "annotations": { ANN_PROVISIONED_BY: volume.spec.driver },
+            "finalizers": [PV_PROVISIONER_FINALIZER],
+        },
+        "spec": {
+            "capacity": { "storage": format_bytes(capacity) },
+            "accessModes": claim.spec.as_ref().and_then(|s| s.access_modes.clone()).unwrap_or_default(),
+            "persistentVolumeReclaimPolicy": class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
+            "storageClassName": class.name_any(),
+            "mountOptions": class.mount_options.clone(),
+            "volumeMode": if block { "Block" } else { "Filesystem" },
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": claim.namespace(),
+                "name": claim.name_any(),
+                "uid": claim.uid(),
+            },
+            "csi": csi,
+        },
+    });
+    if let Some(affinity) = node_affinity {
+        pv["spec"]["nodeAffinity"] = affinity;
+    }
+    serde_json::from_value(pv).expect("PV literal matches the PersistentVolume schema")
+}
+
+fn required_affinity(expressions: Vec<Value>) -> Value {
+    json!({ "required": { "nodeSelectorTerms": [{ "matchExpressions": expressions }] } })
+}
+
+/// The PV external-provisioner would create for this volume.
+pub fn desired_pv(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    volume: &Volume,
+) -> PersistentVolume {
+    if volume.spec.driver != local::DRIVER_NAME {
+        return desired_remote_pv(claim, class, volume);
+    }
+    // Built from the spec alone: the status of a node-local Volume is
+    // written by its node agent, which must not be able to point the PV at
+    // another volume (handle), give it attributes, or grow it. The agent
+    // names the data after the Volume and creates it at the spec's size.
+    let node = volume.spec.node.clone().unwrap_or_default();
+    let params = Parameters::parse(&volume.spec.parameters).unwrap_or_default();
+    let block = volume.spec.volume_mode == VolumeMode::Block;
+    let csi = json!({
+        "driver": local::DRIVER_NAME,
+        "volumeHandle": volume.name_any(),
+        "fsType": if block { None } else { Some(params.fs_type.as_str()) },
+        "volumeAttributes": { "layout": match params.layout { Layout::Image => "image", Layout::Dir => "dir" } },
+    });
+    let affinity = required_affinity(vec![
+        json!({ "key": local::TOPOLOGY_KEY, "operator": "In", "values": [node] }),
+    ]);
+    pv(
+        claim,
+        class,
+        volume,
+        volume.spec.capacity_bytes,
+        csi,
+        Some(affinity),
+    )
+}
+
+/// The PV external-provisioner would create for a `--csi-driver` volume.
+fn desired_remote_pv(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    volume: &Volume,
+) -> PersistentVolume {
+    // The status of a `--csi-driver` Volume is the controller's own (the
+    // node agents' admission policy keeps them to Volumes with a spec.node):
+    // handle, context and topology are what CreateVolume returned.
+    let status = volume.status.clone().unwrap_or_default();
+    // CSI's 0 means "unknown": the request is the best we know.
+    let capacity = status
+        .capacity_bytes
+        .filter(|b| *b > 0)
+        .unwrap_or(volume.spec.capacity_bytes);
+    let params = &volume.spec.parameters;
+    let mut csi = json!({
+        "driver": volume.spec.driver,
+        "volumeHandle": status.volume_handle.clone().unwrap_or_else(|| volume.name_any()),
+        "volumeAttributes": status.volume_context,
+    });
+    if volume.spec.volume_mode != VolumeMode::Block
+        && let Some(fs) = params.get(secrets::FS_TYPE)
+    {
+        csi["fsType"] = json!(fs);
+    }
+    let name = volume.name_any();
+    // Checked by `after_volume_written` just before: these resolve.
+    for (kind, r) in secrets::all_refs(params, &template_values(claim, &name)).unwrap_or_default() {
+        if let Some(field) = kind.pv_field() {
+            csi[field] = json!(r);
+        }
+    }
+    let affinity = (!status.topology.is_empty()).then(|| {
+        required_affinity(
+            status
+                .topology
+                .iter()
+                .map(|(k, v)| json!({ "key": k, "operator": "In", "values": [v] }))
+                .collect(),
+        )
+    });
+    pv(claim, class, volume, capacity, csi, affinity)
+}

@@ -1,0 +1,186 @@
+use super::*;
+use crate::crd::{NODE_LABEL, StorageNodeSpec, StorageNodeStatus, VOLUME_FINALIZER};
+use serde_json::json;
+
+fn class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
+    serde_json::from_value(json!({
+        "metadata": { "name": "c" },
+        "provisioner": local::DRIVER_NAME,
+        "volumeBindingMode": mode,
+        "parameters": params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+    }))
+    .unwrap()
+}
+
+fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> PersistentVolumeClaim {
+    let mut c: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": { "name": "data", "namespace": "ns", "uid": "u1" },
+        "spec": { "storageClassName": "c", "accessModes": modes,
+                  "resources": { "requests": { "storage": size } } },
+    }))
+    .unwrap();
+    if let Some(node) = selected {
+        c.metadata.annotations = Some(BTreeMap::from([(
+            ANN_SELECTED_NODE.to_string(),
+            node.to_string(),
+        )]));
+    }
+    c
+}
+
+fn node(name: &str, capacity: i64) -> StorageNode {
+    let mut n = StorageNode::new(
+        name,
+        StorageNodeSpec {
+            driver: local::DRIVER_NAME.into(),
+            node: name.into(),
+        },
+    );
+    n.status = Some(StorageNodeStatus {
+        capacity_bytes: capacity,
+        ..Default::default()
+    });
+    n
+}
+
+fn plan_for(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    nodes: &[&StorageNode],
+) -> Provision {
+    plan(&ClaimView {
+        claim,
+        class: Some(class),
+        volume: None,
+        pv: None,
+        storage_nodes: nodes,
+        promised: &BTreeMap::new(),
+        static_match: false,
+        remote: false,
+        serve_local: true,
+        node_topology: None,
+        cluster_topology: Vec::new(),
+    })
+}
+
+const GI: i64 = 1 << 30;
+
+#[test]
+fn immediate_remote_claims_ask_for_every_segment_the_driver_runs_in() {
+    let mut class = class("Immediate", &[]);
+    class.provisioner = "hostpath.csi.k8s.io".into();
+    let zones: Vec<BTreeMap<String, String>> = ["a", "b"]
+        .iter()
+        .map(|z| BTreeMap::from([("zone".to_string(), z.to_string())]))
+        .collect();
+    let claim = claim("1Gi", &["ReadWriteOnce"], None);
+    let Provision::CreateVolume(v) = plan(&ClaimView {
+        claim: &claim,
+        class: Some(&class),
+        volume: None,
+        pv: None,
+        storage_nodes: &[],
+        promised: &BTreeMap::new(),
+        static_match: false,
+        remote: true,
+        serve_local: true,
+        node_topology: None,
+        cluster_topology: zones.clone(),
+    }) else {
+        panic!("expected a Volume")
+    };
+    assert_eq!(v.spec.driver, "hostpath.csi.k8s.io");
+    assert_eq!(v.spec.requisite_topology, zones);
+    assert_eq!(v.spec.node, None);
+}
+
+#[test]
+fn immediate_picks_the_node_with_most_room() {
+    let (a, b) = (node("a", GI), node("b", 4 * GI));
+    let Provision::CreateVolume(v) = plan_for(
+        &claim("1Gi", &["ReadWriteOnce"], None),
+        &class("Immediate", &[]),
+        &[&a, &b],
+    ) else {
+        panic!("expected a Volume")
+    };
+    assert_eq!(v.name_any(), "pvc-u1");
+    assert_eq!(v.spec.node.as_deref(), Some("b"));
+    assert_eq!(v.spec.capacity_bytes, GI);
+    assert_eq!(v.labels()[NODE_LABEL], "b");
+    assert!(v.finalizers().contains(&VOLUME_FINALIZER.to_string()));
+}
+
+#[test]
+fn wait_for_first_consumer_waits_for_the_scheduler_then_uses_its_node() {
+    let (a, b) = (node("a", 4 * GI), node("b", 4 * GI));
+    let wffc = class("WaitForFirstConsumer", &[]);
+    assert_eq!(
+        plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &wffc, &[&a, &b]),
+        Provision::WaitForConsumer
+    );
+    let Provision::CreateVolume(v) = plan_for(
+        &claim("1Gi", &["ReadWriteOnce"], Some("a")),
+        &wffc,
+        &[&a, &b],
+    ) else {
+        panic!("expected a Volume")
+    };
+    assert_eq!(v.spec.node.as_deref(), Some("a"));
+}
+
+#[test]
+fn bad_requests_fail_with_what_to_change() {
+    let a = node("a", GI);
+    let imm = class("Immediate", &[]);
+    let cases = [
+        (
+            claim("0", &["ReadWriteOnce"], None),
+            ProvisionError::ZeroSize,
+        ),
+        (
+            claim("1Gi", &["ReadWriteMany"], None),
+            ProvisionError::AccessMode("ReadWriteMany".into()),
+        ),
+        (
+            claim("1Gi", &["ReadOnlyMany"], None),
+            ProvisionError::AccessMode("ReadOnlyMany".into()),
+        ),
+    ];
+    for (c, expected) in cases {
+        assert_eq!(plan_for(&c, &imm, &[&a]), Provision::Fail(expected));
+    }
+    let Provision::Fail(e) = plan_for(&claim("2Gi", &["ReadWriteOnce"], None), &imm, &[&a]) else {
+        panic!()
+    };
+    assert!(
+        matches!(e, ProvisionError::NoRoom { .. }) && e.may_resolve_itself(),
+        "{e}"
+    );
+    assert_eq!(
+        plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &imm, &[]),
+        Provision::Fail(ProvisionError::NoNodes)
+    );
+    let bad = class("Immediate", &[("fsType", "btrfs")]);
+    assert!(matches!(
+        plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &bad, &[&a]),
+        Provision::Fail(ProvisionError::Parameters(_))
+    ));
+}
+
+#[test]
+fn other_provisioners_and_bound_claims_are_skipped() {
+    let a = node("a", GI);
+    let mut other = class("Immediate", &[]);
+    other.provisioner = "ebs.csi.aws.com".into();
+    assert_eq!(
+        plan_for(&claim("1Gi", &["ReadWriteOnce"], None), &other, &[&a]),
+        Provision::Skip
+    );
+    let mut bound = claim("1Gi", &["ReadWriteOnce"], None);
+    bound.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
+    assert_eq!(
+        plan_for(&bound, &class("Immediate", &[]), &[&a]),
+        Provision::Skip
+    );
+}
