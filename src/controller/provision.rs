@@ -119,6 +119,20 @@ pub enum ProvisionError {
         wanted: String,
         free: String,
     },
+    #[error(
+        "node {node} selected by the scheduler takes no new volumes: {message}; \
+         it will again once space there is back above its reserve"
+    )]
+    DiskPressure { node: String, message: String },
+    #[error(
+        "no node can take a new volume: every node with a stowage agent is under \
+         disk pressure ({nodes}); on {first}: {message}"
+    )]
+    AllUnderDiskPressure {
+        nodes: String,
+        first: String,
+        message: String,
+    },
     #[error("node {node} failed to create the volume: {message}")]
     Backend { node: String, message: String },
     #[error("{driver} failed to create the volume: {message}")]
@@ -136,6 +150,8 @@ impl ProvisionError {
                 | ProvisionError::NodeWithoutAgent(_)
                 | ProvisionError::NoRoom { .. }
                 | ProvisionError::NoRoomOnNode { .. }
+                | ProvisionError::DiskPressure { .. }
+                | ProvisionError::AllUnderDiskPressure { .. }
                 | ProvisionError::Backend { .. }
                 | ProvisionError::Driver { .. }
         )
@@ -306,6 +322,17 @@ fn desired_volume(
 }
 
 fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), ProvisionError> {
+    let pressure = view
+        .storage_nodes
+        .iter()
+        .filter(|n| n.spec.node == node)
+        .find_map(|n| capacity::pressure(n));
+    if let Some(message) = pressure {
+        return Err(ProvisionError::DiskPressure {
+            node: node.to_string(),
+            message: message.to_string(),
+        });
+    }
     let free = capacity::free_bytes(view.storage_nodes, view.promised);
     let Some((_, free)) = free.iter().find(|(n, _)| n == node) else {
         return Err(ProvisionError::NodeWithoutAgent(node.to_string()));
@@ -320,13 +347,28 @@ fn check_room_on(view: &ClaimView, node: &str, bytes: i64) -> Result<(), Provisi
     Ok(())
 }
 
-/// The node with the most free room that can hold `bytes`; ties go to the
-/// name that sorts first, so the choice is stable across retries.
+/// The node with the most free room that can hold `bytes`, among those not
+/// under disk pressure; ties go to the name that sorts first, so the choice
+/// is stable across retries.
 fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
+    let pressured: BTreeMap<&str, &str> = view
+        .storage_nodes
+        .iter()
+        .filter(|n| n.spec.driver == local::DRIVER_NAME)
+        .filter_map(|n| Some((n.spec.node.as_str(), capacity::pressure(n)?)))
+        .collect();
     let mut free = capacity::free_bytes(view.storage_nodes, view.promised);
+    free.retain(|(node, _)| !pressured.contains_key(node.as_str()));
     free.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     match free.first() {
-        None => Err(ProvisionError::NoNodes),
+        None => match pressured.first_key_value() {
+            Some((first, message)) => Err(ProvisionError::AllUnderDiskPressure {
+                nodes: pressured.keys().copied().collect::<Vec<_>>().join(", "),
+                first: first.to_string(),
+                message: message.to_string(),
+            }),
+            None => Err(ProvisionError::NoNodes),
+        },
         Some((node, room)) if *room >= bytes => Ok(node.clone()),
         Some((node, room)) => Err(ProvisionError::NoRoom {
             wanted: format_bytes(bytes),
@@ -668,6 +710,72 @@ mod tests {
         assert_eq!(v.spec.capacity_bytes, GI);
         assert_eq!(v.labels()[NODE_LABEL], "b");
         assert!(v.finalizers().contains(&VOLUME_FINALIZER.to_string()));
+    }
+
+    fn under_pressure(mut n: StorageNode) -> StorageNode {
+        let status = n.status.as_mut().unwrap();
+        status.conditions = vec![crate::crd::VolumeCondition {
+            type_: crate::node::DISK_PRESSURE.into(),
+            status: crate::crd::ConditionStatus::True,
+            reason: "FreeSpaceBelowReserve".into(),
+            message: "the data filesystem has 5 bytes free".into(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            observed_generation: None,
+        }];
+        n
+    }
+
+    #[test]
+    fn no_new_volume_lands_on_a_node_under_disk_pressure() {
+        let roomy = under_pressure(node("roomy", 100 * GI));
+        let small = node("small", 2 * GI);
+        let immediate = class("Immediate", &[]);
+        let one = claim("1Gi", &["ReadWriteOnce"], None);
+        let Provision::CreateVolume(v) = plan_for(&one, &immediate, &[&roomy, &small]) else {
+            panic!("expected a Volume")
+        };
+        assert_eq!(
+            v.spec.node.as_deref(),
+            Some("small"),
+            "the roomier node is full"
+        );
+        // Room elsewhere too small: it is the room that is missing.
+        let three = claim("3Gi", &["ReadWriteOnce"], None);
+        assert!(matches!(
+            plan_for(&three, &immediate, &[&roomy, &small]),
+            Provision::Fail(ProvisionError::NoRoom { node, .. }) if node == "small"
+        ));
+        // Every node under pressure: that is what the event says.
+        let small = under_pressure(small);
+        let Provision::Fail(e) = plan_for(&one, &immediate, &[&small, &roomy]) else {
+            panic!("expected a failure")
+        };
+        assert!(
+            matches!(&e, ProvisionError::AllUnderDiskPressure { nodes, first, .. }
+            if nodes == "roomy, small" && first == "roomy"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("5 bytes free"), "{e}");
+        assert!(e.may_resolve_itself());
+        // The scheduler's choice is refused, saying why.
+        let wffc = class("WaitForFirstConsumer", &[]);
+        let Provision::Fail(e) = plan_for(
+            &claim("1Gi", &["ReadWriteOnce"], Some("roomy")),
+            &wffc,
+            &[&roomy],
+        ) else {
+            panic!("expected a failure")
+        };
+        assert!(
+            matches!(&e, ProvisionError::DiskPressure { node, .. } if node == "roomy"),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("5 bytes free") && e.to_string().contains("roomy"),
+            "{e}"
+        );
     }
 
     #[test]
