@@ -197,8 +197,15 @@ pub enum RoomError {
 
 /// statvfs of the data directory and a scan of the images in `store`.
 pub fn measure(store: &Store, policy: Policy) -> std::io::Result<Room> {
-    let data_dir = store.root().parent().unwrap_or(store.root());
-    let fs = crate::node::statvfs(data_dir)?;
+    // The data directory is made with the first volume: until then, the
+    // filesystem it will be on is that of its nearest existing ancestor.
+    let mut at = store.root();
+    while !at.exists()
+        && let Some(parent) = at.parent()
+    {
+        at = parent;
+    }
+    let fs = crate::node::statvfs(at)?;
     let disk = Disk {
         total: fs.total_bytes,
         available: fs.available_bytes,

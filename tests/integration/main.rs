@@ -24,6 +24,7 @@ mod leader_takeover;
 mod manifests;
 mod metrics;
 mod node_calls;
+mod node_capacity;
 mod node_format;
 mod node_fuzz;
 mod node_handover;
