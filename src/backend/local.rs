@@ -54,18 +54,28 @@ pub struct Parameters {
     pub fs_type: FsType,
     /// `layout`: image (default) or dir.
     pub layout: Layout,
+    /// `preallocate`: "true" allocates every block of the image when it is
+    /// made and when it grows, so the data filesystem cannot fill up under
+    /// the volume; "false" (default) leaves it sparse. Images only.
+    pub preallocate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParameterError {
     #[error(
-        "unknown StorageClass parameter {0:?}: {DRIVER_NAME} accepts fsType (ext4 or xfs) and layout (image or dir)"
+        "unknown StorageClass parameter {0:?}: {DRIVER_NAME} accepts fsType (ext4 or xfs), layout (image or dir) and preallocate (true or false)"
     )]
     Unknown(String),
     #[error("StorageClass parameter {key}: {value:?} is not supported; use ext4 or xfs")]
     FsType { key: String, value: String },
     #[error("StorageClass parameter layout: {0:?} is not supported; use image or dir")]
     Layout(String),
+    #[error("StorageClass parameter preallocate: {0:?} is not a boolean; use true or false")]
+    Preallocate(String),
+    #[error(
+        "StorageClass parameter preallocate: a directory has no blocks to allocate; remove it or use layout image"
+    )]
+    PreallocateDir,
 }
 
 /// Keys with this prefix are Kubernetes' own (secrets, fstype) and are
@@ -96,9 +106,19 @@ impl Parameters {
                         _ => return Err(ParameterError::Layout(value.clone())),
                     }
                 }
+                "preallocate" => {
+                    out.preallocate = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(ParameterError::Preallocate(value.clone())),
+                    }
+                }
                 k if k.starts_with(RESERVED_PREFIX) => {}
                 _ => return Err(ParameterError::Unknown(key.clone())),
             }
+        }
+        if out.preallocate && out.layout == Layout::Dir {
+            return Err(ParameterError::PreallocateDir);
         }
         Ok(out)
     }
@@ -248,6 +268,14 @@ impl Store {
                     let _ = tokio::fs::remove_file(&tmp).await;
                     return Err(e);
                 }
+                // After mkfs, which would punch holes in a preallocated
+                // file (it discards the device it formats).
+                if params.preallocate
+                    && let Err(e) = allocate(&tmp, 0, bytes)
+                {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
                 crate::failpoint::hit("node-after-mkfs");
                 tokio::fs::rename(&tmp, &image)
                     .await
@@ -257,16 +285,29 @@ impl Store {
         }
     }
 
-    /// Grows an image file (never shrinks it); returns its size.
+    /// Grows an image file (never shrinks it); returns its size. An image
+    /// whose every block is allocated was made with `preallocate`, and its
+    /// growth is allocated too.
     pub async fn grow(&self, id: &str, bytes: i64) -> Result<i64, LocalError> {
+        use std::os::unix::fs::MetadataExt;
         let image = self.image_path(id)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(&image)
             .map_err(io("opening", &image))?;
-        let current = file.metadata().map_err(io("reading", &image))?.len() as i64;
+        let meta = file.metadata().map_err(io("reading", &image))?;
+        let current = meta.len() as i64;
+        let preallocated = current > 0 && meta.blocks() as i64 * 512 >= current;
         if bytes > current {
-            file.set_len(bytes as u64).map_err(io("growing", &image))?;
+            if preallocated {
+                if let Err(e) = allocate(&image, current, bytes - current) {
+                    // Blocks allocated before ENOSPC lie past the old end.
+                    let _ = file.set_len(current as u64);
+                    return Err(e);
+                }
+            } else {
+                file.set_len(bytes as u64).map_err(io("growing", &image))?;
+            }
             crate::failpoint::hit("node-after-image-grown");
         }
         Ok(bytes.max(current))
@@ -331,6 +372,23 @@ impl Store {
     }
 }
 
+/// Allocates `len` bytes of `path` from `offset` (fallocate mode 0: holes
+/// get blocks, data stays, the file grows to cover the range). ENOSPC when
+/// the filesystem has not the blocks.
+fn allocate(path: &Path, offset: i64, len: i64) -> Result<(), LocalError> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io("opening", path))?;
+    // SAFETY: the descriptor is open for writing for the whole call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
+    if rc != 0 {
+        return Err(io("preallocating", path)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 async fn mkfs(fs: FsType, path: &Path) -> Result<(), LocalError> {
     let mut cmd = match fs {
         FsType::Ext4 => {
@@ -387,96 +445,4 @@ pub(crate) async fn output(mut cmd: Command) -> Result<String, LocalError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn defaults_are_ext4_images() {
-        assert_eq!(Parameters::parse(&params(&[])), Ok(Parameters::default()));
-    }
-
-    #[test]
-    fn accepts_known_and_reserved_keys() {
-        let p = Parameters::parse(&params(&[
-            ("fsType", "xfs"),
-            ("layout", "dir"),
-            ("csi.storage.k8s.io/provisioner-secret-name", "x"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            p,
-            Parameters {
-                fs_type: FsType::Xfs,
-                layout: Layout::Dir
-            }
-        );
-        let p = Parameters::parse(&params(&[("csi.storage.k8s.io/fstype", "xfs")])).unwrap();
-        assert_eq!(p.fs_type, FsType::Xfs);
-    }
-
-    #[test]
-    fn errors_name_the_parameter_and_the_fix() {
-        let e = Parameters::parse(&params(&[("fstype", "ext4")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("\"fstype\"") && e.contains("fsType"), "{e}");
-        let e = Parameters::parse(&params(&[("fsType", "btrfs")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("btrfs") && e.contains("ext4 or xfs"), "{e}");
-        let e = Parameters::parse(&params(&[("layout", "lvm")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lvm") && e.contains("image or dir"), "{e}");
-    }
-
-    #[test]
-    fn sizes_round_up_to_what_the_filesystem_needs() {
-        let ext4 = Parameters::default();
-        assert_eq!(ext4.allocated_bytes(1), 16 * MIB);
-        assert_eq!(ext4.allocated_bytes(100 * MIB + 1), 101 * MIB);
-        let xfs = Parameters {
-            fs_type: FsType::Xfs,
-            ..Default::default()
-        };
-        assert_eq!(xfs.allocated_bytes(MIB), 300 * MIB);
-    }
-
-    #[test]
-    fn sizes_near_the_int64_limit_never_wrap() {
-        let p = Parameters::default();
-        let last_mib = i64::MAX / MIB * MIB;
-        assert_eq!(p.checked_allocated_bytes(last_mib), Some(last_mib));
-        assert_eq!(p.checked_allocated_bytes(last_mib + 1), None);
-        assert_eq!(p.checked_allocated_bytes(i64::MAX), None);
-        assert_eq!(p.allocated_bytes(i64::MAX), i64::MAX);
-        assert_eq!(p.allocated_bytes(i64::MIN), 16 * MIB);
-    }
-
-    #[test]
-    fn volume_ids_cannot_leave_the_store() {
-        for bad in [
-            "",
-            ".",
-            "..",
-            "../x",
-            "a/b",
-            "/abs",
-            ".hidden",
-            "a\0b",
-            &"x".repeat(129),
-        ] {
-            assert!(validate_volume_id(bad).is_err(), "{bad:?} accepted");
-        }
-        for good in ["pvc-0f0e-11", "vol_1", "a.b"] {
-            assert!(validate_volume_id(good).is_ok(), "{good:?} refused");
-        }
-    }
-}
+mod tests;

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use kube::ResourceExt;
 
 use crate::backend::local;
-use crate::crd::{StorageNode, Volume};
+use crate::crd::{ConditionStatus, StorageNode, Volume};
+use crate::node::DISK_PRESSURE;
 
 /// Bytes each node has promised to Volumes, kept up to date from the Volume
 /// watch, so that placing a claim costs a pass over nodes, not over every
@@ -71,6 +72,18 @@ pub fn free_bytes(nodes: &[&StorageNode], promised: &BTreeMap<String, i64>) -> V
             (n.spec.node.clone(), capacity - used)
         })
         .collect()
+}
+
+/// Why a node takes no new volume now: its agent's `DiskPressure`
+/// condition is True (free space below its reserve), with the agent's
+/// message naming both.
+pub fn pressure(node: &StorageNode) -> Option<&str> {
+    node.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == DISK_PRESSURE && c.status == ConditionStatus::True)
+        .map(|c| c.message.as_str())
 }
 
 /// Free bytes on one node, or None when no agent runs there.
@@ -160,6 +173,35 @@ mod tests {
                 "{promised_bytes} promised of {capacity:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_node_is_under_pressure_only_while_its_condition_is_true() {
+        use crate::crd::VolumeCondition;
+        let condition = |type_: &str, status| VolumeCondition {
+            type_: type_.into(),
+            status,
+            reason: "FreeSpaceBelowReserve".into(),
+            message: "7 bytes free".into(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            observed_generation: None,
+        };
+        let mut n = node("n1", local::DRIVER_NAME, Some(10));
+        assert_eq!(pressure(&n), None, "no condition reported yet");
+        let status = n.status.as_mut().unwrap();
+        status.conditions = vec![condition(DISK_PRESSURE, ConditionStatus::False)];
+        assert_eq!(pressure(&n), None);
+        let status = n.status.as_mut().unwrap();
+        status.conditions = vec![condition("Other", ConditionStatus::True)];
+        assert_eq!(pressure(&n), None);
+        let status = n.status.as_mut().unwrap();
+        status
+            .conditions
+            .push(condition(DISK_PRESSURE, ConditionStatus::True));
+        assert_eq!(pressure(&n), Some("7 bytes free"));
+        assert_eq!(pressure(&node("n2", local::DRIVER_NAME, None)), None);
     }
 
     #[test]

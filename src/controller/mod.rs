@@ -102,7 +102,7 @@ pub struct Config {
     pub kcm_binder_grace: Duration,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("{s:?} is not a duration: use e.g. 30s, 500ms or 2m");
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
     let n: u64 = s[..split].parse().map_err(|_| err())?;

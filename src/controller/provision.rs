@@ -120,6 +120,20 @@ pub enum ProvisionError {
         wanted: String,
         free: String,
     },
+    #[error(
+        "node {node} selected by the scheduler takes no new volumes: {message}; \
+         it will again once space there is back above its reserve"
+    )]
+    DiskPressure { node: String, message: String },
+    #[error(
+        "no node can take a new volume: every node with a stowage agent is under \
+         disk pressure ({nodes}); on {first}: {message}"
+    )]
+    AllUnderDiskPressure {
+        nodes: String,
+        first: String,
+        message: String,
+    },
     #[error("node {node} failed to create the volume: {message}")]
     Backend { node: String, message: String },
     #[error("{driver} failed to create the volume: {message}")]
@@ -137,6 +151,8 @@ impl ProvisionError {
                 | ProvisionError::NodeWithoutAgent(_)
                 | ProvisionError::NoRoom { .. }
                 | ProvisionError::NoRoomOnNode { .. }
+                | ProvisionError::DiskPressure { .. }
+                | ProvisionError::AllUnderDiskPressure { .. }
                 | ProvisionError::Backend { .. }
                 | ProvisionError::Driver { .. }
         )
@@ -249,6 +265,17 @@ pub(super) fn check_room_on(
     node: &str,
     bytes: i64,
 ) -> Result<(), ProvisionError> {
+    let pressure = view
+        .storage_nodes
+        .iter()
+        .filter(|n| n.spec.node == node)
+        .find_map(|n| capacity::pressure(n));
+    if let Some(message) = pressure {
+        return Err(ProvisionError::DiskPressure {
+            node: node.to_string(),
+            message: message.to_string(),
+        });
+    }
     let free = capacity::free_bytes(view.storage_nodes, view.promised);
     let Some((_, free)) = free.iter().find(|(n, _)| n == node) else {
         return Err(ProvisionError::NodeWithoutAgent(node.to_string()));
@@ -263,13 +290,28 @@ pub(super) fn check_room_on(
     Ok(())
 }
 
-/// The node with the most free room that can hold `bytes`; ties go to the
-/// name that sorts first, so the choice is stable across retries.
+/// The node with the most free room that can hold `bytes`, among those not
+/// under disk pressure; ties go to the name that sorts first, so the choice
+/// is stable across retries.
 pub(super) fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
+    let pressured: BTreeMap<&str, &str> = view
+        .storage_nodes
+        .iter()
+        .filter(|n| n.spec.driver == local::DRIVER_NAME)
+        .filter_map(|n| Some((n.spec.node.as_str(), capacity::pressure(n)?)))
+        .collect();
     let mut free = capacity::free_bytes(view.storage_nodes, view.promised);
+    free.retain(|(node, _)| !pressured.contains_key(node.as_str()));
     free.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     match free.first() {
-        None => Err(ProvisionError::NoNodes),
+        None => match pressured.first_key_value() {
+            Some((first, message)) => Err(ProvisionError::AllUnderDiskPressure {
+                nodes: pressured.keys().copied().collect::<Vec<_>>().join(", "),
+                first: first.to_string(),
+                message: message.to_string(),
+            }),
+            None => Err(ProvisionError::NoNodes),
+        },
         Some((node, room)) if *room >= bytes => Ok(node.clone()),
         Some((node, room)) => Err(ProvisionError::NoRoom {
             wanted: format_bytes(bytes),

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
     status = "StorageNodeStatus",
     printcolumn = r#"{"name":"Driver","type":"string","jsonPath":".spec.driver"}"#,
     printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.capacityBytes"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.availableBytes"}"#,
+    printcolumn = r#"{"name":"DiskPressure","type":"string","jsonPath":".status.conditions[?(@.type==\"DiskPressure\")].status"}"#,
     printcolumn = r#"{"name":"Heartbeat","type":"date","jsonPath":".status.heartbeatTime"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -31,14 +33,23 @@ pub struct StorageNodeSpec {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageNodeStatus {
-    /// Bytes volumes on this node may add up to (requested sizes, since
-    /// images are sparse).
+    /// Bytes volumes on this node may add up to (their sizes, not what
+    /// they hold, since images are sparse): `--capacity`, or the data
+    /// filesystem's free bytes plus those stowage's images hold there, less
+    /// the reserve.
     pub capacity_bytes: i64,
     /// Free bytes on the data directory's filesystem right now.
     pub available_bytes: i64,
+    /// Bytes of the data filesystem kept free (`--capacity-reserve`).
+    #[serde(default)]
+    pub reserve_bytes: i64,
     /// Directory under which volumes are kept.
     pub data_dir: String,
     /// Last time the agent reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// `DiskPressure`: True while free bytes are below the reserve; the
+    /// controller places no new volume here then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<super::VolumeCondition>,
 }

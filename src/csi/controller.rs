@@ -9,12 +9,14 @@ use tonic::{Request, Response};
 
 use super::{CsiError, CsiResult, VolumeLocks, check_capability, required};
 use crate::backend::local::{self, Layout, Parameters, Store};
+use crate::node::room::{self, Policy, Room};
 use crate::proto::csi::v1::{self as csi, controller_server::Controller};
 
 pub struct ControllerService {
     pub store: Store,
     pub node: String,
-    pub capacity: i64,
+    /// What this endpoint may promise to volumes (`--capacity`).
+    pub room: Policy,
     pub locks: VolumeLocks,
 }
 
@@ -43,14 +45,13 @@ impl ControllerService {
         Ok(None)
     }
 
-    /// Bytes of capacity not taken by the volumes present.
-    async fn available(&self) -> Result<i64, CsiError> {
-        let mut used: i64 = 0;
-        for id in self.store.list().await.map_err(CsiError::from)? {
-            let bytes = self.existing_bytes(&id).await?.map_or(0, |(_, b)| b);
-            used = used.saturating_add(bytes);
-        }
-        Ok(self.capacity.saturating_sub(used).max(0))
+    /// Capacity and what the images present promise, as the node agent
+    /// measures them: CreateVolume, ControllerExpandVolume and GetCapacity
+    /// all judge by this one measure.
+    fn room(&self) -> Result<Room, CsiError> {
+        room::measure(&self.store, self.room).map_err(|e| {
+            CsiError::Internal(format!("measuring {}: {e}", self.store.root().display()))
+        })
     }
 
     fn volume(&self, id: &str, bytes: i64, params: Parameters) -> csi::Volume {
@@ -159,13 +160,9 @@ impl Controller for ControllerService {
                 volume: Some(self.volume(id, existing.max(bytes), params)),
             }));
         }
-        if bytes > self.capacity {
-            return Err(CsiError::OutOfRange(format!(
-                "{bytes} bytes do not fit: capacity is {}",
-                self.capacity
-            ))
-            .into());
-        }
+        self.room()?
+            .check_growth(0, bytes)
+            .map_err(CsiError::NoRoom)?;
         let created = self
             .store
             .create(id, params, bytes, !block)
@@ -255,7 +252,10 @@ impl Controller for ControllerService {
         _: Request<csi::GetCapacityRequest>,
     ) -> CsiResult<csi::GetCapacityResponse> {
         Ok(Response::new(csi::GetCapacityResponse {
-            available_capacity: self.available().await?,
+            available_capacity: {
+                let room = self.room()?;
+                room.capacity.saturating_sub(room.own.promised).max(0)
+            },
             maximum_volume_size: None,
             minimum_volume_size: Some(Parameters::default().allocated_bytes(1)),
         }))
@@ -352,13 +352,9 @@ impl Controller for ControllerService {
                     range.required_bytes, range.limit_bytes
                 ))
             })?;
-        if wanted > current && wanted - current > self.available().await? {
-            return Err(CsiError::OutOfRange(format!(
-                "growing volume {id} to {wanted} bytes does not fit: capacity is {}",
-                self.capacity
-            ))
-            .into());
-        }
+        self.room()?
+            .check_growth(current, wanted)
+            .map_err(CsiError::CannotGrow)?;
         let bytes = if wanted > current {
             self.store.grow(id, wanted).await.map_err(CsiError::from)?
         } else {

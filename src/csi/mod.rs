@@ -17,6 +17,7 @@ use tonic::{Code, Status};
 use crate::backend::local::LocalError;
 use crate::node::filesystem::ProbeError;
 use crate::node::paths::PathError;
+use crate::node::room::RoomError;
 use crate::proto::csi::v1 as csi;
 
 /// Errors of CSI calls, each knowing its gRPC code.
@@ -40,6 +41,15 @@ pub enum CsiError {
     /// (or an operator) has to look before anything is formatted.
     #[error(transparent)]
     Probe(#[from] ProbeError),
+    /// A new volume the node cannot hold: never (OutOfRange) or not now
+    /// (ResourceExhausted, which external-provisioner reads as "try
+    /// elsewhere").
+    #[error("{0}")]
+    NoRoom(RoomError),
+    /// Growth the node cannot hold; the spec's code for a capacity the
+    /// plugin will not give is OutOfRange either way.
+    #[error("{0}")]
+    CannotGrow(RoomError),
     #[error("{0}")]
     Internal(String),
 }
@@ -56,6 +66,16 @@ impl CsiError {
             {
                 Code::OutOfRange
             }
+            // A preallocation the data filesystem has no blocks for.
+            CsiError::Local(LocalError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                Code::ResourceExhausted
+            }
+            CsiError::NoRoom(RoomError::BeyondCapacity { .. }) | CsiError::CannotGrow(_) => {
+                Code::OutOfRange
+            }
+            CsiError::NoRoom(RoomError::NoRoom { .. }) => Code::ResourceExhausted,
             CsiError::NotFound(_) => Code::NotFound,
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
             CsiError::OutOfRange(_) => Code::OutOfRange,

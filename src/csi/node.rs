@@ -22,6 +22,9 @@ use capability::{fs_type, mount_flags, required_capability};
 
 pub struct NodeService {
     pub store: Store,
+    /// What this node may promise to volumes: NodeExpandVolume grows an
+    /// image only within it.
+    pub room: crate::node::room::Policy,
     pub node: String,
     /// Target and staging paths must lie under this directory.
     pub kubelet_dir: PathBuf,

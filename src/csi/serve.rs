@@ -159,6 +159,12 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let socket = socket_path(&config.endpoint)?;
     let store = Store::new(&config.data_dir);
     let locks = VolumeLocks::default();
+    // A fixed capacity: the endpoint serves tests and benchmarks, whose
+    // volumes must not depend on the host's free space.
+    let room = crate::node::room::Policy {
+        capacity: Some(config.capacity),
+        reserve: crate::node::room::Reserve::Bytes(0),
+    };
     let listener = bind(&socket)?;
     tracing::info!(socket = %socket.display(), driver = %config.driver_name, "serving CSI Identity, Controller and Node");
     let result = tonic::transport::Server::builder()
@@ -169,11 +175,12 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         .add_service(ControllerServer::new(ControllerService {
             store: store.clone(),
             node: config.node_name.clone(),
-            capacity: config.capacity,
+            room,
             locks: locks.clone(),
         }))
         .add_service(NodeServer::new(NodeService {
             store,
+            room,
             node: config.node_name,
             kubelet_dir: config.kubelet_dir,
             paths: config.request_paths,

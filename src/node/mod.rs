@@ -9,6 +9,9 @@ pub mod loop_device;
 pub mod mounts;
 pub mod paths;
 pub mod registration;
+mod report;
+pub use report::DISK_PRESSURE;
+pub mod room;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -21,15 +24,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client};
-use serde_json::json;
 
 use crate::backend::local::{self, Store};
 use crate::controller::Metrics;
-use crate::crd::{NODE_LABEL, StorageNode, Volume};
+use crate::crd::{NODE_LABEL, Volume};
 use crate::telemetry::{self, Health};
 
 pub const FIELD_MANAGER: &str = "stowage-node";
@@ -44,10 +45,22 @@ pub struct Config {
     #[arg(long, env = "STOWAGE_DATA_DIR", default_value = "/var/lib/stowage")]
     pub data_dir: PathBuf,
 
-    /// Bytes of volumes this node may hold (e.g. 100Gi). Defaults to the
-    /// size of the data directory's filesystem.
+    /// Bytes of volumes this node may hold (e.g. 100Gi). Without it: the
+    /// data filesystem's free space, plus what stowage's own images hold
+    /// there, less --capacity-reserve.
     #[arg(long, env = "STOWAGE_CAPACITY", value_parser = parse_quantity)]
     pub capacity: Option<i64>,
+
+    /// Space of the data filesystem never promised to volumes, as a
+    /// quantity (10Gi) or a percentage of the filesystem's size (5%). Free
+    /// space below it sets the StorageNode's DiskPressure condition: no new
+    /// volumes land here, and the claims of volumes here are warned.
+    #[arg(long, env = "STOWAGE_CAPACITY_RESERVE", default_value = room::DEFAULT_RESERVE, value_parser = room::Reserve::parse)]
+    pub capacity_reserve: room::Reserve,
+
+    /// How often the StorageNode (capacity, DiskPressure) is reported.
+    #[arg(long, env = "STOWAGE_REPORT_INTERVAL", default_value = "30s", value_parser = crate::controller::parse_duration)]
+    pub report_interval: Duration,
 
     /// Address for `/metrics` and `/healthz`.
     #[arg(
@@ -65,6 +78,15 @@ pub struct Config {
     /// Volumes created or deleted at once (each runs mkfs or removes data).
     #[arg(long, env = "STOWAGE_NODE_WORKERS", default_value_t = 4)]
     pub workers: u16,
+}
+
+impl Config {
+    pub fn room(&self) -> room::Policy {
+        room::Policy {
+            capacity: self.capacity,
+            reserve: self.capacity_reserve,
+        }
+    }
 }
 
 pub fn parse_quantity(s: &str) -> Result<i64, String> {
@@ -118,6 +140,8 @@ pub struct NodeContext {
     pub client: Client,
     pub node: String,
     pub store: Store,
+    /// `--capacity`, `--capacity-reserve`.
+    pub room: room::Policy,
     pub metrics: Metrics,
     /// Per-Volume retry delays.
     pub failures: crate::retry::Failures,
@@ -195,14 +219,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
         client: client.clone(),
         node: config.node_name.clone(),
         store: Store::new(&config.data_dir),
+        room: config.room(),
         metrics,
         failures: Default::default(),
     });
-    report_storage_node(&ctx, &config).await?;
+    let reporter = report::Reporter::new(&ctx, &config);
+    reporter.report(&ctx).await?;
     let heartbeat = async {
         loop {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            if let Err(e) = report_storage_node(&ctx, &config).await {
+            tokio::time::sleep(config.report_interval).await;
+            if let Err(e) = reporter.report(&ctx).await {
                 tracing::warn!(error = %e, "reporting StorageNode failed");
             }
         }
@@ -335,6 +361,7 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
     tracing::info!(socket = %socket.display(), "serving plugin registration, CSI Identity and Node");
     let node = NodeService {
         store: Store::new(&config.data_dir),
+        room: config.room(),
         node: config.node_name.clone(),
         kubelet_dir: config.kubelet_dir.clone(),
         // kubelet is the only caller here.
@@ -424,44 +451,6 @@ impl Health for NodeReadiness {
             (Some(why), Err(kubelet)) => Err(format!("not acting on this node: {why}; {kubelet}")),
         }
     }
-}
-
-/// Publishes this node's capacity (server-side apply, so it is idempotent).
-async fn report_storage_node(ctx: &NodeContext, config: &Config) -> Result<(), Error> {
-    let (total, available) =
-        filesystem_bytes(&config.data_dir).map_err(|source| Error::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-    let api = Api::<StorageNode>::all(ctx.client.clone());
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let object = json!({
-        "apiVersion": "stowage.dev/v1alpha1",
-        "kind": "StorageNode",
-        "metadata": { "name": ctx.node },
-        "spec": { "driver": local::DRIVER_NAME, "node": ctx.node },
-    });
-    api.patch(&ctx.node, &params, &Patch::Apply(&object))
-        .await?;
-    let status = json!({
-        "apiVersion": "stowage.dev/v1alpha1",
-        "kind": "StorageNode",
-        "status": {
-            "capacityBytes": config.capacity.unwrap_or(total),
-            "availableBytes": available,
-            "dataDir": config.data_dir.display().to_string(),
-            "heartbeatTime": k8s_openapi::jiff::Timestamp::now().to_string(),
-        },
-    });
-    api.patch_status(&ctx.node, &params, &Patch::Apply(&status))
-        .await?;
-    Ok(())
-}
-
-/// (total, available) bytes of the filesystem holding `path`.
-fn filesystem_bytes(path: &std::path::Path) -> std::io::Result<(i64, i64)> {
-    let st = statvfs(path)?;
-    Ok((st.total_bytes, st.available_bytes))
 }
 
 /// Usage of the filesystem holding a path.

@@ -26,6 +26,7 @@ mod manifests;
 mod metrics;
 mod node_authority;
 mod node_calls;
+mod node_capacity;
 mod node_format;
 mod node_fuzz;
 mod node_handover;

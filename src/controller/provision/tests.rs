@@ -184,3 +184,69 @@ fn other_provisioners_and_bound_claims_are_skipped() {
         Provision::Skip
     );
 }
+
+fn under_pressure(mut n: StorageNode) -> StorageNode {
+    let status = n.status.as_mut().unwrap();
+    status.conditions = vec![crate::crd::VolumeCondition {
+        type_: crate::node::DISK_PRESSURE.into(),
+        status: crate::crd::ConditionStatus::True,
+        reason: "FreeSpaceBelowReserve".into(),
+        message: "the data filesystem has 5 bytes free".into(),
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ),
+        observed_generation: None,
+    }];
+    n
+}
+
+#[test]
+fn no_new_volume_lands_on_a_node_under_disk_pressure() {
+    let roomy = under_pressure(node("roomy", 100 * GI));
+    let small = node("small", 2 * GI);
+    let immediate = class("Immediate", &[]);
+    let one = claim("1Gi", &["ReadWriteOnce"], None);
+    let Provision::CreateVolume(v) = plan_for(&one, &immediate, &[&roomy, &small]) else {
+        panic!("expected a Volume")
+    };
+    assert_eq!(
+        v.spec.node.as_deref(),
+        Some("small"),
+        "the roomier node is full"
+    );
+    // Room elsewhere too small: it is the room that is missing.
+    let three = claim("3Gi", &["ReadWriteOnce"], None);
+    assert!(matches!(
+        plan_for(&three, &immediate, &[&roomy, &small]),
+        Provision::Fail(ProvisionError::NoRoom { node, .. }) if node == "small"
+    ));
+    // Every node under pressure: that is what the event says.
+    let small = under_pressure(small);
+    let Provision::Fail(e) = plan_for(&one, &immediate, &[&small, &roomy]) else {
+        panic!("expected a failure")
+    };
+    assert!(
+        matches!(&e, ProvisionError::AllUnderDiskPressure { nodes, first, .. }
+        if nodes == "roomy, small" && first == "roomy"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("5 bytes free"), "{e}");
+    assert!(e.may_resolve_itself());
+    // The scheduler's choice is refused, saying why.
+    let wffc = class("WaitForFirstConsumer", &[]);
+    let Provision::Fail(e) = plan_for(
+        &claim("1Gi", &["ReadWriteOnce"], Some("roomy")),
+        &wffc,
+        &[&roomy],
+    ) else {
+        panic!("expected a failure")
+    };
+    assert!(
+        matches!(&e, ProvisionError::DiskPressure { node, .. } if node == "roomy"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("5 bytes free") && e.to_string().contains("roomy"),
+        "{e}"
+    );
+}

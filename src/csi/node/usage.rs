@@ -96,6 +96,13 @@ impl NodeService {
                 "capacity_range.required_bytes must not be negative".into(),
             ));
         }
+        let current = std::fs::metadata(&image)
+            .map_err(|e| CsiError::Internal(format!("reading {}: {e}", image.display())))?
+            .len() as i64;
+        crate::node::room::measure(&self.store, self.room)
+            .map_err(|e| CsiError::Internal(format!("measuring the data directory: {e}")))?
+            .check_growth(current, wanted)
+            .map_err(CsiError::CannotGrow)?;
         let size = self.store.grow(id, wanted).await.map_err(CsiError::from)?;
         let dev = loop_device::find(&image)
             .await

@@ -22,6 +22,7 @@ use stowage::csi::VolumeLocks;
 use stowage::csi::controller::ControllerService;
 use stowage::csi::node::NodeService;
 use stowage::node::paths::Layout;
+use stowage::node::room::{Policy, Reserve};
 use stowage::proto::csi::v1 as csi;
 use stowage::proto::csi::v1::controller_server::Controller;
 use stowage::proto::csi::v1::node_server::Node;
@@ -71,8 +72,13 @@ impl World {
         let sentinel = outside.join("sentinel");
         std::fs::write(&sentinel, "must stay").unwrap();
         plant_symlinks(&kubelet, &outside);
+        let room = Policy {
+            capacity: Some(512 * MIB),
+            reserve: Reserve::Bytes(0),
+        };
         let node = |paths| NodeService {
             store: Store::new(&data),
+            room,
             node: "fuzz".into(),
             kubelet_dir: kubelet.clone(),
             paths,
@@ -84,7 +90,7 @@ impl World {
             controller: ControllerService {
                 store: Store::new(&data),
                 node: "fuzz".into(),
-                capacity: 512 * MIB,
+                room,
                 locks: VolumeLocks::default(),
             },
             sentinel_mtime: std::fs::metadata(&sentinel).unwrap().modified().unwrap(),
