@@ -74,7 +74,7 @@ test-proxy PLUGIN: control-plane
     cargo build --all-targets
     STOWAGE_HOSTPATHPLUGIN={{PLUGIN}} bash scripts/cluster.sh run -- bash -c 'STOWAGE_TEST_KUBECONFIG=$KUBECONFIG cargo test --test integration provisions_attaches_detaches_and_deletes_through_an_external_driver -- --nocapture'
 
-# Benchmark (not a test): stowage vs external-provisioner + external-attacher on one control plane and csi-driver-host-path. PLUGIN: a hostpathplugin binary.
-bench-compare N PLUGIN: deps control-plane
+# Benchmark (not a test): stowage vs external-provisioner + external-attacher on one control plane, against Kubernetes' CSI mock driver, or csi-driver-host-path when PLUGIN names a hostpathplugin binary.
+bench-compare N PLUGIN="": deps control-plane
     cargo build --release --bin stowage --example bench_compare
-    STOWAGE_SIDECARS=$(bash scripts/build-sidecars.sh) bash scripts/cluster.sh run -- target/release/examples/bench_compare {{N}} {{PLUGIN}}
+    STOWAGE_SIDECARS=$(bash scripts/build-sidecars.sh) STOWAGE_MOCK_DRIVER=$(bash scripts/build-mock-driver.sh)/mock-csi-driver bash scripts/cluster.sh run -- target/release/examples/bench_compare {{N}} {{PLUGIN}}
