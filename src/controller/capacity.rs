@@ -86,6 +86,23 @@ pub fn pressure(node: &StorageNode) -> Option<&str> {
         .map(|c| c.message.as_str())
 }
 
+/// StorageNode condition the controller writes `False` (reason
+/// `HeartbeatExpired`) when the node's agent stopped reporting; the
+/// agent's next report replaces the conditions and so clears it.
+pub const READY: &str = "Ready";
+pub const REASON_HEARTBEAT_EXPIRED: &str = "HeartbeatExpired";
+
+/// Why a node takes no new volume because its agent is silent: its
+/// `Ready` condition is False, with the controller's message.
+pub fn not_ready(node: &StorageNode) -> Option<&str> {
+    node.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY && c.status == ConditionStatus::False)
+        .map(|c| c.message.as_str())
+}
+
 /// Free bytes on one node, or None when no agent runs there.
 pub fn free_on(
     nodes: &[&StorageNode],

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub claims_pending: Gauge,
     /// Objects each watch's cache holds (only stowage's, see `scope`).
     pub cached_objects: Family<KindLabels, Gauge>,
+    /// CSIStorageCapacity objects published (`--enable-capacity`).
+    pub storage_capacities: Gauge,
     /// UIDs of claims whose bind time was observed (forgotten on deletion).
     bound_claims: Arc<Mutex<HashSet<String>>>,
 }
@@ -54,6 +56,7 @@ impl Metrics {
             claim_bound_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             claims_pending: Gauge::default(),
             cached_objects: Family::default(),
+            storage_capacities: Gauge::default(),
             bound_claims: Arc::default(),
         };
         registry.register(
@@ -66,6 +69,11 @@ impl Metrics {
             "Objects in the controller's cache, per kind: other drivers' bound claims, \
              claimed PVs and VolumeAttachments are left out",
             m.cached_objects.clone(),
+        );
+        registry.register(
+            "storage_capacities",
+            "CSIStorageCapacity objects published, one per StorageClass of local.stowage.dev and node",
+            m.storage_capacities.clone(),
         );
         registry.register(
             "reconciles",

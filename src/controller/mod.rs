@@ -23,6 +23,7 @@ pub mod resize;
 mod scope;
 pub mod secrets;
 mod static_pvs;
+mod storage_capacity;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,6 +101,25 @@ pub struct Config {
     /// has the PV can make it mark the claim Lost. 0s binds at once.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub kcm_binder_grace: Duration,
+
+    /// Publish CSIStorageCapacity objects (one per StorageClass of
+    /// `local.stowage.dev` and node) in the controller's namespace, so that
+    /// kube-scheduler places pods only where their volumes fit. Pair
+    /// `false` with `storageCapacity: false` in the CSIDriver, or the
+    /// scheduler finds room nowhere.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_capacity: bool,
+
+    /// How often every CSIStorageCapacity is compared with what it should
+    /// say, besides on each change of nodes, volumes and classes.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    pub capacity_poll_interval: Duration,
+
+    /// A StorageNode whose agent has not reported for this long is marked
+    /// `Ready=False` (`HeartbeatExpired`) and gets no new volumes. Keep it
+    /// a few times the agents' `--report-interval` (30s).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub node_heartbeat_timeout: Duration,
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -248,6 +268,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         persistent_volumes::volume_controller(ctx.clone(), &mut informers).boxed(),
         resize::controller(ctx.clone(), &mut informers).boxed(),
         attach::controller(ctx.clone(), &mut informers).boxed(),
+        storage_capacity::controller(ctx.clone(), &mut informers, &config).boxed(),
     ];
     let jobs = tokio::spawn(futures::future::join_all(jobs));
     // Each watch's own signal: the stores' readiness wakes one waiter only.
