@@ -18,6 +18,7 @@ use super::informer::Informers;
 use super::job::{Job, Retry, trigger};
 use super::protocol::*;
 use super::provision::{self, ClaimView, Provision};
+use super::reschedule;
 use super::{Context, Error, claim_of_pv, claim_of_volume};
 use crate::crd::Volume;
 
@@ -234,6 +235,10 @@ pub async fn reconcile(
             )
             .await;
             ctx.metrics.reconcile_failed("claim", "provisioning_failed");
+            if let Some(node) = reschedule::node_to_give_up(&claim, class.as_deref(), &e) {
+                reschedule::give_back(&ctx, &claim, node, &e).await?;
+                return Ok(Action::await_change());
+            }
             let retry = ctx.backoff(&claim.object_ref(&()), e.may_resolve_itself());
             return Ok(Action::requeue(retry));
         }

@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod provision;
 pub mod reclaim;
 mod remote_volumes;
+mod reschedule;
 pub mod resize;
 mod scope;
 pub mod secrets;

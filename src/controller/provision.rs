@@ -125,6 +125,13 @@ pub enum ProvisionError {
          it will again once space there is back above its reserve"
     )]
     DiskPressure { node: String, message: String },
+    #[error("node {node} takes no new volumes: {message}")]
+    NodeNotReady { node: String, message: String },
+    #[error(
+        "no node can take a new volume: the stowage agent of every node stopped \
+         reporting ({nodes}); is the stowage-node DaemonSet running?"
+    )]
+    NoReadyNodes { nodes: String },
     #[error(
         "no node can take a new volume: every node with a stowage agent is under \
          disk pressure ({nodes}); on {first}: {message}"
@@ -153,6 +160,8 @@ impl ProvisionError {
                 | ProvisionError::NoRoomOnNode { .. }
                 | ProvisionError::DiskPressure { .. }
                 | ProvisionError::AllUnderDiskPressure { .. }
+                | ProvisionError::NodeNotReady { .. }
+                | ProvisionError::NoReadyNodes { .. }
                 | ProvisionError::Backend { .. }
                 | ProvisionError::Driver { .. }
         )
@@ -265,6 +274,7 @@ pub(super) fn check_room_on(
     node: &str,
     bytes: i64,
 ) -> Result<(), ProvisionError> {
+    refuse_not_ready(view, node)?;
     let pressure = view
         .storage_nodes
         .iter()
@@ -294,13 +304,13 @@ pub(super) fn check_room_on(
 /// under disk pressure; ties go to the name that sorts first, so the choice
 /// is stable across retries.
 pub(super) fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, ProvisionError> {
-    let pressured: BTreeMap<&str, &str> = view
-        .storage_nodes
+    let live = ready_nodes(view)?;
+    let pressured: BTreeMap<&str, &str> = live
         .iter()
         .filter(|n| n.spec.driver == local::DRIVER_NAME)
         .filter_map(|n| Some((n.spec.node.as_str(), capacity::pressure(n)?)))
         .collect();
-    let mut free = capacity::free_bytes(view.storage_nodes, view.promised);
+    let mut free = capacity::free_bytes(&live, view.promised);
     free.retain(|(node, _)| !pressured.contains_key(node.as_str()));
     free.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     match free.first() {
@@ -319,6 +329,42 @@ pub(super) fn choose_node(view: &ClaimView, bytes: i64) -> Result<String, Provis
             node: node.clone(),
         }),
     }
+}
+
+/// A node whose agent stopped reporting (its StorageNode `Ready=False`,
+/// written by the controller's node liveness job) takes no new volume.
+fn refuse_not_ready(view: &ClaimView, node: &str) -> Result<(), ProvisionError> {
+    let silent = view
+        .storage_nodes
+        .iter()
+        .filter(|n| n.spec.node == node)
+        .find_map(|n| capacity::not_ready(n));
+    match silent {
+        Some(message) => Err(ProvisionError::NodeNotReady {
+            node: node.to_string(),
+            message: message.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The StorageNodes whose agents still report; an error when every agent
+/// of our driver went silent (not the same as having none).
+fn ready_nodes<'a>(view: &ClaimView<'a>) -> Result<Vec<&'a StorageNode>, ProvisionError> {
+    let ours = || {
+        view.storage_nodes
+            .iter()
+            .copied()
+            .filter(|n| n.spec.driver == local::DRIVER_NAME)
+    };
+    let live: Vec<_> = ours().filter(|n| capacity::not_ready(n).is_none()).collect();
+    if live.is_empty() && ours().next().is_some() {
+        let nodes: Vec<_> = ours().map(|n| n.spec.node.as_str()).collect();
+        return Err(ProvisionError::NoReadyNodes {
+            nodes: nodes.join(", "),
+        });
+    }
+    Ok(live)
 }
 
 pub(super) fn requested_bytes(claim: &PersistentVolumeClaim) -> Result<i64, ProvisionError> {
