@@ -305,6 +305,20 @@ fn prepare(kubeconfig: &Path, nodes: &[&str]) {
         tokio::runtime::Runtime::new().unwrap().block_on(async {
             let client = client_for(&path).await;
             install_crds(&client).await;
+            // The controller's namespace, as the install makes it: its
+            // CSIStorageCapacity objects live there.
+            let ns: Namespace = serde_json::from_value(
+                serde_json::json!({ "metadata": { "name": "stowage-system" } }),
+            )
+            .unwrap();
+            match Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => panic!("creating namespace stowage-system: {e}"),
+            }
             for node in &nodes {
                 create_node(&client, node).await;
             }
@@ -665,7 +679,7 @@ fn spawn_held(
 
 /// A Node object as kubelet would register it, Ready, labelled with its
 /// hostname and stowage's topology key. No kubelet runs behind it.
-async fn create_node(client: &Client, name: &str) {
+pub async fn create_node(client: &Client, name: &str) {
     use k8s_openapi::api::core::v1::Node;
     let api = Api::<Node>::all(client.clone());
     let node: Node = serde_json::from_value(serde_json::json!({

@@ -3,6 +3,7 @@
 
 mod binder_coexistence;
 mod cache_scope;
+mod capacity_scheduling;
 mod controller_lifecycle;
 mod crash;
 mod crash_delete;
@@ -24,6 +25,7 @@ mod leader_takeover;
 mod least_privilege;
 mod manifests;
 mod metrics;
+mod multi_node;
 mod node_authority;
 mod node_calls;
 mod node_capacity;
