@@ -38,6 +38,11 @@ enum Command {
     /// Serve one backend as a plain CSI endpoint (Identity, Controller,
     /// Node), so csi-sanity and the upstream sidecars can drive the same code.
     Csi(stowage::csi::serve::Config),
+    /// Release the Volumes of a node deleted from the cluster for good: the
+    /// controller then removes each (PV and Volume, not the data, which
+    /// went with the node) once its claim is deleted. Refuses while the
+    /// Node exists.
+    ReleaseNode(stowage::controller::release::Args),
     /// Print the CustomResourceDefinitions stowage needs, as YAML, for
     /// `kubectl apply -f -`.
     Crds,
@@ -48,11 +53,14 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Once JSON logging is on, a log collector parses every line the
     // process writes, the last one included.
-    let json_error = cli.log_format == LogFormat::Json && !matches!(cli.command, Command::Crds);
+    let json_error = cli.log_format == LogFormat::Json && !matches!(cli.command, Command::Crds | Command::ReleaseNode(_));
     let result = match cli.command {
         Command::Crds => stowage::crd::to_yaml()
             .map(|yaml| print!("{yaml}"))
             .map_err(|e| anyhow::anyhow!("rendering CRDs: {e}")),
+        Command::ReleaseNode(args) => stowage::controller::release::release_node(args)
+            .await
+            .map_err(anyhow::Error::from),
         Command::Controller(config) => {
             telemetry::init_logging(cli.log_format);
             stowage::controller::run(config)

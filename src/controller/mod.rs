@@ -13,11 +13,13 @@ mod job;
 pub mod leader;
 pub mod lifecycle;
 mod metrics;
+mod node_liveness;
 mod pending;
 mod persistent_volumes;
 pub mod protocol;
 pub mod provision;
 pub mod reclaim;
+pub mod release;
 mod remote_volumes;
 mod reschedule;
 pub mod resize;
@@ -270,6 +272,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         resize::controller(ctx.clone(), &mut informers).boxed(),
         attach::controller(ctx.clone(), &mut informers).boxed(),
         storage_capacity::controller(ctx.clone(), &mut informers, &config).boxed(),
+        node_liveness::controller(ctx.clone(), &mut informers, &config).boxed(),
+        release::controller(ctx.clone(), &mut informers).boxed(),
     ];
     let jobs = tokio::spawn(futures::future::join_all(jobs));
     // Each watch's own signal: the stores' readiness wakes one waiter only.

@@ -4,7 +4,7 @@
 //! node's sparse volumes get a Warning event (their writes may now fail
 //! with ENOSPC); when it turns False again, a Normal one.
 
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
 use kube::{Api, ResourceExt};
@@ -93,7 +93,7 @@ impl Reporter {
         let object = json!({
             "apiVersion": "stowage.dev/v1alpha1",
             "kind": "StorageNode",
-            "metadata": { "name": ctx.node },
+            "metadata": { "name": ctx.node, "ownerReferences": node_owner(ctx).await? },
             "spec": { "driver": local::DRIVER_NAME, "node": ctx.node },
         });
         let current = api
@@ -172,6 +172,22 @@ impl Reporter {
         }
         Ok(())
     }
+}
+
+/// The Node as the StorageNode's owner, so that the garbage collector
+/// deletes the StorageNode with the Node. Asked on every report, not
+/// remembered: a Node deleted and registered again has a new UID, and an
+/// owner that no longer exists would have the StorageNode collected at
+/// once. A Node that does not exist (yet) owns nothing.
+async fn node_owner(ctx: &NodeContext) -> Result<Vec<serde_json::Value>, Error> {
+    let node = Api::<Node>::all(ctx.client.clone())
+        .get_opt(&ctx.node)
+        .await?;
+    Ok(node
+        .and_then(|n| n.uid())
+        .map(|uid| json!({ "apiVersion": "v1", "kind": "Node", "name": ctx.node, "uid": uid }))
+        .into_iter()
+        .collect())
 }
 
 #[cfg(test)]

@@ -69,6 +69,12 @@ const USED_ELSEWHERE: &[(&str, &str, &str, &str)] = &[
         "patch",
         "proxy_driver.rs: a --csi-driver Volume",
     ),
+    (
+        "stowage-controller",
+        "stowage.dev:storagenodes/status",
+        "patch",
+        "dead_nodes.rs: an agent that stopped reporting",
+    ),
 ];
 
 /// What the roles bound to `account` in manifests/ grant.

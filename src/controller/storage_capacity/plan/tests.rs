@@ -68,10 +68,12 @@ fn one_object_per_class_of_ours_and_reporting_node() {
     assert_eq!(bytes_of(&plan, "ext4", "c"), None, "never reported");
 }
 
-/// Each row: class parameters, free bytes, the largest request that fits.
+/// Class parameters, free bytes, the largest request that fits.
+type Row = (&'static [(&'static str, &'static str)], i64, i64);
+
 #[test]
 fn what_a_class_can_get_follows_its_filesystem_minimum_and_whole_mib() {
-    let rows: &[(&[(&str, &str)], i64, i64)] = &[
+    let rows: &[Row] = &[
         (&[], GI, GI),
         (&[], GI + 5, GI),
         (&[], 16 * MIB, 16 * MIB),
