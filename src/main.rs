@@ -53,7 +53,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Once JSON logging is on, a log collector parses every line the
     // process writes, the last one included.
-    let json_error = cli.log_format == LogFormat::Json && !matches!(cli.command, Command::Crds | Command::ReleaseNode(_));
+    let json_error = cli.log_format == LogFormat::Json
+        && !matches!(cli.command, Command::Crds | Command::ReleaseNode(_));
     let result = match cli.command {
         Command::Crds => stowage::crd::to_yaml()
             .map(|yaml| print!("{yaml}"))

@@ -118,7 +118,11 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>, timeout: Duration) {
     }
 }
 
-async fn pass(ctx: &Context, timeout: Duration, reported: &mut HashSet<String>) -> Result<(), Error> {
+async fn pass(
+    ctx: &Context,
+    timeout: Duration,
+    reported: &mut HashSet<String>,
+) -> Result<(), Error> {
     let nodes = ctx.stores.storage_nodes.state();
     let refs: Vec<_> = nodes.iter().map(|n| n.as_ref()).collect();
     for silent in silent_nodes(&refs, Timestamp::now(), timeout) {
@@ -162,7 +166,11 @@ async fn mark_silent(ctx: &Context, node: &StorageNode, silent: &Silent) -> Resu
     });
     let api = Api::<StorageNode>::all(ctx.client.clone());
     match api
-        .patch_status(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch_status(
+            &node.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
     {
         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => return Ok(()),
@@ -170,11 +178,23 @@ async fn mark_silent(ctx: &Context, node: &StorageNode, silent: &Silent) -> Resu
     };
     tracing::warn!(message = %silent.message, "node agent silent");
     let reason = "NodeHeartbeatExpired";
-    ctx.event(node, EventType::Warning, reason, "CheckHeartbeat", &silent.message)
-        .await;
+    ctx.event(
+        node,
+        EventType::Warning,
+        reason,
+        "CheckHeartbeat",
+        &silent.message,
+    )
+    .await;
     for claim in waiting_on(ctx, &silent.node) {
-        ctx.event(&claim, EventType::Warning, reason, "CheckHeartbeat", &silent.message)
-            .await;
+        ctx.event(
+            &claim,
+            EventType::Warning,
+            reason,
+            "CheckHeartbeat",
+            &silent.message,
+        )
+        .await;
     }
     Ok(())
 }
@@ -182,19 +202,28 @@ async fn mark_silent(ctx: &Context, node: &StorageNode, silent: &Silent) -> Resu
 /// Claims that wait on `node`: placed there by the scheduler and not
 /// bound, or whose Volume there is not made yet.
 fn waiting_on(ctx: &Context, node: &str) -> Vec<PersistentVolumeClaim> {
-    let placed = ctx.pending.lock().expect("pending index poisoned").on_node(node);
+    let placed = ctx
+        .pending
+        .lock()
+        .expect("pending index poisoned")
+        .on_node(node);
     let mut claims: Vec<PersistentVolumeClaim> = placed
         .iter()
         .filter_map(|c| ctx.stores.claims.get(c))
         .map(|c| c.as_ref().clone())
         .collect();
     for volume in ctx.stores.volumes.state() {
-        let unmade = volume.status.as_ref().is_none_or(|s| s.phase != VolumePhase::Ready);
+        let unmade = volume
+            .status
+            .as_ref()
+            .is_none_or(|s| s.phase != VolumePhase::Ready);
         if volume.spec.node.as_deref() != Some(node) || !unmade {
             continue;
         }
         if let Some(c) = &volume.spec.claim
-            && !claims.iter().any(|k| k.uid().as_deref() == Some(c.uid.as_str()))
+            && !claims
+                .iter()
+                .any(|k| k.uid().as_deref() == Some(c.uid.as_str()))
         {
             claims.push(claim_ref(&c.namespace, &c.name, &c.uid));
         }
@@ -229,13 +258,25 @@ async fn report_gone_node(ctx: &Context, volume: &Volume) {
         .and_then(|n| ctx.stores.pvs.get(&ObjectRef::<PersistentVolume>::new(n)));
     match (pv, &volume.spec.claim) {
         (Some(pv), _) => {
-            ctx.event(pv.as_ref(), EventType::Warning, "NodeDeleted", "CheckNode", &note)
-                .await
+            ctx.event(
+                pv.as_ref(),
+                EventType::Warning,
+                "NodeDeleted",
+                "CheckNode",
+                &note,
+            )
+            .await
         }
         (None, Some(c)) => {
             let claim = claim_ref(&c.namespace, &c.name, &c.uid);
-            ctx.event(&claim, EventType::Warning, "NodeDeleted", "CheckNode", &note)
-                .await
+            ctx.event(
+                &claim,
+                EventType::Warning,
+                "NodeDeleted",
+                "CheckNode",
+                &note,
+            )
+            .await
         }
         (None, None) => {}
     }

@@ -357,7 +357,9 @@ fn ready_nodes<'a>(view: &ClaimView<'a>) -> Result<Vec<&'a StorageNode>, Provisi
             .copied()
             .filter(|n| n.spec.driver == local::DRIVER_NAME)
     };
-    let live: Vec<_> = ours().filter(|n| capacity::not_ready(n).is_none()).collect();
+    let live: Vec<_> = ours()
+        .filter(|n| capacity::not_ready(n).is_none())
+        .collect();
     if live.is_empty() && ours().next().is_some() {
         let nodes: Vec<_> = ours().map(|n| n.spec.node.as_str()).collect();
         return Err(ProvisionError::NoReadyNodes {

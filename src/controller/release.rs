@@ -92,15 +92,27 @@ async fn reconcile(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Err
     match plan(&volume, exists) {
         Release::Skip => {}
         Release::Refuse(why) => {
-            ctx.event(&*volume, EventType::Warning, "ReleaseRefused", "Release", &why)
-                .await;
+            ctx.event(
+                &*volume,
+                EventType::Warning,
+                "ReleaseRefused",
+                "Release",
+                &why,
+            )
+            .await;
         }
         Release::Wait => {
             let note = format!(
                 "released from node {node}: removed without its data once its claim is deleted"
             );
-            ctx.event(&*volume, EventType::Normal, "ReleasePending", "Release", &note)
-                .await;
+            ctx.event(
+                &*volume,
+                EventType::Normal,
+                "ReleasePending",
+                "Release",
+                &note,
+            )
+            .await;
         }
         Release::DropFinalizer => {
             let kept: Vec<_> = volume
@@ -113,7 +125,11 @@ async fn reconcile(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Err
                 "finalizers": kept,
             }});
             Api::<Volume>::all(ctx.client.clone())
-                .patch(&volume.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(
+                    &volume.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
                 .await?;
             tracing::info!(%node, "volume released from a deleted node");
         }
@@ -145,7 +161,11 @@ pub struct Args {
 pub async fn release_node(args: Args) -> Result<(), ReleaseError> {
     let client = Client::try_default().await.map_err(ReleaseError::Connect)?;
     let node = &args.node;
-    if Api::<Node>::all(client.clone()).get_opt(node).await?.is_some() {
+    if Api::<Node>::all(client.clone())
+        .get_opt(node)
+        .await?
+        .is_some()
+    {
         return Err(ReleaseError::NodeExists(node.clone()));
     }
     let api = Api::<Volume>::all(client);
@@ -157,8 +177,12 @@ pub async fn release_node(args: Args) -> Result<(), ReleaseError> {
     }
     let patch = json!({ "metadata": { "annotations": { ANN_RELEASE_NODE: node } } });
     for volume in volumes.items {
-        api.patch(&volume.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        api.patch(
+            &volume.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
         let claim = volume
             .spec
             .claim
@@ -182,12 +206,14 @@ mod tests {
         }))
         .unwrap();
         if let Some(a) = annotation {
-            v.annotations_mut().insert(ANN_RELEASE_NODE.into(), a.into());
+            v.annotations_mut()
+                .insert(ANN_RELEASE_NODE.into(), a.into());
         }
         if deleting {
-            v.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ));
+            v.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ));
         }
         v
     }
@@ -195,10 +221,17 @@ mod tests {
     #[test]
     fn only_a_deleting_volume_of_a_node_gone_and_named_loses_its_finalizer() {
         assert_eq!(plan(&volume("a", None, true), false), Release::Skip);
-        assert_eq!(plan(&volume("a", Some("a"), true), false), Release::DropFinalizer);
+        assert_eq!(
+            plan(&volume("a", Some("a"), true), false),
+            Release::DropFinalizer
+        );
         assert_eq!(plan(&volume("a", Some("a"), false), false), Release::Wait);
-        assert!(matches!(plan(&volume("a", Some("a"), true), true), Release::Refuse(w) if w.contains("still exists")));
-        assert!(matches!(plan(&volume("a", Some("b"), true), false), Release::Refuse(w) if w.contains("on \"a\"")));
+        assert!(
+            matches!(plan(&volume("a", Some("a"), true), true), Release::Refuse(w) if w.contains("still exists"))
+        );
+        assert!(
+            matches!(plan(&volume("a", Some("b"), true), false), Release::Refuse(w) if w.contains("on \"a\""))
+        );
         let mut done = volume("a", Some("a"), true);
         done.metadata.finalizers = Some(vec![]);
         assert_eq!(plan(&done, false), Release::Skip);

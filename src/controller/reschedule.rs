@@ -59,8 +59,12 @@ pub(super) async fn give_back(
         "resourceVersion": claim.resource_version(),
         "annotations": { ANN_SELECTED_NODE: null },
     }});
-    api.patch(&claim.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    api.patch(
+        &claim.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     tracing::info!(%error, "selected node cannot hold the volume; asked the scheduler again");
     ctx.metrics.reconcile_failed("claim", "rescheduled");
     ctx.event(
@@ -81,8 +85,10 @@ mod tests {
     use super::*;
 
     fn claim(selected: Option<&str>) -> PersistentVolumeClaim {
-        let annotations: std::collections::BTreeMap<_, _> =
-            selected.map(|n| (ANN_SELECTED_NODE, n)).into_iter().collect();
+        let annotations: std::collections::BTreeMap<_, _> = selected
+            .map(|n| (ANN_SELECTED_NODE, n))
+            .into_iter()
+            .collect();
         serde_json::from_value(json!({ "metadata": { "name": "c", "annotations": annotations } }))
             .unwrap()
     }
@@ -118,7 +124,11 @@ mod tests {
             &pressure,
             &ProvisionError::NodeWithoutAgent("a".into()),
         ] {
-            assert_eq!(node_to_give_up(&placed, Some(&wffc), error), Some("a"), "{error}");
+            assert_eq!(
+                node_to_give_up(&placed, Some(&wffc), error),
+                Some("a"),
+                "{error}"
+            );
         }
         // Nothing to give back: no choice made, or the class's own binding.
         assert_eq!(node_to_give_up(&claim(None), Some(&wffc), &no_room), None);
@@ -133,7 +143,11 @@ mod tests {
                 message: "mkfs failed".into(),
             },
         ] {
-            assert_eq!(node_to_give_up(&placed, Some(&wffc), &error), None, "{error}");
+            assert_eq!(
+                node_to_give_up(&placed, Some(&wffc), &error),
+                None,
+                "{error}"
+            );
         }
     }
 }

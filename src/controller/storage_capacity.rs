@@ -177,7 +177,11 @@ async fn pass(
         apply(&api, namespace, owner, change).await?;
     }
     if !changes.is_empty() {
-        tracing::debug!(changes = changes.len(), published = desired.len(), "storage capacity published");
+        tracing::debug!(
+            changes = changes.len(),
+            published = desired.len(),
+            "storage capacity published"
+        );
     }
     Ok(desired.len())
 }

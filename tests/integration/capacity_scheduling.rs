@@ -39,7 +39,13 @@ async fn volume_node(ns: &TestNamespace, claim: &PersistentVolumeClaim) -> Optio
 /// follow the volume, and go with the class.
 #[tokio::test]
 async fn with_capacity_published_a_pod_goes_where_its_volume_fits_on_the_first_try() {
-    let stack = MultiNode::start("capacity-on", &NODES, true, &["--capacity-poll-interval", "5s"]).await;
+    let stack = MultiNode::start(
+        "capacity-on",
+        &NODES,
+        true,
+        &["--capacity-poll-interval", "5s"],
+    )
+    .await;
     let ns = TestNamespace::new_with(stack.client.clone(), "capacity-on").await;
     let class = format!("{}-wffc", ns.name);
     storage_class(&ns.client, &class, "WaitForFirstConsumer", "Delete", &[]).await;
@@ -58,9 +64,15 @@ async fn with_capacity_published_a_pod_goes_where_its_volume_fits_on_the_first_t
     let bound = wait(&claims, "data", "Bound", is_bound).await.unwrap();
     assert_eq!(selected(&bound).as_deref(), Some(ROOMY));
     assert_eq!(volume_node(&ns, &bound).await.as_deref(), Some(ROOMY));
-    let reasons: Vec<_> = events(&ns, "data").await.into_iter().map(|(r, _)| r).collect();
+    let reasons: Vec<_> = events(&ns, "data")
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
     assert!(
-        !reasons.iter().any(|r| r == "Rescheduling" || r == "ProvisioningFailed"),
+        !reasons
+            .iter()
+            .any(|r| r == "Rescheduling" || r == "ProvisioningFailed"),
         "the scheduler's first choice failed: {reasons:?}"
     );
     // 2Gi less the 500Mi promised.
@@ -105,5 +117,8 @@ async fn without_capacity_tracking_a_full_node_gives_the_claim_back_to_the_sched
     assert_eq!(volume_node(&ns, &bound).await.as_deref(), Some(ROOMY));
     assert_eq!(scheduled_node(&pods, "app").await, ROOMY);
     assert_eq!(bound.uid(), made.uid());
-    assert!(stack.capacities().await.is_empty(), "published with --enable-capacity=false");
+    assert!(
+        stack.capacities().await.is_empty(),
+        "published with --enable-capacity=false"
+    );
 }

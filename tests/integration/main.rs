@@ -12,6 +12,7 @@ mod crash_proxy;
 mod crd_evolution;
 mod csi_node;
 mod csi_sanity;
+mod dead_nodes;
 mod expansion;
 mod external_driver;
 mod failpoints;

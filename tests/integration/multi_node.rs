@@ -20,7 +20,7 @@ pub struct MultiNode {
     pub cluster: BareCluster,
     pub client: Client,
     pub agents: Vec<(String, Option<Process>)>,
-    pub controller: Process,
+    _controller: Process,
     data: PathBuf,
 }
 
@@ -65,12 +65,13 @@ impl MultiNode {
             &enable,
         ];
         args.extend_from_slice(controller_args);
-        let controller = Process::start(&cluster, &args, &[], &format!("{cluster_name}-controller"));
+        let controller =
+            Process::start(&cluster, &args, &[], &format!("{cluster_name}-controller"));
         MultiNode {
             cluster,
             client,
             agents,
-            controller,
+            _controller: controller,
             data,
         }
     }
@@ -126,7 +127,10 @@ impl MultiNode {
                 .map(|(_, n, m)| (n, m))
                 .collect();
             let matches = got.len() == want.len()
-                && got.iter().zip(want).all(|((n, m), (wn, wm))| n == wn && m == wm);
+                && got
+                    .iter()
+                    .zip(want)
+                    .all(|((n, m), (wn, wm))| n == wn && m == wm);
             if matches {
                 return;
             }
@@ -218,7 +222,8 @@ pub async fn hold(client: &Client, node: &str, held: bool) {
 /// The node kube-scheduler put `pod` on, once it did.
 pub async fn scheduled_node(pods: &Api<Pod>, pod: &str) -> String {
     let scheduled = crate::fixtures::wait(pods, pod, "scheduled", |p: Option<&Pod>| {
-        p.and_then(|p| p.spec.as_ref()?.node_name.as_deref()).is_some()
+        p.and_then(|p| p.spec.as_ref()?.node_name.as_deref())
+            .is_some()
     })
     .await
     .unwrap();

@@ -12,8 +12,12 @@ fn node(name: &str, reported_secs_ago: Option<i64>, now: Timestamp) -> StorageNo
     );
     n.status = Some(StorageNodeStatus {
         capacity_bytes: 1,
-        heartbeat_time: reported_secs_ago
-            .map(|s| Time(now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(s)).unwrap())),
+        heartbeat_time: reported_secs_ago.map(|s| {
+            Time(
+                now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(s))
+                    .unwrap(),
+            )
+        }),
         ..Default::default()
     });
     n
@@ -42,14 +46,18 @@ fn a_node_is_silent_once_its_last_report_is_older_than_the_timeout() {
 fn a_node_already_marked_is_not_marked_again() {
     let now = Timestamp::now();
     let mut late = node("late", Some(600), now);
-    late.status.as_mut().unwrap().conditions.push(VolumeCondition {
-        type_: READY.into(),
-        status: ConditionStatus::False,
-        reason: REASON_HEARTBEAT_EXPIRED.into(),
-        message: "silent".into(),
-        last_transition_time: Time(now),
-        observed_generation: None,
-    });
+    late.status
+        .as_mut()
+        .unwrap()
+        .conditions
+        .push(VolumeCondition {
+            type_: READY.into(),
+            status: ConditionStatus::False,
+            reason: REASON_HEARTBEAT_EXPIRED.into(),
+            message: "silent".into(),
+            last_transition_time: Time(now),
+            observed_generation: None,
+        });
     assert!(silent_nodes(&[&late], now, Duration::from_secs(120)).is_empty());
 }
 

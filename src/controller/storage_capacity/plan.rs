@@ -77,9 +77,7 @@ pub fn plan(
         .filter(|n| n.metadata.deletion_timestamp.is_none())
         .filter(|n| capacity::not_ready(n).is_none())
         .collect();
-    let free: BTreeMap<String, i64> = capacity::free_bytes(&nodes, promised)
-        .into_iter()
-        .collect();
+    let free: BTreeMap<String, i64> = capacity::free_bytes(&nodes, promised).into_iter().collect();
     let mut out = BTreeMap::new();
     for class in classes {
         if class.provisioner != local::DRIVER_NAME || class.metadata.deletion_timestamp.is_some() {

@@ -154,9 +154,15 @@ fn diff_creates_updates_and_deletes_only_what_differs() {
     assert_eq!(
         changes,
         [
-            Change::Update(desired_entry(&desired, "changed").0, desired_entry(&desired, "changed").1),
+            Change::Update(
+                desired_entry(&desired, "changed").0,
+                desired_entry(&desired, "changed").1
+            ),
             Change::Delete("stowage-gone".into()),
-            Change::Create(desired_entry(&desired, "new").0, desired_entry(&desired, "new").1),
+            Change::Create(
+                desired_entry(&desired, "new").0,
+                desired_entry(&desired, "new").1
+            ),
         ]
     );
     let changes = diff(&desired, &[&same, &no_maximum], |_| true);
