@@ -78,3 +78,8 @@ test-proxy PLUGIN: control-plane
 bench-compare N PLUGIN="": deps control-plane
     cargo build --release --bin stowage --example bench_compare
     STOWAGE_SIDECARS=$(bash scripts/build-sidecars.sh) STOWAGE_MOCK_DRIVER=$(bash scripts/build-mock-driver.sh)/mock-csi-driver bash scripts/cluster.sh run -- target/release/examples/bench_compare {{N}} {{PLUGIN}}
+
+# Benchmark (not a test): PODS WaitForFirstConsumer pods of random sizes over NODES simulated nodes of random free space, with CSIStorageCapacity published and without: pods rescheduled, time to all placed and Bound.
+bench-reschedule PODS="200" NODES="10": deps control-plane
+    cargo build --release --bin stowage --example bench_reschedule
+    bash scripts/cluster.sh run -- target/release/examples/bench_reschedule {{PODS}} {{NODES}}

@@ -173,6 +173,12 @@ async fn pass(
         owner.is_none_or(|want| o.owner_references().iter().any(|r| r.uid == want.uid))
     };
     let changes = plan::diff(&desired, &existing, has_owner);
+    tracing::debug!(
+        existing = existing.len(),
+        desired = desired.len(),
+        changes = changes.len(),
+        "storage capacity planned"
+    );
     for change in &changes {
         apply(&api, namespace, owner, change).await?;
     }

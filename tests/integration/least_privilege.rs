@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
@@ -185,11 +186,13 @@ async fn stowage_is_never_refused_and_uses_every_permission_it_is_granted() {
 
     let data = std::env::temp_dir().join(unique_name("stowage-least-privilege"));
     let agent = Process::node(&as_node, node, &data, "lp-node");
-    // With leader election, as deployed: its Lease in stowage-system.
+    // With leader election, as deployed: its Lease in stowage-system, and
+    // the pod of a Deployment whose owner chain it follows.
+    let pod_name = deployment_pod(&admin).await;
     let controller = Process::start(
         &as_controller,
         &["controller", "--metrics-addr", "127.0.0.1:0"],
-        &[("POD_NAME", "lp-controller"), ("POD_NAMESPACE", NAMESPACE)],
+        &[("POD_NAME", &pod_name), ("POD_NAMESPACE", NAMESPACE)],
         "lp-controller",
     );
 
@@ -223,6 +226,14 @@ async fn provision_grow_delete(admin: &kube::Client, cluster: &crate::harness::B
         .uid()
         .unwrap();
     wait(&claims, "data", "Bound", is_bound).await;
+    // The class's CSIStorageCapacity follows the volume.
+    asked(
+        &audit_log(cluster),
+        CONTROLLER_ACCOUNT,
+        "patch",
+        "csistoragecapacities",
+    )
+    .await;
     let grow = json!({ "spec": { "resources": { "requests": { "storage": "32Mi" } } } });
     claims
         .patch("data", &PatchParams::default(), &Patch::Merge(&grow))
@@ -266,6 +277,86 @@ async fn provision_grow_delete(admin: &kube::Client, cluster: &crate::harness::B
     // A claim that cannot fit is retried, and its repeated event patched.
     claim(&ns, "too-big", &class, "2Gi", &["ReadWriteOnce"]).await;
     asked(&audit_log(cluster), CONTROLLER_ACCOUNT, "patch", "events").await;
+
+    // The class's CSIStorageCapacity, owned by the controller's Deployment,
+    // followed the volume, and goes with the class.
+    asked(
+        &audit_log(cluster),
+        CONTROLLER_ACCOUNT,
+        "patch",
+        "csistoragecapacities",
+    )
+    .await;
+    let capacities = Api::<CSIStorageCapacity>::namespaced(admin.clone(), NAMESPACE)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let ours: Vec<_> = capacities
+        .items
+        .iter()
+        .filter(|c| c.storage_class_name == class)
+        .collect();
+    assert_eq!(ours.len(), 1, "{capacities:?}");
+    let owners = ours[0].owner_references();
+    assert!(
+        owners.len() == 1 && owners[0].kind == "Deployment" && owners[0].name == CONTROLLER_ACCOUNT,
+        "{owners:?}"
+    );
+    Api::<k8s_openapi::api::storage::v1::StorageClass>::all(admin.clone())
+        .delete(&class, &DeleteParams::default())
+        .await
+        .unwrap();
+    asked(
+        &audit_log(cluster),
+        CONTROLLER_ACCOUNT,
+        "delete",
+        "csistoragecapacities",
+    )
+    .await;
+}
+
+/// A Deployment named like the controller's, in its namespace, whose pod
+/// (made by kube-controller-manager, never run: no kubelet) the
+/// controller takes for its own: returns the pod's name.
+async fn deployment_pod(admin: &kube::Client) -> String {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Pod;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": CONTROLLER_ACCOUNT },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": "lp-controller" } },
+            "template": {
+                "metadata": { "labels": { "app": "lp-controller" } },
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "tolerations": [{ "operator": "Exists" }],
+                    "containers": [{ "name": "c", "image": "stowage.dev/never-run:0" }],
+                },
+            },
+        },
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(admin.clone(), NAMESPACE)
+        .create(&Default::default(), &deployment)
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(admin.clone(), NAMESPACE);
+    let deadline = tokio::time::Instant::now() + crate::fixtures::TIMEOUT;
+    loop {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("app=lp-controller"))
+            .await
+            .unwrap();
+        if let Some(pod) = list.items.first() {
+            return pod.name_any();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kube-controller-manager made no pod for the Deployment"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
 
 /// Waits until the audit log shows `account` asking for `verb` on

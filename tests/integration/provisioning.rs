@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::crd::{Volume, VolumePhase};
@@ -438,9 +438,10 @@ async fn static_pvs_bind_smallest_fit_without_kcm_binder() {
     static_binding(Binder::StowageOnly).await;
 }
 
-/// A claim that does not fit waits with an event, and is provisioned by
-/// itself once space is freed. The scheduler's choice is stood in for by
-/// setting the selected-node annotation on a node with 100Mi.
+/// A claim that does not fit is told why and given back to the scheduler,
+/// and is provisioned once space is freed and the node chosen again. The
+/// scheduler's choice is stood in for by setting the selected-node
+/// annotation on a node with 100Mi.
 #[tokio::test]
 async fn claim_is_provisioned_once_capacity_is_freed() {
     let (_, ns) = setup(Binder::StowageOnly, "room").await;
@@ -467,9 +468,31 @@ async fn claim_is_provisioned_once_capacity_is_freed() {
         note.contains("node-small") && note.contains("free"),
         "{note}"
     );
+    // The node is given back to the scheduler, which would place the pod
+    // again; the test stands in for it until the claim binds.
+    crate::fixtures::wait_for_stowage_event(&ns, "second", "Rescheduling").await;
     claims
         .delete("first", &DeleteParams::default())
         .await
         .unwrap();
-    wait(&claims, "second", "Bound", is_bound).await;
+    let deadline = tokio::time::Instant::now() + crate::fixtures::TIMEOUT;
+    loop {
+        let second = claims.get("second").await.unwrap();
+        if is_bound(Some(&second)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "second: not Bound");
+        if !second
+            .annotations()
+            .contains_key("volume.kubernetes.io/selected-node")
+        {
+            let placed = json!({ "metadata": { "annotations": {
+                "volume.kubernetes.io/selected-node": "node-small" } } });
+            claims
+                .patch("second", &PatchParams::default(), &Patch::Merge(&placed))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
