@@ -55,6 +55,8 @@ async fn main() -> anyhow::Result<()> {
             &Patch::Apply(&driver),
         )
         .await?;
+    // The CSIDriver has storageCapacity: the controller publishes there.
+    common::ensure_namespace(&client, "stowage-system").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let data = std::env::temp_dir().join(format!("stowage-bench-pods-{}", std::process::id()));

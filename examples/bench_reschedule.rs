@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let nodes: usize = args.next().unwrap_or_else(|| "10".into()).parse()?;
     let client = Client::try_default().await?;
     common::install_crds(&client).await?;
-    ensure_namespace(&client, "stowage-system").await?;
+    common::ensure_namespace(&client, "stowage-system").await?;
     let data = std::env::temp_dir().join(format!("stowage-bench-resched-{}", std::process::id()));
     let mut outcomes = Vec::new();
     for capacity in [true, false] {
@@ -125,7 +125,7 @@ async fn run(
             .spawn()?,
     );
     let ns = format!("resched-{label}");
-    ensure_namespace(client, &ns).await?;
+    common::ensure_namespace(client, &ns).await?;
     let class = format!("resched-{label}");
     create_class(client, &class).await?;
     // Let every agent report and, with tracking on, every capacity appear.
@@ -230,19 +230,6 @@ async fn set_driver(client: &Client, capacity: bool) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
-}
-
-async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
-    let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": name } }))?;
-    match Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-    {
-        Ok(_) => Ok(()),
-        // Already there on a second run against the same control plane.
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// A Node as kubelet registers it, Ready, labelled with the run it

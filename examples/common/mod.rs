@@ -167,3 +167,20 @@ pub async fn start_node_agents(
     }
     Ok(children)
 }
+
+/// Creates namespace `name` unless it exists (`stowage-system`: where the
+/// controller publishes CSIStorageCapacity, as the install makes it).
+pub async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))?;
+    match kube::Api::<Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &ns)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Already there on a second run against the same control plane.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
