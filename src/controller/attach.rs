@@ -281,7 +281,7 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
     let Some(driver) = ctx.drivers.get(&va.spec.attacher) else {
         return Ok(Action::await_change());
     };
-    let _timer = ctx.metrics.reconcile_timer("attach");
+    let _timer = ctx.metrics.jobs.reconcile_timer("attach");
     let pv = pv_name(&va).and_then(|n| ctx.stores.pvs.get(&ObjectRef::new(n)));
     let (node_exists, node_id) = node_id(&ctx, &va.spec.node_name, &driver.name).await?;
     let all = ctx.stores.attachments.state();
@@ -322,7 +322,7 @@ pub async fn reconcile(va: Arc<VolumeAttachment>, ctx: Arc<Context>) -> Result<A
                 &Patch::Merge(json!({ "status": { "attached": false, "attachError": error_status(&e.to_string()) } })),
             )
             .await?;
-            ctx.metrics.reconcile_failed("attach", "refused");
+            ctx.metrics.jobs.reconcile_failed("attach", "refused");
             return Ok(Action::requeue(ctx.backoff(&va.object_ref(&()), true)));
         }
         Attach::Prepare { node_id } => {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use kube::ResourceExt;
 
 use crate::backend::local;
+use crate::crd::DISK_PRESSURE;
 use crate::crd::{ConditionStatus, StorageNode, Volume};
-use crate::node::DISK_PRESSURE;
 
 /// Bytes each node has promised to Volumes, kept up to date from the Volume
 /// watch, so that placing a claim costs a pass over nodes, not over every

@@ -124,7 +124,7 @@ pub async fn reconcile(
     claim: Arc<PersistentVolumeClaim>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer("claim");
+    let _timer = ctx.metrics.jobs.reconcile_timer("claim");
     let s = &ctx.stores;
     let class = claim
         .spec
@@ -233,7 +233,9 @@ pub async fn reconcile(
                 &e.to_string(),
             )
             .await;
-            ctx.metrics.reconcile_failed("claim", "provisioning_failed");
+            ctx.metrics
+                .jobs
+                .reconcile_failed("claim", "provisioning_failed");
             let retry = ctx.backoff(&claim.object_ref(&()), e.may_resolve_itself());
             return Ok(Action::requeue(retry));
         }

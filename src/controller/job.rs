@@ -60,6 +60,7 @@ impl<K: informer::Kind> Job<K> {
         tracing::warn!(job = self.name, object = %key.trim_start_matches('/'), %error, "reconcile failed");
         ctx.report_if_forbidden(object, error);
         ctx.metrics
+            .jobs
             .reconcile_failed(self.name, error.metric_label());
         Action::requeue(match self.retry {
             Retry::After(delay) => delay(ctx, object, error),

@@ -124,7 +124,7 @@ async fn claim_exists(
 
 #[tracing::instrument(skip_all, fields(pv = %pv.name_any()))]
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer("reclaim");
+    let _timer = ctx.metrics.jobs.reconcile_timer("reclaim");
     let driver = pv
         .spec
         .as_ref()
@@ -216,7 +216,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
 /// release it: delete it here so its data does not leak.
 #[tracing::instrument(skip_all, fields(volume = %volume.name_any()))]
 pub async fn reconcile_volume(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer("volume");
+    let _timer = ctx.metrics.jobs.reconcile_timer("volume");
     if let Some(driver) = ctx.drivers.get(&volume.spec.driver) {
         // A retry not yet due keeps its time.
         let action = remote_volumes::execute(&volume, driver, &ctx).await?;

@@ -305,7 +305,7 @@ pub async fn reconcile(
     if !ctx.serve_local {
         return Ok(Action::await_change());
     }
-    let _timer = ctx.metrics.reconcile_timer("resize");
+    let _timer = ctx.metrics.jobs.reconcile_timer("resize");
     let s = &ctx.stores;
     let pv_name = claim
         .spec
@@ -377,7 +377,7 @@ pub async fn reconcile(
                 &e.to_string(),
             )
             .await;
-            ctx.metrics.reconcile_failed("resize", "refused");
+            ctx.metrics.jobs.reconcile_failed("resize", "refused");
             let current = claim
                 .status
                 .as_ref()

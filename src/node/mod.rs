@@ -2,16 +2,13 @@
 //! assigned to this node and reports what it offers in a StorageNode.
 
 mod authority;
-pub mod beneath;
-pub mod filesystem;
 pub mod handover;
-pub mod loop_device;
-pub mod mounts;
-pub mod paths;
 pub mod registration;
 mod report;
-pub use report::DISK_PRESSURE;
-pub mod room;
+use crate::backend::local::room;
+use crate::host::mounts;
+use crate::host::statvfs::statvfs;
+use crate::quantity::parse_quantity_flag;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -29,8 +26,8 @@ use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client};
 
 use crate::backend::local::{self, Store};
-use crate::controller::Metrics;
 use crate::crd::{NODE_LABEL, Volume};
+use crate::telemetry::jobs::JobMetrics;
 use crate::telemetry::{self, Health};
 
 pub const FIELD_MANAGER: &str = "stowage-node";
@@ -48,7 +45,7 @@ pub struct Config {
     /// Bytes of volumes this node may hold (e.g. 100Gi). Without it: the
     /// data filesystem's free space, plus what stowage's own images hold
     /// there, less --capacity-reserve.
-    #[arg(long, env = "STOWAGE_CAPACITY", value_parser = parse_quantity)]
+    #[arg(long, env = "STOWAGE_CAPACITY", value_parser = parse_quantity_flag)]
     pub capacity: Option<i64>,
 
     /// Space of the data filesystem never promised to volumes, as a
@@ -59,7 +56,7 @@ pub struct Config {
     pub capacity_reserve: room::Reserve,
 
     /// How often the StorageNode (capacity, DiskPressure) is reported.
-    #[arg(long, env = "STOWAGE_REPORT_INTERVAL", default_value = "30s", value_parser = crate::controller::parse_duration)]
+    #[arg(long, env = "STOWAGE_REPORT_INTERVAL", default_value = "30s", value_parser = crate::quantity::parse_duration_flag)]
     pub report_interval: Duration,
 
     /// Address for `/metrics` and `/healthz`.
@@ -89,18 +86,16 @@ impl Config {
     }
 }
 
-pub fn parse_quantity(s: &str) -> Result<i64, String> {
-    crate::quantity::parse_bytes(s).map_err(|e| e.to_string())
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Controller(#[from] crate::controller::Error),
+    Crd(#[from] crate::crd::CrdError),
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Local(#[from] local::LocalError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
     #[error("data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -113,7 +108,7 @@ pub enum Error {
     )]
     InUse { volume: String, device: String },
     #[error("kubelet socket: {0}")]
-    Socket(#[source] crate::csi::serve::ServeError),
+    Socket(#[source] crate::host::socket::SocketError),
     #[error("gRPC server: {0}")]
     Grpc(#[source] tonic::transport::Error),
     #[error(transparent)]
@@ -123,9 +118,10 @@ pub enum Error {
 impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Controller(e) => e.metric_label(),
+            Error::Crd(e) => e.metric_label(),
             Error::Kube(_) => "kube",
             Error::Local(_) => "local",
+            Error::Host(_) => "host",
             Error::DataDir { .. } => "data_dir",
             Error::Http(_) => "http",
             Error::Socket(_) => "socket",
@@ -142,7 +138,7 @@ pub struct NodeContext {
     pub store: Store,
     /// `--capacity`, `--capacity-reserve`.
     pub room: room::Policy,
-    pub metrics: Metrics,
+    pub metrics: JobMetrics,
     /// Per-Volume retry delays.
     pub failures: crate::retry::Failures,
 }
@@ -150,8 +146,8 @@ pub struct NodeContext {
 pub async fn run(config: Config) -> Result<(), Error> {
     let client = Client::try_default()
         .await
-        .map_err(crate::controller::Error::Connect)?;
-    crate::controller::ensure_crds_established(&client).await?;
+        .map_err(crate::crd::CrdError::Connect)?;
+    crate::crd::ensure_established(&client).await?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -159,7 +155,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let mut root = telemetry::registry();
     let registry = root.sub_registry_with_prefix("stowage_node");
-    let metrics = Metrics::register(registry);
+    let metrics = JobMetrics::register(registry);
     let registered = Gauge::<i64, AtomicI64>::default();
     registered.set(-1);
     registry.register(
@@ -193,7 +189,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
             res = &mut http => return res.map_err(Error::Http),
-            () = crate::controller::shutdown_signal() => return Ok(()),
+            () = crate::telemetry::shutdown_signal() => return Ok(()),
         }
     }
 
@@ -203,7 +199,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let lock = tokio::select! {
         lock = handover::acquire(&config.data_dir, &me) => lock?,
         res = &mut http => return res.map_err(Error::Http),
-        () = crate::controller::shutdown_signal() => return Ok(()),
+        () = crate::telemetry::shutdown_signal() => return Ok(()),
     };
 
     // Stop acting on SIGTERM, or when a newer agent asks to take over.
@@ -268,7 +264,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let stopping = async {
         let why = tokio::select! {
-            () = crate::controller::shutdown_signal() => Stop::Signal,
+            () = crate::telemetry::shutdown_signal() => Stop::Signal,
             who = lock.handover_requested() => Stop::HandOver(who),
         };
         let _ = stop_tx.send(Some(why));
@@ -290,7 +286,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             stop().await;
             tokio::select! {
                 () = tokio::time::sleep(STOP_GRACE) => {}
-                () = crate::controller::shutdown_signal() => {}
+                () = crate::telemetry::shutdown_signal() => {}
             }
         } => {
             tracing::warn!("CSI calls or Volume work still open {STOP_GRACE:?} after the stop; leaving them");
@@ -314,7 +310,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         readiness.idle(&format!("handed over to {who}; idle until stopped"));
         tokio::select! {
             res = &mut http => res.map_err(Error::Http)?,
-            () = crate::controller::shutdown_signal() => {}
+            () = crate::telemetry::shutdown_signal() => {}
         }
     }
     tracing::info!("node agent stopped");
@@ -350,14 +346,15 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
 ) -> Result<
     (
         impl Future<Output = Result<(), tonic::transport::Error>> + use<S>,
-        crate::csi::serve::SocketId,
+        crate::host::socket::SocketId,
     ),
     Error,
 > {
-    use crate::csi::{VolumeLocks, identity::IdentityService, node::NodeService, serve};
+    use crate::csi::{VolumeLocks, identity::IdentityService, node::NodeService};
+    use crate::host::socket;
     use crate::proto::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
     use crate::proto::pluginregistration::registration_server::RegistrationServer;
-    let (listener, id) = serve::bind_replacing(socket).map_err(Error::Socket)?;
+    let (listener, id) = socket::bind_replacing(socket).map_err(Error::Socket)?;
     tracing::info!(socket = %socket.display(), "serving plugin registration, CSI Identity and Node");
     let node = NodeService {
         store: Store::new(&config.data_dir),
@@ -365,7 +362,7 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
         node: config.node_name.clone(),
         kubelet_dir: config.kubelet_dir.clone(),
         // kubelet is the only caller here.
-        paths: crate::node::paths::Layout::Kubelet,
+        paths: crate::host::paths::Layout::Kubelet,
         locks: VolumeLocks::default(),
     };
     let server = tonic::transport::Server::builder()
@@ -451,37 +448,4 @@ impl Health for NodeReadiness {
             (Some(why), Err(kubelet)) => Err(format!("not acting on this node: {why}; {kubelet}")),
         }
     }
-}
-
-/// Usage of the filesystem holding a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FsUsage {
-    pub total_bytes: i64,
-    pub available_bytes: i64,
-    pub used_bytes: i64,
-    pub total_inodes: i64,
-    pub free_inodes: i64,
-}
-
-pub fn statvfs(path: &std::path::Path) -> std::io::Result<FsUsage> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` is writable.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize as i64;
-    Ok(FsUsage {
-        total_bytes: st.f_blocks as i64 * frsize,
-        available_bytes: st.f_bavail as i64 * frsize,
-        used_bytes: (st.f_blocks as i64 - st.f_bfree as i64) * frsize,
-        total_inodes: st.f_files as i64,
-        free_inodes: st.f_ffree as i64,
-    })
 }

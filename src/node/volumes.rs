@@ -87,7 +87,7 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
             // kubelet may not have unstaged yet: deleting now would pull the
             // data from under a mount and strand its loop device.
             let image = ctx.store.image_path(&name)?;
-            if let Some(dev) = crate::node::loop_device::find(&image).await? {
+            if let Some(dev) = crate::host::loop_device::find(&image).await? {
                 return Err(Error::InUse {
                     volume: name,
                     device: dev.display().to_string(),
