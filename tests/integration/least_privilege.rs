@@ -69,6 +69,18 @@ const USED_ELSEWHERE: &[(&str, &str, &str, &str)] = &[
         "patch",
         "proxy_driver.rs: a --csi-driver Volume",
     ),
+    (
+        "stowage-node",
+        "events.k8s.io:events",
+        "create",
+        "node_capacity.rs: NodeDiskPressure on the claims of a full node",
+    ),
+    (
+        "stowage-node",
+        "events.k8s.io:events",
+        "patch",
+        "node_capacity.rs: the same warning repeated",
+    ),
 ];
 
 /// What the roles bound to `account` in manifests/ grant.
