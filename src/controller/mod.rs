@@ -14,7 +14,6 @@ pub mod leader;
 pub mod lifecycle;
 mod metrics;
 mod pending;
-mod persistent_volumes;
 pub mod protocol;
 pub mod provision;
 pub mod reclaim;
@@ -23,6 +22,7 @@ pub mod resize;
 mod scope;
 pub mod secrets;
 mod static_pvs;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -218,8 +218,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Jobs drain their streams from now on, whether or not we lead.
     let jobs = [
         claims::controller(ctx.clone(), &mut informers).boxed(),
-        persistent_volumes::controller(ctx.clone(), &mut informers).boxed(),
-        persistent_volumes::volume_controller(ctx.clone(), &mut informers).boxed(),
+        reclaim::controller(ctx.clone(), &mut informers).boxed(),
+        volumes::controller(ctx.clone(), &mut informers).boxed(),
         resize::controller(ctx.clone(), &mut informers).boxed(),
         attach::controller(ctx.clone(), &mut informers).boxed(),
     ];

@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 
-use super::protocol::*;
+use crate::controller::protocol::*;
 use crate::crd::Volume;
 
 #[derive(Debug, Clone, PartialEq)]
