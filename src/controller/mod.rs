@@ -211,19 +211,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ));
     ask_drivers(&ctx);
 
-    scope::limit(&ctx, &mut informers);
-    informers.count_into(&ctx.metrics.cached_objects);
-    index_capacity(&ctx, &mut informers);
-    // Each job subscribes to the watches it needs; then the watches start.
-    // Jobs drain their streams from now on, whether or not we lead.
-    let jobs = [
-        claims::controller(ctx.clone(), &mut informers).boxed(),
-        reclaim::controller(ctx.clone(), &mut informers).boxed(),
-        volumes::controller(ctx.clone(), &mut informers).boxed(),
-        resize::controller(ctx.clone(), &mut informers).boxed(),
-        attach::controller(ctx.clone(), &mut informers).boxed(),
-    ];
-    let jobs = tokio::spawn(futures::future::join_all(jobs));
+    let jobs = tokio::spawn(start_jobs(&ctx, &mut informers));
     // Each watch's own signal: the stores' readiness wakes one waiter only.
     let caches = async move {
         for watch in &watches {
@@ -255,6 +243,26 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Err(e) => tracing::error!(error = %e, "controller stopped"),
     }
     result
+}
+
+/// Scopes and indexes the caches, then lets each job subscribe to the
+/// watches it needs. Adding a job is one line here. Jobs drain their
+/// streams from the start, whether or not we lead.
+fn start_jobs(
+    ctx: &Arc<Context>,
+    informers: &mut informer::Informers,
+) -> impl Future<Output = Vec<()>> + Send + 'static {
+    scope::limit(ctx, informers);
+    informers.count_into(&ctx.metrics.cached_objects);
+    index_capacity(ctx, informers);
+    let jobs = [
+        claims::controller(ctx.clone(), informers).boxed(),
+        reclaim::controller(ctx.clone(), informers).boxed(),
+        volumes::controller(ctx.clone(), informers).boxed(),
+        resize::controller(ctx.clone(), informers).boxed(),
+        attach::controller(ctx.clone(), informers).boxed(),
+    ];
+    futures::future::join_all(jobs)
 }
 
 /// Room on nodes, shared by the claim and expansion jobs: kept from the
