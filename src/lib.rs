@@ -22,3 +22,5 @@ pub mod proto;
 pub mod quantity;
 pub mod retry;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::bind;
 use super::informer::Informers;
-use super::job::{Job, Retry, trigger};
+use super::job::{Job, JobRun, Retry, trigger};
 use super::protocol::*;
 use super::provision::{self, ClaimView, topology};
 use super::{Context, Error, claim_of_pv, claim_of_volume};
@@ -25,10 +25,7 @@ use crate::crd::{StorageNode, Volume};
 /// The claim job: provisions and binds claims; a claim is looked at again
 /// when its Volume or PV changes, and when a Volume is deleted (its room
 /// may let a waiting claim fit).
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let claims = informers.claims.subscribe();
     let volumes = informers.volumes.subscribe();
     let pvs = informers.pvs.subscribe();

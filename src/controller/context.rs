@@ -110,7 +110,7 @@ impl Context {
         action: &str,
         note: &str,
     ) {
-        self.post_event(object, type_, reason, action, note);
+        self.publish(object, event(type_, reason, action, note));
     }
 
     /// An API call that RBAC refused gets an event on the object waiting for
@@ -123,7 +123,7 @@ impl Context {
             Error::SecretRead(e) if e.is_forbidden() => {
                 let note = e.to_string();
                 tracing::error!("{note}");
-                self.post_event(object, EventType::Warning, "Forbidden", "Authorize", &note);
+                self.publish(object, forbidden_event(&note));
                 return;
             }
             _ => return,
@@ -133,30 +133,15 @@ impl Context {
         };
         let note = refusal.note("stowage-controller");
         tracing::error!(verb = %refusal.verb, resource = %refusal.resource, "{note}");
-        self.post_event(object, EventType::Warning, "Forbidden", "Authorize", &note);
+        self.publish(object, forbidden_event(&note));
     }
 
-    fn post_event<K: Resource<DynamicType = ()>>(
-        &self,
-        object: &K,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: &str,
-    ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: action.into(),
-            secondary: None,
-        };
+    fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, event: Event) {
         let recorder = self.recorder.clone();
         let reference = object.object_ref(&());
-        let reason = reason.to_string();
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %e, reason, "posting event failed");
+                tracing::warn!(error = %e, reason = event.reason, "posting event failed");
             }
         });
     }
@@ -174,4 +159,19 @@ impl Context {
     pub fn retry_not_yet(&self, object: &ObjectReference) -> Option<Duration> {
         self.failures.wait_left(object)
     }
+}
+
+fn event(type_: EventType, reason: &str, action: &str, note: &str) -> Event {
+    Event {
+        type_,
+        reason: reason.into(),
+        // The API server refuses longer notes.
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    }
+}
+
+fn forbidden_event(note: &str) -> Event {
+    event(EventType::Warning, "Forbidden", "Authorize", note)
 }

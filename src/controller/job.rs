@@ -4,13 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 use super::{Context, Error, informer};
+
+/// A job running until the process ends, as `controller::run` holds it.
+pub type JobRun = futures::future::BoxFuture<'static, ()>;
 
 /// A trigger for one job: reconcile requests sent from another kind's
 /// events (deletions above all). Unbounded, so that a hook on a watch never
@@ -77,7 +80,7 @@ impl<K: informer::Kind> Job<K> {
         controller: Controller<K>,
         reconcile: F,
         ctx: Arc<Context>,
-    ) -> impl Future<Output = ()> + Send + 'static
+    ) -> JobRun
     where
         F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Action, Error>> + Send + 'static,
@@ -102,5 +105,6 @@ impl<K: informer::Kind> Job<K> {
                 ctx,
             )
             .for_each(|_| async {})
+            .boxed()
     }
 }

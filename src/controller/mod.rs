@@ -256,9 +256,9 @@ fn start_jobs(
     informers.count_into(&ctx.metrics.cached_objects);
     index_capacity(ctx, informers);
     let jobs = [
-        claims::controller(ctx.clone(), informers).boxed(),
-        reclaim::controller(ctx.clone(), informers).boxed(),
-        volumes::controller(ctx.clone(), informers).boxed(),
+        claims::controller(ctx.clone(), informers),
+        reclaim::controller(ctx.clone(), informers),
+        volumes::controller(ctx.clone(), informers),
         resize::controller(ctx.clone(), informers).boxed(),
         attach::controller(ctx.clone(), informers).boxed(),
     ];

@@ -11,7 +11,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::informer::Informers;
-use super::job::{Job, Retry, trigger};
+use super::job::{Job, JobRun, Retry, trigger};
 use super::reclaim::pv_of_volume;
 use super::{Context, Error, provision, remote_volumes};
 use crate::crd::Volume;
@@ -19,10 +19,7 @@ use crate::kubeapi;
 
 /// The Volume job: Volumes whose claim is gone before their PV existed.
 /// A claim deleted triggers its Volume.
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let volumes = informers.volumes.subscribe();
     let (requeue, requeues) = trigger::<Volume>();
     informers.claims.on_delete(move |c| {

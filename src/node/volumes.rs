@@ -205,28 +205,13 @@ pub fn error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<NodeContext>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AccessMode, VolumeSpec, VolumeStatus};
+    use crate::crd::VolumeStatus;
+    use crate::testing;
 
     fn volume(node: &str) -> Volume {
-        let mut v = Volume::new(
-            "pvc-1",
-            VolumeSpec {
-                driver: "local.stowage.dev".into(),
-                parameters: Default::default(),
-                capacity_bytes: 1 << 24,
-                access_modes: vec![AccessMode::ReadWriteOnce],
-                volume_mode: Default::default(),
-                node: Some(node.into()),
-                requisite_topology: Vec::new(),
-                source: None,
-                claim: None,
-                persistent_volume_name: None,
-                reclaim_policy: Default::default(),
-            },
-        );
-        v.metadata.generation = Some(1);
-        v.metadata.finalizers = Some(vec![VOLUME_FINALIZER.into()]);
-        v
+        let mut spec = testing::volume_spec("local.stowage.dev", 1 << 24);
+        spec.node = Some(node.into());
+        testing::volume("pvc-1", spec)
     }
 
     #[test]

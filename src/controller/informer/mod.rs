@@ -339,21 +339,9 @@ mod tests {
     use futures::stream;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::ResourceExt;
-    use kube::api::ObjectMeta;
     use std::sync::Mutex;
 
-    fn object(name: &str, uid: &str, version: &str) -> ConfigMap {
-        ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("ns".into()),
-                uid: Some(uid.into()),
-                resource_version: Some(version.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-    }
+    use crate::testing::config_map as object;
 
     fn list(objects: &[ConfigMap]) -> Vec<watcher::Result<watcher::Event<ConfigMap>>> {
         let mut events = vec![Ok(watcher::Event::Init)];

@@ -18,7 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::informer::Informers;
-use super::job::{Job, Retry, trigger};
+use super::job::{Job, JobRun, Retry, trigger};
 use super::{Context, Error, attach, provision};
 use crate::crd::Volume;
 use crate::kubeapi;
@@ -26,10 +26,7 @@ use crate::kubeapi;
 /// The reclaim job, keyed by PV: a PV is looked at again when its Volume
 /// or claim changes, and when its claim, Volume or VolumeAttachment is
 /// deleted.
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let pvs = informers.pvs.subscribe();
     let volumes = informers.volumes.subscribe();
     let claims = informers.claims.subscribe();
