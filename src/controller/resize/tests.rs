@@ -1,5 +1,10 @@
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use serde_json::json;
+
 use super::*;
-use crate::crd::{AccessMode, VolumeSpec, VolumeStatus};
+use crate::backend::local;
+use crate::crd::{AccessMode, VolumePhase, VolumeSpec, VolumeStatus};
 
 const MI: i64 = 1 << 20;
 
