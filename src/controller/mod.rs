@@ -28,7 +28,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::Client;
 use kube::runtime::reflector::ObjectRef;
@@ -259,8 +258,8 @@ fn start_jobs(
         claims::controller(ctx.clone(), informers),
         reclaim::controller(ctx.clone(), informers),
         volumes::controller(ctx.clone(), informers),
-        resize::controller(ctx.clone(), informers).boxed(),
-        attach::controller(ctx.clone(), informers).boxed(),
+        resize::controller(ctx.clone(), informers),
+        attach::controller(ctx.clone(), informers),
     ];
     futures::future::join_all(jobs)
 }

@@ -26,7 +26,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
 use super::informer::Informers;
-use super::job::{Job, Retry, trigger};
+use super::job::{Job, JobRun, Retry, trigger};
 use super::{Context, Error};
 use plan::pv_name;
 
@@ -53,10 +53,7 @@ pub fn finalizer(driver: &str) -> String {
 
 /// The attach job, on its own queue: a pod start never waits behind
 /// provisioning. A Node deleted gets its VolumeAttachments detached.
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let attachments = informers.attachments.subscribe();
     let (requeue, requeues) = trigger::<VolumeAttachment>();
     let store = ctx.stores.attachments.clone();

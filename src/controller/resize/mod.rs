@@ -26,7 +26,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 
 use super::informer::Informers;
-use super::job::{Job, Retry};
+use super::job::{Job, JobRun, Retry};
 use super::{Context, Error, capacity, claim_of_pv, claim_of_volume};
 use crate::crd::Volume;
 
@@ -38,10 +38,7 @@ pub const NODE_RESIZE_INFEASIBLE: &str = "NodeResizeInfeasible";
 
 /// The expansion job, on its own queue: an expansion never waits behind a
 /// provisioning storm.
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let claims = informers.claims.subscribe();
     let volumes = informers.volumes.subscribe();
     let pvs = informers.pvs.subscribe();
