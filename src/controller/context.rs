@@ -1,6 +1,7 @@
 //! What every reconcile shares: the informer caches, the event recorder,
 //! the drivers and per-object retry state.
 
+use crate::telemetry::csi_calls::CsiCalls;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -63,6 +64,7 @@ impl Context {
         config: &Config,
         client: Client,
         metrics: Metrics,
+        csi_calls: CsiCalls,
         stores: Stores,
         identity: String,
     ) -> Self {
@@ -80,7 +82,10 @@ impl Context {
             drivers: config
                 .csi_drivers
                 .iter()
-                .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
+                .map(|e| {
+                    let driver = CsiDriver::new(e, config.csi_timeout);
+                    (e.name.clone(), driver.with_calls(csi_calls.clone()))
+                })
                 .collect(),
             serve_local: config.serve_local,
             kcm_binder_grace: config.kcm_binder_grace,

@@ -36,6 +36,7 @@ use crate::backend::csi_proxy::DriverEndpoint;
 use crate::crd::Volume;
 use crate::quantity::parse_duration_flag;
 use crate::telemetry;
+use crate::telemetry::csi_calls::CsiCalls;
 
 pub use context::{Context, Stores};
 pub use metrics::Metrics;
@@ -187,6 +188,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut informers = informer::Informers::default();
     let mut registry = telemetry::registry();
     let metrics = Metrics::register(registry.sub_registry_with_prefix("stowage"));
+    let csi_calls = CsiCalls::register(&mut registry);
     let watches = informers.progress();
     let health = health::ControllerHealth {
         watches: watches.clone(),
@@ -205,6 +207,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         &config,
         client.clone(),
         metrics,
+        csi_calls,
         informers.stores(),
         identity,
     ));

@@ -1,5 +1,6 @@
 //! Logs (tracing) and metrics (Prometheus text on `/metrics`), plus `/healthz`.
 
+pub mod csi_calls;
 pub mod jobs;
 
 use std::net::SocketAddr;

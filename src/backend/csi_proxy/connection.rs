@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use tokio::sync::OnceCell;
@@ -12,6 +12,7 @@ use tonic::{Code, Request};
 
 use super::{CsiDriver, ProxyError};
 use crate::proto::csi::v1 as csi;
+use crate::telemetry::csi_calls::CsiCalls;
 use csi::controller_client::ControllerClient;
 use csi::identity_client::IdentityClient;
 
@@ -70,7 +71,29 @@ impl CsiDriver {
             channel,
             capabilities: Arc::new(OnceCell::new()),
             timeout,
+            calls: CsiCalls::default(),
         }
+    }
+
+    /// Counts this driver's calls into `calls` (the role's registry).
+    pub fn with_calls(mut self, calls: CsiCalls) -> Self {
+        self.calls = calls;
+        self
+    }
+
+    /// Runs one call and observes it in `csi_sidecar_operations_seconds`
+    /// under its full gRPC method name, whatever its outcome.
+    pub(super) async fn timed<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let start = Instant::now();
+        let result = call.await;
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        self.calls
+            .observe(&self.name, method, code, start.elapsed());
+        result.map(tonic::Response::into_inner)
     }
 
     /// The call's request, logged at debug level: requests that carry
@@ -115,11 +138,13 @@ impl CsiDriver {
 
     async fn discover(&self) -> Result<Capabilities, ProxyError> {
         let mut identity = IdentityClient::new(self.channel.clone());
-        let info = identity
-            .get_plugin_info(self.request(csi::GetPluginInfoRequest {}))
+        let info = self
+            .timed(
+                "/csi.v1.Identity/GetPluginInfo",
+                identity.get_plugin_info(self.request(csi::GetPluginInfoRequest {})),
+            )
             .await
-            .map_err(|s| self.rpc_error("GetPluginInfo", s))?
-            .into_inner();
+            .map_err(|s| self.rpc_error("GetPluginInfo", s))?;
         if info.name != self.name {
             return Err(ProxyError::WrongDriver {
                 expected: self.name.clone(),
@@ -127,11 +152,14 @@ impl CsiDriver {
                 socket: self.socket.display().to_string(),
             });
         }
-        let plugin = identity
-            .get_plugin_capabilities(self.request(csi::GetPluginCapabilitiesRequest {}))
+        let plugin = self
+            .timed(
+                "/csi.v1.Identity/GetPluginCapabilities",
+                identity
+                    .get_plugin_capabilities(self.request(csi::GetPluginCapabilitiesRequest {})),
+            )
             .await
-            .map_err(|s| self.rpc_error("GetPluginCapabilities", s))?
-            .into_inner();
+            .map_err(|s| self.rpc_error("GetPluginCapabilities", s))?;
         use csi::plugin_capability::{Type as PluginType, service::Type as Service};
         let mut caps = Capabilities::default();
         let mut controller_service = false;
@@ -147,11 +175,16 @@ impl CsiDriver {
             }
         }
         if controller_service {
-            let controller = ControllerClient::new(self.channel.clone())
-                .controller_get_capabilities(self.request(csi::ControllerGetCapabilitiesRequest {}))
+            let mut client = ControllerClient::new(self.channel.clone());
+            let controller = self
+                .timed(
+                    "/csi.v1.Controller/ControllerGetCapabilities",
+                    client.controller_get_capabilities(
+                        self.request(csi::ControllerGetCapabilitiesRequest {}),
+                    ),
+                )
                 .await
-                .map_err(|s| self.rpc_error("ControllerGetCapabilities", s))?
-                .into_inner();
+                .map_err(|s| self.rpc_error("ControllerGetCapabilities", s))?;
             use csi::controller_service_capability::{Type as CType, rpc::Type as Rpc};
             for c in controller.capabilities {
                 if let Some(CType::Rpc(rpc)) = c.r#type {

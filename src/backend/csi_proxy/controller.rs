@@ -46,11 +46,14 @@ impl CsiDriver {
             accessibility_requirements: accessibility,
             mutable_parameters: Default::default(),
         };
-        let volume = ControllerClient::new(self.channel.clone())
-            .create_volume(self.request(message))
+        let mut client = ControllerClient::new(self.channel.clone());
+        let volume = self
+            .timed(
+                "/csi.v1.Controller/CreateVolume",
+                client.create_volume(self.request(message)),
+            )
             .await
             .map_err(|s| self.rpc_error("CreateVolume", s))?
-            .into_inner()
             .volume
             .unwrap_or_default();
         Ok(CreatedVolume {
@@ -76,10 +79,9 @@ impl CsiDriver {
             volume_id: volume_id.to_string(),
             secrets: secrets.into_csi(),
         };
-        match ControllerClient::new(self.channel.clone())
-            .delete_volume(self.request(message))
-            .await
-        {
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.delete_volume(self.request(message));
+        match self.timed("/csi.v1.Controller/DeleteVolume", call).await {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::NotFound => Ok(()),
             Err(s) => Err(self.rpc_error("DeleteVolume", s)),
@@ -109,11 +111,12 @@ impl CsiDriver {
             secrets: secrets.into_csi(),
             volume_context: volume_context.into_iter().collect(),
         };
-        let response = ControllerClient::new(self.channel.clone())
-            .controller_publish_volume(self.request(message))
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.controller_publish_volume(self.request(message));
+        let response = self
+            .timed("/csi.v1.Controller/ControllerPublishVolume", call)
             .await
-            .map_err(|s| self.rpc_error("ControllerPublishVolume", s))?
-            .into_inner();
+            .map_err(|s| self.rpc_error("ControllerPublishVolume", s))?;
         Ok(response.publish_context.into_iter().collect())
     }
 
@@ -134,8 +137,10 @@ impl CsiDriver {
             node_id: node_id.to_string(),
             secrets: secrets.into_csi(),
         };
-        match ControllerClient::new(self.channel.clone())
-            .controller_unpublish_volume(self.request(message))
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.controller_unpublish_volume(self.request(message));
+        match self
+            .timed("/csi.v1.Controller/ControllerUnpublishVolume", call)
             .await
         {
             Ok(_) => Ok(()),

@@ -23,6 +23,8 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 use tonic::transport::Channel;
 
+use crate::telemetry::csi_calls::CsiCalls;
+
 /// One CSI driver's controller service.
 #[derive(Clone)]
 pub struct CsiDriver {
@@ -31,6 +33,7 @@ pub struct CsiDriver {
     channel: Channel,
     capabilities: Arc<OnceCell<Capabilities>>,
     timeout: Duration,
+    calls: CsiCalls,
 }
 
 impl std::fmt::Debug for CsiDriver {
