@@ -7,7 +7,11 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::Reclaim;
-use crate::controller::protocol::PV_PROVISIONER_FINALIZER;
+use crate::backend::secrets::Secrets;
+use crate::controller::protocol::{
+    ANN_DELETION_SECRET_NAME, ANN_DELETION_SECRET_NAMESPACE, PV_PROVISIONER_FINALIZER,
+};
+use crate::controller::secrets::{self, SecretFor, SecretRef};
 use crate::controller::{Context, Error};
 use crate::crd::Volume;
 use crate::kubeapi;
@@ -47,6 +51,19 @@ pub async fn apply(
             crate::failpoint::hit("controller-after-pv-deleted");
             tracing::info!("volume data deleted; PV deleted");
         }
+        Reclaim::DeleteInDriver { driver, handle } => {
+            let Some(driver) = ctx.drivers.get(&driver) else {
+                return Ok(());
+            };
+            let secrets = deletion_secrets(ctx, pv).await?;
+            driver.delete_volume(&handle, secrets).await?;
+            tracing::info!(volume = %handle, "deleted in the driver");
+            if pv.metadata.deletion_timestamp.is_some() {
+                kubeapi::remove_finalizer(&pvs, pv, PV_PROVISIONER_FINALIZER).await?;
+            } else {
+                kubeapi::delete(&pvs, &pv.name_any(), pv.uid()).await?;
+            }
+        }
         Reclaim::RemoveFinalizer => {
             kubeapi::remove_finalizer(&pvs, pv, PV_PROVISIONER_FINALIZER).await?;
         }
@@ -57,4 +74,22 @@ pub async fn apply(
         }
     }
     Ok(())
+}
+
+/// The Secret external-provisioner recorded on the PV for its
+/// DeleteVolume (`volume.kubernetes.io/provisioner-deletion-secret-*`),
+/// if it recorded one.
+async fn deletion_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
+    let annotations = pv.annotations();
+    let (Some(name), Some(namespace)) = (
+        annotations.get(ANN_DELETION_SECRET_NAME),
+        annotations.get(ANN_DELETION_SECRET_NAMESPACE),
+    ) else {
+        return Ok(Secrets::default());
+    };
+    let reference = SecretRef {
+        name: name.clone(),
+        namespace: namespace.clone(),
+    };
+    Ok(secrets::read(&ctx.client, &reference, SecretFor::Provisioner).await?)
 }

@@ -114,7 +114,13 @@ async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Actio
         .volumes
         .get(&ObjectRef::new(&pv.name_any()))
         .or_else(|| handle.and_then(|h| ctx.stores.volumes.get(&ObjectRef::new(&h))));
-    let action = plan(&pv, exists, volume.as_deref(), |d| ctx.serves(d));
+    let action = plan(
+        &pv,
+        exists,
+        volume.as_deref(),
+        |d| ctx.serves(d),
+        |d| ctx.drivers.contains_key(d),
+    );
     tracing::debug!(?action, "planned");
     apply::apply(&ctx, &pv, volume.as_deref(), action).await?;
     Ok(Action::await_change())
