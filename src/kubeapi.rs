@@ -1,7 +1,8 @@
 //! The API idioms every job repeats, written once: dropping our finalizer
-//! and deleting what may already be gone.
+//! and deleting what may already be gone, creating what may already be
+//! there, asking the API server whether an object still exists.
 
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -62,4 +63,31 @@ where
         Err(e) if gone(&e) => Ok(()),
         other => other.map(|_| ()),
     }
+}
+
+/// Creates `object`; one already there under its name is success, since
+/// every object a job creates is named after what it serves (a retry after
+/// a crash finds its own earlier write).
+pub async fn create_idempotent<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Whether `name` exists, and with `uid` when one is given. Asks the API
+/// server, not a cache: a stale cache saying "gone" must never delete data.
+pub async fn exists_with_uid<K>(
+    api: &Api<K>,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let found = api.get_opt(name).await?;
+    Ok(found.is_some_and(|o| uid.is_none_or(|u| u.is_empty() || o.uid().as_deref() == Some(u))))
 }

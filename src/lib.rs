@@ -1,15 +1,26 @@
 //! stowage: one Kubernetes operator that does the jobs of the CSI sidecars
-//! (provisioner, attacher, resizer, snapshotter, health monitor, registrar,
-//! liveness probe) in-process.
+//! (external-provisioner, external-attacher, external-resizer,
+//! node-driver-registrar, livenessprobe) in-process.
+//!
+//! Layers, each using only those below it (see `docs/design.md`):
+//! - leaves: `host` (mounts, loop devices, paths, commands, sockets),
+//!   `proto`, `quantity`, `retry`, `failpoint`, `kubeapi`, `telemetry`, `crd`;
+//! - `backend`: where volumes live (`local` images, `csi_proxy` to a driver);
+//! - `csi`: the CSI services over `backend` and `host`;
+//! - the roles: `controller` (the sidecars' jobs) and `node` (the agent,
+//!   serving `csi` to kubelet).
 
 pub mod backend;
 pub mod controller;
 pub mod crd;
 pub mod csi;
 pub mod failpoint;
+pub mod host;
 pub mod kubeapi;
 pub mod node;
 pub mod proto;
 pub mod quantity;
 pub mod retry;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

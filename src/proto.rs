@@ -15,8 +15,26 @@ pub(crate) struct Redacted<'a>(pub &'a std::collections::HashMap<String, String>
 
 impl std::fmt::Debug for Redacted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        crate::backend::secrets::redacted(f, self.0.keys())
+        redacted(f, self.0.keys())
     }
+}
+
+/// `{"key": <redacted>, ...}`: which keys were passed, never their values.
+pub fn redacted<'a>(
+    f: &mut std::fmt::Formatter<'_>,
+    keys: impl Iterator<Item = &'a String>,
+) -> std::fmt::Result {
+    struct Hidden;
+    impl std::fmt::Debug for Hidden {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("<redacted>")
+        }
+    }
+    let mut keys: Vec<_> = keys.collect();
+    keys.sort();
+    f.debug_map()
+        .entries(keys.into_iter().map(|k| (k, Hidden)))
+        .finish()
 }
 
 /// kubelet's plugin registration API, v1.

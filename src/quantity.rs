@@ -68,6 +68,25 @@ pub fn format_bytes(bytes: i64) -> String {
     bytes.to_string()
 }
 
+/// A size flag (`100Gi`), for clap.
+pub fn parse_quantity_flag(s: &str) -> Result<i64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
+/// A duration flag (`30s`, `500ms`, `2m`), for clap.
+pub fn parse_duration_flag(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let err = || format!("{s:?} is not a duration: use e.g. 30s, 500ms or 2m");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let n: u64 = s[..split].parse().map_err(|_| err())?;
+    match &s[split..] {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(err()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

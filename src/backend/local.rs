@@ -4,9 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tokio::process::Command;
+
+use crate::host::HostError;
+use crate::host::process::{io, run};
+
+pub mod room;
 
 pub const DRIVER_NAME: &str = "local.stowage.dev";
 /// Topology key every node-local volume is pinned by.
@@ -156,32 +160,8 @@ impl Parameters {
 pub enum LocalError {
     #[error("volume name {0:?} is not a valid volume id")]
     InvalidName(String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} is a mount of {device} ({fs_type}) that stowage did not make; refusing to \
-         unmount it: unmount it by hand if it is stale"
-    )]
-    NotOurMount {
-        path: PathBuf,
-        device: String,
-        fs_type: String,
-    },
-    #[error("{command} failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: String,
-        stderr: String,
-    },
-}
-
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + use<> {
-    let path = path.to_path_buf();
-    move |source| LocalError::Io { op, path, source }
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 /// Where volumes live on a node: `<data-dir>/volumes/<name>.img` or
@@ -321,11 +301,7 @@ impl Store {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(LocalError::Io {
-                        op: "removing",
-                        path,
-                        source: e,
-                    });
+                    return Err(io("removing", &path)(e).into());
                 }
             }
         }
@@ -333,11 +309,7 @@ impl Store {
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(LocalError::Io {
-                op: "removing",
-                path: dir,
-                source: e,
-            }),
+            Err(e) => Err(io("removing", &dir)(e).into()),
         }
     }
 
@@ -348,11 +320,7 @@ impl Store {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
             Err(e) => {
-                return Err(LocalError::Io {
-                    op: "listing",
-                    path: self.root.clone(),
-                    source: e,
-                });
+                return Err(io("listing", &self.root)(e).into());
             }
         };
         while let Some(entry) = entries
@@ -384,7 +352,7 @@ fn allocate(path: &Path, offset: i64, len: i64) -> Result<(), LocalError> {
     // SAFETY: the descriptor is open for writing for the whole call.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
     if rc != 0 {
-        return Err(io("preallocating", path)(std::io::Error::last_os_error()));
+        return Err(io("preallocating", path)(std::io::Error::last_os_error()).into());
     }
     Ok(())
 }
@@ -412,36 +380,7 @@ async fn mkfs(fs: FsType, path: &Path) -> Result<(), LocalError> {
         }
     };
     cmd.arg(path);
-    run(cmd).await
-}
-
-/// Runs a command to completion; a non-zero exit is an error carrying its
-/// stderr.
-pub(crate) async fn run(cmd: Command) -> Result<(), LocalError> {
-    output(cmd).await.map(drop)
-}
-
-/// Like `run`, returning what the command printed on stdout.
-pub(crate) async fn output(mut cmd: Command) -> Result<String, LocalError> {
-    let shown = format!("{:?}", cmd.as_std());
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| LocalError::Command {
-            command: shown.clone(),
-            status: "not started".into(),
-            stderr: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(LocalError::Command {
-            command: shown,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    Ok(run(cmd).await?)
 }
 
 #[cfg(test)]

@@ -57,26 +57,8 @@ impl FromIterator<(String, String)> for Secrets {
 
 impl fmt::Debug for Secrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        redacted(f, self.0.keys())
+        crate::proto::redacted(f, self.0.keys())
     }
-}
-
-/// `{"key": <redacted>, ...}`: which keys were passed, never their values.
-pub fn redacted<'a>(
-    f: &mut fmt::Formatter<'_>,
-    keys: impl Iterator<Item = &'a String>,
-) -> fmt::Result {
-    struct Hidden;
-    impl fmt::Debug for Hidden {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("<redacted>")
-        }
-    }
-    let mut keys: Vec<_> = keys.collect();
-    keys.sort();
-    f.debug_map()
-        .entries(keys.into_iter().map(|k| (k, Hidden)))
-        .finish()
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use kube::ResourceExt;
 
 use crate::backend::local;
+use crate::crd::DISK_PRESSURE;
 use crate::crd::{ConditionStatus, StorageNode, Volume};
-use crate::node::DISK_PRESSURE;
 
 /// Bytes each node has promised to Volumes, kept up to date from the Volume
 /// watch, so that placing a claim costs a pass over nodes, not over every
@@ -117,22 +117,12 @@ pub fn free_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::VolumeSpec;
+    use crate::testing;
 
     fn volume(name: &str, node: &str, bytes: i64) -> Volume {
-        Volume::new(
-            name,
-            VolumeSpec {
-                node: Some(node.into()),
-                capacity_bytes: bytes,
-                ..serde_json::from_value(serde_json::json!({
-                    "driver": local::DRIVER_NAME,
-                    "capacityBytes": 0,
-                    "accessModes": [],
-                }))
-                .unwrap()
-            },
-        )
+        let mut spec = testing::volume_spec(local::DRIVER_NAME, bytes);
+        spec.node = Some(node.into());
+        Volume::new(name, spec)
     }
 
     #[test]

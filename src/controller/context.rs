@@ -1,6 +1,7 @@
 //! What every reconcile shares: the informer caches, the event recorder,
 //! the drivers and per-object retry state.
 
+use crate::telemetry::csi_calls::CsiCalls;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -63,6 +64,7 @@ impl Context {
         config: &Config,
         client: Client,
         metrics: Metrics,
+        csi_calls: CsiCalls,
         stores: Stores,
         identity: String,
     ) -> Self {
@@ -80,7 +82,10 @@ impl Context {
             drivers: config
                 .csi_drivers
                 .iter()
-                .map(|e| (e.name.clone(), CsiDriver::new(e, config.csi_timeout)))
+                .map(|e| {
+                    let driver = CsiDriver::new(e, config.csi_timeout);
+                    (e.name.clone(), driver.with_calls(csi_calls.clone()))
+                })
                 .collect(),
             serve_local: config.serve_local,
             kcm_binder_grace: config.kcm_binder_grace,
@@ -110,7 +115,7 @@ impl Context {
         action: &str,
         note: &str,
     ) {
-        self.post_event(object, type_, reason, action, note);
+        self.publish(object, event(type_, reason, action, note));
     }
 
     /// An API call that RBAC refused gets an event on the object waiting for
@@ -123,7 +128,7 @@ impl Context {
             Error::SecretRead(e) if e.is_forbidden() => {
                 let note = e.to_string();
                 tracing::error!("{note}");
-                self.post_event(object, EventType::Warning, "Forbidden", "Authorize", &note);
+                self.publish(object, forbidden_event(&note));
                 return;
             }
             _ => return,
@@ -133,30 +138,15 @@ impl Context {
         };
         let note = refusal.note("stowage-controller");
         tracing::error!(verb = %refusal.verb, resource = %refusal.resource, "{note}");
-        self.post_event(object, EventType::Warning, "Forbidden", "Authorize", &note);
+        self.publish(object, forbidden_event(&note));
     }
 
-    fn post_event<K: Resource<DynamicType = ()>>(
-        &self,
-        object: &K,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: &str,
-    ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: action.into(),
-            secondary: None,
-        };
+    fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, event: Event) {
         let recorder = self.recorder.clone();
         let reference = object.object_ref(&());
-        let reason = reason.to_string();
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %e, reason, "posting event failed");
+                tracing::warn!(error = %e, reason = event.reason, "posting event failed");
             }
         });
     }
@@ -174,4 +164,19 @@ impl Context {
     pub fn retry_not_yet(&self, object: &ObjectReference) -> Option<Duration> {
         self.failures.wait_left(object)
     }
+}
+
+fn event(type_: EventType, reason: &str, action: &str, note: &str) -> Event {
+    Event {
+        type_,
+        reason: reason.into(),
+        // The API server refuses longer notes.
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    }
+}
+
+fn forbidden_event(note: &str) -> Event {
+    event(EventType::Warning, "Forbidden", "Authorize", note)
 }

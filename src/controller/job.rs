@@ -4,13 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 use super::{Context, Error, informer};
+
+/// A job running until the process ends, as `controller::run` holds it.
+pub type JobRun = futures::future::BoxFuture<'static, ()>;
 
 /// A trigger for one job: reconcile requests sent from another kind's
 /// events (deletions above all). Unbounded, so that a hook on a watch never
@@ -60,6 +63,7 @@ impl<K: informer::Kind> Job<K> {
         tracing::warn!(job = self.name, object = %key.trim_start_matches('/'), %error, "reconcile failed");
         ctx.report_if_forbidden(object, error);
         ctx.metrics
+            .jobs
             .reconcile_failed(self.name, error.metric_label());
         Action::requeue(match self.retry {
             Retry::After(delay) => delay(ctx, object, error),
@@ -76,7 +80,7 @@ impl<K: informer::Kind> Job<K> {
         controller: Controller<K>,
         reconcile: F,
         ctx: Arc<Context>,
-    ) -> impl Future<Output = ()> + Send + 'static
+    ) -> JobRun
     where
         F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Action, Error>> + Send + 'static,
@@ -101,5 +105,6 @@ impl<K: informer::Kind> Job<K> {
                 ctx,
             )
             .for_each(|_| async {})
+            .boxed()
     }
 }

@@ -1,26 +1,16 @@
-//! Controller metrics: operation counts and latencies per job.
+//! The controller's metrics: the jobs' (see `telemetry::jobs`), the
+//! provisioning backlog, claim-to-Bound latency and cache sizes.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct JobLabels {
-    pub job: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailureLabels {
-    pub job: String,
-    pub error: String,
-}
+use crate::telemetry::jobs::JobMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -29,9 +19,7 @@ pub struct KindLabels {
 
 #[derive(Clone)]
 pub struct Metrics {
-    pub reconciles: Family<JobLabels, Counter>,
-    pub failures: Family<FailureLabels, Counter>,
-    pub reconcile_seconds: Family<JobLabels, Histogram>,
+    pub jobs: JobMetrics,
     /// Claim creation to Bound, as the user waits for it.
     pub claim_bound_seconds: Histogram,
     /// Claims of our classes not bound yet: the provisioning backlog.
@@ -46,13 +34,8 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
-        let reconcile_seconds = Family::<JobLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 14))
-        });
         let m = Metrics {
-            reconciles: Family::default(),
-            failures: Family::default(),
-            reconcile_seconds,
+            jobs: JobMetrics::register(registry),
             claim_bound_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             claims_pending: Gauge::default(),
             cached_objects: Family::default(),
@@ -74,21 +57,6 @@ impl Metrics {
             "storage_capacities",
             "CSIStorageCapacity objects published, one per StorageClass of local.stowage.dev and node",
             m.storage_capacities.clone(),
-        );
-        registry.register(
-            "reconciles",
-            "Reconciles run, per job",
-            m.reconciles.clone(),
-        );
-        registry.register(
-            "reconcile_failures",
-            "Reconciles that failed, per job and error",
-            m.failures.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time spent in one reconcile, per job",
-            m.reconcile_seconds.clone(),
         );
         registry.register(
             "claim_bound_duration_seconds",
@@ -123,37 +91,5 @@ impl Metrics {
             .lock()
             .expect("bound set poisoned")
             .remove(uid);
-    }
-
-    /// Counts a reconcile and observes its duration when the guard drops.
-    pub fn reconcile_timer(&self, job: &str) -> ReconcileTimer {
-        let labels = JobLabels {
-            job: job.to_string(),
-        };
-        self.reconciles.get_or_create(&labels).inc();
-        ReconcileTimer {
-            start: Instant::now(),
-            histogram: self.reconcile_seconds.get_or_create(&labels).clone(),
-        }
-    }
-
-    pub fn reconcile_failed(&self, job: &str, error: &str) {
-        self.failures
-            .get_or_create(&FailureLabels {
-                job: job.to_string(),
-                error: error.to_string(),
-            })
-            .inc();
-    }
-}
-
-pub struct ReconcileTimer {
-    start: Instant,
-    histogram: Histogram,
-}
-
-impl Drop for ReconcileTimer {
-    fn drop(&mut self) {
-        self.histogram.observe(self.start.elapsed().as_secs_f64());
     }
 }

@@ -15,32 +15,31 @@ pub mod lifecycle;
 mod metrics;
 mod node_liveness;
 mod pending;
-mod persistent_volumes;
 pub mod protocol;
 pub mod provision;
 pub mod reclaim;
 pub mod release;
 mod remote_volumes;
-mod reschedule;
 pub mod resize;
 mod scope;
 pub mod secrets;
 mod static_pvs;
 mod storage_capacity;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Client, ResourceExt};
 
 use crate::backend::csi_proxy::DriverEndpoint;
 use crate::crd::Volume;
+use crate::quantity::parse_duration_flag;
 use crate::telemetry;
+use crate::telemetry::csi_calls::CsiCalls;
 
 pub use context::{Context, Stores};
 pub use metrics::Metrics;
@@ -84,25 +83,25 @@ pub struct Config {
     pub serve_local: bool,
 
     /// Deadline of each call to a `--csi-driver`, e.g. 30s or 500ms.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration_flag)]
     pub csi_timeout: Duration,
 
     /// `/healthz` fails when a watch has been listing this long without any
     /// progress (no event, list not complete), e.g. 60s.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration_flag)]
     pub health_stall_timeout: Duration,
 
     /// On SIGTERM, how long reconciles already running may take to finish
     /// before they are abandoned and the lease is released. Keep it well
     /// inside the pod's termination grace period.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = parse_duration_flag)]
     pub shutdown_timeout: Duration,
 
     /// When kube-controller-manager's PV binder runs, how long it may bind a
     /// new PV to its claim before stowage does it itself. Both at once make
     /// one write fail and kcm warn on the claim; binding before kcm's cache
     /// has the PV can make it mark the claim Lost. 0s binds at once.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_duration_flag)]
     pub kcm_binder_grace: Duration,
 
     /// Publish CSIStorageCapacity objects (one per StorageClass of
@@ -115,26 +114,14 @@ pub struct Config {
 
     /// How often every CSIStorageCapacity is compared with what it should
     /// say, besides on each change of nodes, volumes and classes.
-    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, default_value = "1m", value_parser = parse_duration_flag)]
     pub capacity_poll_interval: Duration,
 
     /// A StorageNode whose agent has not reported for this long is marked
     /// `Ready=False` (`HeartbeatExpired`) and gets no new volumes. Keep it
     /// a few times the agents' `--report-interval` (30s).
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = parse_duration_flag)]
     pub node_heartbeat_timeout: Duration,
-}
-
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("{s:?} is not a duration: use e.g. 30s, 500ms or 2m");
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let n: u64 = s[..split].parse().map_err(|_| err())?;
-    match &s[split..] {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(err()),
-    }
 }
 
 /// Errors of the controller as a whole; each job adds its own.
@@ -142,21 +129,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 pub enum Error {
     #[error("cannot reach the Kubernetes API: {0}. Set KUBECONFIG or run inside a cluster")]
     Connect(#[source] kube::Error),
-    #[error(
-        "CustomResourceDefinition {name} is not installed or not established: {reason}. \
-         Install it with `stowage crds | kubectl apply -f -` (or `kubectl apply -f crds/`)"
-    )]
-    CrdMissing { name: String, reason: String },
-    #[error(
-        "CustomResourceDefinition {name} is older than stowage {version}: it lacks {missing}, \
-         which the API server would silently drop. Apply this release's CRDs first \
-         (`kubectl apply -k manifests/` applies both; or `stowage crds | kubectl apply -f -`)"
-    )]
-    CrdOutdated {
-        name: String,
-        version: &'static str,
-        missing: String,
-    },
+    #[error(transparent)]
+    Crd(#[from] crate::crd::CrdError),
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
     #[error("metrics server: {0}")]
@@ -190,8 +164,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Connect(_) => "connect",
-            Error::CrdMissing { .. } => "crd_missing",
-            Error::CrdOutdated { .. } => "crd_outdated",
+            Error::Crd(e) => e.metric_label(),
             Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
             Error::Kube(_) => "kube",
             Error::Http(_) | Error::HttpStopped => "http",
@@ -221,7 +194,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let shutdown = lifecycle::Shutdown::on_signals().map_err(Error::Signals)?;
     let connect = async {
         let client = Client::try_default().await.map_err(Error::Connect)?;
-        ensure_crds_established(&client).await?;
+        crate::crd::ensure_established(&client).await?;
         Ok::<_, Error>(client)
     };
     let client = tokio::select! {
@@ -237,6 +210,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut informers = informer::Informers::default();
     let mut registry = telemetry::registry();
     let metrics = Metrics::register(registry.sub_registry_with_prefix("stowage"));
+    let csi_calls = CsiCalls::register(&mut registry);
     let watches = informers.progress();
     let health = health::ControllerHealth {
         watches: watches.clone(),
@@ -255,27 +229,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
         &config,
         client.clone(),
         metrics,
+        csi_calls,
         informers.stores(),
         identity,
     ));
     ask_drivers(&ctx);
 
-    scope::limit(&ctx, &mut informers);
-    informers.count_into(&ctx.metrics.cached_objects);
-    index_capacity(&ctx, &mut informers);
-    // Each job subscribes to the watches it needs; then the watches start.
-    // Jobs drain their streams from now on, whether or not we lead.
-    let jobs = [
-        claims::controller(ctx.clone(), &mut informers).boxed(),
-        persistent_volumes::controller(ctx.clone(), &mut informers).boxed(),
-        persistent_volumes::volume_controller(ctx.clone(), &mut informers).boxed(),
-        resize::controller(ctx.clone(), &mut informers).boxed(),
-        attach::controller(ctx.clone(), &mut informers).boxed(),
-        storage_capacity::controller(ctx.clone(), &mut informers, &config).boxed(),
-        node_liveness::controller(ctx.clone(), &mut informers, &config).boxed(),
-        release::controller(ctx.clone(), &mut informers).boxed(),
-    ];
-    let jobs = tokio::spawn(futures::future::join_all(jobs));
+    let jobs = tokio::spawn(start_jobs(&ctx, &mut informers, &config));
     // Each watch's own signal: the stores' readiness wakes one waiter only.
     let caches = async move {
         for watch in &watches {
@@ -307,6 +267,30 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Err(e) => tracing::error!(error = %e, "controller stopped"),
     }
     result
+}
+
+/// Scopes and indexes the caches, then lets each job subscribe to the
+/// watches it needs. Adding a job is one line here. Jobs drain their
+/// streams from the start, whether or not we lead.
+fn start_jobs(
+    ctx: &Arc<Context>,
+    informers: &mut informer::Informers,
+    config: &Config,
+) -> impl Future<Output = Vec<()>> + Send + 'static {
+    scope::limit(ctx, informers);
+    informers.count_into(&ctx.metrics.cached_objects);
+    index_capacity(ctx, informers);
+    let jobs = [
+        claims::controller(ctx.clone(), informers),
+        reclaim::controller(ctx.clone(), informers),
+        volumes::controller(ctx.clone(), informers),
+        resize::controller(ctx.clone(), informers),
+        attach::controller(ctx.clone(), informers),
+        storage_capacity::controller(ctx.clone(), informers, config),
+        node_liveness::controller(ctx.clone(), informers, config),
+        release::controller(ctx.clone(), informers),
+    ];
+    futures::future::join_all(jobs)
 }
 
 /// Room on nodes, shared by the claim and expansion jobs: kept from the
@@ -412,63 +396,9 @@ fn ask_drivers(ctx: &Context) {
     }
 }
 
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "stowage".into());
     format!("{host}_{}", std::process::id())
-}
-
-/// Fails with an actionable message when our CRDs are absent, rather than
-/// letting the watchers retry forever against a 404.
-pub async fn ensure_crds_established(client: &Client) -> Result<(), Error> {
-    let api = Api::<CustomResourceDefinition>::all(client.clone());
-    for crd in crate::crd::all() {
-        let name = crd.name_any();
-        let found = match api.get_opt(&name).await {
-            Ok(found) => found,
-            Err(e @ kube::Error::Api(_)) => return Err(Error::Kube(e)),
-            Err(e) => return Err(Error::Connect(e)),
-        };
-        let Some(found) = found else {
-            return Err(Error::CrdMissing {
-                name,
-                reason: "not found".into(),
-            });
-        };
-        if !is_established(&found) {
-            return Err(Error::CrdMissing {
-                name,
-                reason: "not established".into(),
-            });
-        }
-        let missing = crate::crd::missing_fields(&found, &crd);
-        if !missing.is_empty() {
-            return Err(Error::CrdOutdated {
-                name,
-                version: env!("CARGO_PKG_VERSION"),
-                missing: missing.join(", "),
-            });
-        }
-    }
-    Ok(())
-}
-
-pub fn is_established(crd: &CustomResourceDefinition) -> bool {
-    crd.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-        })
 }

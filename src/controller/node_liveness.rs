@@ -14,6 +14,7 @@
 //!   `NodeDeleted` Warning naming the way out (`stowage release-node`,
 //!   see `release`), once per Volume and controller start.
 
+use futures::FutureExt;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,7 @@ use tokio::sync::Notify;
 
 use super::capacity::{self, READY, REASON_HEARTBEAT_EXPIRED};
 use super::informer::Informers;
+use super::job::JobRun;
 use super::{Config, Context, Error};
 use crate::backend::local;
 use crate::crd::{ConditionStatus, StorageNode, Volume, VolumeCondition, VolumePhase};
@@ -82,11 +84,7 @@ pub fn on_gone_nodes<'a>(
 
 /// The job: a pass every quarter of the timeout (at most 15 s), and at
 /// once when a Node is deleted.
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-    config: &Config,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers, config: &Config) -> JobRun {
     let wake = Arc::new(Notify::new());
     let poke = wake.clone();
     informers.nodes.on_delete(move |_| poke.notify_one());
@@ -97,6 +95,7 @@ pub fn controller(
             run(ctx, wake, timeout).await;
         }
     }
+    .boxed()
 }
 
 async fn run(ctx: Arc<Context>, wake: Arc<Notify>, timeout: Duration) {
@@ -110,10 +109,10 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>, timeout: Duration) {
         let Some(_pass) = ctx.gate.enter().await else {
             return;
         };
-        let _timer = ctx.metrics.reconcile_timer(JOB);
+        let _timer = ctx.metrics.jobs.reconcile_timer(JOB);
         if let Err(e) = pass(&ctx, timeout, &mut reported).await {
             tracing::warn!(job = JOB, error = %e, "checking node liveness failed");
-            ctx.metrics.reconcile_failed(JOB, e.metric_label());
+            ctx.metrics.jobs.reconcile_failed(JOB, e.metric_label());
         }
     }
 }

@@ -21,7 +21,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::informer::Informers;
-use super::job::{Job, Retry};
+use super::job::{Job, JobRun, Retry};
 use super::{Context, Error};
 use crate::crd::{NODE_LABEL, VOLUME_FINALIZER, Volume};
 
@@ -64,10 +64,7 @@ pub fn plan(volume: &Volume, node_exists: bool) -> Release {
 }
 
 /// The job: every Volume change, acted on only for annotated Volumes.
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let volumes = informers.volumes.subscribe();
     let controller = Controller::for_shared_stream(volumes, ctx.stores.volumes.clone());
     let job = Job {
@@ -82,7 +79,7 @@ async fn reconcile(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Err
     if !volume.annotations().contains_key(ANN_RELEASE_NODE) {
         return Ok(Action::await_change());
     }
-    let _timer = ctx.metrics.reconcile_timer("release");
+    let _timer = ctx.metrics.jobs.reconcile_timer("release");
     let node = volume.spec.node.clone().unwrap_or_default();
     let exists = !node.is_empty()
         && Api::<Node>::all(ctx.client.clone())

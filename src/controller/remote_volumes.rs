@@ -225,32 +225,19 @@ pub fn retry_after(ctx: &Context, volume: &Volume, error: &Error) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AccessMode, VolumeSpec, VolumeStatus};
+    use crate::crd::{AccessMode, VolumeStatus};
+    use crate::testing;
 
     fn volume() -> Volume {
-        let mut v = Volume::new(
-            "pvc-1",
-            VolumeSpec {
-                driver: "hostpath.csi.k8s.io".into(),
-                parameters: [
-                    ("kind".to_string(), "fast".to_string()),
-                    (secrets::FS_TYPE.to_string(), "xfs".to_string()),
-                ]
-                .into(),
-                capacity_bytes: 1 << 30,
-                access_modes: vec![AccessMode::ReadWriteOncePod],
-                volume_mode: VolumeMode::Filesystem,
-                node: None,
-                requisite_topology: vec![[("zone".to_string(), "a".to_string())].into()],
-                source: None,
-                claim: None,
-                persistent_volume_name: None,
-                reclaim_policy: Default::default(),
-            },
-        );
-        v.metadata.generation = Some(1);
-        v.metadata.finalizers = Some(vec![VOLUME_FINALIZER.into()]);
-        v
+        let mut spec = testing::volume_spec("hostpath.csi.k8s.io", 1 << 30);
+        spec.parameters = [
+            ("kind".to_string(), "fast".to_string()),
+            (secrets::FS_TYPE.to_string(), "xfs".to_string()),
+        ]
+        .into();
+        spec.access_modes = vec![AccessMode::ReadWriteOncePod];
+        spec.requisite_topology = vec![[("zone".to_string(), "a".to_string())].into()];
+        testing::volume("pvc-1", spec)
     }
 
     #[test]

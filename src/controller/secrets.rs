@@ -172,15 +172,19 @@ fn allowed(part: Part, kind: SecretFor) -> String {
     }
 }
 
-/// `template` with its `${...}` tokens replaced, as Go's os.Expand does
-/// for external-provisioner; any token not allowed here is an error.
-fn expand(
-    key: &str,
-    template: &str,
+/// One half of a Secret reference as the class writes it: the parameter's
+/// key, its text, which half, and for which kind of call.
+struct Template<'a> {
+    key: &'a str,
+    text: &'a str,
     part: Part,
     kind: SecretFor,
-    values: &TemplateValues,
-) -> Result<String, SecretError> {
+}
+
+/// `template` with its `${...}` tokens replaced, as Go's os.Expand does
+/// for external-provisioner; any token not allowed here is an error.
+fn expand(t: &Template, values: &TemplateValues) -> Result<String, SecretError> {
+    let (key, template, part, kind) = (t.key, t.text, t.part, t.kind);
     let mut out = String::new();
     let mut rest = template;
     while let Some(start) = rest.find("${") {
@@ -245,14 +249,9 @@ pub fn is_dns1123_subdomain(s: &str) -> bool {
 }
 
 /// Resolves one half of a reference and checks the result.
-fn resolve(
-    key: &str,
-    template: &str,
-    part: Part,
-    kind: SecretFor,
-    values: &TemplateValues,
-) -> Result<String, SecretError> {
-    let resolved = expand(key, template, part, kind, values)?;
+fn resolve(t: Template, values: &TemplateValues) -> Result<String, SecretError> {
+    let resolved = expand(&t, values)?;
+    let (key, template, part) = (t.key, t.text, t.part);
     let (valid, part_name, rule) = match part {
         Part::Namespace => (
             is_dns1123_label(&resolved),
@@ -316,8 +315,24 @@ pub fn secret_ref(
         }
     }
     Ok(Some(SecretRef {
-        namespace: resolve(&ns_key, &params[&ns_key], Part::Namespace, kind, values)?,
-        name: resolve(&name_key, &params[&name_key], Part::Name, kind, values)?,
+        namespace: resolve(
+            Template {
+                key: &ns_key,
+                text: &params[&ns_key],
+                part: Part::Namespace,
+                kind,
+            },
+            values,
+        )?,
+        name: resolve(
+            Template {
+                key: &name_key,
+                text: &params[&name_key],
+                part: Part::Name,
+                kind,
+            },
+            values,
+        )?,
     }))
 }
 

@@ -20,6 +20,7 @@
 
 mod plan;
 
+use futures::FutureExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::informer::Informers;
+use super::job::JobRun;
 use super::{Config, Context, Error};
 use crate::backend::local;
 use crate::quantity::format_bytes;
@@ -63,11 +65,7 @@ struct Settings {
 /// The capacity job (unless `--enable-capacity=false` or
 /// `--serve-local=false`): subscribes to what changes capacity, then runs
 /// a pass per change (coalesced) and per poll interval.
-pub fn controller(
-    ctx: Arc<Context>,
-    informers: &mut Informers,
-    config: &Config,
-) -> impl Future<Output = ()> + Send + 'static {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers, config: &Config) -> JobRun {
     let enabled = config.enable_capacity && config.serve_local;
     let wake = Arc::new(Notify::new());
     if enabled {
@@ -88,6 +86,7 @@ pub fn controller(
             run(ctx, wake, settings).await;
         }
     }
+    .boxed()
 }
 
 /// A watch hook that asks for a pass.
@@ -114,7 +113,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>, settings: Settings) {
         let Some(_pass) = ctx.gate.enter().await else {
             return;
         };
-        let _timer = ctx.metrics.reconcile_timer(JOB);
+        let _timer = ctx.metrics.jobs.reconcile_timer(JOB);
         if owner.is_none() {
             match find_owner(&ctx, &settings).await {
                 Ok(found) => owner = Some(found),
@@ -138,7 +137,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>, settings: Settings) {
 
 fn failed(ctx: &Context, key: &ObjectReference, error: &Error) -> Duration {
     tracing::warn!(job = JOB, %error, "publishing storage capacity failed");
-    ctx.metrics.reconcile_failed(JOB, error.metric_label());
+    ctx.metrics.jobs.reconcile_failed(JOB, error.metric_label());
     ctx.backoff(key, true)
 }
 

@@ -1,9 +1,11 @@
 //! Custom resources owned by stowage.
 
+mod installed;
 mod rules;
 mod storage_node;
 mod volume;
 
+pub use installed::{CrdError, ensure_established, is_established};
 pub use storage_node::*;
 pub use volume::*;
 

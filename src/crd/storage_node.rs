@@ -7,6 +7,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Condition type on StorageNode, named after kubelet's Node condition:
+/// free space below the reserve; no new volumes land on the node.
+pub const DISK_PRESSURE: &str = "DiskPressure";
+
 #[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "stowage.dev",

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use tonic::{Request, Response};
 
 use super::{CsiError, CsiResult, VolumeLocks, check_capability, required};
+use crate::backend::local::room::{self, Policy, Room};
 use crate::backend::local::{self, Layout, Parameters, Store};
-use crate::node::room::{self, Policy, Room};
 use crate::proto::csi::v1::{self as csi, controller_server::Controller};
 
 pub struct ControllerService {

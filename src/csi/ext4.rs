@@ -7,8 +7,8 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use super::CsiError;
-use crate::backend::local::{output, run};
-use crate::node::loop_device;
+use crate::host::loop_device;
+use crate::host::process::{output, run};
 
 /// `e2fsck -p`, preening: repairs what is safe to repair (exit 1 means it
 /// did). `force` (`-f`) checks a filesystem that looks clean too.

@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use tonic::{Code, Status};
 
 use crate::backend::local::LocalError;
-use crate::node::filesystem::ProbeError;
-use crate::node::paths::PathError;
-use crate::node::room::RoomError;
+use crate::backend::local::room::RoomError;
+use crate::host::HostError;
+use crate::host::filesystem::ProbeError;
+use crate::host::paths::PathError;
 use crate::proto::csi::v1 as csi;
 
 /// Errors of CSI calls, each knowing its gRPC code.
@@ -36,7 +37,9 @@ pub enum CsiError {
     #[error(transparent)]
     Path(#[from] PathError),
     #[error(transparent)]
-    Local(#[from] LocalError),
+    Local(LocalError),
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// What is on a device is in doubt, or not what was asked for: the user
     /// (or an operator) has to look before anything is formatted.
     #[error(transparent)]
@@ -61,13 +64,13 @@ impl CsiError {
             CsiError::InvalidArgument(_) | CsiError::Path(_) => Code::InvalidArgument,
             CsiError::Local(LocalError::InvalidName(_)) => Code::InvalidArgument,
             // A size the data directory's filesystem cannot hold in a file.
-            CsiError::Local(LocalError::Io { source, .. })
+            CsiError::Host(HostError::Io { source, .. })
                 if source.raw_os_error() == Some(libc::EFBIG) =>
             {
                 Code::OutOfRange
             }
             // A preallocation the data filesystem has no blocks for.
-            CsiError::Local(LocalError::Io { source, .. })
+            CsiError::Host(HostError::Io { source, .. })
                 if source.raw_os_error() == Some(libc::ENOSPC) =>
             {
                 Code::ResourceExhausted
@@ -80,8 +83,19 @@ impl CsiError {
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
             CsiError::OutOfRange(_) => Code::OutOfRange,
             CsiError::FailedPrecondition(_) | CsiError::Probe(_) => Code::FailedPrecondition,
-            CsiError::Local(LocalError::NotOurMount { .. }) => Code::FailedPrecondition,
-            CsiError::Local(_) | CsiError::Internal(_) => Code::Internal,
+            CsiError::Host(HostError::NotOurMount { .. }) => Code::FailedPrecondition,
+            CsiError::Local(_) | CsiError::Host(_) | CsiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+/// A host failure inside the backend is a host failure: one variant to
+/// map to a gRPC code.
+impl From<LocalError> for CsiError {
+    fn from(e: LocalError) -> Self {
+        match e {
+            LocalError::Host(e) => CsiError::Host(e),
+            e => CsiError::Local(e),
         }
     }
 }

@@ -13,10 +13,12 @@ mod capability;
 mod usage;
 
 use super::{CsiError, CsiResult, VolumeLocks, ext4, required};
-use crate::backend::local::{self, FsType, Store, run};
-use crate::node::beneath::{Beneath, fd_path};
-use crate::node::filesystem::{self, Contents};
-use crate::node::{loop_device, mounts, paths};
+use crate::backend::local::{self, FsType, Store};
+use crate::host::HostError;
+use crate::host::beneath::{Beneath, fd_path};
+use crate::host::filesystem::{self, Contents};
+use crate::host::process::run;
+use crate::host::{loop_device, mounts, paths};
 use crate::proto::csi::v1::{self as csi, node_server::Node, volume_capability::AccessType};
 use capability::{fs_type, mount_flags, required_capability};
 
@@ -24,7 +26,7 @@ pub struct NodeService {
     pub store: Store,
     /// What this node may promise to volumes: NodeExpandVolume grows an
     /// image only within it.
-    pub room: crate::node::room::Policy,
+    pub room: crate::backend::local::room::Policy,
     pub node: String,
     /// Target and staging paths must lie under this directory.
     pub kubelet_dir: PathBuf,
@@ -168,7 +170,7 @@ impl NodeService {
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CsiError + use<> {
     let path = path.to_path_buf();
-    move |source| CsiError::Local(local::LocalError::Io { op, path, source })
+    move |source| CsiError::Host(HostError::Io { op, path, source })
 }
 
 /// Making the final component of a request path: a symlink or a

@@ -2,16 +2,10 @@
 //! assigned to this node and reports what it offers in a StorageNode.
 
 mod authority;
-pub mod beneath;
-pub mod filesystem;
 pub mod handover;
-pub mod loop_device;
-pub mod mounts;
-pub mod paths;
+mod health;
 pub mod registration;
 mod report;
-pub use report::DISK_PRESSURE;
-pub mod room;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -19,19 +13,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicI64;
-
-use prometheus_client::metrics::gauge::Gauge;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::Controller;
 use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client};
+use prometheus_client::metrics::gauge::Gauge;
 
-use crate::backend::local::{self, Store};
-use crate::controller::Metrics;
+use crate::backend::local::{self, Store, room};
 use crate::crd::{NODE_LABEL, Volume};
-use crate::telemetry::{self, Health};
+use crate::quantity::parse_quantity_flag;
+use crate::telemetry;
+use crate::telemetry::jobs::JobMetrics;
+use health::{NodeHealth, NodeReadiness};
 
 pub const FIELD_MANAGER: &str = "stowage-node";
 
@@ -48,7 +43,7 @@ pub struct Config {
     /// Bytes of volumes this node may hold (e.g. 100Gi). Without it: the
     /// data filesystem's free space, plus what stowage's own images hold
     /// there, less --capacity-reserve.
-    #[arg(long, env = "STOWAGE_CAPACITY", value_parser = parse_quantity)]
+    #[arg(long, env = "STOWAGE_CAPACITY", value_parser = parse_quantity_flag)]
     pub capacity: Option<i64>,
 
     /// Space of the data filesystem never promised to volumes, as a
@@ -59,7 +54,7 @@ pub struct Config {
     pub capacity_reserve: room::Reserve,
 
     /// How often the StorageNode (capacity, DiskPressure) is reported.
-    #[arg(long, env = "STOWAGE_REPORT_INTERVAL", default_value = "30s", value_parser = crate::controller::parse_duration)]
+    #[arg(long, env = "STOWAGE_REPORT_INTERVAL", default_value = "30s", value_parser = crate::quantity::parse_duration_flag)]
     pub report_interval: Duration,
 
     /// Address for `/metrics` and `/healthz`.
@@ -89,18 +84,16 @@ impl Config {
     }
 }
 
-pub fn parse_quantity(s: &str) -> Result<i64, String> {
-    crate::quantity::parse_bytes(s).map_err(|e| e.to_string())
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Controller(#[from] crate::controller::Error),
+    Crd(#[from] crate::crd::CrdError),
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Local(#[from] local::LocalError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
     #[error("data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -113,7 +106,7 @@ pub enum Error {
     )]
     InUse { volume: String, device: String },
     #[error("kubelet socket: {0}")]
-    Socket(#[source] crate::csi::serve::ServeError),
+    Socket(#[source] crate::host::socket::SocketError),
     #[error("gRPC server: {0}")]
     Grpc(#[source] tonic::transport::Error),
     #[error(transparent)]
@@ -123,9 +116,10 @@ pub enum Error {
 impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Controller(e) => e.metric_label(),
+            Error::Crd(e) => e.metric_label(),
             Error::Kube(_) => "kube",
             Error::Local(_) => "local",
+            Error::Host(_) => "host",
             Error::DataDir { .. } => "data_dir",
             Error::Http(_) => "http",
             Error::Socket(_) => "socket",
@@ -142,138 +136,63 @@ pub struct NodeContext {
     pub store: Store,
     /// `--capacity`, `--capacity-reserve`.
     pub room: room::Policy,
-    pub metrics: Metrics,
+    pub metrics: JobMetrics,
     /// Per-Volume retry delays.
     pub failures: crate::retry::Failures,
 }
 
-pub async fn run(config: Config) -> Result<(), Error> {
-    let client = Client::try_default()
-        .await
-        .map_err(crate::controller::Error::Connect)?;
-    crate::controller::ensure_crds_established(&client).await?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-
-    let mut root = telemetry::registry();
-    let registry = root.sub_registry_with_prefix("stowage_node");
-    let metrics = Metrics::register(registry);
-    let registered = Gauge::<i64, AtomicI64>::default();
-    registered.set(-1);
-    registry.register(
-        "kubelet_registered",
-        "1 once kubelet accepted the plugin registration, 0 if it refused, -1 before either",
-        registered.clone(),
-    );
-    let socket = socket_path(&config.kubelet_dir);
-    let health = Arc::new(NodeHealth {
-        socket: socket.clone(),
-        data_dir: config.data_dir.clone(),
-    });
-    let readiness = Arc::new(NodeReadiness {
-        kubelet_dir: config.kubelet_dir.clone(),
-        idle: Mutex::new(Some("starting".into())),
-    });
-    if let Err(problem) = readiness.kubelet_dir_problem() {
-        tracing::error!("{problem}");
+impl NodeContext {
+    fn new(client: Client, config: &Config, metrics: JobMetrics) -> Self {
+        NodeContext {
+            client,
+            node: config.node_name.clone(),
+            store: Store::new(&config.data_dir),
+            room: config.room(),
+            metrics,
+            failures: Default::default(),
+        }
     }
-    let http = telemetry::serve_http(
-        config.metrics_addr,
-        Arc::new(root),
-        health,
-        readiness.clone(),
-    );
+}
+
+pub async fn run(config: Config) -> Result<(), Error> {
+    let client = connect(&config).await?;
+    let socket = socket_path(&config.kubelet_dir);
+    let Telemetry {
+        metrics,
+        registered,
+        readiness,
+        http,
+    } = serve_telemetry(&config, &socket);
     tokio::pin!(http);
 
     // A missing kubelet directory is a wrong hostPath or --kubelet-dir:
     // creating it would register where kubelet never looks.
     while !config.kubelet_dir.is_dir() {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
-            res = &mut http => return res.map_err(Error::Http),
-            () = crate::controller::shutdown_signal() => return Ok(()),
+        let wait = tokio::time::sleep(Duration::from_secs(2));
+        if unless_stopped(wait, &mut http).await?.is_none() {
+            return Ok(());
         }
     }
 
     // During a rolling update the previous agent may still act here.
     readiness.idle("waiting for the data directory's lock (another node agent holds it)");
     let me = std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid {}", std::process::id()));
-    let lock = tokio::select! {
-        lock = handover::acquire(&config.data_dir, &me) => lock?,
-        res = &mut http => return res.map_err(Error::Http),
-        () = crate::controller::shutdown_signal() => return Ok(()),
+    let acquire = handover::acquire(&config.data_dir, &me);
+    let Some(lock) = unless_stopped(acquire, &mut http).await? else {
+        return Ok(());
     };
+    let lock = lock?;
 
     // Stop acting on SIGTERM, or when a newer agent asks to take over.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Stop>);
-    let stop = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(Option::is_some).await;
-        }
-    };
+    let stop = || stopped(stop_rx.clone());
     let (grpc, socket_id) = serve_socket(&socket, &config, registered, stop())?;
-    let ctx = Arc::new(NodeContext {
-        client: client.clone(),
-        node: config.node_name.clone(),
-        store: Store::new(&config.data_dir),
-        room: config.room(),
-        metrics,
-        failures: Default::default(),
-    });
+    let ctx = Arc::new(NodeContext::new(client.clone(), &config, metrics));
     let reporter = report::Reporter::new(&ctx, &config);
     reporter.report(&ctx).await?;
-    let heartbeat = async {
-        loop {
-            tokio::time::sleep(config.report_interval).await;
-            if let Err(e) = reporter.report(&ctx).await {
-                tracing::warn!(error = %e, "reporting StorageNode failed");
-            }
-        }
-    };
-
-    let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", config.node_name));
-    // Only spec changes and deletion (both bump the generation) are work
-    // for the node; reacting to status writes, our own included, would
-    // retry a failure at once instead of after its backoff.
-    let (cache, writer) = reflector::store();
-    let changes = watcher(Api::<Volume>::all(client), mine)
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
-    let volumes = Controller::for_stream(changes, cache)
-        .with_config(kube::runtime::controller::Config::default().concurrency(config.workers))
-        .graceful_shutdown_on(stop());
-    let cache = volumes.store();
-    let volumes = volumes
-        .run(volumes::reconcile, volumes::error_policy, ctx.clone())
-        .for_each(|_| async {});
-    // kube-runtime's graceful stop waits for the cache, and the cache stops
-    // loading once asked to stop: a stop before the cache was ready would
-    // never end. Before it is ready no reconcile has run, so nothing needs
-    // finishing and the controller can simply be dropped.
-    let controller = async {
-        tokio::select! {
-            () = volumes => {}
-            () = async {
-                stop().await;
-                if cache.wait_until_ready().now_or_never().is_some() {
-                    std::future::pending::<()>().await;
-                }
-            } => tracing::debug!("stopped before the Volume cache was ready"),
-        }
-    };
-    let stopping = async {
-        let why = tokio::select! {
-            () = crate::controller::shutdown_signal() => Stop::Signal,
-            who = lock.handover_requested() => Stop::HandOver(who),
-        };
-        let _ = stop_tx.send(Some(why));
-        std::future::pending::<()>().await
-    };
+    let heartbeat = heartbeat(&reporter, &ctx, config.report_interval);
+    let controller = volume_controller(client, &config, ctx.clone(), &stop_rx);
+    let stopping = stop_when_asked(&lock, &stop_tx);
 
     readiness.acting();
     tracing::info!(node = %config.node_name, data_dir = %config.data_dir.display(), "node agent started");
@@ -286,13 +205,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         () = stopping => Ok(()),
         // kubelet may hold a connection open for good; in-flight calls get
         // a moment to finish, and a second SIGTERM cuts even that short.
-        () = async {
-            stop().await;
-            tokio::select! {
-                () = tokio::time::sleep(STOP_GRACE) => {}
-                () = crate::controller::shutdown_signal() => {}
-            }
-        } => {
+        () = grace_after(stop()) => {
             tracing::warn!("CSI calls or Volume work still open {STOP_GRACE:?} after the stop; leaving them");
             Ok(())
         }
@@ -310,14 +223,186 @@ pub async fn run(config: Config) -> Result<(), Error> {
     drop(lock);
     result?;
     if let Some(who) = handed_over {
-        tracing::info!(to = %who, "handed this node over to a newer agent; idle until stopped");
-        readiness.idle(&format!("handed over to {who}; idle until stopped"));
-        tokio::select! {
-            res = &mut http => res.map_err(Error::Http)?,
-            () = crate::controller::shutdown_signal() => {}
-        }
+        idle_after_handover(&who, &readiness, &mut http).await?;
     }
     tracing::info!("node agent stopped");
+    Ok(())
+}
+
+/// The API server, with our CRDs established, and the data directory.
+async fn connect(config: &Config) -> Result<Client, Error> {
+    let client = Client::try_default()
+        .await
+        .map_err(crate::crd::CrdError::Connect)?;
+    crate::crd::ensure_established(&client).await?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    Ok(client)
+}
+
+/// The agent's metrics, and `/metrics`, `/healthz` and `/readyz` served
+/// once `http` is polled.
+struct Telemetry<H> {
+    metrics: JobMetrics,
+    /// Whether kubelet accepted the plugin registration.
+    registered: Gauge<i64, AtomicI64>,
+    readiness: Arc<NodeReadiness>,
+    http: H,
+}
+
+fn serve_telemetry(
+    config: &Config,
+    socket: &std::path::Path,
+) -> Telemetry<impl Future<Output = std::io::Result<()>> + use<>> {
+    let mut root = telemetry::registry();
+    let registry = root.sub_registry_with_prefix("stowage_node");
+    let metrics = JobMetrics::register(registry);
+    let registered = Gauge::<i64, AtomicI64>::default();
+    registered.set(-1);
+    registry.register(
+        "kubelet_registered",
+        "1 once kubelet accepted the plugin registration, 0 if it refused, -1 before either",
+        registered.clone(),
+    );
+    let health = Arc::new(NodeHealth {
+        socket: socket.to_path_buf(),
+        data_dir: config.data_dir.clone(),
+    });
+    let readiness = Arc::new(NodeReadiness {
+        kubelet_dir: config.kubelet_dir.clone(),
+        idle: Mutex::new(Some("starting".into())),
+    });
+    if let Err(problem) = readiness.kubelet_dir_problem() {
+        tracing::error!("{problem}");
+    }
+    let http = telemetry::serve_http(
+        config.metrics_addr,
+        Arc::new(root),
+        health,
+        readiness.clone(),
+    );
+    Telemetry {
+        metrics,
+        registered,
+        readiness,
+        http,
+    }
+}
+
+/// `work`'s output, or None when a signal stops the agent (or the metrics
+/// server ends) first; the metrics server's failure is returned.
+async fn unless_stopped<T, H>(
+    work: impl Future<Output = T>,
+    http: &mut std::pin::Pin<&mut H>,
+) -> Result<Option<T>, Error>
+where
+    H: Future<Output = std::io::Result<()>>,
+{
+    tokio::select! {
+        done = work => Ok(Some(done)),
+        res = http => res.map(|()| None).map_err(Error::Http),
+        () = crate::telemetry::shutdown_signal() => Ok(None),
+    }
+}
+
+/// Tells everything to stop acting at SIGTERM, or when a newer agent asks
+/// to take over; never resolves.
+async fn stop_when_asked(
+    lock: &handover::AgentLock,
+    stop: &tokio::sync::watch::Sender<Option<Stop>>,
+) {
+    let why = tokio::select! {
+        () = crate::telemetry::shutdown_signal() => Stop::Signal,
+        who = lock.handover_requested() => Stop::HandOver(who),
+    };
+    let _ = stop.send(Some(why));
+    std::future::pending::<()>().await
+}
+
+/// Resolves once the agent is told to stop acting.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<Option<Stop>>) {
+    let _ = stop.wait_for(Option::is_some).await;
+}
+
+/// Resolves `STOP_GRACE` after `stop`, or at a second SIGTERM.
+async fn grace_after(stop: impl Future<Output = ()>) {
+    stop.await;
+    tokio::select! {
+        () = tokio::time::sleep(STOP_GRACE) => {}
+        () = crate::telemetry::shutdown_signal() => {}
+    }
+}
+
+/// Reports the StorageNode every `interval`, for good.
+async fn heartbeat(reporter: &report::Reporter, ctx: &NodeContext, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(e) = reporter.report(ctx).await {
+            tracing::warn!(error = %e, "reporting StorageNode failed");
+        }
+    }
+}
+
+/// The Volumes of this node, carried out by `volumes::reconcile` until
+/// `stop` says so.
+fn volume_controller(
+    client: Client,
+    config: &Config,
+    ctx: Arc<NodeContext>,
+    stop: &tokio::sync::watch::Receiver<Option<Stop>>,
+) -> impl Future<Output = ()> + use<> {
+    let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", config.node_name));
+    // Only spec changes and deletion (both bump the generation) are work
+    // for the node; reacting to status writes, our own included, would
+    // retry a failure at once instead of after its backoff.
+    let (cache, writer) = reflector::store();
+    let changes = watcher(Api::<Volume>::all(client), mine)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let volumes = Controller::for_stream(changes, cache)
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.workers))
+        .graceful_shutdown_on(stopped(stop.clone()));
+    let cache = volumes.store();
+    let volumes = volumes
+        .run(volumes::reconcile, volumes::error_policy, ctx)
+        .for_each(|_| async {});
+    let stop = stop.clone();
+    // kube-runtime's graceful stop waits for the cache, and the cache stops
+    // loading once asked to stop: a stop before the cache was ready would
+    // never end. Before it is ready no reconcile has run, so nothing needs
+    // finishing and the controller can simply be dropped.
+    async move {
+        tokio::select! {
+            () = volumes => {}
+            () = async {
+                stopped(stop).await;
+                if cache.wait_until_ready().now_or_never().is_some() {
+                    std::future::pending::<()>().await;
+                }
+            } => tracing::debug!("stopped before the Volume cache was ready"),
+        }
+    }
+}
+
+/// After a hand-over: not ready, serving metrics until stopped.
+async fn idle_after_handover<H>(
+    who: &str,
+    readiness: &NodeReadiness,
+    http: &mut std::pin::Pin<&mut H>,
+) -> Result<(), Error>
+where
+    H: Future<Output = std::io::Result<()>>,
+{
+    tracing::info!(to = %who, "handed this node over to a newer agent; idle until stopped");
+    readiness.idle(&format!("handed over to {who}; idle until stopped"));
+    tokio::select! {
+        res = http => res.map_err(Error::Http)?,
+        () = crate::telemetry::shutdown_signal() => {}
+    }
     Ok(())
 }
 
@@ -350,14 +435,15 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
 ) -> Result<
     (
         impl Future<Output = Result<(), tonic::transport::Error>> + use<S>,
-        crate::csi::serve::SocketId,
+        crate::host::socket::SocketId,
     ),
     Error,
 > {
-    use crate::csi::{VolumeLocks, identity::IdentityService, node::NodeService, serve};
+    use crate::csi::{VolumeLocks, identity::IdentityService, node::NodeService};
+    use crate::host::socket;
     use crate::proto::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
     use crate::proto::pluginregistration::registration_server::RegistrationServer;
-    let (listener, id) = serve::bind_replacing(socket).map_err(Error::Socket)?;
+    let (listener, id) = socket::bind_replacing(socket).map_err(Error::Socket)?;
     tracing::info!(socket = %socket.display(), "serving plugin registration, CSI Identity and Node");
     let node = NodeService {
         store: Store::new(&config.data_dir),
@@ -365,7 +451,7 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
         node: config.node_name.clone(),
         kubelet_dir: config.kubelet_dir.clone(),
         // kubelet is the only caller here.
-        paths: crate::node::paths::Layout::Kubelet,
+        paths: crate::host::paths::Layout::Kubelet,
         locks: VolumeLocks::default(),
     };
     let server = tonic::transport::Server::builder()
@@ -380,108 +466,4 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
         .add_service(NodeServer::new(node))
         .serve_with_incoming_shutdown(authority::incoming(listener), stop);
     Ok((server, id))
-}
-
-/// Liveness: the socket kubelet uses is there and the data directory answers
-/// (what CSI Probe would check).
-struct NodeHealth {
-    socket: PathBuf,
-    data_dir: PathBuf,
-}
-
-impl Health for NodeHealth {
-    fn healthy(&self) -> Result<(), String> {
-        if !self.socket.exists() {
-            return Err(format!("socket {} is gone", self.socket.display()));
-        }
-        statvfs(&self.data_dir)
-            .map_err(|e| format!("data directory {}: {e}", self.data_dir.display()))?;
-        Ok(())
-    }
-}
-
-/// Readiness: this agent acts on the node (holds the data directory, serves
-/// kubelet's socket), and mounts it makes reach kubelet and the pods.
-struct NodeReadiness {
-    kubelet_dir: PathBuf,
-    /// Why the agent does not act on the node, or None while it does.
-    idle: Mutex<Option<String>>,
-}
-
-impl NodeReadiness {
-    fn idle(&self, why: &str) {
-        *self.idle.lock().expect("readiness poisoned") = Some(why.to_string());
-    }
-
-    fn acting(&self) {
-        *self.idle.lock().expect("readiness poisoned") = None;
-    }
-
-    fn kubelet_dir_problem(&self) -> Result<(), String> {
-        let dir = &self.kubelet_dir;
-        if !dir.is_dir() {
-            return Err(format!(
-                "kubelet directory {} is missing: mount the node's kubelet root there \
-                 (hostPath /var/lib/kubelet), or point --kubelet-dir at it",
-                dir.display()
-            ));
-        }
-        let mounts = mounts::current().map_err(|e| format!("reading mountinfo: {e}"))?;
-        match mounts::holding(&mounts, dir) {
-            Some(m) if m.shared => Ok(()),
-            Some(m) => Err(format!(
-                "kubelet directory {} (on mount {}) is not a shared mount, so volumes \
-                 mounted here would never reach kubelet or the pods: mount it with \
-                 mountPropagation: Bidirectional, and make the host path shared \
-                 (kubelet does so for its root; else `mount --make-rshared`)",
-                dir.display(),
-                m.mount_point.display()
-            )),
-            None => Err(format!("no mount holds {}", dir.display())),
-        }
-    }
-}
-
-impl Health for NodeReadiness {
-    fn healthy(&self) -> Result<(), String> {
-        let idle = self.idle.lock().expect("readiness poisoned").clone();
-        match (idle, self.kubelet_dir_problem()) {
-            (None, kubelet) => kubelet,
-            (Some(why), Ok(())) => Err(format!("not acting on this node: {why}")),
-            (Some(why), Err(kubelet)) => Err(format!("not acting on this node: {why}; {kubelet}")),
-        }
-    }
-}
-
-/// Usage of the filesystem holding a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FsUsage {
-    pub total_bytes: i64,
-    pub available_bytes: i64,
-    pub used_bytes: i64,
-    pub total_inodes: i64,
-    pub free_inodes: i64,
-}
-
-pub fn statvfs(path: &std::path::Path) -> std::io::Result<FsUsage> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` is writable.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize as i64;
-    Ok(FsUsage {
-        total_bytes: st.f_blocks as i64 * frsize,
-        available_bytes: st.f_bavail as i64 * frsize,
-        used_bytes: (st.f_blocks as i64 - st.f_bfree as i64) * frsize,
-        total_inodes: st.f_files as i64,
-        free_inodes: st.f_ffree as i64,
-    })
 }

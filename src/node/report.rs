@@ -13,10 +13,10 @@ use serde_json::json;
 use super::room::{self, Room};
 use super::{Config, Error, FIELD_MANAGER, NodeContext};
 use crate::backend::local::{self, Parameters};
-use crate::crd::{ConditionStatus, NODE_LABEL, StorageNode, Volume, VolumeCondition};
+use crate::crd::{
+    ConditionStatus, DISK_PRESSURE, NODE_LABEL, StorageNode, Volume, VolumeCondition,
+};
 
-/// Condition type on StorageNode, named after kubelet's Node condition.
-pub const DISK_PRESSURE: &str = "DiskPressure";
 pub const REASON_BELOW_RESERVE: &str = "FreeSpaceBelowReserve";
 pub const REASON_ABOVE_RESERVE: &str = "FreeSpaceAboveReserve";
 
@@ -193,7 +193,7 @@ async fn node_owner(ctx: &NodeContext) -> Result<Vec<serde_json::Value>, Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::room::{Disk, Own, Policy, Reserve};
+    use crate::backend::local::room::{Disk, Own, Policy, Reserve};
 
     fn room(available: i64) -> Room {
         let policy = Policy {

@@ -87,7 +87,7 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
             // kubelet may not have unstaged yet: deleting now would pull the
             // data from under a mount and strand its loop device.
             let image = ctx.store.image_path(&name)?;
-            if let Some(dev) = crate::node::loop_device::find(&image).await? {
+            if let Some(dev) = crate::host::loop_device::find(&image).await? {
                 return Err(Error::InUse {
                     volume: name,
                     device: dev.display().to_string(),
@@ -205,28 +205,13 @@ pub fn error_policy(volume: Arc<Volume>, error: &Error, ctx: Arc<NodeContext>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AccessMode, VolumeSpec, VolumeStatus};
+    use crate::crd::VolumeStatus;
+    use crate::testing;
 
     fn volume(node: &str) -> Volume {
-        let mut v = Volume::new(
-            "pvc-1",
-            VolumeSpec {
-                driver: "local.stowage.dev".into(),
-                parameters: Default::default(),
-                capacity_bytes: 1 << 24,
-                access_modes: vec![AccessMode::ReadWriteOnce],
-                volume_mode: Default::default(),
-                node: Some(node.into()),
-                requisite_topology: Vec::new(),
-                source: None,
-                claim: None,
-                persistent_volume_name: None,
-                reclaim_policy: Default::default(),
-            },
-        );
-        v.metadata.generation = Some(1);
-        v.metadata.finalizers = Some(vec![VOLUME_FINALIZER.into()]);
-        v
+        let mut spec = testing::volume_spec("local.stowage.dev", 1 << 24);
+        spec.node = Some(node.into());
+        testing::volume("pvc-1", spec)
     }
 
     #[test]

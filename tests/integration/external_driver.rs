@@ -168,6 +168,34 @@ impl ExternalDriver {
             .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.socket.display()))
     }
 
+    /// CreateVolume straight to the driver, as a provisioner before stowage
+    /// would have: returns the driver's handle.
+    pub async fn create_volume(&self, name: &str) -> String {
+        let mut client = csi::controller_client::ControllerClient::new(self.channel().await);
+        let capability = csi::VolumeCapability {
+            access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(csi::volume_capability::AccessMode {
+                mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        };
+        client
+            .create_volume(csi::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 16 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![capability],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateVolume on {}: {e}", self.name))
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id
+    }
+
     /// The driver's volume `handle` as its own ListVolumes shows it (mock),
     /// or whether its state directory names it (host path): None if gone.
     pub async fn volume(&self, handle: &str) -> Option<csi::Volume> {

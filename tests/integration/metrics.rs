@@ -75,7 +75,7 @@ async fn metrics_count_claims_binds_and_failures_exactly() {
     // A claim no node can hold stays pending and counts as a failure.
     claim(&ns, "too-big", &class, "5Gi", &["ReadWriteOnce"]).await;
     wait_for_event(&ns, "too-big", "ProvisioningFailed").await;
-    let failures = "stowage_reconcile_failures_total{job=\"claim\",error=\"provisioning_failed\"}";
+    let failures = "stowage_reconcile_failures_total{job=\"claim\",error=\"no_room\"}";
     let body = scrape_until(&url, failures, |v| v >= 1.0).await;
     assert_eq!(value(&body, "stowage_claims_pending"), Some(1.0), "{body}");
 

@@ -404,5 +404,30 @@ async fn a_single_node_volume_is_not_published_to_a_second_node() {
     wait(&s.vas, &on_b, "detached and deleted", gone).await;
     s.assert_published(&handle, &[]).await;
     s.delete_claim("data", &pv, &handle).await;
+    static_pv_goes_through_delete_volume(&s).await;
     controller.stop();
+}
+
+/// A PV external-provisioner made before stowage took over (its annotation,
+/// reclaim Delete, no Volume of ours): once its claim is gone the volume is
+/// deleted in the driver by its handle, then the PV goes, as upstream does.
+async fn static_pv_goes_through_delete_volume(s: &Scene) {
+    let name = format!("{}-inherited", s.ns.name);
+    let handle = s.driver.create_volume(&name).await;
+    apply(
+        &s.pvs,
+        json!({ "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": { "name": name, "annotations": { "pv.kubernetes.io/provisioned-by": s.driver.name } },
+                "spec": { "capacity": { "storage": "16Mi" }, "accessModes": ["ReadWriteOnce"],
+                          "persistentVolumeReclaimPolicy": "Delete", "storageClassName": s.class,
+                          "claimRef": { "namespace": s.ns.name, "name": "long-gone", "uid": "00000000-0000-0000-0000-000000000001" },
+                          "csi": { "driver": s.driver.name, "volumeHandle": handle } } }),
+    )
+    .await;
+    wait(&s.pvs, &name, "deleted", gone).await;
+    assert!(
+        s.driver.volume(&handle).await.is_none(),
+        "the PV went but {} still holds {handle}: leaked",
+        s.driver.name
+    );
 }

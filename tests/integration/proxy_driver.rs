@@ -15,8 +15,9 @@ use serde_json::json;
 use crate::external_driver::holds;
 use crate::fixtures::{claim, gone, is_bound, wait, wait_for_event};
 use crate::harness::{
-    Process, TestNamespace, bare_cluster, client_for_path, csi_server, unique_name,
+    Process, TestNamespace, bare_cluster, client_for_path, csi_server, free_port, unique_name,
 };
+use crate::metrics::scrape_until;
 
 pub async fn apply<K>(api: &Api<K>, value: serde_json::Value)
 where
@@ -41,19 +42,39 @@ pub fn proxy_controller(
     extra: &[&str],
     log_name: &str,
 ) -> Process {
+    proxy_controller_with_metrics(kubeconfig, driver, socket, extra, log_name).0
+}
+
+/// `proxy_controller`, and the URL of its `/metrics`.
+pub fn proxy_controller_with_metrics(
+    kubeconfig: &Path,
+    driver: &str,
+    socket: &Path,
+    extra: &[&str],
+    log_name: &str,
+) -> (Process, String) {
     let endpoint = format!("{driver}=unix://{}", socket.display());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "controller",
         "--leader-elect=false",
         "--metrics-addr",
-        "127.0.0.1:0",
+        &addr,
         "--csi-driver",
         &endpoint,
         "--csi-timeout",
         "5s",
     ];
     args.extend_from_slice(extra);
-    Process::start(kubeconfig, &args, &[], log_name)
+    let controller = Process::start(kubeconfig, &args, &[], log_name);
+    (controller, format!("http://{addr}/metrics"))
+}
+
+/// `csi_sidecar_operations_seconds_count` of one driver, method and code.
+fn csi_calls(driver: &str, method: &str, code: &str) -> String {
+    format!(
+        "csi_sidecar_operations_seconds_count{{driver_name=\"{driver}\",method_name=\"/csi.v1.{method}\",grpc_status_code=\"{code}\"}}"
+    )
 }
 
 /// An `Immediate`, `Delete` StorageClass for `provisioner`; returns its name.
@@ -120,7 +141,7 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
                 "spec": { "attachRequired": false, "podInfoOnMount": false } }),
     )
     .await;
-    let controller = proxy_controller(
+    let (controller, metrics) = proxy_controller_with_metrics(
         &kubeconfig,
         SOCKET_DRIVER,
         &socket,
@@ -180,6 +201,24 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
         !holds(&data, &handle),
         "DeleteVolume never reached the driver"
     );
+    // Every call counted as the sidecars count it, for their dashboards.
+    for method in [
+        "Identity/GetPluginInfo",
+        "Identity/GetPluginCapabilities",
+        "Controller/ControllerGetCapabilities",
+        "Controller/CreateVolume",
+    ] {
+        scrape_until(&metrics, &csi_calls(SOCKET_DRIVER, method, "OK"), |n| {
+            n >= 1.0
+        })
+        .await;
+    }
+    scrape_until(
+        &metrics,
+        &csi_calls(SOCKET_DRIVER, "Controller/DeleteVolume", "OK"),
+        |n| n >= 1.0,
+    )
+    .await;
 
     // --serve-local=false: a local.stowage.dev claim is not this
     // controller's. Serving it, it would write a Volume for it (or fail
@@ -213,6 +252,8 @@ async fn provisions_and_deletes_through_a_csi_socket_and_waits_out_its_absence()
     claim(&ns, "later", &class, "16Mi", &["ReadWriteOnce"]).await;
     let note = wait_for_event(&ns, "later", "ProvisioningFailed").await;
     assert!(note.contains("not answering"), "{note}");
+    let unavailable = csi_calls(SOCKET_DRIVER, "Controller/CreateVolume", "Unavailable");
+    scrape_until(&metrics, &unavailable, |n| n >= 1.0).await;
     assert!(
         note.contains(&socket.display().to_string()),
         "names the socket: {note}"

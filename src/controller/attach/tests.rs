@@ -1,3 +1,7 @@
+use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use serde_json::json;
+
 use super::*;
 
 const DRIVER: &str = "hostpath.csi.k8s.io";

@@ -51,12 +51,23 @@ fn best(claim: &PersistentVolumeClaim, pvs: &[PersistentVolume]) -> Option<Strin
     best_static_match(claim, &class("Immediate"), &refs).map(|p| p.name_any())
 }
 
-/// kube-controller-manager's matching rules, one row each: a claim, one
-/// PV, whether it matches.
+/// A row of kube-controller-manager's matching rules: what it shows, the
+/// claim's spec, the PV's spec and metadata, whether they match.
+type Row = (&'static str, Value, Value, Value, bool);
+
+fn assert_rows(rows: Vec<Row>) {
+    for (what, claim_spec, pv_spec, pv_meta, matches) in rows {
+        let found = best(&claim(claim_spec), &[pv("pv", pv_spec, pv_meta)]);
+        assert_eq!(found.is_some(), matches, "{what}");
+    }
+}
+
+/// kube-controller-manager's matching rules: a PV as big as asked or
+/// bigger, of the claim's class.
 #[test]
-fn static_match_follows_kcm_rules() {
+fn static_match_follows_kcm_rules_for_size_and_class() {
     let none = json!({});
-    let rows: Vec<(&str, Value, Value, Value, bool)> = vec![
+    assert_rows(vec![
         ("fits", none.clone(), none.clone(), none.clone(), true),
         (
             "too small",
@@ -86,6 +97,15 @@ fn static_match_follows_kcm_rules() {
             none.clone(),
             false,
         ),
+    ]);
+}
+
+/// kube-controller-manager's matching rules: every access mode asked is
+/// offered; volume modes are equal (a PV without one is Filesystem).
+#[test]
+fn static_match_follows_kcm_rules_for_modes() {
+    let none = json!({});
+    assert_rows(vec![
         (
             "access mode missing",
             json!({ "accessModes": ["ReadOnlyMany"] }),
@@ -121,6 +141,15 @@ fn static_match_follows_kcm_rules() {
             none.clone(),
             true,
         ),
+    ]);
+}
+
+/// kube-controller-manager's matching rules: the claim's selector, labels
+/// and expressions, against the PV's labels.
+#[test]
+fn static_match_follows_kcm_rules_for_selectors() {
+    let none = json!({});
+    assert_rows(vec![
         (
             "selector matches",
             json!({ "selector": { "matchLabels": { "tier": "gold" } } }),
@@ -149,6 +178,15 @@ fn static_match_follows_kcm_rules() {
             json!({ "labels": { "tier": "silver" } }),
             false,
         ),
+    ]);
+}
+
+/// kube-controller-manager's matching rules: claimed or dying PVs are never
+/// taken; without a selected node, node affinity is ignored.
+#[test]
+fn static_match_follows_kcm_rules_for_availability() {
+    let none = json!({});
+    assert_rows(vec![
         (
             "claimed by another",
             none.clone(),
@@ -171,11 +209,7 @@ fn static_match_follows_kcm_rules() {
             none.clone(),
             true,
         ),
-    ];
-    for (what, claim_spec, pv_spec, pv_meta, matches) in rows {
-        let found = best(&claim(claim_spec), &[pv("pv", pv_spec, pv_meta)]);
-        assert_eq!(found.is_some(), matches, "{what}");
-    }
+    ]);
 }
 
 #[test]

@@ -21,6 +21,7 @@
 //! A kind may keep only the objects in its scope (`keep_only`, see
 //! `scope`): the rest never reach the cache or a job.
 
+mod feed;
 mod progress;
 mod relist;
 
@@ -30,11 +31,11 @@ pub(crate) use relist::Relist;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, Stream};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -147,102 +148,6 @@ impl<K: Kind> Informer<K> {
             .modify(|o| o.meta_mut().managed_fields = None);
         self.run_on(events)
     }
-
-    /// Feeds the cache and the jobs from `events` (a watcher's output).
-    pub(crate) fn run_on<S>(self, events: S) -> impl Future<Output = ()> + Send + 'static
-    where
-        S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
-    {
-        let Informer {
-            store,
-            mut writer,
-            subscribers,
-            on_apply,
-            on_delete,
-            scope,
-            progress,
-        } = self;
-        let in_scope = move |o: &K| scope.as_ref().is_none_or(|keep| keep(o));
-        let applied = move |o: Arc<K>| {
-            for hook in &on_apply {
-                hook(&o);
-            }
-            for s in &subscribers {
-                // A job that stopped has dropped its receiver: nothing to do.
-                let _ = s.send(o.clone());
-            }
-        };
-        let deleted = move |o: &K| {
-            for hook in &on_delete {
-                hook(o);
-            }
-        };
-        async move {
-            futures::pin_mut!(events);
-            let mut relist = None;
-            while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
-                        continue;
-                    }
-                };
-                match event {
-                    watcher::Event::Init => {
-                        writer.apply_watcher_event(&watcher::Event::Init);
-                        progress.list_started();
-                        relist = Some(Relist::begin(store.state()));
-                    }
-                    watcher::Event::InitApply(o) => {
-                        if in_scope(&o) {
-                            writer.apply_watcher_event(&watcher::Event::InitApply(o));
-                        }
-                        progress.advanced(false);
-                    }
-                    watcher::Event::InitDone => {
-                        writer.apply_watcher_event(&watcher::Event::InitDone);
-                        let after = store.state();
-                        tracing::debug!(kind = %K::kind(&()), objects = after.len(), "listed");
-                        let changes = relist.take().unwrap_or_default().finish(&after);
-                        if !changes.deleted.is_empty() {
-                            tracing::info!(
-                                kind = %K::kind(&()),
-                                deleted = changes.deleted.len(),
-                                "objects deleted (or out of scope) since the last list"
-                            );
-                        }
-                        for gone in &changes.deleted {
-                            deleted(gone);
-                        }
-                        for o in changes.changed {
-                            applied(o);
-                        }
-                        progress.advanced(true);
-                    }
-                    watcher::Event::Apply(o) => {
-                        progress.advanced(true);
-                        let key = ObjectRef::from_obj(&o);
-                        if in_scope(&o) {
-                            writer.apply_watcher_event(&watcher::Event::Apply(o));
-                            // The cache's copy: no second one while jobs catch up.
-                            if let Some(cached) = store.get(&key) {
-                                applied(cached);
-                            }
-                        } else if store.get(&key).is_some() {
-                            writer.apply_watcher_event(&watcher::Event::Delete(o.clone()));
-                            deleted(&o);
-                        }
-                    }
-                    watcher::Event::Delete(o) => {
-                        progress.advanced(true);
-                        writer.apply_watcher_event(&watcher::Event::Delete(o.clone()));
-                        deleted(&o);
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Every watch the controller runs.
@@ -336,24 +241,12 @@ impl Informers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::stream;
+    use futures::{StreamExt, stream};
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::ResourceExt;
-    use kube::api::ObjectMeta;
     use std::sync::Mutex;
 
-    fn object(name: &str, uid: &str, version: &str) -> ConfigMap {
-        ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("ns".into()),
-                uid: Some(uid.into()),
-                resource_version: Some(version.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-    }
+    use crate::testing::config_map as object;
 
     fn list(objects: &[ConfigMap]) -> Vec<watcher::Result<watcher::Event<ConfigMap>>> {
         let mut events = vec![Ok(watcher::Event::Init)];

@@ -66,19 +66,8 @@ impl<K: Kind> Relist<K> {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::ObjectMeta;
 
-    fn object(name: &str, uid: &str, version: &str) -> ConfigMap {
-        ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                uid: Some(uid.into()),
-                resource_version: Some(version.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-    }
+    use crate::testing::config_map as object;
 
     fn names(objects: &[Arc<ConfigMap>]) -> Vec<String> {
         let mut names: Vec<_> = objects.iter().map(|o| o.name_any()).collect();

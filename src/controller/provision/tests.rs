@@ -188,7 +188,7 @@ fn other_provisioners_and_bound_claims_are_skipped() {
 fn under_pressure(mut n: StorageNode) -> StorageNode {
     let status = n.status.as_mut().unwrap();
     status.conditions = vec![crate::crd::VolumeCondition {
-        type_: crate::node::DISK_PRESSURE.into(),
+        type_: crate::crd::DISK_PRESSURE.into(),
         status: crate::crd::ConditionStatus::True,
         reason: "FreeSpaceBelowReserve".into(),
         message: "the data filesystem has 5 bytes free".into(),

@@ -1,5 +1,11 @@
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use serde_json::json;
+
 use super::*;
-use crate::crd::{AccessMode, VolumeSpec, VolumeStatus};
+use crate::backend::local;
+use crate::crd::{VolumePhase, VolumeStatus};
+use crate::testing;
 
 const MI: i64 = 1 << 20;
 
@@ -50,22 +56,11 @@ fn class(expandable: Option<bool>) -> StorageClass {
 }
 
 fn volume(spec_bytes: i64, ready_bytes: Option<i64>, layout: &str) -> Volume {
-    let mut v = Volume::new(
-        "pvc-u1",
-        VolumeSpec {
-            driver: local::DRIVER_NAME.into(),
-            parameters: [("layout".to_string(), layout.to_string())].into(),
-            capacity_bytes: spec_bytes,
-            access_modes: vec![AccessMode::ReadWriteOnce],
-            volume_mode: Default::default(),
-            node: Some("n1".into()),
-            requisite_topology: Vec::new(),
-            source: None,
-            claim: None,
-            persistent_volume_name: Some("pvc-u1".into()),
-            reclaim_policy: Default::default(),
-        },
-    );
+    let mut spec = testing::volume_spec(local::DRIVER_NAME, spec_bytes);
+    spec.parameters = [("layout".to_string(), layout.to_string())].into();
+    spec.node = Some("n1".into());
+    spec.persistent_volume_name = Some("pvc-u1".into());
+    let mut v = testing::volume("pvc-u1", spec);
     v.metadata.generation = Some(2);
     v.status = ready_bytes.map(|b| VolumeStatus {
         phase: VolumePhase::Ready,

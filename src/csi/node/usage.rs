@@ -4,11 +4,12 @@
 use tokio::process::Command;
 
 use super::{Data, NodeService, io_err, mountinfo};
-use crate::backend::local::run;
 use crate::csi::{CsiError, required};
-use crate::node::beneath::fd_path;
-use crate::node::filesystem::{self, Contents};
-use crate::node::{loop_device, mounts, statvfs};
+use crate::host::beneath::fd_path;
+use crate::host::filesystem::{self, Contents};
+use crate::host::process::run;
+use crate::host::statvfs::statvfs;
+use crate::host::{loop_device, mounts};
 use crate::proto::csi::v1::{self as csi, volume_capability::AccessType};
 
 impl NodeService {
@@ -99,7 +100,7 @@ impl NodeService {
         let current = std::fs::metadata(&image)
             .map_err(|e| CsiError::Internal(format!("reading {}: {e}", image.display())))?
             .len() as i64;
-        crate::node::room::measure(&self.store, self.room)
+        crate::backend::local::room::measure(&self.store, self.room)
             .map_err(|e| CsiError::Internal(format!("measuring the data directory: {e}")))?
             .check_growth(current, wanted)
             .map_err(CsiError::CannotGrow)?;

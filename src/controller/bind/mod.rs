@@ -2,6 +2,8 @@
 //! the same writes, in the same order, as kube-controller-manager's binder,
 //! so it makes no difference which of the two gets there first.
 
+pub mod apply;
+
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;

@@ -1,5 +1,8 @@
 //! Logs (tracing) and metrics (Prometheus text on `/metrics`), plus `/healthz`.
 
+pub mod csi_calls;
+pub mod jobs;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -73,6 +76,16 @@ pub fn init_logging(format: LogFormat) {
 }
 
 /// Answers whether the process can do its job; backs `/healthz`.
+/// Resolves on SIGTERM or Ctrl-C: every role stops on it.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 pub trait Health: Send + Sync + 'static {
     fn healthy(&self) -> Result<(), String>;
 }

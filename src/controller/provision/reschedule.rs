@@ -15,9 +15,9 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::protocol::{ANN_SELECTED_NODE, BINDING_WAIT_FOR_FIRST_CONSUMER};
-use super::provision::ProvisionError;
-use super::{Context, Error};
+use super::ProvisionError;
+use crate::controller::protocol::{ANN_SELECTED_NODE, BINDING_WAIT_FOR_FIRST_CONSUMER};
+use crate::controller::{Context, Error};
 
 /// The node to give up, when `error` is one another node could avoid and
 /// the scheduler chose this one. Errors a new node cannot fix (the claim's
@@ -66,7 +66,7 @@ pub(super) async fn give_back(
     )
     .await?;
     tracing::info!(%error, "selected node cannot hold the volume; asked the scheduler again");
-    ctx.metrics.reconcile_failed("claim", "rescheduled");
+    ctx.metrics.jobs.reconcile_failed("claim", "rescheduled");
     ctx.event(
         claim,
         EventType::Warning,

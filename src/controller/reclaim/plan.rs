@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 
-use super::protocol::*;
+use crate::controller::protocol::*;
 use crate::crd::Volume;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +17,15 @@ pub enum Reclaim {
     DeleteVolume(String),
     /// The data is gone: delete the PV object.
     DeletePv,
+    /// A `--csi-driver` PV that no Volume of ours records (provisioned by
+    /// external-provisioner before stowage took over, or created by hand
+    /// with its annotation): DeleteVolume by its handle, then the PV goes
+    /// (or, being deleted, loses our finalizer), as external-provisioner
+    /// does.
+    DeleteInDriver {
+        driver: String,
+        handle: String,
+    },
     /// The PV is being deleted and nothing holds it any more.
     RemoveFinalizer,
     /// Released with `Retain`: keep everything, tell the user.
@@ -24,12 +33,14 @@ pub enum Reclaim {
 }
 
 /// `claim_exists`: whether the claim the PV's claimRef names (with that UID)
-/// still exists; `serves`: whether stowage provisions for a driver name.
+/// still exists; `serves`: whether stowage provisions for a driver name;
+/// `remote`: whether it is a `--csi-driver` (called over its socket).
 pub fn plan(
     pv: &PersistentVolume,
     claim_exists: bool,
     volume: Option<&Volume>,
     serves: impl Fn(&str) -> bool,
+    remote: impl Fn(&str) -> bool,
 ) -> Reclaim {
     let ours = pv
         .annotations()
@@ -59,6 +70,7 @@ pub fn plan(
                 Reclaim::DeleteVolume(v.name_any())
             }
             ("Delete", Some(_)) => Reclaim::Skip,
+            ("Delete", None) if ours => in_driver(pv, &remote).unwrap_or(Reclaim::RemoveFinalizer),
             _ => Reclaim::RemoveFinalizer,
         };
     }
@@ -78,15 +90,28 @@ pub fn plan(
             Reclaim::DeleteVolume(v.name_any())
         }
         ("Delete", Some(_)) => Reclaim::Skip,
-        ("Delete", None) => Reclaim::DeletePv,
+        ("Delete", None) => in_driver(pv, &remote).unwrap_or(Reclaim::DeletePv),
         _ => Reclaim::Skip,
     }
+}
+
+/// DeleteVolume for a CSI PV of a `--csi-driver`, by its handle.
+fn in_driver(pv: &PersistentVolume, remote: impl Fn(&str) -> bool) -> Option<Reclaim> {
+    let csi = pv.spec.as_ref()?.csi.as_ref()?;
+    remote(&csi.driver).then(|| Reclaim::DeleteInDriver {
+        driver: csi.driver.clone(),
+        handle: csi.volume_handle.clone(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::local;
+
+    fn no_remote(_: &str) -> bool {
+        false
+    }
 
     fn local_only(driver: &str) -> bool {
         driver == local::DRIVER_NAME
@@ -135,7 +160,8 @@ mod tests {
                 &pv("Delete", "Bound", true, false),
                 true,
                 Some(&volume()),
-                local_only
+                local_only,
+                no_remote
             ),
             Reclaim::Skip
         );
@@ -149,7 +175,8 @@ mod tests {
                 &pv("Delete", "Bound", true, false),
                 false,
                 Some(&v),
-                local_only
+                local_only,
+                no_remote
             ),
             Reclaim::MarkReleased
         );
@@ -158,7 +185,8 @@ mod tests {
                 &pv("Delete", "Released", true, false),
                 false,
                 Some(&v),
-                local_only
+                local_only,
+                no_remote
             ),
             Reclaim::DeleteVolume("pvc-1".into())
         );
@@ -167,7 +195,8 @@ mod tests {
                 &pv("Delete", "Released", true, false),
                 false,
                 None,
-                local_only
+                local_only,
+                no_remote
             ),
             Reclaim::DeletePv
         );
@@ -176,7 +205,8 @@ mod tests {
                 &pv("Delete", "Released", true, true),
                 false,
                 None,
-                local_only
+                local_only,
+                no_remote
             ),
             Reclaim::RemoveFinalizer
         );
@@ -190,6 +220,7 @@ mod tests {
                 false,
                 Some(&volume()),
                 local_only,
+                no_remote,
             ),
             Reclaim::Retained
         );
@@ -200,6 +231,7 @@ mod tests {
                 false,
                 Some(&volume()),
                 local_only,
+                no_remote,
             ),
             Reclaim::RemoveFinalizer
         );
@@ -212,7 +244,8 @@ mod tests {
                 &pv("Delete", "Bound", false, false),
                 false,
                 None,
-                local_only
+                local_only,
+                no_remote
             ),
             Reclaim::MarkReleased
         );
@@ -221,9 +254,51 @@ mod tests {
                 &pv("Delete", "Released", false, false),
                 false,
                 None,
-                local_only
+                local_only,
+                no_remote
             ),
             Reclaim::Skip
+        );
+    }
+
+    fn csi(mut pv: PersistentVolume, driver: &str) -> PersistentVolume {
+        pv.spec.as_mut().unwrap().csi = Some(
+            serde_json::from_value(json!({
+                "driver": driver, "volumeHandle": "vol-7",
+            }))
+            .unwrap(),
+        );
+        pv.annotations_mut()
+            .insert(ANN_PROVISIONED_BY.into(), driver.into());
+        pv
+    }
+
+    #[test]
+    fn a_driver_volume_without_our_record_is_deleted_in_the_driver() {
+        let remote = |d: &str| d == "mock.csi.k8s.io";
+        let serves = |d: &str| d == "mock.csi.k8s.io";
+        let in_driver = Reclaim::DeleteInDriver {
+            driver: "mock.csi.k8s.io".into(),
+            handle: "vol-7".into(),
+        };
+        // Released: DeleteVolume, never just the PV (that would leak it).
+        let released = csi(pv("Delete", "Released", true, false), "mock.csi.k8s.io");
+        assert_eq!(plan(&released, false, None, serves, remote), in_driver);
+        // Being deleted with the provisioner's finalizer: the same.
+        let deleting = csi(pv("Delete", "Released", true, true), "mock.csi.k8s.io");
+        assert_eq!(plan(&deleting, false, None, serves, remote), in_driver);
+        // Retained, or another driver's: left alone.
+        let retained = csi(pv("Retain", "Released", true, false), "mock.csi.k8s.io");
+        assert_eq!(
+            plan(&retained, false, None, serves, remote),
+            Reclaim::Retained
+        );
+        let other = csi(pv("Delete", "Released", true, false), "other.csi.k8s.io");
+        assert_eq!(plan(&other, false, None, serves, remote), Reclaim::Skip);
+        // Recorded in a Volume: that Volume is how it goes.
+        assert_eq!(
+            plan(&released, false, Some(&volume()), serves, remote),
+            Reclaim::DeleteVolume(volume().name_any())
         );
     }
 }

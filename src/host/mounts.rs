@@ -10,7 +10,7 @@ use tokio::process::Command;
 
 use super::beneath::{Beneath, fd_path};
 use super::loop_device;
-use crate::backend::local::{LocalError, run};
+use super::process::{HostError, io, run};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
@@ -114,7 +114,7 @@ pub async fn mount(
     target: &Path,
     fs_type: Option<&str>,
     options: &[String],
-) -> Result<(), LocalError> {
+) -> Result<(), HostError> {
     let mut cmd = Command::new("mount");
     cmd.arg("--no-canonicalize");
     if let Some(fs) = fs_type {
@@ -127,11 +127,6 @@ pub async fn mount(
     run(cmd).await
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + use<> {
-    let path = path.to_path_buf();
-    move |source| LocalError::Io { op, path, source }
-}
-
 /// Mounts `source` on the directory or file open as `target_fd`, with the
 /// mount options a volume capability asks for.
 pub async fn mount_on(
@@ -139,7 +134,7 @@ pub async fn mount_on(
     target_fd: &OwnedFd,
     fs_type: Option<&str>,
     options: &[String],
-) -> Result<(), LocalError> {
+) -> Result<(), HostError> {
     mount(source, &fd_path(target_fd), fs_type, options).await
 }
 
@@ -151,7 +146,7 @@ pub async fn bind(
     target_fd: &OwnedFd,
     readonly: bool,
     options: &[String],
-) -> Result<(), LocalError> {
+) -> Result<(), HostError> {
     mount_on(source, target_fd, None, &["bind".to_string()]).await?;
     if readonly || !options.is_empty() {
         let mut opts = vec!["remount".to_string(), "bind".to_string()];
@@ -175,10 +170,10 @@ pub async fn bind(
 
 /// Unmounts every mount stacked at `target`, each only if `ours` says
 /// stowage made it; nothing mounted is fine.
-pub fn unmount(target: &Beneath, ours: impl Fn(&Mount) -> bool) -> Result<(), LocalError> {
+pub fn unmount(target: &Beneath, ours: impl Fn(&Mount) -> bool) -> Result<(), HostError> {
     while let Some(m) = mounted_at(&target.path).map_err(io("reading mountinfo", &target.path))? {
         if !ours(&m) {
-            return Err(LocalError::NotOurMount {
+            return Err(HostError::NotOurMount {
                 path: target.path.clone(),
                 device: m.source,
                 fs_type: m.fs_type,

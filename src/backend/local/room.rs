@@ -18,7 +18,7 @@
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 
-use crate::backend::local::Store;
+use super::Store;
 use crate::quantity::format_bytes;
 
 /// Bytes of the data filesystem kept free of volumes: a quantity or a
@@ -205,7 +205,7 @@ pub fn measure(store: &Store, policy: Policy) -> std::io::Result<Room> {
     {
         at = parent;
     }
-    let fs = crate::node::statvfs(at)?;
+    let fs = crate::host::statvfs::statvfs(at)?;
     let disk = Disk {
         total: fs.total_bytes,
         available: fs.available_bytes,

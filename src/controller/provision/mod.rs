@@ -20,7 +20,12 @@ use crate::backend::local;
 use crate::crd::{StorageNode, Volume, VolumePhase};
 use crate::quantity::{format_bytes, parse_bytes};
 
+mod apply;
 mod desired;
+mod reschedule;
+pub mod topology;
+
+pub use apply::apply;
 
 pub use desired::desired_pv;
 use desired::{desired_remote_volume, desired_volume};
@@ -165,6 +170,31 @@ impl ProvisionError {
                 | ProvisionError::Backend { .. }
                 | ProvisionError::Driver { .. }
         )
+    }
+
+    /// The `reason` label of `stowage_reconcile_failures{job="claim"}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ProvisionError::Parameters(_) => "bad_parameters",
+            ProvisionError::AccessMode(_) => "bad_access_mode",
+            ProvisionError::NoSize | ProvisionError::BadSize(..) | ProvisionError::ZeroSize => {
+                "bad_size"
+            }
+            ProvisionError::BlockOnDir => "block_on_dir",
+            ProvisionError::DataSource => "data_source",
+            ProvisionError::Secrets(_) => "secrets",
+            ProvisionError::NoTopology { .. } => "no_topology",
+            ProvisionError::NoNodes | ProvisionError::NodeWithoutAgent(_) => "no_node_agent",
+            ProvisionError::NoRoom { .. } | ProvisionError::NoRoomOnNode { .. } => "no_room",
+            ProvisionError::DiskPressure { .. } | ProvisionError::AllUnderDiskPressure { .. } => {
+                "disk_pressure"
+            }
+            ProvisionError::NodeNotReady { .. } | ProvisionError::NoReadyNodes { .. } => {
+                "node_not_ready"
+            }
+            ProvisionError::Backend { .. } => "node_failed",
+            ProvisionError::Driver { .. } => "driver_failed",
+        }
     }
 }
 

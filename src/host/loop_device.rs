@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use crate::backend::local::{LocalError, output, run};
+use super::process::{HostError, output, run};
 
 fn losetup(args: &[&str], path: &Path) -> Command {
     let mut cmd = Command::new("losetup");
@@ -14,7 +14,7 @@ fn losetup(args: &[&str], path: &Path) -> Command {
 }
 
 /// The loop devices backed by `image`.
-pub async fn find_all(image: &Path) -> Result<Vec<PathBuf>, LocalError> {
+pub async fn find_all(image: &Path) -> Result<Vec<PathBuf>, HostError> {
     // "/dev/loop3: [2049]:1234 (/path/img)"
     let text = output(losetup(&["--associated"], image)).await?;
     Ok(text
@@ -26,7 +26,7 @@ pub async fn find_all(image: &Path) -> Result<Vec<PathBuf>, LocalError> {
 }
 
 /// The loop device backed by `image`, if one is attached.
-pub async fn find(image: &Path) -> Result<Option<PathBuf>, LocalError> {
+pub async fn find(image: &Path) -> Result<Option<PathBuf>, HostError> {
     Ok(find_all(image).await?.into_iter().next())
 }
 
@@ -34,7 +34,7 @@ pub async fn find(image: &Path) -> Result<Option<PathBuf>, LocalError> {
 /// device we detached while something (udev's probe, a racing blkid) still
 /// had it open is only marked to clear itself on the last close, yet still
 /// lists the image: it would vanish under the caller, so it does not count.
-pub async fn attach(image: &Path) -> Result<PathBuf, LocalError> {
+pub async fn attach(image: &Path) -> Result<PathBuf, HostError> {
     if let Some(dev) = find_all(image).await?.into_iter().find(|d| !clearing(d)) {
         return Ok(dev);
     }
@@ -45,17 +45,17 @@ pub async fn attach(image: &Path) -> Result<PathBuf, LocalError> {
 /// Detaches every loop device backed by `image`. The kernel may finish a
 /// detach only when the device's last user closes it; a device already on
 /// its way out answers ENXIO, which counts as done.
-pub async fn detach(image: &Path) -> Result<(), LocalError> {
+pub async fn detach(image: &Path) -> Result<(), HostError> {
     for dev in find_all(image).await? {
         detach_device(&dev).await?;
     }
     Ok(())
 }
 
-pub async fn detach_device(dev: &Path) -> Result<(), LocalError> {
+pub async fn detach_device(dev: &Path) -> Result<(), HostError> {
     match run(losetup(&["--detach"], dev)).await {
         Ok(()) => Ok(()),
-        Err(LocalError::Command { stderr, .. }) if stderr.contains("No such device or address") => {
+        Err(HostError::Command { stderr, .. }) if stderr.contains("No such device or address") => {
             Ok(())
         }
         Err(e) => Err(e),
@@ -67,7 +67,7 @@ pub fn is_loop(dev: &Path) -> bool {
 }
 
 /// Makes the device see a grown backing file.
-pub async fn refresh_size(dev: &Path) -> Result<(), LocalError> {
+pub async fn refresh_size(dev: &Path) -> Result<(), HostError> {
     run(losetup(&["--set-capacity"], dev)).await
 }
 

@@ -1,0 +1,106 @@
+//! The provisioning plan's effects: events on the claim as
+//! external-provisioner posts them, and the Volume or PV written.
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+
+use k8s_openapi::api::storage::v1::StorageClass;
+
+use super::{Provision, reschedule};
+use crate::controller::{Context, Error};
+use crate::crd::Volume;
+use crate::kubeapi::create_idempotent;
+
+/// Carries out one step of provisioning. `Some(action)` ends this pass
+/// of the claim job; `None` lets binding look at the claim.
+pub async fn apply(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    class: Option<&StorageClass>,
+    provision: Provision,
+) -> Result<Option<Action>, Error> {
+    match provision {
+        Provision::Skip | Provision::Provisioned => {}
+        Provision::WaitForConsumer => {
+            // The same event kcm's binder posts, so `kubectl describe` reads alike
+            // whether or not it runs.
+            ctx.event(
+                claim,
+                EventType::Normal,
+                "WaitForFirstConsumer",
+                "Provision",
+                "waiting for first consumer to be created before binding",
+            )
+            .await;
+            return Ok(Some(Action::await_change()));
+        }
+        Provision::Fail(e) => {
+            ctx.event(
+                claim,
+                EventType::Warning,
+                "ProvisioningFailed",
+                "Provision",
+                &e.to_string(),
+            )
+            .await;
+            ctx.metrics.jobs.reconcile_failed("claim", e.metric_label());
+            if let Some(node) = reschedule::node_to_give_up(claim, class, &e) {
+                reschedule::give_back(ctx, claim, node, &e).await?;
+                return Ok(Some(Action::await_change()));
+            }
+            let retry = ctx.backoff(&claim.object_ref(&()), e.may_resolve_itself());
+            return Ok(Some(Action::requeue(retry)));
+        }
+        Provision::CreateVolume(volume) => {
+            ctx.event(
+                claim,
+                EventType::Normal,
+                "Provisioning",
+                "Provision",
+                &provisioning_note(claim, volume.spec.node.as_deref()),
+            )
+            .await;
+            create_idempotent(&Api::<Volume>::all(ctx.client.clone()), &volume).await?;
+            crate::failpoint::hit("controller-after-volume-created");
+            return Ok(Some(Action::await_change()));
+        }
+        Provision::WaitForData { .. } => return Ok(Some(Action::await_change())),
+        Provision::CreatePv(pv) => {
+            crate::failpoint::hit("controller-before-pv-created");
+            create_idempotent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
+            crate::failpoint::hit("controller-after-pv-created");
+            ctx.event(
+                claim,
+                EventType::Normal,
+                "ProvisioningSucceeded",
+                "Provision",
+                &format!("Successfully provisioned volume {}", pv.name_any()),
+            )
+            .await;
+            ctx.forget_failures(&claim.object_ref(&()));
+            return Ok(Some(Action::await_change()));
+        }
+    }
+
+    Ok(None)
+}
+
+/// external-provisioner's words, naming the node only when there is one
+/// (`Immediate` claims of other drivers have none).
+fn provisioning_note(claim: &PersistentVolumeClaim, node: Option<&str>) -> String {
+    let key = format!(
+        "{}/{}",
+        claim.namespace().unwrap_or_default(),
+        claim.name_any()
+    );
+    match node {
+        Some(node) => {
+            format!(
+                "External provisioner is provisioning volume for claim \"{key}\" on node {node}"
+            )
+        }
+        None => format!("External provisioner is provisioning volume for claim \"{key}\""),
+    }
+}

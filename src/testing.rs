@@ -1,0 +1,47 @@
+//! Fixtures shared by the unit tests: each builds the smallest object a
+//! test can then change in the fields it is about.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::ObjectMeta;
+
+use crate::crd::{AccessMode, VOLUME_FINALIZER, Volume, VolumeSpec};
+
+/// A spec with nothing but a driver, a size and one access mode.
+pub fn volume_spec(driver: &str, capacity_bytes: i64) -> VolumeSpec {
+    VolumeSpec {
+        driver: driver.into(),
+        parameters: Default::default(),
+        capacity_bytes,
+        access_modes: vec![AccessMode::ReadWriteOnce],
+        volume_mode: Default::default(),
+        node: None,
+        requisite_topology: Vec::new(),
+        source: None,
+        claim: None,
+        persistent_volume_name: None,
+        reclaim_policy: Default::default(),
+    }
+}
+
+/// A Volume as the controller writes it: generation 1, our finalizer.
+pub fn volume(name: &str, spec: VolumeSpec) -> Volume {
+    let mut v = Volume::new(name, spec);
+    v.metadata.generation = Some(1);
+    v.metadata.finalizers = Some(vec![VOLUME_FINALIZER.into()]);
+    v
+}
+
+/// A namespaced object with a name, UID and resourceVersion: what the
+/// informer's bookkeeping looks at.
+pub fn config_map(name: &str, uid: &str, version: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            uid: Some(uid.into()),
+            resource_version: Some(version.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
