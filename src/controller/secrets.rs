@@ -410,6 +410,34 @@ impl ReadError {
     }
 }
 
+/// The Secret a PV names for `kind` (`controllerPublishSecretRef`, ...),
+/// read; empty when it names none.
+pub async fn for_pv(
+    client: &Client,
+    pv: &k8s_openapi::api::core::v1::PersistentVolume,
+    kind: SecretFor,
+) -> Result<Secrets, ReadError> {
+    let csi = pv.spec.as_ref().and_then(|s| s.csi.as_ref());
+    let r = csi.and_then(|c| match kind {
+        SecretFor::ControllerPublish => c.controller_publish_secret_ref.as_ref(),
+        SecretFor::ControllerExpand => c.controller_expand_secret_ref.as_ref(),
+        SecretFor::NodeStage => c.node_stage_secret_ref.as_ref(),
+        SecretFor::NodePublish => c.node_publish_secret_ref.as_ref(),
+        SecretFor::NodeExpand => c.node_expand_secret_ref.as_ref(),
+        SecretFor::Provisioner => None,
+    });
+    match r {
+        Some(r) => {
+            let reference = SecretRef {
+                namespace: r.namespace.clone().unwrap_or_default(),
+                name: r.name.clone().unwrap_or_default(),
+            };
+            read(client, &reference, kind).await
+        }
+        None => Ok(Secrets::default()),
+    }
+}
+
 /// A Secret's data for a CSI call's `secrets`, byte for byte.
 pub async fn read(client: &Client, r: &SecretRef, kind: SecretFor) -> Result<Secrets, ReadError> {
     let (namespace, name, for_key) = (r.namespace.clone(), r.name.clone(), kind.key());

@@ -20,6 +20,8 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"k8s.io/kubernetes/test/e2e/storage/drivers/csi-test/mock/service"
 )
 
@@ -28,6 +30,8 @@ func main() {
 	name := flag.String("name", service.Name, "driver name (also the mock's one node ID)")
 	topology := flag.Bool("enable-topology", false, "report the mock's topology segment "+service.TopologyKey+"="+service.TopologyValue)
 	attachLimit := flag.Int64("attach-limit", 0, "volumes publishable per node (0: no limit)")
+	nodeExpansion := flag.Bool("node-expansion-required", false, "answer ControllerExpandVolume of a filesystem volume with node_expansion_required (a block volume needs nothing on the node)")
+	maxSize := flag.Int64("max-volume-size", 0, "answer OutOfRange to a ControllerExpandVolume beyond this many bytes (0: no limit)")
 	flag.Parse()
 	// Tests read retry intervals off these lines.
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
@@ -43,12 +47,13 @@ func main() {
 		log.Fatalf("listening on %s: %v", path, err)
 	}
 	mock := service.New(service.Config{
-		DriverName:     *name,
-		EnableTopology: *topology,
-		AttachLimit:    *attachLimit,
-		IO:             service.OSDirIO{},
+		DriverName:            *name,
+		EnableTopology:        *topology,
+		AttachLimit:           *attachLimit,
+		NodeExpansionRequired: *nodeExpansion,
+		IO:                    service.OSDirIO{},
 	})
-	server := grpc.NewServer(grpc.UnaryInterceptor(logCalls))
+	server := grpc.NewServer(grpc.ChainUnaryInterceptor(logCalls, limitExpansion(*maxSize), blockNeedsNoNode))
 	csi.RegisterIdentityServer(server, mock)
 	csi.RegisterControllerServer(server, mock)
 	csi.RegisterNodeServer(server, mock)
@@ -62,6 +67,32 @@ func main() {
 	if err := server.Serve(listener); err != nil {
 		log.Fatalf("serving: %v", err)
 	}
+}
+
+// limitExpansion refuses to expand beyond max bytes, as a driver whose
+// backing store is full answers: the error a user must fix by asking for
+// less.
+func limitExpansion(max int64) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if expand, ok := req.(*csi.ControllerExpandVolumeRequest); ok && max > 0 {
+			if wanted := expand.GetCapacityRange().GetRequiredBytes(); wanted > max {
+				return nil, status.Errorf(codes.OutOfRange, "%d bytes requested, at most %d available", wanted, max)
+			}
+		}
+		return handler(ctx, req)
+	}
+}
+
+// blockNeedsNoNode answers a block volume's ControllerExpandVolume without
+// node_expansion_required, as drivers whose devices need no resize on the
+// node do; a filesystem volume keeps the mock's answer.
+func blockNeedsNoNode(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	reply, err := handler(ctx, req)
+	expand, ok := req.(*csi.ControllerExpandVolumeRequest)
+	if err == nil && ok && expand.GetVolumeCapability().GetBlock() != nil {
+		reply.(*csi.ControllerExpandVolumeResponse).NodeExpansionRequired = false
+	}
+	return reply, err
 }
 
 // logCalls logs each call and its error, if any.

@@ -38,6 +38,7 @@ mod process_exit;
 mod provisioning;
 mod proxy_attach;
 mod proxy_driver;
+mod proxy_expand;
 mod proxy_secrets;
 mod proxy_wffc;
 mod real_node;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tonic::Code;
 
-use super::{Capability, CreateRequest, CreatedVolume, CsiDriver, ProxyError};
+use super::{Capability, CreateRequest, CreatedVolume, CsiDriver, Expanded, ProxyError};
 use crate::backend::secrets::Secrets;
 use crate::proto::csi::v1 as csi;
 use csi::controller_client::ControllerClient;
@@ -147,5 +147,40 @@ impl CsiDriver {
             Err(s) if s.code() == Code::NotFound => Ok(()),
             Err(s) => Err(self.rpc_error("ControllerUnpublishVolume", s)),
         }
+    }
+
+    /// ControllerExpandVolume to at least `bytes`: the size the driver
+    /// reports (never less than asked), and whether kubelet must expand
+    /// on the node too.
+    pub async fn expand_volume(
+        &self,
+        volume_id: &str,
+        bytes: i64,
+        capability: &Capability,
+        secrets: Secrets,
+    ) -> Result<Expanded, ProxyError> {
+        let caps = self.capabilities().await?;
+        if !caps.expand {
+            return Err(self.unsupported("EXPAND_VOLUME"));
+        }
+        let message = csi::ControllerExpandVolumeRequest {
+            volume_id: volume_id.to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            secrets: secrets.into_csi(),
+            volume_capability: Some(capability.to_csi()),
+        };
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.controller_expand_volume(self.request(message));
+        let response = self
+            .timed("/csi.v1.Controller/ControllerExpandVolume", call)
+            .await
+            .map_err(|s| self.rpc_error("ControllerExpandVolume", s))?;
+        Ok(Expanded {
+            capacity_bytes: response.capacity_bytes.max(bytes),
+            node_expansion_required: response.node_expansion_required,
+        })
     }
 }

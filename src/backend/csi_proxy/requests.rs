@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::PersistentVolume;
+
 use crate::backend::secrets::Secrets;
 use crate::proto::csi::v1 as csi;
 use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode};
@@ -14,6 +16,13 @@ pub struct CreatedVolume {
     pub volume_context: BTreeMap<String, String>,
     /// First accessible-topology segment, if the driver reported any.
     pub topology: BTreeMap<String, String>,
+}
+
+/// What ControllerExpandVolume answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expanded {
+    pub capacity_bytes: i64,
+    pub node_expansion_required: bool,
 }
 
 /// What CreateVolume is asked for.
@@ -39,6 +48,22 @@ pub struct Capability {
 }
 
 impl Capability {
+    /// How a PV is used: its volume mode, first access mode, fsType and
+    /// mount options.
+    pub fn of_pv(pv: &PersistentVolume) -> Capability {
+        let spec = pv.spec.clone().unwrap_or_default();
+        let csi = spec.csi.clone().unwrap_or_default();
+        Capability {
+            block: spec.volume_mode.as_deref() == Some("Block"),
+            fs_type: csi.fs_type.unwrap_or_default(),
+            mount_flags: spec.mount_options.unwrap_or_default(),
+            access_mode: spec
+                .access_modes
+                .and_then(|m| m.first().cloned())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn to_csi(&self) -> csi::VolumeCapability {
         let mode = match self.access_mode.as_str() {
             "ReadOnlyMany" => Mode::MultiNodeReaderOnly,

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{ANN_NODE_ID, AttachError};
 use crate::backend::csi_proxy::{Capability, CsiDriver};
-use crate::controller::secrets::{self, SecretRef, Secrets};
+use crate::controller::secrets::{self, Secrets};
 use crate::controller::{Context, Error};
 use crate::kubeapi;
 
@@ -40,38 +40,8 @@ async fn attach_failed(ctx: &Context, va: &VolumeAttachment, message: &str) -> R
     patch_status(ctx, va, status).await.map(drop)
 }
 
-fn capability(pv: &PersistentVolume) -> Capability {
-    let spec = pv.spec.clone().unwrap_or_default();
-    let csi = spec.csi.clone().unwrap_or_default();
-    Capability {
-        block: spec.volume_mode.as_deref() == Some("Block"),
-        fs_type: csi.fs_type.unwrap_or_default(),
-        mount_flags: spec.mount_options.unwrap_or_default(),
-        access_mode: spec
-            .access_modes
-            .and_then(|m| m.first().cloned())
-            .unwrap_or_default(),
-    }
-}
-
 async fn publish_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
-    let r = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.csi.as_ref())
-        .and_then(|c| c.controller_publish_secret_ref.as_ref());
-    match r {
-        Some(r) => Ok(secrets::read(
-            &ctx.client,
-            &SecretRef {
-                namespace: r.namespace.clone().unwrap_or_default(),
-                name: r.name.clone().unwrap_or_default(),
-            },
-            secrets::SecretFor::ControllerPublish,
-        )
-        .await?),
-        None => Ok(Secrets::default()),
-    }
+    Ok(secrets::for_pv(&ctx.client, pv, secrets::SecretFor::ControllerPublish).await?)
 }
 
 /// The node is gone: deleting the VA detaches it.
@@ -144,7 +114,7 @@ pub async fn publish(
         .publish(
             &csi.volume_handle,
             node_id,
-            &capability(pv),
+            &Capability::of_pv(pv),
             csi.read_only.unwrap_or(false),
             csi.volume_attributes.unwrap_or_default(),
             secrets,

@@ -9,11 +9,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
+use tonic::Code;
 
 use super::plan::storage;
 use super::{
     CONTROLLER_RESIZE_IN_PROGRESS, CONTROLLER_RESIZE_INFEASIBLE, NODE_RESIZE_PENDING, ResizeError,
 };
+use crate::backend::csi_proxy::{Capability, CsiDriver};
+use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error};
 use crate::crd::Volume;
 use crate::quantity::format_bytes;
@@ -213,4 +216,51 @@ pub async fn finish(ctx: &Context, claim: &PersistentVolumeClaim, bytes: i64) ->
     .await;
     ctx.forget_failures(&claim.object_ref(&()));
     Ok(())
+}
+
+/// ControllerExpandVolume on the PV's driver, then the PV and the claim
+/// from its answer. A driver's refusal is the claim's event, and
+/// `ControllerResizeInfeasible` when asking again cannot help
+/// (InvalidArgument, OutOfRange, NotFound, as external-resizer reads them).
+pub async fn expand_in_driver(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+    driver: &CsiDriver,
+    bytes: i64,
+) -> Result<Action, Error> {
+    let handle = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .map(|c| c.volume_handle.clone())
+        .unwrap_or_default();
+    let secrets = secrets::for_pv(&ctx.client, pv, SecretFor::ControllerExpand).await?;
+    let capability = Capability::of_pv(pv);
+    let expanded = match driver
+        .expand_volume(&handle, bytes, &capability, secrets)
+        .await
+    {
+        Ok(expanded) => expanded,
+        Err(e) => {
+            let infeasible = matches!(
+                e.code(),
+                Code::InvalidArgument | Code::OutOfRange | Code::NotFound
+            );
+            let error = ResizeError::Driver {
+                message: e.to_string(),
+                infeasible,
+            };
+            return refuse(ctx, claim, &error).await;
+        }
+    };
+    tracing::info!(bytes = expanded.capacity_bytes, volume = %handle, "expanded in the driver");
+    let pv_name = pv.name_any();
+    resize_pv(ctx, &pv_name, expanded.capacity_bytes).await?;
+    if expanded.node_expansion_required {
+        await_node_expansion(ctx, claim).await?;
+    } else {
+        finish(ctx, claim, expanded.capacity_bytes).await?;
+    }
+    Ok(Action::await_change())
 }

@@ -9,6 +9,11 @@
 //! which kubelet's NodeExpandVolume grows the filesystem and writes the new
 //! capacity, or (plain directories) the new capacity at once.
 //!
+//! A `--csi-driver`'s claim takes external-resizer's path instead:
+//! `ControllerResizeInProgress` → ControllerExpandVolume → the PV's
+//! capacity → `NodeResizePending` when the driver says
+//! `node_expansion_required`, else the new capacity.
+//!
 //! Every step is read back from the objects, so a crash between steps
 //! resumes where it stopped; no step shrinks anything.
 
@@ -69,9 +74,6 @@ pub async fn reconcile(
     claim: Arc<PersistentVolumeClaim>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    if !ctx.serve_local {
-        return Ok(Action::await_change());
-    }
     let _timer = ctx.metrics.jobs.reconcile_timer("resize");
     let s = &ctx.stores;
     let pv_name = claim
@@ -83,6 +85,16 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     }
     let pv = s.pvs.get(&ObjectRef::new(&pv_name));
+    let driver = pv.as_deref().and_then(plan::driver_of);
+    let remote = driver.and_then(|d| ctx.drivers.get(d));
+    if remote.is_none() && (!ctx.serve_local || driver != Some(crate::backend::local::DRIVER_NAME))
+    {
+        return Ok(Action::await_change());
+    }
+    let remote_expands = match remote {
+        Some(driver) => Some(driver.capabilities().await?.expand),
+        None => None,
+    };
     let class = claim
         .spec
         .as_ref()
@@ -100,6 +112,7 @@ pub async fn reconcile(
         class: class.as_deref(),
         volume: volume.as_deref(),
         free_on_node: volume.as_ref().and_then(|v| free_on_node(&ctx, v)),
+        remote_expands,
     };
     let step = plan(&view);
     tracing::debug!(?step, "planned");
@@ -114,6 +127,11 @@ pub async fn reconcile(
         Resize::ResizePv { bytes } => apply::resize_pv(&ctx, &pv_name, bytes).await?,
         Resize::AwaitNodeExpansion => apply::await_node_expansion(&ctx, &claim).await?,
         Resize::Finish { bytes } => apply::finish(&ctx, &claim, bytes).await?,
+        Resize::ExpandInDriver { bytes } => {
+            let pv = pv.expect("planned from it");
+            let driver = remote.expect("planned for a --csi-driver");
+            return apply::expand_in_driver(&ctx, &claim, &pv, driver, bytes).await;
+        }
     }
     Ok(Action::await_change())
 }

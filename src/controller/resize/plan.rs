@@ -25,6 +25,9 @@ pub struct ResizeView<'a> {
     pub volume: Option<&'a Volume>,
     /// Free bytes on the Volume's node; None when no agent runs there.
     pub free_on_node: Option<i64>,
+    /// When the PV's driver is a `--csi-driver`: whether it offers
+    /// EXPAND_VOLUME (ControllerExpandVolume).
+    pub remote_expands: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +49,10 @@ pub enum Resize {
     AwaitNodeExpansion,
     /// Nothing left on the node: the claim has its new capacity.
     Finish { bytes: i64 },
+    /// ControllerExpandVolume to `bytes` on the PV's `--csi-driver`, then
+    /// the PV, and the node or the claim, from its answer. Asked again
+    /// until the claim records the outcome: the call is idempotent.
+    ExpandInDriver { bytes: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,13 +80,22 @@ pub enum ResizeError {
     NoAgent(String),
     #[error("node {node} failed to grow the volume: {message}")]
     Backend { node: String, message: String },
+    #[error("{message}")]
+    Driver { message: String, infeasible: bool },
 }
 
 impl ResizeError {
     /// Whether only the user can fix it by asking for less (kubelet and
     /// kubectl read `ControllerResizeInfeasible` as that).
     pub fn infeasible(&self) -> bool {
-        matches!(self, ResizeError::NoRoom { .. })
+        matches!(
+            self,
+            ResizeError::NoRoom { .. }
+                | ResizeError::Driver {
+                    infeasible: true,
+                    ..
+                }
+        )
     }
 
     /// The reason label of the resize job's failure metric.
@@ -91,6 +107,7 @@ impl ResizeError {
             ResizeError::NoRoom { .. } => "no_room",
             ResizeError::NoAgent(_) => "no_agent",
             ResizeError::Backend { .. } => "grow_failed",
+            ResizeError::Driver { .. } => "driver_failed",
         }
     }
 }
@@ -129,6 +146,10 @@ pub fn plan(view: &ResizeView) -> Resize {
     let Some(pv) = view.pv else {
         return Resize::Nothing;
     };
+    let local = driver_of(pv) == Some(local::DRIVER_NAME);
+    if !local && view.remote_expands.is_none() {
+        return Resize::Nothing;
+    }
     let Some(asked) = asked(view.claim, pv) else {
         return Resize::Nothing;
     };
@@ -137,6 +158,9 @@ pub fn plan(view: &ResizeView) -> Resize {
     };
     if class.allow_volume_expansion != Some(true) {
         return Resize::Refuse(ResizeError::NotExpandable(class.name_any()));
+    }
+    if let Some(expands) = view.remote_expands {
+        return plan_remote(pv, asked, expands);
     }
     let Some(volume) = view.volume else {
         return Resize::Refuse(ResizeError::NotProvisioned(pv.name_any()));
@@ -168,6 +192,32 @@ pub fn plan(view: &ResizeView) -> Resize {
         _ => return Resize::WaitForNode,
     }
     plan_grown(pv, volume, done)
+}
+
+/// A `--csi-driver`'s volume, as external-resizer expands it: whether or
+/// not stowage provisioned it (no Volume is needed). A driver without
+/// EXPAND_VOLUME gets external-resizer's "trivial" resize: the PV grows
+/// and kubelet's NodeExpandVolume does the rest.
+fn plan_remote(pv: &PersistentVolume, asked: Asked, expands: bool) -> Resize {
+    if !asked.started() {
+        return Resize::Start {
+            request: asked.request.0,
+        };
+    }
+    if expands {
+        return Resize::ExpandInDriver {
+            bytes: asked.requested,
+        };
+    }
+    let pv_bytes =
+        bytes_of(pv.spec.as_ref().and_then(|s| storage(s.capacity.as_ref()))).unwrap_or(0);
+    if pv_bytes < asked.requested {
+        Resize::ResizePv {
+            bytes: asked.requested,
+        }
+    } else {
+        Resize::AwaitNodeExpansion
+    }
 }
 
 /// The claim's request when it exceeds its capacity and the resize is not
@@ -253,16 +303,17 @@ fn plan_grown(pv: &PersistentVolume, volume: &Volume, done: &VolumeStatus) -> Re
     }
 }
 
+/// The CSI driver of a PV, if it is a CSI volume.
+pub(super) fn driver_of(pv: &PersistentVolume) -> Option<&str> {
+    Some(pv.spec.as_ref()?.csi.as_ref()?.driver.as_str())
+}
+
 fn bound_to(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
     let Some(spec) = pv.spec.as_ref() else {
         return false;
     };
-    let ours = spec
-        .csi
-        .as_ref()
-        .is_some_and(|c| c.driver == local::DRIVER_NAME);
     let claim_ref = spec.claim_ref.as_ref();
-    ours && claim.uid().is_some()
+    claim.uid().is_some()
         && claim_ref.and_then(|r| r.uid.clone()) == claim.uid()
         && claim.spec.as_ref().and_then(|s| s.volume_name.as_deref())
             == Some(pv.name_any().as_str())

@@ -84,7 +84,99 @@ fn plan_with(
         class: class_,
         volume: volume_,
         free_on_node: free,
+        remote_expands: None,
     })
+}
+
+/// A `--csi-driver`'s PV (no Volume of ours), its driver offering
+/// EXPAND_VOLUME or not.
+fn plan_remote(claim: &PersistentVolumeClaim, capacity: &str, expands: bool) -> Resize {
+    let mut p = pv(capacity);
+    p.spec.as_mut().unwrap().csi.as_mut().unwrap().driver = "mock.csi.k8s.io".into();
+    plan(&ResizeView {
+        claim,
+        pv: Some(&p),
+        class: Some(&class(Some(true))),
+        volume: None,
+        free_on_node: None,
+        remote_expands: Some(expands),
+    })
+}
+
+#[test]
+fn a_driver_volume_is_expanded_in_the_driver_until_the_claim_records_it() {
+    let c = claim("128Mi", "64Mi");
+    assert_eq!(
+        plan_remote(&c, "64Mi", true),
+        Resize::Start {
+            request: "128Mi".into()
+        }
+    );
+    let c = with_resize(c, "128Mi", CONTROLLER_RESIZE_IN_PROGRESS);
+    assert_eq!(
+        plan_remote(&c, "64Mi", true),
+        Resize::ExpandInDriver { bytes: 128 * MI }
+    );
+    // The PV grew before a crash: asked again (idempotent), to learn
+    // whether the node must expand too.
+    assert_eq!(
+        plan_remote(&c, "128Mi", true),
+        Resize::ExpandInDriver { bytes: 128 * MI }
+    );
+    // Infeasible, then the user asks for less: started again at that size.
+    let refused = with_resize(
+        claim("128Mi", "64Mi"),
+        "128Mi",
+        CONTROLLER_RESIZE_INFEASIBLE,
+    );
+    assert_eq!(
+        plan_remote(&refused, "64Mi", true),
+        Resize::ExpandInDriver { bytes: 128 * MI }
+    );
+    let less = with_resize(claim("96Mi", "64Mi"), "128Mi", CONTROLLER_RESIZE_INFEASIBLE);
+    assert_eq!(
+        plan_remote(&less, "64Mi", true),
+        Resize::Start {
+            request: "96Mi".into()
+        }
+    );
+    // kubelet's turn, then done: nothing for us.
+    let on_node = with_resize(claim("128Mi", "64Mi"), "128Mi", NODE_RESIZE_PENDING);
+    assert_eq!(plan_remote(&on_node, "128Mi", true), Resize::Nothing);
+    assert_eq!(
+        plan_remote(&claim("128Mi", "128Mi"), "128Mi", true),
+        Resize::Nothing
+    );
+}
+
+#[test]
+fn a_driver_without_controller_expansion_leaves_it_to_the_node() {
+    let c = with_resize(
+        claim("128Mi", "64Mi"),
+        "128Mi",
+        CONTROLLER_RESIZE_IN_PROGRESS,
+    );
+    assert_eq!(
+        plan_remote(&c, "64Mi", false),
+        Resize::ResizePv { bytes: 128 * MI }
+    );
+    assert_eq!(plan_remote(&c, "128Mi", false), Resize::AwaitNodeExpansion);
+}
+
+#[test]
+fn another_drivers_volume_is_not_ours_to_expand() {
+    let c = claim("128Mi", "64Mi");
+    let mut p = pv("64Mi");
+    p.spec.as_mut().unwrap().csi.as_mut().unwrap().driver = "other.csi.k8s.io".into();
+    let view = ResizeView {
+        claim: &c,
+        pv: Some(&p),
+        class: Some(&class(Some(true))),
+        volume: None,
+        free_on_node: None,
+        remote_expands: None,
+    };
+    assert_eq!(plan(&view), Resize::Nothing);
 }
 
 #[test]
