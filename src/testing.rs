@@ -20,6 +20,8 @@ pub fn volume_spec(driver: &str, capacity_bytes: i64) -> VolumeSpec {
         claim: None,
         persistent_volume_name: None,
         reclaim_policy: Default::default(),
+        volume_attributes_class_name: None,
+        mutable_parameters: Default::default(),
     }
 }
 

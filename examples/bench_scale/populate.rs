@@ -213,6 +213,8 @@ async fn ready_volume(
             }),
             persistent_volume_name: Some(name.clone()),
             reclaim_policy: ReclaimPolicy::Delete,
+            volume_attributes_class_name: None,
+            mutable_parameters: Default::default(),
         },
     );
     volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);

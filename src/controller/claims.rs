@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::ResourceExt;
+use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
 
 use super::bind;
 use super::informer::Informers;
@@ -152,6 +153,14 @@ pub async fn reconcile(
         Some(c) if remote && found.volume.is_none() => topology::for_claim(&ctx.stores, &claim, c),
         _ => (None, Vec::new()),
     };
+    let attributes_class = match provision::attributes_class_name(&claim) {
+        Some(name) if remote && found.volume.is_none() => {
+            Api::<VolumeAttributesClass>::all(ctx.client.clone())
+                .get_opt(name)
+                .await?
+        }
+        _ => None,
+    };
     let nodes: Vec<_> = found.storage_nodes.iter().map(|n| n.as_ref()).collect();
     let view = ClaimView {
         claim: &claim,
@@ -165,6 +174,7 @@ pub async fn reconcile(
         serve_local: ctx.serve_local,
         node_topology,
         cluster_topology,
+        attributes_class: attributes_class.as_ref(),
     };
     let step = provision::plan(&view);
     tracing::debug!(?step, "planned");

@@ -13,6 +13,7 @@ mod job;
 pub mod leader;
 pub mod lifecycle;
 mod metrics;
+pub mod modify;
 mod node_liveness;
 mod pending;
 pub mod protocol;
@@ -286,6 +287,7 @@ fn start_jobs(
         volumes::controller(ctx.clone(), informers),
         resize::controller(ctx.clone(), informers),
         attach::controller(ctx.clone(), informers),
+        modify::controller(ctx.clone(), informers),
         storage_capacity::controller(ctx.clone(), informers, config),
         node_liveness::controller(ctx.clone(), informers, config),
         release::controller(ctx.clone(), informers),

@@ -73,6 +73,7 @@ fn create_request(volume: &Volume, secrets: Secrets) -> CreateRequest {
                 .unwrap_or_default(),
         },
         requisite: spec.requisite_topology.clone(),
+        mutable_parameters: spec.mutable_parameters.clone(),
     }
 }
 

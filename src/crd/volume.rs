@@ -88,6 +88,15 @@ pub struct VolumeSpec {
     /// What happens to the data when the claim is released.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
+
+    /// The claim's VolumeAttributesClass at provisioning, for `--csi-driver`s
+    /// that offer MODIFY_VOLUME; the PV carries it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_attributes_class_name: Option<String>,
+
+    /// That class's parameters, CreateVolume's `mutable_parameters`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mutable_parameters: BTreeMap<String, String>,
 }
 
 /// Kubernetes access modes, spelled as in PersistentVolume specs.

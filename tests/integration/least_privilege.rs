@@ -36,6 +36,12 @@ const USED_ELSEWHERE: &[(&str, &str, &str, &str)] = &[
     // (account, "group:resource", verb, the test whose flow uses it)
     (
         "stowage-controller",
+        "storage.k8s.io:volumeattributesclasses",
+        "get",
+        "proxy_modify.rs: a claim naming a VolumeAttributesClass",
+    ),
+    (
+        "stowage-controller",
         ":persistentvolumes",
         "get",
         "controller_lifecycle.rs: a claim deleted before its PV",

@@ -39,6 +39,7 @@ mod provisioning;
 mod proxy_attach;
 mod proxy_driver;
 mod proxy_expand;
+mod proxy_modify;
 mod proxy_secrets;
 mod proxy_wffc;
 mod real_node;

@@ -46,6 +46,8 @@ pub struct Capabilities {
     pub create_delete: bool,
     pub publish_unpublish: bool,
     pub expand: bool,
+    /// MODIFY_VOLUME: ControllerModifyVolume (VolumeAttributesClass).
+    pub modify: bool,
     pub accessibility_constraints: bool,
 }
 
@@ -192,6 +194,7 @@ impl CsiDriver {
                         Ok(Rpc::CreateDeleteVolume) => caps.create_delete = true,
                         Ok(Rpc::PublishUnpublishVolume) => caps.publish_unpublish = true,
                         Ok(Rpc::ExpandVolume) => caps.expand = true,
+                        Ok(Rpc::ModifyVolume) => caps.modify = true,
                         _ => {}
                     }
                 }

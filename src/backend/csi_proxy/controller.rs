@@ -44,7 +44,7 @@ impl CsiDriver {
             secrets: req.secrets.into_csi(),
             volume_content_source: None,
             accessibility_requirements: accessibility,
-            mutable_parameters: Default::default(),
+            mutable_parameters: req.mutable_parameters.into_iter().collect(),
         };
         let mut client = ControllerClient::new(self.channel.clone());
         let volume = self
@@ -182,5 +182,29 @@ impl CsiDriver {
             capacity_bytes: response.capacity_bytes.max(bytes),
             node_expansion_required: response.node_expansion_required,
         })
+    }
+
+    /// ControllerModifyVolume with a VolumeAttributesClass's parameters.
+    pub async fn modify_volume(
+        &self,
+        volume_id: &str,
+        mutable_parameters: BTreeMap<String, String>,
+        secrets: Secrets,
+    ) -> Result<(), ProxyError> {
+        let caps = self.capabilities().await?;
+        if !caps.modify {
+            return Err(self.unsupported("MODIFY_VOLUME"));
+        }
+        let message = csi::ControllerModifyVolumeRequest {
+            volume_id: volume_id.to_string(),
+            secrets: secrets.into_csi(),
+            mutable_parameters: mutable_parameters.into_iter().collect(),
+        };
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.controller_modify_volume(self.request(message));
+        self.timed("/csi.v1.Controller/ControllerModifyVolume", call)
+            .await
+            .map_err(|s| self.rpc_error("ControllerModifyVolume", s))?;
+        Ok(())
     }
 }

@@ -35,6 +35,8 @@ pub struct CreateRequest {
     pub capability: Capability,
     /// Segments the volume must be reachable from (the scheduler's node).
     pub requisite: Vec<BTreeMap<String, String>>,
+    /// The claim's VolumeAttributesClass parameters.
+    pub mutable_parameters: BTreeMap<String, String>,
 }
 
 /// How the volume will be used, as in the PV.

@@ -125,6 +125,9 @@ async fn apply_binding(
                 "phase": "Bound",
                 "accessModes": spec.access_modes,
                 "capacity": spec.capacity,
+                // As kcm's binder: set when the claim becomes Bound, then
+                // the modify job's alone.
+                "currentVolumeAttributesClassName": spec.volume_attributes_class_name,
             },
         });
         claims

@@ -147,6 +147,10 @@ pub fn best_static_match<'a>(
         .clone()
         .unwrap_or_else(|| "Filesystem".into());
     let labels = |pv: &PersistentVolume| pv.labels().clone();
+    let wanted_attributes = spec
+        .volume_attributes_class_name
+        .clone()
+        .unwrap_or_default();
 
     pvs.iter()
         .copied()
@@ -158,6 +162,7 @@ pub fn best_static_match<'a>(
             s.claim_ref.is_none()
                 && s.storage_class_name.as_deref() == Some(class.name_any().as_str())
                 && s.volume_mode.clone().unwrap_or_else(|| "Filesystem".into()) == wanted_mode
+                && s.volume_attributes_class_name.clone().unwrap_or_default() == wanted_attributes
                 && wanted_modes
                     .iter()
                     .all(|m| s.access_modes.as_ref().is_some_and(|have| have.contains(m)))

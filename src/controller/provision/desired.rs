@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
@@ -98,6 +98,8 @@ fn volume(
                 Some("Retain") => ReclaimPolicy::Retain,
                 _ => ReclaimPolicy::Delete,
             },
+            volume_attributes_class_name: None,
+            mutable_parameters: BTreeMap::new(),
         },
     );
     volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
@@ -119,6 +121,9 @@ pub(super) fn desired_volume(
     )?;
     if volume_mode(claim) == VolumeMode::Block && params.layout == Layout::Dir {
         return Err(ProvisionError::BlockOnDir);
+    }
+    if let Some(name) = attributes_class_name(claim) {
+        return Err(ProvisionError::AttributesClassOnLocal(name.to_string()));
     }
     refuse_data_source(claim)?;
     let bytes = params.allocated_bytes(requested_bytes(claim)?);
@@ -179,13 +184,43 @@ pub(super) fn desired_remote_volume(
     } else {
         view.cluster_topology.clone()
     };
-    Ok(Some(volume(
-        claim,
-        class,
-        bytes,
-        modes,
-        Placement::Topology(topology),
-    )))
+    let mut volume = volume(claim, class, bytes, modes, Placement::Topology(topology));
+    if let Some(name) = attributes_class_name(claim) {
+        let attributes = attributes_class(view, class, name)?;
+        volume.spec.volume_attributes_class_name = Some(name.to_string());
+        volume.spec.mutable_parameters = attributes.parameters.clone().unwrap_or_default();
+    }
+    Ok(Some(volume))
+}
+
+/// The claim's `volumeAttributesClassName`, if it names one.
+pub fn attributes_class_name(claim: &PersistentVolumeClaim) -> Option<&str> {
+    claim
+        .spec
+        .as_ref()?
+        .volume_attributes_class_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+}
+
+/// The VolumeAttributesClass a claim names, which must exist and be for
+/// the class's driver (external-provisioner's checks).
+fn attributes_class<'a>(
+    view: &ClaimView<'a>,
+    class: &StorageClass,
+    name: &str,
+) -> Result<&'a VolumeAttributesClass, ProvisionError> {
+    let attributes = view
+        .attributes_class
+        .ok_or_else(|| ProvisionError::NoAttributesClass(name.to_string()))?;
+    if attributes.driver_name != class.provisioner {
+        return Err(ProvisionError::AttributesClassDriver {
+            name: name.to_string(),
+            theirs: attributes.driver_name.clone(),
+            ours: class.provisioner.clone(),
+        });
+    }
+    Ok(attributes)
 }
 
 /// The one PV builder: what external-provisioner writes for every driver,
@@ -226,6 +261,9 @@ fn pv(
     });
     if let Some(affinity) = node_affinity {
         pv["spec"]["nodeAffinity"] = affinity;
+    }
+    if let Some(attributes) = &volume.spec.volume_attributes_class_name {
+        pv["spec"]["volumeAttributesClassName"] = json!(attributes);
     }
     serde_json::from_value(pv).expect("PV literal matches the PersistentVolume schema")
 }

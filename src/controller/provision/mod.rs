@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use kube::ResourceExt;
 
 use super::capacity;
@@ -27,7 +27,7 @@ pub mod topology;
 
 pub use apply::apply;
 
-pub use desired::desired_pv;
+pub use desired::{attributes_class_name, desired_pv};
 use desired::{desired_remote_volume, desired_volume};
 
 /// Everything `plan` looks at for one claim.
@@ -53,6 +53,9 @@ pub struct ClaimView<'a> {
     /// For `Immediate` classes of a `--csi-driver`: every topology segment
     /// where the driver runs (empty when it reports none).
     pub cluster_topology: Vec<BTreeMap<String, String>>,
+    /// The VolumeAttributesClass the claim names, when it exists (read only
+    /// for a `--csi-driver` claim still to be provisioned).
+    pub attributes_class: Option<&'a VolumeAttributesClass>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +149,23 @@ pub enum ProvisionError {
         first: String,
         message: String,
     },
+    #[error(
+        "{driver} has no mutable parameters, so it takes no VolumeAttributesClass: remove volumeAttributesClassName {0:?} from the claim",
+        driver = local::DRIVER_NAME
+    )]
+    AttributesClassOnLocal(String),
+    #[error(
+        "VolumeAttributesClass {0:?} does not exist: create it, or change the claim's volumeAttributesClassName"
+    )]
+    NoAttributesClass(String),
+    #[error(
+        "VolumeAttributesClass {name:?} is for driver {theirs}, not {ours}: name one whose driverName is {ours}"
+    )]
+    AttributesClassDriver {
+        name: String,
+        theirs: String,
+        ours: String,
+    },
     #[error("node {node} failed to create the volume: {message}")]
     Backend { node: String, message: String },
     #[error("{driver} failed to create the volume: {message}")]
@@ -167,6 +187,7 @@ impl ProvisionError {
                 | ProvisionError::AllUnderDiskPressure { .. }
                 | ProvisionError::NodeNotReady { .. }
                 | ProvisionError::NoReadyNodes { .. }
+                | ProvisionError::NoAttributesClass(_)
                 | ProvisionError::Backend { .. }
                 | ProvisionError::Driver { .. }
         )
@@ -192,6 +213,9 @@ impl ProvisionError {
             ProvisionError::NodeNotReady { .. } | ProvisionError::NoReadyNodes { .. } => {
                 "node_not_ready"
             }
+            ProvisionError::AttributesClassOnLocal(_)
+            | ProvisionError::NoAttributesClass(_)
+            | ProvisionError::AttributesClassDriver { .. } => "attributes_class",
             ProvisionError::Backend { .. } => "node_failed",
             ProvisionError::Driver { .. } => "driver_failed",
         }

@@ -59,6 +59,7 @@ fn plan_for(
         remote: false,
         serve_local: true,
         node_topology: None,
+        attributes_class: None,
         cluster_topology: Vec::new(),
     })
 }
@@ -85,6 +86,7 @@ fn immediate_remote_claims_ask_for_every_segment_the_driver_runs_in() {
         remote: true,
         serve_local: true,
         node_topology: None,
+        attributes_class: None,
         cluster_topology: zones.clone(),
     }) else {
         panic!("expected a Volume")
