@@ -100,6 +100,13 @@ pub struct Config {
     /// has the PV can make it mark the claim Lost. 0s binds at once.
     #[arg(long, default_value = "2s", value_parser = parse_duration_flag)]
     pub kcm_binder_grace: Duration,
+
+    /// How often the VolumeAttachments of each `--csi-driver` whose
+    /// ListVolumes reports published nodes are compared with the driver,
+    /// as external-attacher's `--reconcile-sync`: an attached volume the
+    /// driver no longer has published is published again. 0s turns it off.
+    #[arg(long, default_value = "1m", value_parser = parse_duration_flag)]
+    pub attach_reconcile_interval: Duration,
 }
 
 /// Errors of the controller as a whole; each job adds its own.
@@ -263,6 +270,7 @@ fn start_jobs(
         volumes::controller(ctx.clone(), informers),
         resize::controller(ctx.clone(), informers),
         attach::controller(ctx.clone(), informers),
+        attach::drift::controller(ctx.clone()),
     ];
     futures::future::join_all(jobs)
 }

@@ -31,7 +31,7 @@ async fn patch_status(
 }
 
 /// An `attachError`/`detachError` value.
-fn error_status(message: &str) -> serde_json::Value {
+pub(super) fn error_status(message: &str) -> serde_json::Value {
     json!({ "time": k8s_openapi::jiff::Timestamp::now().to_string(), "message": message })
 }
 
@@ -54,7 +54,10 @@ fn capability(pv: &PersistentVolume) -> Capability {
     }
 }
 
-async fn publish_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
+pub(super) async fn publish_secrets(
+    ctx: &Context,
+    pv: &PersistentVolume,
+) -> Result<Secrets, Error> {
     let r = pv
         .spec
         .as_ref()
