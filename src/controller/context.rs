@@ -45,6 +45,8 @@ pub struct Context {
     pub serve_local: bool,
     /// `--kcm-binder-grace`.
     pub kcm_binder_grace: Duration,
+    /// `--attach-reconcile-interval`.
+    pub attach_reconcile_interval: Duration,
     recorder: Recorder,
     failures: crate::retry::Failures,
     /// Whether reconciles may act now.
@@ -89,6 +91,7 @@ impl Context {
                 .collect(),
             serve_local: config.serve_local,
             kcm_binder_grace: config.kcm_binder_grace,
+            attach_reconcile_interval: config.attach_reconcile_interval,
             recorder,
             failures: crate::retry::Failures::default(),
             gate: lifecycle::Gate::default(),

@@ -123,6 +123,13 @@ pub struct Config {
     /// a few times the agents' `--report-interval` (30s).
     #[arg(long, default_value = "2m", value_parser = parse_duration_flag)]
     pub node_heartbeat_timeout: Duration,
+
+    /// How often the VolumeAttachments of each `--csi-driver` whose
+    /// ListVolumes reports published nodes are compared with the driver,
+    /// as external-attacher's `--reconcile-sync`: an attached volume the
+    /// driver no longer has published is published again. 0s turns it off.
+    #[arg(long, default_value = "1m", value_parser = parse_duration_flag)]
+    pub attach_reconcile_interval: Duration,
 }
 
 /// Errors of the controller as a whole; each job adds its own.
@@ -291,6 +298,7 @@ fn start_jobs(
         storage_capacity::controller(ctx.clone(), informers, config),
         node_liveness::controller(ctx.clone(), informers, config),
         release::controller(ctx.clone(), informers),
+        attach::drift::controller(ctx.clone()),
     ];
     futures::future::join_all(jobs)
 }

@@ -5,7 +5,10 @@
 // outside this project, for stowage's `--csi-driver` proxy tests.
 //
 // The mock keeps its volumes in memory and has one node, whose ID is the
-// driver name; it publishes to that node ID only.
+// driver name; it publishes to that node ID only. Its ListVolumes reports
+// every volume as published to that node, published or not; served here,
+// it reports the node IDs the mock has really published each volume to, so
+// that a driver losing a publication can be told from one keeping it.
 package main
 
 import (
@@ -16,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -55,7 +59,7 @@ func main() {
 	})
 	server := grpc.NewServer(grpc.ChainUnaryInterceptor(logCalls, limitExpansion(*maxSize), blockNeedsNoNode))
 	csi.RegisterIdentityServer(server, mock)
-	csi.RegisterControllerServer(server, mock)
+	csi.RegisterControllerServer(server, published{mock})
 	csi.RegisterNodeServer(server, mock)
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
@@ -96,8 +100,48 @@ func blockNeedsNoNode(ctx context.Context, req any, info *grpc.UnaryServerInfo, 
 }
 
 // logCalls logs each call and its error, if any.
+// published is the mock with a ListVolumes that tells where each volume
+// is published: the mock records a publish to node N as the key "N/dev" in
+// the volume's context.
+type published struct{ service.Service }
+
+func (p published) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	reply, err := p.Service.ListVolumes(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range reply.Entries {
+		// The mock hands out its own volume, whose context map a publish
+		// changes in place: reply with a copy, taken while calls are
+		// serialized (logCalls).
+		volume := *e.Volume
+		volume.VolumeContext = map[string]string{}
+		var nodes []string
+		for k, v := range e.Volume.VolumeContext {
+			volume.VolumeContext[k] = v
+			if node, ok := strings.CutSuffix(k, "/dev"); ok && v != "" {
+				nodes = append(nodes, node)
+			}
+		}
+		e.Volume = &volume
+		if e.Status == nil {
+			e.Status = &csi.ListVolumesResponse_VolumeStatus{}
+		}
+		e.Status.PublishedNodeIds = nodes
+	}
+	return reply, nil
+}
+
+// calls serializes the mock's calls, so that none reads a volume another
+// one is changing.
+var calls sync.Mutex
+
+// logCalls runs one call at a time (calls) and logs each with its error,
+// if any.
 func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	calls.Lock()
 	reply, err := handler(ctx, req)
+	calls.Unlock()
 	if err != nil {
 		log.Printf("%s %v: %v", info.FullMethod, req, err)
 	} else {

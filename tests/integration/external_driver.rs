@@ -172,12 +172,7 @@ impl ExternalDriver {
     /// would have: returns the driver's handle.
     pub async fn create_volume(&self, name: &str) -> String {
         let mut client = csi::controller_client::ControllerClient::new(self.channel().await);
-        let capability = csi::VolumeCapability {
-            access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
-            access_mode: Some(csi::volume_capability::AccessMode {
-                mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-            }),
-        };
+        let capability = single_node_mount();
         client
             .create_volume(csi::CreateVolumeRequest {
                 name: name.into(),
@@ -194,6 +189,36 @@ impl ExternalDriver {
             .volume
             .unwrap()
             .volume_id
+    }
+
+    /// ControllerPublishVolume straight to the driver: a publication
+    /// Kubernetes does not know of.
+    pub async fn publish(&self, handle: &str, node_id: &str) {
+        let mut client = csi::controller_client::ControllerClient::new(self.channel().await);
+        let capability = single_node_mount();
+        client
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: handle.into(),
+                node_id: node_id.into(),
+                volume_capability: Some(capability),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ControllerPublishVolume on {}: {e}", self.name));
+    }
+
+    /// ControllerUnpublishVolume straight to the driver: it forgets a
+    /// publication behind Kubernetes' back.
+    pub async fn unpublish(&self, handle: &str, node_id: &str) {
+        let mut client = csi::controller_client::ControllerClient::new(self.channel().await);
+        client
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: handle.into(),
+                node_id: node_id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ControllerUnpublishVolume on {}: {e}", self.name));
     }
 
     /// The driver's volume `handle` as its own ListVolumes shows it (mock),
@@ -296,6 +321,16 @@ fn mock_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A mounted volume on one node, as the tests ask for it.
+fn single_node_mount() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
+        access_mode: Some(csi::volume_capability::AccessMode {
+            mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
 }
 
 /// Whether a file or directory under `dir` has `handle` in its name.

@@ -17,7 +17,10 @@ use serde_json::json;
 use crate::external_driver::ExternalDriver;
 use crate::fixtures::{claim, gone, is_bound, wait, wait_for_event};
 use crate::harness::{TestNamespace, bare_cluster, client_for_path};
-use crate::proxy_driver::{apply, attached_va, immediate_class, proxy_controller};
+use crate::metrics::scrape_until;
+use crate::proxy_driver::{
+    apply, attached_va, csi_calls, immediate_class, proxy_controller, proxy_controller_with_metrics,
+};
 
 /// What one driver's test works with.
 pub struct Scene {
@@ -406,6 +409,142 @@ async fn a_single_node_volume_is_not_published_to_a_second_node() {
     s.delete_claim("data", &pv, &handle).await;
     static_pv_goes_through_delete_volume(&s).await;
     controller.stop();
+}
+
+/// The driver forgets an attached volume's publication behind Kubernetes'
+/// back (a ControllerUnpublishVolume straight to its socket): within
+/// `--attach-reconcile-interval` stowage sees it in ListVolumes, marks the
+/// VolumeAttachment detached with a `VolumeNotPublished` event, and the
+/// attach job publishes the volume again, as external-attacher's reconcile
+/// does. The pod never moved; the VolumeAttachment is the same object.
+/// Then the other way: a VolumeAttachment detached and kept by another
+/// finalizer, whose volume the driver shows published again, gets a
+/// `VolumeStillPublished` event and the volume unpublished again.
+#[tokio::test]
+async fn a_publication_the_driver_lost_is_published_again() {
+    let node = "mock-drift";
+    let kubeconfig = bare_cluster("proxy-mock", &[node]);
+    let client = client_for_path(&kubeconfig).await;
+    let driver = ExternalDriver::mock("drift.mock.csi.stowage.test");
+    let _running = driver.start();
+    Scene::install(&client, &driver, &[node]).await;
+    let (controller, metrics) = proxy_controller_with_metrics(
+        &kubeconfig,
+        &driver.name,
+        &driver.socket,
+        &["--serve-local=false", "--attach-reconcile-interval=2s"],
+        "proxy-drift-controller",
+    );
+    let s = Scene::new(client.clone(), driver, "proxy-drift").await;
+    let (pv, handle) = s.provision("data").await;
+    s.start_pod("user", node, "data").await;
+    let va = s.attached(&pv, node, &handle).await;
+
+    s.driver.unpublish(&handle, &s.driver.node_id).await;
+    let lost = std::time::Instant::now();
+    let node_id = s.driver.node_id.clone();
+    loop {
+        if s.driver.published_to(&handle).await == Some(vec![node_id.clone()]) {
+            break;
+        }
+        assert!(
+            lost.elapsed() < std::time::Duration::from_secs(30),
+            "{handle} not published to {node_id} again 30s after the driver lost it"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let again = attached_va(&s.vas, &pv).await;
+    assert_eq!(again.uid(), va.uid(), "the same VolumeAttachment");
+    let noted = va_event(&client, &va.name_any(), "VolumeNotPublished").await;
+    assert!(noted.contains(&handle) && noted.contains(node), "{noted}");
+    scrape_until(
+        &metrics,
+        &csi_calls(&s.driver.name, "Controller/ListVolumes", "OK"),
+        |n| n >= 2.0,
+    )
+    .await;
+    scrape_until(
+        &metrics,
+        "stowage_reconciles_total{job=\"attach_drift\"}",
+        |n| n >= 2.0,
+    )
+    .await;
+
+    // Someone else's finalizer keeps the VolumeAttachment after we let it
+    // go; a publication the driver then shows for it is undone again.
+    let hold = "stowage.test/hold";
+    let mut finalizers = again.finalizers().to_vec();
+    finalizers.push(hold.into());
+    s.vas
+        .patch(
+            &va.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "finalizers": finalizers } })),
+        )
+        .await
+        .unwrap();
+    s.delete_pod("user").await;
+    let let_go =
+        |v: Option<&VolumeAttachment>| v.is_some_and(|v| v.finalizers() == [hold.to_string()]);
+    wait(
+        &s.vas,
+        &va.name_any(),
+        "detached, held by the other finalizer",
+        let_go,
+    )
+    .await;
+    s.assert_published(&handle, &[]).await;
+    s.driver.publish(&handle, &node_id).await;
+    let noted = va_event(&client, &va.name_any(), "VolumeStillPublished").await;
+    assert!(noted.contains(&handle) && noted.contains(node), "{noted}");
+    let unpublished = std::time::Instant::now();
+    while s.driver.published_to(&handle).await != Some(vec![]) {
+        assert!(
+            unpublished.elapsed() < std::time::Duration::from_secs(30),
+            "{handle} still published to {node_id} 30s after the event"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let cleared = |v: Option<&VolumeAttachment>| {
+        v.and_then(|v| v.status.as_ref())
+            .is_some_and(|s| !s.attached && s.detach_error.is_none())
+    };
+    wait(&s.vas, &va.name_any(), "detached, no detachError", cleared).await;
+    s.vas
+        .patch(
+            &va.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+        )
+        .await
+        .unwrap();
+    wait(&s.vas, &va.name_any(), "deleted", gone).await;
+    s.delete_claim("data", &pv, &handle).await;
+    controller.stop();
+}
+
+/// The note of the event `reason` about VolumeAttachment `va` (in
+/// `default`, where events about cluster-scoped objects go), once posted.
+async fn va_event(client: &Client, va: &str, reason: &str) -> String {
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), "default");
+    let deadline = tokio::time::Instant::now() + crate::fixtures::TIMEOUT;
+    loop {
+        let list = events.list(&Default::default()).await.unwrap();
+        let note = list
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(va))
+            .find(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| e.note.unwrap_or_default());
+        if let Some(note) = note {
+            return note;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {reason} event on VolumeAttachment {va}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// A PV external-provisioner made before stowage took over (its annotation,

@@ -71,7 +71,7 @@ pub fn proxy_controller_with_metrics(
 }
 
 /// `csi_sidecar_operations_seconds_count` of one driver, method and code.
-fn csi_calls(driver: &str, method: &str, code: &str) -> String {
+pub(crate) fn csi_calls(driver: &str, method: &str, code: &str) -> String {
     format!(
         "csi_sidecar_operations_seconds_count{{driver_name=\"{driver}\",method_name=\"/csi.v1.{method}\",grpc_status_code=\"{code}\"}}"
     )

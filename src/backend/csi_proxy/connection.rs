@@ -49,6 +49,17 @@ pub struct Capabilities {
     /// MODIFY_VOLUME: ControllerModifyVolume (VolumeAttributesClass).
     pub modify: bool,
     pub accessibility_constraints: bool,
+    pub list_volumes: bool,
+    pub list_volumes_published_nodes: bool,
+}
+
+impl Capabilities {
+    /// Whether ListVolumes tells which nodes each volume is published to:
+    /// what external-attacher needs before it compares VolumeAttachments
+    /// with the driver.
+    pub fn lists_published_nodes(&self) -> bool {
+        self.list_volumes && self.list_volumes_published_nodes
+    }
 }
 
 impl CsiDriver {
@@ -195,6 +206,10 @@ impl CsiDriver {
                         Ok(Rpc::PublishUnpublishVolume) => caps.publish_unpublish = true,
                         Ok(Rpc::ExpandVolume) => caps.expand = true,
                         Ok(Rpc::ModifyVolume) => caps.modify = true,
+                        Ok(Rpc::ListVolumes) => caps.list_volumes = true,
+                        Ok(Rpc::ListVolumesPublishedNodes) => {
+                            caps.list_volumes_published_nodes = true
+                        }
                         _ => {}
                     }
                 }

@@ -1,11 +1,11 @@
 //! The controller service calls, each where external-provisioner or
 //! external-attacher would make it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tonic::Code;
 
-use super::{Capability, CreateRequest, CreatedVolume, CsiDriver, Expanded, ProxyError};
+use super::{Capability, CreateRequest, CreatedVolume, CsiDriver, Expanded, ProxyError, Published};
 use crate::backend::secrets::Secrets;
 use crate::proto::csi::v1 as csi;
 use csi::controller_client::ControllerClient;
@@ -206,5 +206,49 @@ impl CsiDriver {
             .await
             .map_err(|s| self.rpc_error("ControllerModifyVolume", s))?;
         Ok(())
+    }
+
+    /// ListVolumes, page after page: every volume the driver holds, with
+    /// the node IDs it says the volume is published to. An entry without a
+    /// status is published nowhere, as external-attacher reads it.
+    pub async fn list_volumes(&self) -> Result<Published, ProxyError> {
+        let caps = self.capabilities().await?;
+        if !caps.list_volumes {
+            return Err(self.unsupported("LIST_VOLUMES"));
+        }
+        let mut client = ControllerClient::new(self.channel.clone());
+        let mut published = Published::new();
+        let mut tokens = BTreeSet::new();
+        let mut token = String::new();
+        loop {
+            let message = csi::ListVolumesRequest {
+                max_entries: 0,
+                starting_token: token,
+            };
+            let page = self
+                .timed(
+                    "/csi.v1.Controller/ListVolumes",
+                    client.list_volumes(self.request(message)),
+                )
+                .await
+                .map_err(|s| self.rpc_error("ListVolumes", s))?;
+            for entry in page.entries {
+                if let Some(volume) = entry.volume {
+                    let nodes = entry.status.map(|s| s.published_node_ids);
+                    published.insert(volume.volume_id, nodes.unwrap_or_default());
+                }
+            }
+            if page.next_token.is_empty() {
+                return Ok(published);
+            }
+            // A token handed out twice would have us page for ever.
+            if !tokens.insert(page.next_token.clone()) {
+                return Err(ProxyError::EndlessPaging {
+                    driver: self.name.clone(),
+                    token: page.next_token,
+                });
+            }
+            token = page.next_token;
+        }
     }
 }

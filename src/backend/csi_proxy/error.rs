@@ -27,6 +27,10 @@ pub enum ProxyError {
         code: Code,
         message: String,
     },
+    #[error(
+        "CSI driver {driver}'s ListVolumes gave next_token {token:?} twice: its pages never end"
+    )]
+    EndlessPaging { driver: String, token: String },
     /// A driver that accepts the call and never answers is as stuck as
     /// one whose socket is gone, and the user needs the same pointer.
     #[error(
@@ -49,6 +53,7 @@ impl ProxyError {
             ProxyError::Unsupported { .. } => Code::Unimplemented,
             ProxyError::Rpc { code, .. } => *code,
             ProxyError::Timeout { .. } => Code::DeadlineExceeded,
+            ProxyError::EndlessPaging { .. } => Code::Internal,
         }
     }
 

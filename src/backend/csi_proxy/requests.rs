@@ -8,6 +8,10 @@ use crate::backend::secrets::Secrets;
 use crate::proto::csi::v1 as csi;
 use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode};
 
+/// What ListVolumes says: each volume's ID, with the IDs of the nodes it
+/// is published to.
+pub type Published = BTreeMap<String, Vec<String>>;
+
 /// A volume the driver created.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CreatedVolume {

@@ -31,7 +31,7 @@ async fn patch_status(
 }
 
 /// An `attachError`/`detachError` value.
-fn error_status(message: &str) -> serde_json::Value {
+pub(super) fn error_status(message: &str) -> serde_json::Value {
     json!({ "time": k8s_openapi::jiff::Timestamp::now().to_string(), "message": message })
 }
 
@@ -40,7 +40,10 @@ async fn attach_failed(ctx: &Context, va: &VolumeAttachment, message: &str) -> R
     patch_status(ctx, va, status).await.map(drop)
 }
 
-async fn publish_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
+pub(super) async fn publish_secrets(
+    ctx: &Context,
+    pv: &PersistentVolume,
+) -> Result<Secrets, Error> {
     Ok(secrets::for_pv(&ctx.client, pv, secrets::SecretFor::ControllerPublish).await?)
 }
 

@@ -10,6 +10,7 @@
 //! and `attachError`/`detachError` with the driver's message.
 
 mod apply;
+pub mod drift;
 mod plan;
 
 pub use plan::{Attach, AttachError, AttachView, plan, pv_released};
@@ -81,8 +82,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
 /// From the caches; a Node missing there is confirmed with the API server,
 /// since a stale cache must not detach a volume in use.
 async fn node_id(ctx: &Context, node: &str, driver: &str) -> Result<(bool, Option<String>), Error> {
-    let meta = ctx.stores.nodes.get(&ObjectRef::new(node));
-    let exists = meta.is_some()
+    let exists = ctx.stores.nodes.get(&ObjectRef::new(node)).is_some()
         || Api::<Node>::all(ctx.client.clone())
             .get_metadata_opt(node)
             .await?
@@ -90,17 +90,23 @@ async fn node_id(ctx: &Context, node: &str, driver: &str) -> Result<(bool, Optio
     if !exists {
         return Ok((false, None));
     }
+    Ok((true, cached_node_id(ctx, node, driver)))
+}
+
+/// The driver's node ID as the caches know it: the CSINode's entry, else
+/// kubelet's annotation on the Node.
+fn cached_node_id(ctx: &Context, node: &str, driver: &str) -> Option<String> {
     if let Some(csinode) = ctx.stores.csinodes.get(&ObjectRef::new(node))
         && let Some(d) = csinode.spec.drivers.iter().find(|d| d.name == driver)
     {
-        return Ok((true, Some(d.node_id.clone())));
+        return Some(d.node_id.clone());
     }
-    let from_annotation = meta
-        .as_ref()
-        .and_then(|n| n.annotations().get(ANN_NODE_IDS))
-        .and_then(|json| serde_json::from_str::<BTreeMap<String, String>>(json).ok())
-        .and_then(|ids| ids.get(driver).cloned());
-    Ok((true, from_annotation))
+    ctx.stores
+        .nodes
+        .get(&ObjectRef::new(node))
+        .and_then(|n| n.annotations().get(ANN_NODE_IDS).cloned())
+        .and_then(|json| serde_json::from_str::<BTreeMap<String, String>>(&json).ok())
+        .and_then(|mut ids| ids.remove(driver))
 }
 
 #[tracing::instrument(skip_all, fields(va = %va.name_any(), node = %va.spec.node_name))]

@@ -77,17 +77,22 @@ pub(super) fn pv_name(va: &VolumeAttachment) -> Option<&str> {
     va.spec.source.persistent_volume_name.as_deref()
 }
 
-fn attached(va: &VolumeAttachment) -> bool {
+pub(super) fn attached(va: &VolumeAttachment) -> bool {
     va.status.as_ref().is_some_and(|s| s.attached)
 }
 
-/// The node ID recorded on the VA at prepare time, else the one known now.
-fn recorded_node_id(view: &AttachView) -> Option<String> {
-    view.va
-        .annotations()
+/// The node ID a VA is (to be) published to: the one recorded on it at
+/// prepare time, else `known` now.
+pub(super) fn publish_node_id(va: &VolumeAttachment, known: Option<&str>) -> Option<String> {
+    va.annotations()
         .get(ANN_NODE_ID)
-        .cloned()
-        .or_else(|| view.node_id.clone())
+        .map(String::as_str)
+        .or(known)
+        .map(str::to_string)
+}
+
+fn recorded_node_id(view: &AttachView) -> Option<String> {
+    publish_node_id(view.va, view.node_id.as_deref())
 }
 
 pub fn plan(view: &AttachView) -> Attach {
