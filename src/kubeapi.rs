@@ -91,3 +91,26 @@ where
     let found = api.get_opt(name).await?;
     Ok(found.is_some_and(|o| uid.is_none_or(|u| u.is_empty() || o.uid().as_deref() == Some(u))))
 }
+
+/// Merges `status` into `object`'s status at the version the cache saw: a
+/// compare-and-swap, so a status someone wrote meanwhile is never
+/// overwritten from a stale plan (they get a conflict and the job replans).
+pub async fn merge_status_at<K>(
+    api: &Api<K>,
+    object: &K,
+    status: serde_json::Value,
+) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "metadata": { "resourceVersion": object.resource_version() },
+        "status": status,
+    });
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+}

@@ -16,6 +16,7 @@ use super::plan::{IN_PROGRESS, INFEASIBLE, ModifyError, PENDING};
 use crate::backend::csi_proxy::CsiDriver;
 use crate::backend::secrets::Secrets;
 use crate::controller::{Context, Error};
+use crate::kubeapi;
 
 const JOB: &str = "modify";
 
@@ -24,20 +25,8 @@ async fn patch_status(
     claim: &PersistentVolumeClaim,
     status: Value,
 ) -> Result<(), Error> {
-    let patch = json!({
-        "metadata": { "resourceVersion": claim.resource_version() },
-        "status": status,
-    });
-    Api::<PersistentVolumeClaim>::namespaced(
-        ctx.client.clone(),
-        &claim.namespace().unwrap_or_default(),
-    )
-    .patch_status(
-        &claim.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    let claims = Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    kubeapi::merge_status_at(&claims, claim, status).await?;
     Ok(())
 }
 

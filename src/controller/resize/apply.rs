@@ -19,6 +19,7 @@ use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error};
 use crate::crd::Volume;
+use crate::kubeapi;
 use crate::quantity::format_bytes;
 
 /// Claim conditions that belong to resizing; the rest are left as found.
@@ -67,20 +68,8 @@ async fn patch_status(
     claim: &PersistentVolumeClaim,
     status: Value,
 ) -> Result<(), Error> {
-    let patch = json!({
-        "metadata": { "resourceVersion": claim.resource_version() },
-        "status": status,
-    });
-    Api::<PersistentVolumeClaim>::namespaced(
-        ctx.client.clone(),
-        &claim.namespace().unwrap_or_default(),
-    )
-    .patch_status(
-        &claim.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    let claims = Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    kubeapi::merge_status_at(&claims, claim, status).await?;
     Ok(())
 }
 
