@@ -10,16 +10,20 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"log"
 	"net"
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"k8s.io/kubernetes/test/e2e/storage/drivers/csi-test/mock/service"
 )
 
@@ -28,6 +32,7 @@ func main() {
 	name := flag.String("name", service.Name, "driver name (also the mock's one node ID)")
 	topology := flag.Bool("enable-topology", false, "report the mock's topology segment "+service.TopologyKey+"="+service.TopologyValue)
 	attachLimit := flag.Int64("attach-limit", 0, "volumes publishable per node (0: no limit)")
+	record := flag.String("record", "", "append every call to this file, one JSON line each: {\"method\": ..., \"request\": ...}")
 	flag.Parse()
 	// Tests read retry intervals off these lines.
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
@@ -48,7 +53,16 @@ func main() {
 		AttachLimit:    *attachLimit,
 		IO:             service.OSDirIO{},
 	})
-	server := grpc.NewServer(grpc.UnaryInterceptor(logCalls))
+	interceptors := []grpc.UnaryServerInterceptor{logCalls}
+	if *record != "" {
+		file, err := os.OpenFile(*record, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			log.Fatalf("opening %s: %v", *record, err)
+		}
+		defer file.Close()
+		interceptors = append(interceptors, (&recorder{file: file}).record)
+	}
+	server := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptors...))
 	csi.RegisterIdentityServer(server, mock)
 	csi.RegisterControllerServer(server, mock)
 	csi.RegisterNodeServer(server, mock)
@@ -73,4 +87,46 @@ func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler 
 		log.Printf("%s %v", info.FullMethod, req)
 	}
 	return reply, err
+}
+
+// recorder appends each request, as protojson, to a file: what the tests
+// compare between callers (external-provisioner and stowage).
+type recorder struct {
+	mu   sync.Mutex
+	file *os.File
+}
+
+// recorded is one line of the file. The request stays raw JSON, its fields
+// named as in the CSI spec's protobuf (snake_case) and emitted even when
+// unset, so that a field one caller sets and the other leaves out shows.
+// Fields newer than the spec this module pins are not in the JSON: their
+// wire bytes are kept in unknown_fields (base64), so they show too.
+type recorded struct {
+	Method        string          `json:"method"`
+	Request       json.RawMessage `json:"request"`
+	UnknownFields []byte          `json:"unknown_fields,omitempty"`
+}
+
+func (r *recorder) record(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if message, ok := req.(proto.Message); ok {
+		body, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(message)
+		if err != nil {
+			log.Fatalf("recording %s: %v", info.FullMethod, err)
+		}
+		line, err := json.Marshal(recorded{
+			Method:        info.FullMethod,
+			Request:       body,
+			UnknownFields: message.ProtoReflect().GetUnknown(),
+		})
+		if err != nil {
+			log.Fatalf("recording %s: %v", info.FullMethod, err)
+		}
+		r.mu.Lock()
+		_, err = r.file.Write(append(line, '\n'))
+		r.mu.Unlock()
+		if err != nil {
+			log.Fatalf("recording %s: %v", info.FullMethod, err)
+		}
+	}
+	return handler(ctx, req)
 }
