@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/protoadapt"
 	"k8s.io/kubernetes/test/e2e/storage/drivers/csi-test/mock/service"
 )
 
@@ -108,25 +109,34 @@ type recorded struct {
 }
 
 func (r *recorder) record(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if message, ok := req.(proto.Message); ok {
-		body, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(message)
-		if err != nil {
-			log.Fatalf("recording %s: %v", info.FullMethod, err)
-		}
-		line, err := json.Marshal(recorded{
-			Method:        info.FullMethod,
-			Request:       body,
-			UnknownFields: message.ProtoReflect().GetUnknown(),
-		})
-		if err != nil {
-			log.Fatalf("recording %s: %v", info.FullMethod, err)
-		}
-		r.mu.Lock()
-		_, err = r.file.Write(append(line, '\n'))
-		r.mu.Unlock()
-		if err != nil {
-			log.Fatalf("recording %s: %v", info.FullMethod, err)
-		}
+	var message proto.Message
+	switch m := req.(type) {
+	case proto.Message:
+		message = m
+	case protoadapt.MessageV1:
+		// The CSI spec release this module pins was generated for the older
+		// protobuf API, whose messages have no reflection of their own.
+		message = protoadapt.MessageV2Of(m)
+	default:
+		log.Fatalf("recording %s: %T is not a protobuf message", info.FullMethod, req)
+	}
+	body, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(message)
+	if err != nil {
+		log.Fatalf("recording %s: %v", info.FullMethod, err)
+	}
+	line, err := json.Marshal(recorded{
+		Method:        info.FullMethod,
+		Request:       body,
+		UnknownFields: message.ProtoReflect().GetUnknown(),
+	})
+	if err != nil {
+		log.Fatalf("recording %s: %v", info.FullMethod, err)
+	}
+	r.mu.Lock()
+	_, err = r.file.Write(append(line, '\n'))
+	r.mu.Unlock()
+	if err != nil {
+		log.Fatalf("recording %s: %v", info.FullMethod, err)
 	}
 	return handler(ctx, req)
 }
