@@ -356,7 +356,10 @@ impl ExternalProvisioner {
         ));
         std::fs::create_dir_all(log.parent().unwrap()).unwrap();
         let log = std::fs::File::create(log).unwrap();
+        // csi-provisioner prefers $KUBECONFIG to --kubeconfig, and the test
+        // process's names the shared stack's control plane.
         let child = Command::new(&binary)
+            .env("KUBECONFIG", kubeconfig)
             .arg(format!("--csi-address={}", socket.display()))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .args([
