@@ -47,6 +47,9 @@ pub struct Capabilities {
     pub publish_unpublish: bool,
     pub expand: bool,
     pub accessibility_constraints: bool,
+    /// SINGLE_NODE_MULTI_WRITER: the driver tells ReadWriteOnce (many
+    /// writers on one node) from ReadWriteOncePod (one writer).
+    pub single_node_multi_writer: bool,
 }
 
 impl CsiDriver {
@@ -192,6 +195,7 @@ impl CsiDriver {
                         Ok(Rpc::CreateDeleteVolume) => caps.create_delete = true,
                         Ok(Rpc::PublishUnpublishVolume) => caps.publish_unpublish = true,
                         Ok(Rpc::ExpandVolume) => caps.expand = true,
+                        Ok(Rpc::SingleNodeMultiWriter) => caps.single_node_multi_writer = true,
                         _ => {}
                     }
                 }
