@@ -16,6 +16,8 @@ pub fn volume_spec(driver: &str, capacity_bytes: i64) -> VolumeSpec {
         volume_mode: Default::default(),
         node: None,
         requisite_topology: Vec::new(),
+        preferred_topology: Vec::new(),
+        mount_options: Vec::new(),
         source: None,
         claim: None,
         persistent_volume_name: None,

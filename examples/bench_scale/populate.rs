@@ -205,6 +205,8 @@ async fn ready_volume(
             volume_mode: VolumeMode::Filesystem,
             node: Some(node.to_string()),
             requisite_topology: Vec::new(),
+            preferred_topology: Vec::new(),
+            mount_options: Vec::new(),
             source: None,
             claim: Some(ClaimReference {
                 namespace: claim.namespace().unwrap_or_default(),

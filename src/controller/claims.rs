@@ -149,9 +149,11 @@ pub async fn reconcile(
     });
     let remote = class.is_some_and(|c| ctx.drivers.contains_key(&c.provisioner));
     // Only a remote claim still to be provisioned needs topology.
-    let (node_topology, cluster_topology) = match class {
-        Some(c) if remote && found.volume.is_none() => topology::for_claim(&ctx.stores, &claim, c),
-        _ => (None, Vec::new()),
+    let driver_nodes = match class {
+        Some(c) if remote && found.volume.is_none() => {
+            topology::driver_nodes(&ctx.stores, &c.provisioner)
+        }
+        _ => Vec::new(),
     };
     let attributes_class = match provision::attributes_class_name(&claim) {
         Some(name) if remote && found.volume.is_none() => {
@@ -172,8 +174,7 @@ pub async fn reconcile(
         static_match,
         remote,
         serve_local: ctx.serve_local,
-        node_topology,
-        cluster_topology,
+        driver_nodes,
         attributes_class: attributes_class.as_ref(),
     };
     let step = provision::plan(&view);

@@ -43,6 +43,8 @@ pub struct Context {
     pub drivers: BTreeMap<String, CsiDriver>,
     /// `--serve-local`.
     pub serve_local: bool,
+    /// `--extra-create-metadata`.
+    pub extra_create_metadata: bool,
     /// `--kcm-binder-grace`.
     pub kcm_binder_grace: Duration,
     /// `--attach-reconcile-interval`.
@@ -90,6 +92,7 @@ impl Context {
                 })
                 .collect(),
             serve_local: config.serve_local,
+            extra_create_metadata: config.extra_create_metadata,
             kcm_binder_grace: config.kcm_binder_grace,
             attach_reconcile_interval: config.attach_reconcile_interval,
             recorder,

@@ -87,6 +87,21 @@ pub struct Config {
     #[arg(long, default_value = "30s", value_parser = parse_duration_flag)]
     pub csi_timeout: Duration,
 
+    /// Add the claim's name and namespace and the PV's name to the
+    /// parameters of each CreateVolume to a `--csi-driver`
+    /// (`csi.storage.k8s.io/pvc/name`, `csi.storage.k8s.io/pvc/namespace`,
+    /// `csi.storage.k8s.io/pv/name`), as external-provisioner's flag of the
+    /// same name does.
+    #[arg(
+        long,
+        default_value_t = false,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub extra_create_metadata: bool,
+
     /// `/healthz` fails when a watch has been listing this long without any
     /// progress (no event, list not complete), e.g. 60s.
     #[arg(long, default_value = "60s", value_parser = parse_duration_flag)]

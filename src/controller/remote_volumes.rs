@@ -15,6 +15,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
+use super::protocol::{PARAM_PV_NAME, PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
 use super::secrets::{self, SecretFor, Secrets, TemplateValues};
 use super::{Context, Error};
 use crate::backend::csi_proxy::{Capability, CreateRequest, CreatedVolume, CsiDriver};
@@ -51,28 +52,50 @@ pub fn plan(volume: &Volume) -> RemoteWork {
     }
 }
 
-fn create_request(volume: &Volume, secrets: Secrets) -> CreateRequest {
+/// What CreateVolume asks for this Volume, the same at every attempt.
+/// `extra_metadata`: `--extra-create-metadata`.
+fn create_request(volume: &Volume, secrets: Secrets, extra_metadata: bool) -> CreateRequest {
     let spec = &volume.spec;
+    let mut parameters = secrets::driver_parameters(&spec.parameters);
+    if extra_metadata {
+        if let Some(claim) = &spec.claim {
+            parameters.insert(PARAM_PVC_NAME.into(), claim.name.clone());
+            parameters.insert(PARAM_PVC_NAMESPACE.into(), claim.namespace.clone());
+        }
+        let pv = spec.persistent_volume_name.clone();
+        parameters.insert(
+            PARAM_PV_NAME.into(),
+            pv.unwrap_or_else(|| volume.name_any()),
+        );
+    }
+    let block = spec.volume_mode == VolumeMode::Block;
+    let capabilities = spec
+        .access_modes
+        .iter()
+        .map(|mode| Capability {
+            block,
+            fs_type: secrets::fs_type(&spec.parameters)
+                .unwrap_or_default()
+                .to_string(),
+            mount_flags: spec.mount_options.clone(),
+            access_mode: format!("{mode:?}"),
+        })
+        .collect();
+    // Volumes written before the preferred order was recorded asked for
+    // their requisite segments as preferred; they keep asking the same.
+    let preferred = if spec.preferred_topology.is_empty() {
+        spec.requisite_topology.clone()
+    } else {
+        spec.preferred_topology.clone()
+    };
     CreateRequest {
         name: volume.name_any(),
         capacity_bytes: spec.capacity_bytes,
-        parameters: secrets::driver_parameters(&spec.parameters),
+        parameters,
         secrets,
-        capability: Capability {
-            block: spec.volume_mode == VolumeMode::Block,
-            fs_type: spec
-                .parameters
-                .get(secrets::FS_TYPE)
-                .cloned()
-                .unwrap_or_default(),
-            mount_flags: Vec::new(),
-            access_mode: spec
-                .access_modes
-                .first()
-                .map(|m| format!("{m:?}"))
-                .unwrap_or_default(),
-        },
+        capabilities,
         requisite: spec.requisite_topology.clone(),
+        preferred,
         mutable_parameters: spec.mutable_parameters.clone(),
     }
 }
@@ -118,7 +141,10 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
                     return Err(e);
                 }
             };
-            match driver.create_volume(create_request(volume, secrets)).await {
+            match driver
+                .create_volume(create_request(volume, secrets, ctx.extra_create_metadata))
+                .await
+            {
                 Ok(created) => {
                     crate::failpoint::hit("controller-after-create-volume");
                     tracing::info!(handle = %created.volume_id, bytes = created.capacity_bytes, "backend volume created");
@@ -142,7 +168,11 @@ pub async fn execute(volume: &Volume, driver: &CsiDriver, ctx: &Context) -> Resu
                 Some(id) => Some(id),
                 // Created, perhaps, but not recorded: the name finds it.
                 None => match driver
-                    .create_volume(create_request(volume, secrets.clone()))
+                    .create_volume(create_request(
+                        volume,
+                        secrets.clone(),
+                        ctx.extra_create_metadata,
+                    ))
                     .await
                 {
                     Ok(created) => Some(created.volume_id),
@@ -267,11 +297,77 @@ mod tests {
 
     #[test]
     fn the_driver_gets_its_parameters_and_the_pvs_capability() {
-        let req = create_request(&volume(), Secrets::default());
+        let req = create_request(&volume(), Secrets::default(), false);
         assert_eq!(req.name, "pvc-1");
         assert_eq!(req.parameters.len(), 1, "csi.storage.k8s.io/* stripped");
-        assert_eq!(req.capability.fs_type, "xfs");
-        assert_eq!(req.capability.access_mode, "ReadWriteOncePod");
+        assert_eq!(req.capabilities.len(), 1);
+        assert_eq!(req.capabilities[0].fs_type, "xfs");
+        assert_eq!(req.capabilities[0].access_mode, "ReadWriteOncePod");
         assert_eq!(req.requisite.len(), 1);
+        assert_eq!(req.preferred, req.requisite, "none recorded: the requisite");
+    }
+
+    #[test]
+    fn one_capability_per_access_mode_with_the_class_mount_options() {
+        let mut v = volume();
+        v.spec.access_modes = vec![AccessMode::ReadWriteOnce, AccessMode::ReadOnlyMany];
+        v.spec.mount_options = vec!["noatime".into()];
+        let req = create_request(&v, Secrets::default(), false);
+        let modes: Vec<_> = req
+            .capabilities
+            .iter()
+            .map(|c| c.access_mode.as_str())
+            .collect();
+        assert_eq!(modes, ["ReadWriteOnce", "ReadOnlyMany"]);
+        assert!(
+            req.capabilities
+                .iter()
+                .all(|c| c.mount_flags == ["noatime"] && !c.block)
+        );
+        v.spec.volume_mode = VolumeMode::Block;
+        let req = create_request(&v, Secrets::default(), false);
+        let caps: Vec<_> = req.capabilities.iter().map(|c| c.to_csi(false)).collect();
+        assert!(caps.iter().all(|c| matches!(
+            c.access_type,
+            Some(crate::proto::csi::v1::volume_capability::AccessType::Block(
+                _
+            ))
+        )));
+    }
+
+    #[test]
+    fn the_recorded_preference_is_asked_for() {
+        let mut v = volume();
+        let (a, b) = (
+            BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            BTreeMap::from([("zone".to_string(), "b".to_string())]),
+        );
+        v.spec.requisite_topology = vec![a.clone(), b.clone()];
+        v.spec.preferred_topology = vec![b.clone(), a.clone()];
+        let req = create_request(&v, Secrets::default(), false);
+        assert_eq!(req.requisite, [a.clone(), b.clone()]);
+        assert_eq!(req.preferred, [b, a]);
+    }
+
+    #[test]
+    fn extra_create_metadata_names_the_claim_and_the_pv() {
+        let mut v = volume();
+        v.spec.claim = Some(crate::crd::ClaimReference {
+            namespace: "team".into(),
+            name: "data".into(),
+            uid: "1".into(),
+        });
+        v.spec.persistent_volume_name = Some("pvc-1".into());
+        let req = create_request(&v, Secrets::default(), true);
+        let wanted: BTreeMap<String, String> = [
+            ("kind", "fast"),
+            (PARAM_PVC_NAME, "data"),
+            (PARAM_PVC_NAMESPACE, "team"),
+            (PARAM_PV_NAME, "pvc-1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(req.parameters, wanted);
     }
 }

@@ -351,6 +351,45 @@ pub fn all_refs(
     Ok(out)
 }
 
+/// The keys that give a class's filesystem type: `csi.storage.k8s.io/fstype`
+/// and the deprecated `fstype` in any case, which external-provisioner
+/// still reads (and, as it is not under the prefix, also passes on to the
+/// driver). More than one is an error there and here.
+pub fn fs_type_keys(params: &BTreeMap<String, String>) -> Vec<&str> {
+    params
+        .keys()
+        .filter(|k| k.as_str() == FS_TYPE || k.eq_ignore_ascii_case("fstype"))
+        .map(String::as_str)
+        .collect()
+}
+
+/// The class's filesystem type, if it gives one.
+pub fn fs_type(params: &BTreeMap<String, String>) -> Option<&str> {
+    let key = *fs_type_keys(params).first()?;
+    Some(params[key].as_str())
+}
+
+/// The first `csi.storage.k8s.io/*` key that is none of Kubernetes' own:
+/// external-provisioner refuses such a class rather than guess what the
+/// key meant, and so does stowage.
+pub fn unknown_reserved_key(params: &BTreeMap<String, String>) -> Option<&str> {
+    // controller-modify is for VolumeAttributesClasses, which stowage does
+    // not act on yet; external-provisioner knows the key all the same.
+    let kinds = SecretFor::ALL
+        .iter()
+        .map(|k| format!("{}-", k.key()))
+        .chain(["controller-modify-".to_string(), String::new()]);
+    let known: Vec<String> = kinds
+        .flat_map(|k| [format!("{k}secret-name"), format!("{k}secret-namespace")])
+        .chain(["fstype".to_string()])
+        .collect();
+    params
+        .keys()
+        .filter_map(|k| k.strip_prefix(PREFIX).map(|rest| (k, rest)))
+        .find(|(_, rest)| !known.iter().any(|known| known == rest))
+        .map(|(k, _)| k.as_str())
+}
+
 /// The parameters the driver sees: Kubernetes' own keys stripped, as
 /// external-provisioner does.
 pub fn driver_parameters(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {

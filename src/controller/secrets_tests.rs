@@ -210,8 +210,57 @@ fn the_default_pair_serves_kinds_without_their_own() {
 
 #[test]
 fn the_driver_sees_only_its_own_parameters() {
-    let p = params(&[("type", "fast"), (FS_TYPE, "xfs")]);
-    assert_eq!(driver_parameters(&p), params(&[("type", "fast")]));
+    let p = params(&[
+        ("type", "fast"),
+        (FS_TYPE, "xfs"),
+        ("csi.storage.k8s.io/node-stage-secret-name", "s"),
+        ("csi.storage.k8s.io/node-stage-secret-namespace", "ns"),
+        // Deprecated spellings are not Kubernetes' prefix: they pass.
+        ("csiNodeStageSecretName", "s"),
+    ]);
+    assert_eq!(
+        driver_parameters(&p),
+        params(&[("type", "fast"), ("csiNodeStageSecretName", "s")])
+    );
+}
+
+#[test]
+fn the_filesystem_type_comes_from_either_spelling() {
+    assert_eq!(fs_type(&params(&[(FS_TYPE, "xfs")])), Some("xfs"));
+    assert_eq!(fs_type(&params(&[("fsType", "ext4")])), Some("ext4"));
+    assert_eq!(fs_type(&params(&[("type", "fast")])), None);
+    let both = params(&[(FS_TYPE, "xfs"), ("FSTYPE", "ext4")]);
+    assert_eq!(fs_type_keys(&both).len(), 2);
+}
+
+#[test]
+fn only_kubernetes_own_keys_may_use_its_prefix() {
+    let mut known = vec![FS_TYPE.to_string()];
+    for kind in [
+        "",
+        "provisioner-",
+        "controller-publish-",
+        "node-stage-",
+        "node-publish-",
+    ]
+    .into_iter()
+    .chain(["controller-expand-", "node-expand-", "controller-modify-"])
+    {
+        for half in ["name", "namespace"] {
+            known.push(format!("{PREFIX}{kind}secret-{half}"));
+        }
+    }
+    let p: BTreeMap<String, String> = known.iter().map(|k| (k.clone(), "x".into())).collect();
+    assert_eq!(unknown_reserved_key(&p), None);
+    for unknown in [
+        "csi.storage.k8s.io/pvc/name",
+        "csi.storage.k8s.io/fsType",
+        "csi.storage.k8s.io/provisioner-secret",
+    ] {
+        let mut p = p.clone();
+        p.insert(unknown.into(), "x".into());
+        assert_eq!(unknown_reserved_key(&p), Some(unknown));
+    }
 }
 
 #[test]

@@ -73,6 +73,17 @@ pub struct VolumeSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requisite_topology: Vec<BTreeMap<String, String>>,
 
+    /// The requisite segments in the order the driver should try them
+    /// (CreateVolume's preferred topology): the scheduler's node's first
+    /// for WaitForFirstConsumer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_topology: Vec<BTreeMap<String, String>>,
+
+    /// The StorageClass's mountOptions, for CSI drivers: CreateVolume's
+    /// mount flags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_options: Vec<String>,
+
     /// Data to pre-populate the volume with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,

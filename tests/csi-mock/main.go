@@ -13,6 +13,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"log"
 	"net"
@@ -26,6 +27,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/protoadapt"
 	"k8s.io/kubernetes/test/e2e/storage/drivers/csi-test/mock/service"
 )
 
@@ -36,6 +40,7 @@ func main() {
 	attachLimit := flag.Int64("attach-limit", 0, "volumes publishable per node (0: no limit)")
 	nodeExpansion := flag.Bool("node-expansion-required", false, "answer ControllerExpandVolume of a filesystem volume with node_expansion_required (a block volume needs nothing on the node)")
 	maxSize := flag.Int64("max-volume-size", 0, "answer OutOfRange to a ControllerExpandVolume beyond this many bytes (0: no limit)")
+	record := flag.String("record", "", "append every call to this file, one JSON line each: {\"method\": ..., \"request\": ...}")
 	flag.Parse()
 	// Tests read retry intervals off these lines.
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
@@ -57,7 +62,16 @@ func main() {
 		NodeExpansionRequired: *nodeExpansion,
 		IO:                    service.OSDirIO{},
 	})
-	server := grpc.NewServer(grpc.ChainUnaryInterceptor(logCalls, limitExpansion(*maxSize), blockNeedsNoNode))
+	interceptors := []grpc.UnaryServerInterceptor{logCalls, limitExpansion(*maxSize), blockNeedsNoNode}
+	if *record != "" {
+		file, err := os.OpenFile(*record, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			log.Fatalf("opening %s: %v", *record, err)
+		}
+		defer file.Close()
+		interceptors = append(interceptors, (&recorder{file: file}).record)
+	}
+	server := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptors...))
 	csi.RegisterIdentityServer(server, mock)
 	csi.RegisterControllerServer(server, published{mock})
 	csi.RegisterNodeServer(server, mock)
@@ -148,4 +162,55 @@ func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler 
 		log.Printf("%s %v", info.FullMethod, req)
 	}
 	return reply, err
+}
+
+// recorder appends each request, as protojson, to a file: what the tests
+// compare between callers (external-provisioner and stowage).
+type recorder struct {
+	mu   sync.Mutex
+	file *os.File
+}
+
+// recorded is one line of the file. The request stays raw JSON, its fields
+// named as in the CSI spec's protobuf (snake_case) and emitted even when
+// unset, so that a field one caller sets and the other leaves out shows.
+// Fields newer than the spec this module pins are not in the JSON: their
+// wire bytes are kept in unknown_fields (base64), so they show too.
+type recorded struct {
+	Method        string          `json:"method"`
+	Request       json.RawMessage `json:"request"`
+	UnknownFields []byte          `json:"unknown_fields,omitempty"`
+}
+
+func (r *recorder) record(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	var message proto.Message
+	switch m := req.(type) {
+	case proto.Message:
+		message = m
+	case protoadapt.MessageV1:
+		// The CSI spec release this module pins was generated for the older
+		// protobuf API, whose messages have no reflection of their own.
+		message = protoadapt.MessageV2Of(m)
+	default:
+		log.Fatalf("recording %s: %T is not a protobuf message", info.FullMethod, req)
+	}
+	body, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(message)
+	if err != nil {
+		log.Fatalf("recording %s: %v", info.FullMethod, err)
+	}
+	line, err := json.Marshal(recorded{
+		Method:        info.FullMethod,
+		Request:       body,
+		UnknownFields: message.ProtoReflect().GetUnknown(),
+	})
+	if err != nil {
+		log.Fatalf("recording %s: %v", info.FullMethod, err)
+	}
+	r.mu.Lock()
+	_, err = r.file.Write(append(line, '\n'))
+	r.mu.Unlock()
+	if err != nil {
+		log.Fatalf("recording %s: %v", info.FullMethod, err)
+	}
+	return handler(ctx, req)
 }

@@ -10,6 +10,7 @@ mod crash_delete;
 mod crash_provision;
 mod crash_proxy;
 mod crd_evolution;
+mod create_parity;
 mod csi_node;
 mod csi_sanity;
 mod dead_nodes;

@@ -1,7 +1,7 @@
 //! `WaitForFirstConsumer` through `--csi-driver`: kube-scheduler picks the
-//! node, and CreateVolume is asked for that node's topology only (its
-//! CSINode's keys for the driver, valued from the Node's labels), as
-//! external-provisioner asks it.
+//! node, and CreateVolume prefers that node's topology (its CSINode's keys
+//! for the driver, valued from the Node's labels) among every node's with
+//! the same keys, as external-provisioner asks it.
 
 use std::collections::BTreeMap;
 
@@ -23,7 +23,7 @@ const NODES: [&str; 2] = ["wffc-a", "wffc-b"];
 const NODE_KEY: &str = "topology.stowage.dev/node";
 
 #[tokio::test]
-async fn wait_for_first_consumer_asks_for_the_chosen_nodes_topology() {
+async fn wait_for_first_consumer_prefers_the_chosen_nodes_topology() {
     let kubeconfig = bare_cluster("proxy-wffc", &NODES);
     let client = client_for_path(&kubeconfig).await;
     let driver = ExternalDriver::mock("wffc.csi.stowage.test");
@@ -82,21 +82,28 @@ async fn wait_for_first_consumer_asks_for_the_chosen_nodes_topology() {
         .get(&format!("pvc-{uid}"))
         .await
         .unwrap();
-    let wanted: BTreeMap<String, String> = [
-        (mock_key.clone(), mock_value.clone()),
-        (NODE_KEY.to_string(), "wffc-b".to_string()),
-    ]
-    .into();
+    let segment = |node: &str| -> BTreeMap<String, String> {
+        [
+            (mock_key.clone(), mock_value.clone()),
+            (NODE_KEY.to_string(), node.to_string()),
+        ]
+        .into()
+    };
     assert_eq!(
         volume.spec.requisite_topology,
-        vec![wanted],
+        vec![segment("wffc-a"), segment("wffc-b")],
         "CreateVolume's requisite topology"
+    );
+    assert_eq!(
+        volume.spec.preferred_topology,
+        vec![segment("wffc-b"), segment("wffc-a")],
+        "CreateVolume's preferred topology: the scheduler's node first"
     );
     let log = driver.log();
     assert!(
         log.lines()
-            .any(|l| l.contains("/CreateVolume") && l.contains("wffc-b") && !l.contains("wffc-a")),
-        "the driver was not asked for wffc-b's segment alone:\n{log}"
+            .any(|l| l.contains("/CreateVolume") && l.contains("wffc-b")),
+        "the driver was not asked for wffc-b's segment:\n{log}"
     );
     let placed = wait(&ns.api::<Pod>(), "consumer", "placed", |p: Option<&Pod>| {
         p.and_then(|p| p.spec.as_ref()?.node_name.clone()).is_some()

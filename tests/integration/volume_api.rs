@@ -246,6 +246,15 @@ async fn api_server_refuses_to_move_or_shrink_a_volume() {
             "source",
             json!([{ "op": "add", "path": "/spec/source", "value": { "volume": "other" } }]),
         ),
+        // What CreateVolume asks is fixed once the Volume is written.
+        (
+            "preferredTopology",
+            json!([{ "op": "add", "path": "/spec/preferredTopology", "value": [{ "zone": "b" }] }]),
+        ),
+        (
+            "mountOptions",
+            json!([{ "op": "add", "path": "/spec/mountOptions", "value": ["noatime"] }]),
+        ),
     ] {
         let msg = rejection_message(json_patch(ops).await);
         assert!(

@@ -49,6 +49,9 @@ pub struct Capabilities {
     /// MODIFY_VOLUME: ControllerModifyVolume (VolumeAttributesClass).
     pub modify: bool,
     pub accessibility_constraints: bool,
+    /// SINGLE_NODE_MULTI_WRITER: the driver tells ReadWriteOnce (many
+    /// writers on one node) from ReadWriteOncePod (one writer).
+    pub single_node_multi_writer: bool,
     pub list_volumes: bool,
     pub list_volumes_published_nodes: bool,
 }
@@ -210,6 +213,7 @@ impl CsiDriver {
                         Ok(Rpc::ListVolumesPublishedNodes) => {
                             caps.list_volumes_published_nodes = true
                         }
+                        Ok(Rpc::SingleNodeMultiWriter) => caps.single_node_multi_writer = true,
                         _ => {}
                     }
                 }

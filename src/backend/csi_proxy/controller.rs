@@ -30,7 +30,7 @@ impl CsiDriver {
             (caps.accessibility_constraints && !req.requisite.is_empty()).then(|| {
                 csi::TopologyRequirement {
                     requisite: topology(&req.requisite),
-                    preferred: topology(&req.requisite),
+                    preferred: topology(&req.preferred),
                 }
             });
         let message = csi::CreateVolumeRequest {
@@ -39,7 +39,11 @@ impl CsiDriver {
                 required_bytes: req.capacity_bytes,
                 limit_bytes: 0,
             }),
-            volume_capabilities: vec![req.capability.to_csi()],
+            volume_capabilities: req
+                .capabilities
+                .iter()
+                .map(|c| c.to_csi(caps.single_node_multi_writer))
+                .collect(),
             parameters: req.parameters.into_iter().collect(),
             secrets: req.secrets.into_csi(),
             volume_content_source: None,
@@ -106,7 +110,7 @@ impl CsiDriver {
         let message = csi::ControllerPublishVolumeRequest {
             volume_id: volume_id.to_string(),
             node_id: node_id.to_string(),
-            volume_capability: Some(capability.to_csi()),
+            volume_capability: Some(capability.to_csi(caps.single_node_multi_writer)),
             readonly,
             secrets: secrets.into_csi(),
             volume_context: volume_context.into_iter().collect(),
@@ -170,7 +174,7 @@ impl CsiDriver {
                 limit_bytes: 0,
             }),
             secrets: secrets.into_csi(),
-            volume_capability: Some(capability.to_csi()),
+            volume_capability: Some(capability.to_csi(caps.single_node_multi_writer)),
         };
         let mut client = ControllerClient::new(self.channel.clone());
         let call = client.controller_expand_volume(self.request(message));

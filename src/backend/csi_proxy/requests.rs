@@ -36,9 +36,12 @@ pub struct CreateRequest {
     pub capacity_bytes: i64,
     pub parameters: BTreeMap<String, String>,
     pub secrets: Secrets,
-    pub capability: Capability,
-    /// Segments the volume must be reachable from (the scheduler's node).
+    /// One per access mode of the claim, as external-provisioner asks.
+    pub capabilities: Vec<Capability>,
+    /// Segments the volume must be reachable from.
     pub requisite: Vec<BTreeMap<String, String>>,
+    /// The requisite segments, most preferred first.
+    pub preferred: Vec<BTreeMap<String, String>>,
     /// The claim's VolumeAttributesClass parameters.
     pub mutable_parameters: BTreeMap<String, String>,
 }
@@ -70,12 +73,16 @@ impl Capability {
         }
     }
 
-    pub fn to_csi(&self) -> csi::VolumeCapability {
-        let mode = match self.access_mode.as_str() {
-            "ReadOnlyMany" => Mode::MultiNodeReaderOnly,
-            "ReadWriteMany" => Mode::MultiNodeMultiWriter,
-            "ReadWriteOncePod" => Mode::SingleNodeSingleWriter,
-            _ => Mode::SingleNodeWriter,
+    /// The access mode as csi-lib-utils maps one: a driver without
+    /// SINGLE_NODE_MULTI_WRITER knows a single writer per node only, which
+    /// ReadWriteOnce and ReadWriteOncePod both become.
+    pub fn to_csi(&self, single_node_multi_writer: bool) -> csi::VolumeCapability {
+        let mode = match (self.access_mode.as_str(), single_node_multi_writer) {
+            ("ReadOnlyMany", _) => Mode::MultiNodeReaderOnly,
+            ("ReadWriteMany", _) => Mode::MultiNodeMultiWriter,
+            ("ReadWriteOncePod", true) => Mode::SingleNodeSingleWriter,
+            (_, true) => Mode::SingleNodeMultiWriter,
+            (_, false) => Mode::SingleNodeWriter,
         };
         let access_type = if self.block {
             AccessType::Block(BlockVolume {})
@@ -99,16 +106,45 @@ mod tests {
 
     #[test]
     fn capabilities_map_kubernetes_access_modes() {
-        let cap = Capability {
-            access_mode: "ReadWriteOncePod".into(),
-            fs_type: "xfs".into(),
-            ..Default::default()
+        let mode = |access_mode: &str, snmw: bool| {
+            let cap = Capability {
+                access_mode: access_mode.into(),
+                fs_type: "xfs".into(),
+                ..Default::default()
+            }
+            .to_csi(snmw);
+            assert!(matches!(cap.access_type, Some(AccessType::Mount(m)) if m.fs_type == "xfs"));
+            Mode::try_from(cap.access_mode.unwrap().mode).unwrap()
+        };
+        let table = [
+            (
+                "ReadWriteOnce",
+                Mode::SingleNodeWriter,
+                Mode::SingleNodeMultiWriter,
+            ),
+            (
+                "ReadWriteOncePod",
+                Mode::SingleNodeWriter,
+                Mode::SingleNodeSingleWriter,
+            ),
+            (
+                "ReadOnlyMany",
+                Mode::MultiNodeReaderOnly,
+                Mode::MultiNodeReaderOnly,
+            ),
+            (
+                "ReadWriteMany",
+                Mode::MultiNodeMultiWriter,
+                Mode::MultiNodeMultiWriter,
+            ),
+        ];
+        for (access_mode, without, with) in table {
+            assert_eq!(mode(access_mode, false), without, "{access_mode}");
+            assert_eq!(
+                mode(access_mode, true),
+                with,
+                "{access_mode} with SINGLE_NODE_MULTI_WRITER"
+            );
         }
-        .to_csi();
-        assert_eq!(
-            cap.access_mode.unwrap().mode,
-            Mode::SingleNodeSingleWriter as i32
-        );
-        assert!(matches!(cap.access_type, Some(AccessType::Mount(m)) if m.fs_type == "xfs"));
     }
 }

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::super::protocol::*;
 use super::super::secrets;
+use super::topology::{self, Requirement};
 use super::{
     ClaimView, ProvisionError, check_room_on, choose_node, requested_bytes, template_values,
     volume_name,
@@ -23,11 +24,15 @@ use crate::crd::{
 };
 use crate::quantity::format_bytes;
 
-/// Where a Volume's data goes: a node (local), or topology segments the
-/// driver must honour (`--csi-driver`).
+/// Where a Volume's data goes: a node (local), or what the driver is told
+/// (`--csi-driver`): the topology it must honour and the class's mount
+/// options.
 enum Placement {
     Node(String),
-    Topology(Vec<BTreeMap<String, String>>),
+    Driver {
+        topology: Requirement,
+        mount_options: Vec<String>,
+    },
 }
 
 /// The claim's access modes, each one `allowed`.
@@ -73,9 +78,12 @@ fn volume(
     placement: Placement,
 ) -> Volume {
     let name = volume_name(claim).expect("claims from the API server have a UID");
-    let (node, requisite_topology) = match placement {
-        Placement::Node(node) => (Some(node), Vec::new()),
-        Placement::Topology(t) => (None, t),
+    let (node, topology, mount_options) = match placement {
+        Placement::Node(node) => (Some(node), Requirement::default(), Vec::new()),
+        Placement::Driver {
+            topology,
+            mount_options,
+        } => (None, topology, mount_options),
     };
     let mut volume = Volume::new(
         &name,
@@ -86,7 +94,9 @@ fn volume(
             access_modes,
             volume_mode: volume_mode(claim),
             node: node.clone(),
-            requisite_topology,
+            requisite_topology: topology.requisite,
+            preferred_topology: topology.preferred,
+            mount_options,
             source: None,
             claim: Some(ClaimReference {
                 namespace: claim.namespace().unwrap_or_default(),
@@ -156,6 +166,13 @@ pub(super) fn desired_remote_volume(
     let claim = view.claim;
     let name = volume_name(claim).expect("claims from the API server have a UID");
     let parameters = class.parameters.clone().unwrap_or_default();
+    if let Some(key) = secrets::unknown_reserved_key(&parameters) {
+        return Err(ProvisionError::ReservedParameter(key.to_string()));
+    }
+    let fs_type_keys = secrets::fs_type_keys(&parameters);
+    if fs_type_keys.len() > 1 {
+        return Err(ProvisionError::FsTypeTwice(fs_type_keys.join(" and ")));
+    }
     secrets::all_refs(&parameters, &template_values(claim, &name))?;
     refuse_data_source(claim)?;
     let all = [
@@ -167,24 +184,31 @@ pub(super) fn desired_remote_volume(
     let modes = access_modes(claim, &all)?;
     let bytes = requested_bytes(claim)?;
     let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
-    let topology = if wffc {
+    let selected = if wffc {
         let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
             return Ok(None);
         };
-        match &view.node_topology {
-            Some(t) if !t.is_empty() => vec![t.clone()],
-            Some(_) => Vec::new(),
-            None => {
-                return Err(ProvisionError::NoTopology {
-                    node: selected.clone(),
-                    driver: class.provisioner.clone(),
-                });
-            }
-        }
+        Some(selected.as_str())
     } else {
-        view.cluster_topology.clone()
+        None
     };
-    let mut volume = volume(claim, class, bytes, modes, Placement::Topology(topology));
+    let topology = topology::requirement(
+        &class.provisioner,
+        &claim.name_any(),
+        class.allowed_topologies.as_deref().unwrap_or_default(),
+        selected,
+        &view.driver_nodes,
+    )?;
+    let mut volume = volume(
+        claim,
+        class,
+        bytes,
+        modes,
+        Placement::Driver {
+            topology: topology.unwrap_or_default(),
+            mount_options: class.mount_options.clone().unwrap_or_default(),
+        },
+    );
     if let Some(name) = attributes_class_name(claim) {
         let attributes = attributes_class(view, class, name)?;
         volume.spec.volume_attributes_class_name = Some(name.to_string());
@@ -329,7 +353,7 @@ fn desired_remote_pv(
         "volumeAttributes": status.volume_context,
     });
     if volume.spec.volume_mode != VolumeMode::Block
-        && let Some(fs) = params.get(secrets::FS_TYPE)
+        && let Some(fs) = secrets::fs_type(params)
     {
         csi["fsType"] = json!(fs);
     }

@@ -47,12 +47,9 @@ pub struct ClaimView<'a> {
     pub remote: bool,
     /// `--serve-local`: this controller provisions `local.stowage.dev`.
     pub serve_local: bool,
-    /// For remote drivers: the scheduler's node's topology segments for the
-    /// driver (its CSINode topology keys, valued from the Node's labels).
-    pub node_topology: Option<BTreeMap<String, String>>,
-    /// For `Immediate` classes of a `--csi-driver`: every topology segment
-    /// where the driver runs (empty when it reports none).
-    pub cluster_topology: Vec<BTreeMap<String, String>>,
+    /// For a `--csi-driver` claim still to be provisioned: every node whose
+    /// CSINode lists the driver, with its topology keys and labels.
+    pub driver_nodes: Vec<topology::DriverNode>,
     /// The VolumeAttributesClass the claim names, when it exists (read only
     /// for a `--csi-driver` claim still to be provisioned).
     pub attributes_class: Option<&'a VolumeAttributesClass>,
@@ -101,10 +98,17 @@ pub enum ProvisionError {
     DataSource,
     #[error("{0}")]
     Secrets(#[from] super::secrets::SecretError),
+    #[error("{0}")]
+    Topology(#[from] topology::TopologyError),
     #[error(
-        "node {node} has no topology for {driver}: its CSINode lists no such driver; is the driver's node plugin running there?"
+        "StorageClass parameter {0} is not one Kubernetes defines under csi.storage.k8s.io/ \
+         (fstype and the *-secret-name and *-secret-namespace pairs): remove it"
     )]
-    NoTopology { node: String, driver: String },
+    ReservedParameter(String),
+    #[error(
+        "StorageClass parameters {0} each give the filesystem type: keep csi.storage.k8s.io/fstype alone"
+    )]
+    FsTypeTwice(String),
     #[error(
         "no node runs the stowage node agent for {driver}: deploy the stowage-node DaemonSet",
         driver = local::DRIVER_NAME
@@ -179,7 +183,7 @@ impl ProvisionError {
         matches!(
             self,
             ProvisionError::NoNodes
-                | ProvisionError::NoTopology { .. }
+                | ProvisionError::Topology(_)
                 | ProvisionError::NodeWithoutAgent(_)
                 | ProvisionError::NoRoom { .. }
                 | ProvisionError::NoRoomOnNode { .. }
@@ -204,7 +208,10 @@ impl ProvisionError {
             ProvisionError::BlockOnDir => "block_on_dir",
             ProvisionError::DataSource => "data_source",
             ProvisionError::Secrets(_) => "secrets",
-            ProvisionError::NoTopology { .. } => "no_topology",
+            ProvisionError::Topology(_) => "no_topology",
+            ProvisionError::ReservedParameter(_) | ProvisionError::FsTypeTwice(_) => {
+                "bad_parameters"
+            }
             ProvisionError::NoNodes | ProvisionError::NodeWithoutAgent(_) => "no_node_agent",
             ProvisionError::NoRoom { .. } | ProvisionError::NoRoomOnNode { .. } => "no_room",
             ProvisionError::DiskPressure { .. } | ProvisionError::AllUnderDiskPressure { .. } => {

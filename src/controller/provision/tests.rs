@@ -58,42 +58,115 @@ fn plan_for(
         static_match: false,
         remote: false,
         serve_local: true,
-        node_topology: None,
         attributes_class: None,
-        cluster_topology: Vec::new(),
+        driver_nodes: Vec::new(),
     })
 }
 
 const GI: i64 = 1 << 30;
 
-#[test]
-fn immediate_remote_claims_ask_for_every_segment_the_driver_runs_in() {
-    let mut class = class("Immediate", &[]);
-    class.provisioner = "hostpath.csi.k8s.io".into();
-    let zones: Vec<BTreeMap<String, String>> = ["a", "b"]
-        .iter()
-        .map(|z| BTreeMap::from([("zone".to_string(), z.to_string())]))
-        .collect();
-    let claim = claim("1Gi", &["ReadWriteOnce"], None);
-    let Provision::CreateVolume(v) = plan(&ClaimView {
-        claim: &claim,
-        class: Some(&class),
+/// A `--csi-driver` class, registered in zones a and b (one node each).
+fn remote_view<'a>(
+    claim: &'a PersistentVolumeClaim,
+    class: &'a StorageClass,
+    driver_nodes: Vec<topology::DriverNode>,
+) -> ClaimView<'a> {
+    static NOTHING_PROMISED: BTreeMap<String, i64> = BTreeMap::new();
+    ClaimView {
+        claim,
+        class: Some(class),
         volume: None,
         pv: None,
         storage_nodes: &[],
-        promised: &BTreeMap::new(),
+        promised: &NOTHING_PROMISED,
         static_match: false,
         remote: true,
         serve_local: true,
-        node_topology: None,
         attributes_class: None,
-        cluster_topology: zones.clone(),
-    }) else {
+        driver_nodes,
+    }
+}
+
+fn remote_class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
+    let mut class = class(mode, params);
+    class.provisioner = "hostpath.csi.k8s.io".into();
+    class
+}
+
+fn zones() -> Vec<topology::DriverNode> {
+    ["a", "b"]
+        .iter()
+        .map(|z| topology::DriverNode {
+            name: format!("node-{z}"),
+            keys: vec!["zone".into()],
+            labels: Some(BTreeMap::from([("zone".to_string(), z.to_string())])),
+        })
+        .collect()
+}
+
+fn zone(z: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("zone".to_string(), z.to_string())])
+}
+
+#[test]
+fn immediate_remote_claims_ask_for_every_segment_the_driver_runs_in() {
+    let mut class = remote_class("Immediate", &[]);
+    class.mount_options = Some(vec!["noatime".into()]);
+    let claim = claim("1Gi", &["ReadWriteOnce"], None);
+    let Provision::CreateVolume(v) = plan(&remote_view(&claim, &class, zones())) else {
         panic!("expected a Volume")
     };
     assert_eq!(v.spec.driver, "hostpath.csi.k8s.io");
-    assert_eq!(v.spec.requisite_topology, zones);
+    assert_eq!(v.spec.requisite_topology, vec![zone("a"), zone("b")]);
+    assert_eq!(v.spec.preferred_topology.len(), 2);
+    assert_eq!(v.spec.mount_options, vec!["noatime".to_string()]);
     assert_eq!(v.spec.node, None);
+}
+
+#[test]
+fn wait_for_first_consumer_remote_claims_prefer_the_schedulers_node() {
+    let class = remote_class("WaitForFirstConsumer", &[]);
+    let waiting = claim("1Gi", &["ReadWriteOnce"], None);
+    assert_eq!(
+        plan(&remote_view(&waiting, &class, zones())),
+        Provision::WaitForConsumer
+    );
+    let claim = claim("1Gi", &["ReadWriteOnce"], Some("node-b"));
+    let Provision::CreateVolume(v) = plan(&remote_view(&claim, &class, zones())) else {
+        panic!("expected a Volume")
+    };
+    assert_eq!(v.spec.requisite_topology, vec![zone("a"), zone("b")]);
+    assert_eq!(v.spec.preferred_topology, vec![zone("b"), zone("a")]);
+
+    let elsewhere = self::claim("1Gi", &["ReadWriteOnce"], Some("node-c"));
+    let Provision::Fail(e) = plan(&remote_view(&elsewhere, &class, zones())) else {
+        panic!("expected a failure")
+    };
+    assert!(e.may_resolve_itself(), "{e}");
+    assert!(e.to_string().contains("node-c"), "{e}");
+}
+
+#[test]
+fn remote_classes_may_use_only_kubernetes_own_reserved_keys() {
+    let class = remote_class("Immediate", &[("csi.storage.k8s.io/pvc/name", "x")]);
+    let claim = claim("1Gi", &["ReadWriteOnce"], None);
+    let Provision::Fail(e) = plan(&remote_view(&claim, &class, zones())) else {
+        panic!("expected a failure")
+    };
+    assert_eq!(
+        e,
+        ProvisionError::ReservedParameter("csi.storage.k8s.io/pvc/name".into())
+    );
+    assert!(!e.may_resolve_itself());
+
+    let class = remote_class(
+        "Immediate",
+        &[("csi.storage.k8s.io/fstype", "xfs"), ("fsType", "ext4")],
+    );
+    let Provision::Fail(e) = plan(&remote_view(&claim, &class, zones())) else {
+        panic!("expected a failure")
+    };
+    assert!(matches!(e, ProvisionError::FsTypeTwice(_)), "{e}");
 }
 
 #[test]

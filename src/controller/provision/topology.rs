@@ -1,86 +1,531 @@
-//! Where a `--csi-driver` volume may go, as external-provisioner computes
-//! it: from CSINodes' topology keys valued by their Nodes' labels.
+//! Where a `--csi-driver` volume may go (CreateVolume's requisite
+//! topology) and where it had better go (preferred), computed as
+//! external-provisioner v6 computes them with its defaults
+//! (`--strict-topology=false`, `--immediate-topology=true`), so that a
+//! driver sees the same request from either.
+//!
+//! `requirement` is pure; `driver_nodes` reads what it needs from the
+//! caches: each CSINode's topology keys for the driver, valued by its
+//! Node's labels.
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::core::v1::TopologySelectorTerm;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::controller::context::Stores;
-use crate::controller::protocol::*;
 
 /// A topology segment: key → value.
 pub type Segment = BTreeMap<String, String>;
 
-/// Topology for a remote claim still to be provisioned: the selected
-/// node's for WaitForFirstConsumer, everywhere the driver runs for
-/// Immediate. Returns (node topology, cluster topology).
-pub fn for_claim(
-    stores: &Stores,
-    claim: &PersistentVolumeClaim,
-    class: &StorageClass,
-) -> (Option<Segment>, Vec<Segment>) {
-    if class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER) {
-        (
-            selected_node_topology(stores, claim, &class.provisioner),
-            Vec::new(),
-        )
-    } else {
-        (None, cluster_topology(stores, &class.provisioner))
-    }
+/// A node whose CSINode lists the driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriverNode {
+    pub name: String,
+    /// The topology keys the driver registered there (none for a driver
+    /// without topology).
+    pub keys: Vec<String>,
+    /// The Node's labels; None when there is no Node of that name.
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
-/// Every topology segment where `driver` runs, as external-provisioner
-/// aggregates it for `Immediate` classes: for each CSINode listing the
-/// driver, its topology keys valued from that Node's labels (nodes missing
-/// a label are left out). Sorted and without repeats.
-fn cluster_topology(stores: &Stores, driver: &str) -> Vec<BTreeMap<String, String>> {
-    let mut segments = std::collections::BTreeSet::new();
-    for csinode in stores.csinodes.state() {
-        let Some(entry) = csinode.spec.drivers.iter().find(|d| d.name == driver) else {
-            continue;
-        };
-        let keys = entry.topology_keys.clone().unwrap_or_default();
-        if keys.is_empty() {
-            continue;
-        }
-        let Some(node) = stores.nodes.get(&ObjectRef::new(&csinode.name_any())) else {
-            continue;
-        };
-        let labels = node.labels();
-        let segment: Option<BTreeMap<_, _>> = keys
-            .iter()
-            .map(|k| Some((k.clone(), labels.get(k)?.clone())))
-            .collect();
-        segments.extend(segment);
-    }
-    segments.into_iter().collect()
+/// CreateVolume's accessibility requirements.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requirement {
+    pub requisite: Vec<Segment>,
+    /// The requisite segments, most preferred first.
+    pub preferred: Vec<Segment>,
 }
 
-/// The scheduler's node's topology for `driver`, as external-provisioner
-/// reads it: the CSINode's topology keys for the driver, valued from the
-/// Node's labels. None while the node has no CSINode entry for the driver.
-fn selected_node_topology(
-    stores: &Stores,
-    claim: &PersistentVolumeClaim,
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error(
+        "node {node} has no topology for {driver}: its CSINode lists no such driver; is the driver's node plugin running there?"
+    )]
+    NotRegistered { node: String, driver: String },
+    #[error(
+        "node {node} lacks the labels {keys:?} that its CSINode names as {driver}'s topology keys; \
+         they appear when the driver's node plugin registers there"
+    )]
+    NodeUnlabelled {
+        node: String,
+        driver: String,
+        keys: Vec<String>,
+    },
+    #[error(
+        "no node carries all the labels of any topology key set {driver} registered ({keys:?}); \
+         they appear when the driver's node plugin registers"
+    )]
+    NoLabelledNode {
+        driver: String,
+        keys: Vec<Vec<String>>,
+    },
+    #[error(
+        "node {node} chosen by the scheduler is outside the StorageClass's allowedTopologies \
+         (its segment: {segment:?})"
+    )]
+    NotAllowed { node: String, segment: Segment },
+}
+
+/// Every node whose CSINode lists `driver`, with its keys and labels.
+pub fn driver_nodes(stores: &Stores, driver: &str) -> Vec<DriverNode> {
+    stores
+        .csinodes
+        .state()
+        .iter()
+        .filter_map(|csinode| {
+            let entry = csinode.spec.drivers.iter().find(|d| d.name == driver)?;
+            let name = csinode.name_any();
+            let labels = stores
+                .nodes
+                .get(&ObjectRef::new(&name))
+                .map(|n| n.labels().clone());
+            Some(DriverNode {
+                keys: entry.topology_keys.clone().unwrap_or_default(),
+                labels,
+                name,
+            })
+        })
+        .collect()
+}
+
+/// The requirement for a claim named `claim_name` of a class with
+/// `allowed` topologies; `selected` is the scheduler's node for
+/// WaitForFirstConsumer, None for Immediate.
+///
+/// None when the driver registered no topology keys (where it matters:
+/// on the selected node, or anywhere for Immediate). external-provisioner
+/// asks drivers without topology for none; one with topology whose node
+/// plugins have not registered yet it makes wait, which stowage cannot
+/// tell apart here without asking the driver.
+pub fn requirement(
     driver: &str,
-) -> Option<BTreeMap<String, String>> {
-    let node = claim.annotations().get(ANN_SELECTED_NODE)?;
-    let csinode = stores.csinodes.get(&ObjectRef::new(node))?;
-    let entry = csinode.spec.drivers.iter().find(|d| d.name == driver)?;
-    let labels = stores
-        .nodes
-        .get(&ObjectRef::new(node))
-        .map(|n| n.labels().clone())
-        .unwrap_or_default();
-    Some(
-        entry
-            .topology_keys
+    claim_name: &str,
+    allowed: &[TopologySelectorTerm],
+    selected: Option<&str>,
+    nodes: &[DriverNode],
+) -> Result<Option<Requirement>, TopologyError> {
+    let selected = match selected {
+        None => None,
+        Some(name) => {
+            let node = nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+                TopologyError::NotRegistered {
+                    node: name.to_string(),
+                    driver: driver.to_string(),
+                }
+            })?;
+            if node.keys.is_empty() {
+                return Ok(None);
+            }
+            let segment = node
+                .labels
+                .as_ref()
+                .and_then(|labels| segment_of(labels, &node.keys))
+                .ok_or_else(|| TopologyError::NodeUnlabelled {
+                    node: name.to_string(),
+                    driver: driver.to_string(),
+                    keys: node.keys.clone(),
+                })?;
+            Some((node, segment))
+        }
+    };
+    let mut requisite = if !allowed.is_empty() {
+        flatten(allowed)
+    } else if let Some((node, _)) = &selected {
+        aggregate(nodes, &node.keys.iter().cloned().collect())
+    } else {
+        let key_sets = key_sets(nodes);
+        if key_sets.is_empty() {
+            return Ok(None);
+        }
+        let segments: Vec<Segment> = key_sets.iter().flat_map(|k| aggregate(nodes, k)).collect();
+        if segments.is_empty() {
+            return Err(TopologyError::NoLabelledNode {
+                driver: driver.to_string(),
+                keys: key_sets
+                    .into_iter()
+                    .map(|k| k.into_iter().collect())
+                    .collect(),
+            });
+        }
+        segments
+    };
+    requisite.sort_by(compare);
+    requisite.dedup();
+    if requisite.is_empty() {
+        return Ok(None);
+    }
+    let first = match &selected {
+        None => {
+            let (hash, ordinal) = name_hash_and_ordinal(claim_name);
+            (hash.wrapping_add(ordinal) % requisite.len() as u32) as usize
+        }
+        Some((node, segment)) => requisite
             .iter()
-            .flatten()
-            .filter_map(|k| Some((k.clone(), labels.get(k)?.clone())))
-            .collect(),
-    )
+            .position(|s| is_subset(s, segment))
+            .ok_or_else(|| TopologyError::NotAllowed {
+                node: node.name.clone(),
+                segment: segment.clone(),
+            })?,
+    };
+    let mut preferred = requisite.clone();
+    preferred.rotate_left(first);
+    Ok(Some(Requirement {
+        requisite,
+        preferred,
+    }))
+}
+
+/// `keys` valued from `labels`; None if a label is missing.
+fn segment_of(labels: &BTreeMap<String, String>, keys: &[String]) -> Option<Segment> {
+    keys.iter()
+        .map(|k| Some((k.clone(), labels.get(k)?.clone())))
+        .collect()
+}
+
+/// The distinct key sets the driver registered, in order.
+fn key_sets(nodes: &[DriverNode]) -> BTreeSet<BTreeSet<String>> {
+    nodes
+        .iter()
+        .filter(|n| !n.keys.is_empty())
+        .map(|n| n.keys.iter().cloned().collect())
+        .collect()
+}
+
+/// One segment of `keys` per node that registered at least those keys and
+/// carries their labels: a node is never placed under keys its driver did
+/// not register there, whatever labels it has.
+fn aggregate(nodes: &[DriverNode], keys: &BTreeSet<String>) -> Vec<Segment> {
+    let keys: Vec<String> = keys.iter().cloned().collect();
+    nodes
+        .iter()
+        .filter(|n| keys.iter().all(|k| n.keys.contains(k)))
+        .filter_map(|n| segment_of(n.labels.as_ref()?, &keys))
+        .collect()
+}
+
+/// allowedTopologies as segments: each term's expressions ANDed, each
+/// expression's values ORed, distributed into one segment per combination.
+fn flatten(allowed: &[TopologySelectorTerm]) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for term in allowed {
+        let mut segments: Vec<Segment> = Vec::new();
+        for expression in term.match_label_expressions.iter().flatten() {
+            let mut next = Vec::new();
+            for value in &expression.values {
+                // As upstream: an expression with no values empties the
+                // term so far, and the next one starts it afresh.
+                if segments.is_empty() {
+                    next.push(Segment::from([(expression.key.clone(), value.clone())]));
+                } else {
+                    for s in &segments {
+                        let mut s = s.clone();
+                        s.insert(expression.key.clone(), value.clone());
+                        next.push(s);
+                    }
+                }
+            }
+            segments = next;
+        }
+        out.extend(segments);
+    }
+    out
+}
+
+/// external-provisioner's order of segments: fewer keys first, then by
+/// (key, value) pairs in key order.
+fn compare(a: &Segment, b: &Segment) -> Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.iter().cmp(b.iter()))
+}
+
+fn is_subset(part: &Segment, whole: &Segment) -> bool {
+    part.iter().all(|(k, v)| whole.get(k) == Some(v))
+}
+
+/// The spreading key of an Immediate claim, as Kubernetes' in-tree
+/// provisioners and external-provisioner compute it: the FNV-1 hash of the
+/// name, except that a name ending in `-<number>` (a StatefulSet's
+/// `<claim>-<set>-<ordinal>`) hashes only the part between its last two
+/// dashes and adds the ordinal, so that one set's replicas go round the
+/// segments and one replica's claims land together.
+fn name_hash_and_ordinal(name: &str) -> (u32, u32) {
+    let mut hashed = name;
+    let mut ordinal = 0;
+    if let Some(dash) = name.rfind('-') {
+        let suffix = &name[dash + 1..];
+        // Go's ParseUint: digits only (no sign), within 32 bits.
+        let number = suffix
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| suffix.parse::<u32>().ok())
+            .flatten();
+        if let Some(n) = number {
+            ordinal = n;
+            hashed = &name[..dash];
+            if let Some(dash) = hashed.rfind('-') {
+                hashed = &hashed[dash + 1..];
+            }
+        }
+    }
+    (fnv1_32(hashed.as_bytes()), ordinal)
+}
+
+/// FNV-1 (not 1a), 32 bits: Go's `hash/fnv.New32`.
+fn fnv1_32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |hash: u32, b| {
+        hash.wrapping_mul(0x0100_0193) ^ u32::from(*b)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const ZONE: &str = "zone";
+    const HOST: &str = "host";
+
+    fn node(name: &str, keys: &[&str], labels: &[(&str, &str)]) -> DriverNode {
+        DriverNode {
+            name: name.into(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn seg(pairs: &[(&str, &str)]) -> Segment {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Three nodes in zones a, b, a, each its own host.
+    fn cluster() -> Vec<DriverNode> {
+        vec![
+            node("n1", &[ZONE, HOST], &[(ZONE, "a"), (HOST, "n1")]),
+            node("n2", &[ZONE, HOST], &[(ZONE, "b"), (HOST, "n2")]),
+            node("n3", &[ZONE, HOST], &[(ZONE, "a"), (HOST, "n3")]),
+        ]
+    }
+
+    fn allowed(terms: serde_json::Value) -> Vec<TopologySelectorTerm> {
+        serde_json::from_value(terms).unwrap()
+    }
+
+    fn req(
+        claim: &str,
+        allowed: &[TopologySelectorTerm],
+        selected: Option<&str>,
+        nodes: &[DriverNode],
+    ) -> Result<Option<Requirement>, TopologyError> {
+        requirement("d", claim, allowed, selected, nodes)
+    }
+
+    #[test]
+    fn fnv1_is_gos_hash_fnv_new32() {
+        assert_eq!(fnv1_32(b""), 0x811c_9dc5);
+        assert_eq!(fnv1_32(b"a"), 0x050c_5d7e);
+        assert_eq!(fnv1_32(b"foobar"), 0x31f0_b262);
+    }
+
+    #[test]
+    fn statefulset_names_hash_the_set_and_add_the_ordinal() {
+        let web = fnv1_32(b"web");
+        assert_eq!(name_hash_and_ordinal("data-web-1"), (web, 1));
+        assert_eq!(name_hash_and_ordinal("logs-web-1"), (web, 1));
+        assert_eq!(name_hash_and_ordinal("web-7"), (web, 7));
+        assert_eq!(name_hash_and_ordinal("a-b-web-0"), (web, 0));
+        // Not an ordinal: the whole name.
+        for name in [
+            "rwo",
+            "data-web",
+            "web-+1",
+            "web-",
+            "web-1x",
+            "web-4294967296",
+        ] {
+            assert_eq!(name_hash_and_ordinal(name), (fnv1_32(name.as_bytes()), 0));
+        }
+    }
+
+    #[test]
+    fn immediate_asks_for_every_segment_sorted_and_prefers_a_rotation_by_name() {
+        let nodes = cluster();
+        let r = req("data-web-0", &[], None, &nodes).unwrap().unwrap();
+        let all = vec![
+            seg(&[(HOST, "n1"), (ZONE, "a")]),
+            seg(&[(HOST, "n2"), (ZONE, "b")]),
+            seg(&[(HOST, "n3"), (ZONE, "a")]),
+        ];
+        assert_eq!(r.requisite, all);
+        let start = (fnv1_32(b"web") % 3) as usize;
+        let mut rotated = all.clone();
+        rotated.rotate_left(start);
+        assert_eq!(r.preferred, rotated);
+        // The next replica starts one further on: replicas go round.
+        let next = req("data-web-1", &[], None, &nodes).unwrap().unwrap();
+        rotated.rotate_left(1);
+        assert_eq!(next.preferred, rotated);
+        assert_eq!(next.requisite, all);
+    }
+
+    #[test]
+    fn immediate_aggregates_each_registered_key_set_on_its_own() {
+        // n1 registered the zone only; n2 zone and host. n2 counts under
+        // both key sets, n1 under the zone alone, whatever labels it has.
+        let nodes = vec![
+            node("n1", &[ZONE], &[(ZONE, "a"), (HOST, "n1")]),
+            node("n2", &[ZONE, HOST], &[(ZONE, "b"), (HOST, "n2")]),
+            node("n3", &[], &[(ZONE, "c")]),
+            DriverNode {
+                labels: None,
+                ..node("gone", &[ZONE], &[])
+            },
+        ];
+        let r = req("rwo", &[], None, &nodes).unwrap().unwrap();
+        assert_eq!(
+            r.requisite,
+            vec![
+                seg(&[(ZONE, "a")]),
+                seg(&[(ZONE, "b")]),
+                seg(&[(HOST, "n2"), (ZONE, "b")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn segments_sort_by_size_first() {
+        let mut s = vec![
+            seg(&[("a", "1"), ("c", "1")]),
+            seg(&[("b", "1")]),
+            seg(&[("a", "2")]),
+        ];
+        s.sort_by(compare);
+        assert_eq!(
+            s,
+            vec![
+                seg(&[("a", "2")]),
+                seg(&[("b", "1")]),
+                seg(&[("a", "1"), ("c", "1")])
+            ]
+        );
+    }
+
+    #[test]
+    fn no_keys_registered_asks_for_no_topology() {
+        let nodes = vec![node("n1", &[], &[(ZONE, "a")])];
+        assert_eq!(req("rwo", &[], None, &nodes), Ok(None));
+        assert_eq!(req("rwo", &[], Some("n1"), &nodes), Ok(None));
+        assert_eq!(req("rwo", &[], None, &[]), Ok(None));
+    }
+
+    #[test]
+    fn keys_registered_but_on_no_labelled_node_wait() {
+        let nodes = vec![node("n1", &[ZONE], &[])];
+        assert!(matches!(
+            req("rwo", &[], None, &nodes),
+            Err(TopologyError::NoLabelledNode { .. })
+        ));
+    }
+
+    #[test]
+    fn allowed_topologies_are_distributed_into_segments() {
+        let terms = allowed(json!([
+            { "matchLabelExpressions": [
+                { "key": ZONE, "values": ["b", "a"] },
+                { "key": "rack", "values": ["r1", "r2"] },
+            ] },
+            { "matchLabelExpressions": [{ "key": ZONE, "values": ["c"] }] },
+            { "matchLabelExpressions": [] },
+        ]));
+        let r = req("rwo", &terms, None, &cluster()).unwrap().unwrap();
+        assert_eq!(
+            r.requisite,
+            vec![
+                seg(&[(ZONE, "c")]),
+                seg(&[("rack", "r1"), (ZONE, "a")]),
+                seg(&[("rack", "r1"), (ZONE, "b")]),
+                seg(&[("rack", "r2"), (ZONE, "a")]),
+                seg(&[("rack", "r2"), (ZONE, "b")]),
+            ],
+            "not limited to where nodes are"
+        );
+        let mut rotated = r.requisite.clone();
+        rotated.rotate_left((fnv1_32(b"rwo") % 5) as usize);
+        assert_eq!(r.preferred, rotated);
+    }
+
+    #[test]
+    fn an_expression_without_values_restarts_its_term() {
+        let terms = allowed(json!([{ "matchLabelExpressions": [
+            { "key": ZONE, "values": ["a"] },
+            { "key": "rack", "values": [] },
+            { "key": HOST, "values": ["n1"] },
+        ] }]));
+        let r = req("rwo", &terms, None, &[]).unwrap().unwrap();
+        assert_eq!(r.requisite, vec![seg(&[(HOST, "n1")])]);
+    }
+
+    #[test]
+    fn wait_for_first_consumer_asks_for_every_node_with_the_chosen_nodes_keys_and_prefers_its_segment()
+     {
+        let nodes = cluster();
+        let r = req("late", &[], Some("n2"), &nodes).unwrap().unwrap();
+        let (n1, n2, n3) = (
+            seg(&[(HOST, "n1"), (ZONE, "a")]),
+            seg(&[(HOST, "n2"), (ZONE, "b")]),
+            seg(&[(HOST, "n3"), (ZONE, "a")]),
+        );
+        assert_eq!(r.requisite, vec![n1.clone(), n2.clone(), n3.clone()]);
+        assert_eq!(r.preferred, vec![n2, n3, n1]);
+    }
+
+    #[test]
+    fn wait_for_first_consumer_with_allowed_topologies_prefers_the_first_segment_the_node_is_in() {
+        let terms = allowed(json!([{ "matchLabelExpressions": [
+            { "key": ZONE, "values": ["a", "b", "c"] },
+        ] }]));
+        let r = req("late", &terms, Some("n2"), &cluster())
+            .unwrap()
+            .unwrap();
+        let (a, b, c) = (
+            seg(&[(ZONE, "a")]),
+            seg(&[(ZONE, "b")]),
+            seg(&[(ZONE, "c")]),
+        );
+        assert_eq!(r.requisite, vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(r.preferred, vec![b, c, a]);
+
+        let outside = allowed(json!([{ "matchLabelExpressions": [
+            { "key": ZONE, "values": ["c"] },
+        ] }]));
+        assert_eq!(
+            req("late", &outside, Some("n2"), &cluster()),
+            Err(TopologyError::NotAllowed {
+                node: "n2".into(),
+                segment: seg(&[(HOST, "n2"), (ZONE, "b")]),
+            })
+        );
+    }
+
+    #[test]
+    fn the_chosen_node_must_be_registered_and_labelled() {
+        let nodes = vec![node("n1", &[ZONE, HOST], &[(ZONE, "a")])];
+        assert!(matches!(
+            req("late", &[], Some("n9"), &nodes),
+            Err(TopologyError::NotRegistered { .. })
+        ));
+        assert!(matches!(
+            req("late", &[], Some("n1"), &nodes),
+            Err(TopologyError::NodeUnlabelled { .. })
+        ));
+    }
 }
