@@ -28,10 +28,11 @@ use serde_json::json;
 mod common;
 
 const MIB: u64 = 1 << 20;
-/// Claims are 50..500 MiB, nodes offer 2..10 GiB: room enough in total,
-/// not on every node.
+/// Claims are 50..500 MiB (55 GiB for 200), nodes offer 4..12 GiB (about
+/// 80 GiB for 10): room enough in total, with some left over so that every
+/// pod can fit somewhere, but not on every node.
 const CLAIM_MIB: (u64, u64) = (50, 500);
-const NODE_MIB: (u64, u64) = (2048, 10240);
+const NODE_MIB: (u64, u64) = (4096, 12288);
 
 /// xorshift64*: the same figures on every run, no dependency.
 struct Rng(u64);
