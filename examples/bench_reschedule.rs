@@ -5,7 +5,8 @@
 //! kube-scheduler; once with CSIStorageCapacity published (CSIDriver
 //! `storageCapacity: true`, `--enable-capacity`), once without. Prints how
 //! many pods had their node given back (a `Rescheduling` event on their
-//! claim) and the time until every pod is placed and every claim Bound.
+//! claim) and the time until every pod is placed and every claim Bound,
+//! or how many are not after five minutes.
 //! Not a test. Sizes and free space come from a fixed seed, the same for
 //! both runs, which use nodes of their own.
 //!
@@ -51,8 +52,16 @@ struct Outcome {
     pods: usize,
     rescheduled_pods: usize,
     reschedules: usize,
+    /// Until every pod was placed and every claim Bound, or the deadline.
     seconds: f64,
+    /// Pods not placed with a Bound claim by the deadline.
+    stuck: usize,
 }
+
+/// How long one run may take: without capacity the scheduler can pick the
+/// same full node for a pod again and again (the one with the fewest
+/// pods), so "all placed" may never come.
+const DEADLINE: Duration = Duration::from_secs(300);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -79,14 +88,27 @@ async fn main() -> anyhow::Result<()> {
 fn table(outcomes: &[Outcome], nodes: usize) -> String {
     let mut t = format!(
         "WaitForFirstConsumer pods over {nodes} simulated nodes, sizes {}..{} MiB, free {}..{} MiB\n\n\
-         | capacity tracking | pods | pods rescheduled | reschedules | all placed + Bound |\n\
-         | --- | ---: | ---: | ---: | ---: |\n",
-        CLAIM_MIB.0, CLAIM_MIB.1, NODE_MIB.0, NODE_MIB.1
+         | capacity tracking | pods | pods rescheduled | reschedules | all placed + Bound | not placed after {} s |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        CLAIM_MIB.0,
+        CLAIM_MIB.1,
+        NODE_MIB.0,
+        NODE_MIB.1,
+        DEADLINE.as_secs()
     );
     for o in outcomes {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {:.1} s |\n",
-            o.label, o.pods, o.rescheduled_pods, o.reschedules, o.seconds
+            "| {} | {} | {} | {} | {} | {} |\n",
+            o.label,
+            o.pods,
+            o.rescheduled_pods,
+            o.reschedules,
+            if o.stuck == 0 {
+                format!("{:.1} s", o.seconds)
+            } else {
+                "never".to_string()
+            },
+            o.stuck
         ));
     }
     t
@@ -150,7 +172,7 @@ async fn run(
             )
             .await?;
     }
-    wait_all_placed_and_bound(&claims, &pod_api, pods).await?;
+    let stuck = wait_all_placed_and_bound(&claims, &pod_api, pods).await?;
     let seconds = start.elapsed().as_secs_f64();
     let (rescheduled_pods, reschedules) = reschedules(client, &ns).await?;
     drop(children);
@@ -160,6 +182,7 @@ async fn run(
         rescheduled_pods,
         reschedules,
         seconds,
+        stuck,
     })
 }
 
@@ -167,8 +190,8 @@ async fn wait_all_placed_and_bound(
     claims: &Api<PersistentVolumeClaim>,
     pods: &Api<Pod>,
     n: usize,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(1800);
+) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + DEADLINE;
     loop {
         let bound = claims
             .list(&ListParams::default())
@@ -184,13 +207,9 @@ async fn wait_all_placed_and_bound(
             .iter()
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
             .count();
-        if bound == n && placed == n {
-            return Ok(());
+        if (bound == n && placed == n) || Instant::now() >= deadline {
+            return Ok(n - bound.min(placed));
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "after 30 min: {bound}/{n} claims Bound, {placed}/{n} pods placed"
-        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
