@@ -4,7 +4,11 @@
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::ObjectMeta;
 
-use crate::crd::{AccessMode, VOLUME_FINALIZER, Volume, VolumeSpec};
+use crate::backend::local;
+use crate::crd::{
+    AccessMode, StorageNode, StorageNodeSpec, StorageNodeStatus, VOLUME_FINALIZER, Volume,
+    VolumeSpec,
+};
 
 /// A spec with nothing but a driver, a size and one access mode.
 pub fn volume_spec(driver: &str, capacity_bytes: i64) -> VolumeSpec {
@@ -25,6 +29,23 @@ pub fn volume_spec(driver: &str, capacity_bytes: i64) -> VolumeSpec {
         volume_attributes_class_name: None,
         mutable_parameters: Default::default(),
     }
+}
+
+/// The StorageNode `local.stowage.dev`'s agent on `name` reports, with
+/// `capacity` bytes and nothing else.
+pub fn storage_node(name: &str, capacity: i64) -> StorageNode {
+    let mut n = StorageNode::new(
+        name,
+        StorageNodeSpec {
+            driver: local::DRIVER_NAME.into(),
+            node: name.into(),
+        },
+    );
+    n.status = Some(StorageNodeStatus {
+        capacity_bytes: capacity,
+        ..Default::default()
+    });
+    n
 }
 
 /// A Volume as the controller writes it: generation 1, our finalizer.

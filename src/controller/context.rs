@@ -124,6 +124,21 @@ impl Context {
         self.publish(object, event(type_, reason, action, note));
     }
 
+    /// Merges `status` into a claim's status at the version the cache saw
+    /// (see `kubeapi::merge_status_at`): the resize and modify jobs' writes.
+    pub async fn patch_claim_status(
+        &self,
+        claim: &k8s_openapi::api::core::v1::PersistentVolumeClaim,
+        status: serde_json::Value,
+    ) -> Result<(), Error> {
+        let claims = kube::Api::namespaced(
+            self.client.clone(),
+            &kube::ResourceExt::namespace(claim).unwrap_or_default(),
+        );
+        crate::kubeapi::merge_status_at(&claims, claim, status).await?;
+        Ok(())
+    }
+
     /// An API call that RBAC refused gets an event on the object waiting for
     /// it, naming the verb and resource to grant; other errors are reported
     /// by their jobs.

@@ -9,26 +9,15 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tonic::Code;
 
 use super::plan::{IN_PROGRESS, INFEASIBLE, ModifyError, PENDING};
 use crate::backend::csi_proxy::CsiDriver;
 use crate::backend::secrets::Secrets;
 use crate::controller::{Context, Error};
-use crate::kubeapi;
 
 const JOB: &str = "modify";
-
-async fn patch_status(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-    status: Value,
-) -> Result<(), Error> {
-    let claims = Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
-    kubeapi::merge_status_at(&claims, claim, status).await?;
-    Ok(())
-}
 
 /// Records the attempt's state, only when it changes.
 async fn mark(
@@ -50,7 +39,7 @@ async fn mark(
     let status = json!({ "modifyVolumeStatus": {
         "targetVolumeAttributesClassName": target, "status": state,
     }});
-    patch_status(ctx, claim, status).await
+    ctx.patch_claim_status(claim, status).await
 }
 
 async fn failed(ctx: &Context, claim: &PersistentVolumeClaim, error: &ModifyError) {

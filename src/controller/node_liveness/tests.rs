@@ -1,24 +1,14 @@
 use super::*;
-use crate::crd::{StorageNodeSpec, StorageNodeStatus, VolumeSpec};
+use crate::crd::VolumeSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 fn node(name: &str, reported_secs_ago: Option<i64>, now: Timestamp) -> StorageNode {
-    let mut n = StorageNode::new(
-        name,
-        StorageNodeSpec {
-            driver: local::DRIVER_NAME.into(),
-            node: name.into(),
-        },
-    );
-    n.status = Some(StorageNodeStatus {
-        capacity_bytes: 1,
-        heartbeat_time: reported_secs_ago.map(|s| {
-            Time(
-                now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(s))
-                    .unwrap(),
-            )
-        }),
-        ..Default::default()
+    let mut n = crate::testing::storage_node(name, 1);
+    n.status.as_mut().unwrap().heartbeat_time = reported_secs_ago.map(|s| {
+        Time(
+            now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(s))
+                .unwrap(),
+        )
     });
     n
 }

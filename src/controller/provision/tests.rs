@@ -1,5 +1,5 @@
 use super::*;
-use crate::crd::{NODE_LABEL, StorageNodeSpec, StorageNodeStatus, VOLUME_FINALIZER};
+use crate::crd::{NODE_LABEL, VOLUME_FINALIZER};
 use serde_json::json;
 
 fn class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
@@ -29,18 +29,7 @@ fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> PersistentVolume
 }
 
 fn node(name: &str, capacity: i64) -> StorageNode {
-    let mut n = StorageNode::new(
-        name,
-        StorageNodeSpec {
-            driver: local::DRIVER_NAME.into(),
-            node: name.into(),
-        },
-    );
-    n.status = Some(StorageNodeStatus {
-        capacity_bytes: capacity,
-        ..Default::default()
-    });
-    n
+    crate::testing::storage_node(name, capacity)
 }
 
 fn plan_for(

@@ -8,7 +8,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tonic::Code;
 
 use super::plan::storage;
@@ -19,7 +19,6 @@ use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error};
 use crate::crd::Volume;
-use crate::kubeapi;
 use crate::quantity::format_bytes;
 
 /// Claim conditions that belong to resizing; the rest are left as found.
@@ -61,18 +60,6 @@ fn conditions_with(
     out
 }
 
-/// Merges `status` into the claim's status, at the version we planned from;
-/// every claim status write goes here.
-async fn patch_status(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-    status: Value,
-) -> Result<(), Error> {
-    let claims = Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
-    kubeapi::merge_status_at(&claims, claim, status).await?;
-    Ok(())
-}
-
 async fn event(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
@@ -112,7 +99,7 @@ pub async fn refuse(
             "allocatedResourceStatuses": { "storage": CONTROLLER_RESIZE_INFEASIBLE },
             "conditions": conditions,
         });
-        patch_status(ctx, claim, status).await?;
+        ctx.patch_claim_status(claim, status).await?;
     }
     Ok(Action::requeue(ctx.backoff(&claim.object_ref(&()), true)))
 }
@@ -129,7 +116,7 @@ pub async fn start(
         "allocatedResourceStatuses": { "storage": CONTROLLER_RESIZE_IN_PROGRESS },
         "conditions": conditions_with(claim, Some(("Resizing", ""))),
     });
-    patch_status(ctx, claim, status).await?;
+    ctx.patch_claim_status(claim, status).await?;
     let note = format!("External resizer is resizing volume {pv_name}");
     event(ctx, claim, EventType::Normal, "Resizing", &note).await;
     Ok(())
@@ -173,7 +160,7 @@ pub async fn await_node_expansion(
         "allocatedResourceStatuses": { "storage": NODE_RESIZE_PENDING },
         "conditions": conditions_with(claim, Some(pending)),
     });
-    patch_status(ctx, claim, status).await?;
+    ctx.patch_claim_status(claim, status).await?;
     let note = "Require file system resize of volume on node";
     event(
         ctx,
@@ -193,7 +180,7 @@ pub async fn finish(ctx: &Context, claim: &PersistentVolumeClaim, bytes: i64) ->
         "allocatedResourceStatuses": { "storage": null },
         "conditions": conditions_with(claim, None),
     });
-    patch_status(ctx, claim, status).await?;
+    ctx.patch_claim_status(claim, status).await?;
     let note = "Resize volume succeeded";
     event(
         ctx,

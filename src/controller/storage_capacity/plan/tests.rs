@@ -1,5 +1,5 @@
 use super::*;
-use crate::crd::{ConditionStatus, StorageNodeSpec, StorageNodeStatus, VolumeCondition};
+use crate::crd::{ConditionStatus, VolumeCondition};
 use serde_json::json;
 
 const GI: i64 = 1 << 30;
@@ -15,18 +15,7 @@ fn class(name: &str, provisioner: &str, params: &[(&str, &str)]) -> StorageClass
 }
 
 fn node(name: &str, capacity: i64) -> StorageNode {
-    let mut n = StorageNode::new(
-        name,
-        StorageNodeSpec {
-            driver: local::DRIVER_NAME.into(),
-            node: name.into(),
-        },
-    );
-    n.status = Some(StorageNodeStatus {
-        capacity_bytes: capacity,
-        ..Default::default()
-    });
-    n
+    crate::testing::storage_node(name, capacity)
 }
 
 fn with_condition(mut n: StorageNode, type_: &str, status: ConditionStatus) -> StorageNode {
