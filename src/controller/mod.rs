@@ -205,6 +205,11 @@ pub(crate) fn claim_of_volume(v: Arc<Volume>) -> Option<ObjectRef<PersistentVolu
     Some(ObjectRef::new(&c.name).within(&c.namespace))
 }
 
+/// The driver's handle of a CSI PV.
+pub(crate) fn csi_handle(pv: &PersistentVolume) -> Option<&str> {
+    Some(pv.spec.as_ref()?.csi.as_ref()?.volume_handle.as_str())
+}
+
 /// The claim a PV is (being) bound to.
 pub(crate) fn claim_of_pv(pv: Arc<PersistentVolume>) -> Option<ObjectRef<PersistentVolumeClaim>> {
     let r = pv.spec.as_ref()?.claim_ref.as_ref()?;

@@ -57,6 +57,15 @@ impl ProxyError {
         }
     }
 
+    /// Whether only asking for something else can help: external-resizer
+    /// marks an expansion or a modification `Infeasible` on these codes.
+    pub fn is_infeasible(&self) -> bool {
+        matches!(
+            self.code(),
+            Code::InvalidArgument | Code::OutOfRange | Code::NotFound
+        )
+    }
+
     /// Whether the same call can never succeed without a change by the
     /// user: external-provisioner's "final" errors. Everything else
     /// (timeouts, Unavailable, Aborted, ...) may still be in flight and is

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::{ANN_NODE_ID, AttachError};
 use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, Secrets};
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, csi_handle};
 use crate::kubeapi;
 
 fn api(ctx: &Context) -> Api<VolumeAttachment> {
@@ -149,15 +149,13 @@ pub async fn unpublish(
     node_id: Option<&str>,
     ours: &str,
 ) -> Result<(), Error> {
-    let handle = pv
-        .and_then(|p| p.spec.as_ref()?.csi.as_ref())
-        .map(|c| c.volume_handle.clone());
+    let handle = pv.and_then(csi_handle);
     if let (Some(handle), Some(node_id)) = (handle, node_id) {
         let secrets = match pv {
             Some(pv) => publish_secrets(ctx, pv).await?,
             None => Secrets::default(),
         };
-        if let Err(e) = driver.unpublish(&handle, node_id, secrets).await {
+        if let Err(e) = driver.unpublish(handle, node_id, secrets).await {
             let status = json!({ "detachError": error_status(&e.to_string()) });
             patch_status(ctx, va, status).await?;
             return Err(e.into());

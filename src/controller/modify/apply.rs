@@ -10,12 +10,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tonic::Code;
 
 use super::plan::{IN_PROGRESS, INFEASIBLE, ModifyError, PENDING};
 use crate::backend::csi_proxy::CsiDriver;
 use crate::backend::secrets::Secrets;
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, csi_handle};
 
 const JOB: &str = "modify";
 
@@ -98,20 +97,12 @@ pub async fn modify(
             .await;
     }
     mark(ctx, claim, target, IN_PROGRESS).await?;
-    let handle = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.csi.as_ref())
-        .map(|c| c.volume_handle.clone())
-        .unwrap_or_default();
+    let handle = csi_handle(pv).unwrap_or_default();
     if let Err(e) = driver
-        .modify_volume(&handle, parameters, Secrets::default())
+        .modify_volume(handle, parameters, Secrets::default())
         .await
     {
-        let infeasible = matches!(
-            e.code(),
-            Code::InvalidArgument | Code::OutOfRange | Code::NotFound
-        );
+        let infeasible = e.is_infeasible();
         let error = ModifyError::Driver {
             message: e.to_string(),
             infeasible,

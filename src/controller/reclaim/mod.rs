@@ -19,7 +19,7 @@ use kube::{Api, ResourceExt};
 
 use super::informer::Informers;
 use super::job::{Job, JobRun, Retry, trigger};
-use super::{Context, Error, attach, provision};
+use super::{Context, Error, attach, csi_handle, provision};
 use crate::crd::Volume;
 use crate::kubeapi;
 
@@ -103,17 +103,13 @@ async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::await_change());
     }
     let exists = claim_exists(&ctx, &pv).await?;
-    let handle = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.csi.as_ref())
-        .map(|c| c.volume_handle.clone());
+    let handle = csi_handle(&pv);
     // Provisioned Volumes carry the PV's name; a driver's handle is its own.
     let volume = ctx
         .stores
         .volumes
         .get(&ObjectRef::new(&pv.name_any()))
-        .or_else(|| handle.and_then(|h| ctx.stores.volumes.get(&ObjectRef::new(&h))));
+        .or_else(|| handle.and_then(|h| ctx.stores.volumes.get(&ObjectRef::new(h))));
     let action = plan(
         &pv,
         exists,

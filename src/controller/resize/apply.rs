@@ -9,7 +9,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tonic::Code;
 
 use super::plan::storage;
 use super::{
@@ -17,7 +16,7 @@ use super::{
 };
 use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, SecretFor};
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, csi_handle};
 use crate::crd::Volume;
 use crate::quantity::format_bytes;
 
@@ -205,24 +204,16 @@ pub async fn expand_in_driver(
     driver: &CsiDriver,
     bytes: i64,
 ) -> Result<Action, Error> {
-    let handle = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.csi.as_ref())
-        .map(|c| c.volume_handle.clone())
-        .unwrap_or_default();
+    let handle = csi_handle(pv).unwrap_or_default();
     let secrets = secrets::for_pv(&ctx.client, pv, SecretFor::ControllerExpand).await?;
     let capability = Capability::of_pv(pv);
     let expanded = match driver
-        .expand_volume(&handle, bytes, &capability, secrets)
+        .expand_volume(handle, bytes, &capability, secrets)
         .await
     {
         Ok(expanded) => expanded,
         Err(e) => {
-            let infeasible = matches!(
-                e.code(),
-                Code::InvalidArgument | Code::OutOfRange | Code::NotFound
-            );
+            let infeasible = e.is_infeasible();
             let error = ResizeError::Driver {
                 message: e.to_string(),
                 infeasible,

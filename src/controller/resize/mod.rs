@@ -32,7 +32,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::informer::Informers;
 use super::job::{Job, JobRun, Retry};
-use super::{Context, Error, capacity, claim_of_pv, claim_of_volume};
+use super::{Context, Error, capacity, claim_of_pv, claim_of_volume, csi_handle};
 use crate::crd::Volume;
 
 pub const CONTROLLER_RESIZE_IN_PROGRESS: &str = "ControllerResizeInProgress";
@@ -100,12 +100,8 @@ pub async fn reconcile(
         .as_ref()
         .and_then(|s| s.storage_class_name.as_deref())
         .and_then(|name| s.classes.get(&ObjectRef::new(name)));
-    let volume_name = pv
-        .as_ref()
-        .and_then(|p| p.spec.as_ref()?.csi.as_ref())
-        .map(|c| c.volume_handle.clone())
-        .unwrap_or_default();
-    let volume = s.volumes.get(&ObjectRef::new(&volume_name));
+    let volume_name = pv.as_deref().and_then(csi_handle).unwrap_or_default();
+    let volume = s.volumes.get(&ObjectRef::new(volume_name));
     let view = ResizeView {
         claim: &claim,
         pv: pv.as_deref(),
