@@ -330,7 +330,7 @@ fn prepare(kubeconfig: &Path, nodes: &[&str]) {
 
 /// Blocks until every node agent has reported what it offers, so that tests
 /// start from a cluster whose capacity is known.
-fn wait_for_storage_nodes(kubeconfig: &Path, nodes: &[&str]) {
+pub fn wait_for_storage_nodes(kubeconfig: &Path, nodes: &[&str]) {
     let path = kubeconfig.to_path_buf();
     let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
     std::thread::spawn(move || {

@@ -11,7 +11,10 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::harness::{BareCluster, Binder, Process, bare_cluster_of, client_for_path, unique_name};
+use crate::harness::{
+    BareCluster, Binder, Process, bare_cluster_of, client_for_path, unique_name,
+    wait_for_storage_nodes,
+};
 
 /// Where the controller publishes CSIStorageCapacity (its namespace).
 pub const CONTROLLER_NAMESPACE: &str = "stowage-system";
@@ -56,6 +59,9 @@ impl MultiNode {
             let agent = agent(&cluster, &data, node, size);
             agents.push((node.to_string(), Some(agent)));
         }
+        // The controller's first list holds every node's offer: a pod
+        // placed at once is judged by capacity, not by a missing agent.
+        wait_for_storage_nodes(&cluster, &names);
         let enable = format!("--enable-capacity={capacity}");
         let mut args = vec![
             "controller",

@@ -11,7 +11,9 @@ use stowage::crd::Volume;
 
 use crate::external_driver::ExternalDriver;
 use crate::fixtures::{TIMEOUT, claim, is_bound, storage_class, wait, wait_for_event};
-use crate::harness::{Process, TestNamespace, bare_cluster, client_for_path, unique_name};
+use crate::harness::{
+    Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
+};
 use crate::proxy_attach::{Scene, wait_for_va};
 use crate::proxy_driver::proxy_controller;
 
@@ -73,6 +75,8 @@ async fn a_failing_mkfs_is_retried_at_growing_intervals() {
         &[("PATH", &path)],
         "backoff-node",
     );
+    // Provisioning then fails on mkfs, not on an agent yet to report.
+    wait_for_storage_nodes(&kubeconfig, &[NODE]);
     let controller = Process::controller(&kubeconfig, "backoff-controller");
 
     let uid = claim(&ns, "data", &class, "16Mi", &["ReadWriteOnce"])
