@@ -120,16 +120,18 @@ pub struct Config {
     #[arg(long, default_value = "2s", value_parser = parse_duration_flag)]
     pub kcm_binder_grace: Duration,
 
-    /// Publish CSIStorageCapacity objects (one per StorageClass of
-    /// `local.stowage.dev` and node) in the controller's namespace, so that
-    /// kube-scheduler places pods only where their volumes fit. Pair
-    /// `false` with `storageCapacity: false` in the CSIDriver, or the
-    /// scheduler finds room nowhere.
+    /// Publish CSIStorageCapacity objects in the controller's namespace,
+    /// so that kube-scheduler places pods only where their volumes fit:
+    /// one per StorageClass of `local.stowage.dev` and node, and for each
+    /// `--csi-driver` offering GET_CAPACITY one per WaitForFirstConsumer
+    /// class and topology segment. Pair `false` with `storageCapacity:
+    /// false` in the CSIDriver, or the scheduler finds room nowhere.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_capacity: bool,
 
     /// How often every CSIStorageCapacity is compared with what it should
-    /// say, besides on each change of nodes, volumes and classes.
+    /// say (a driver is asked again), besides on each change of nodes,
+    /// volumes and classes.
     #[arg(long, default_value = "1m", value_parser = parse_duration_flag)]
     pub capacity_poll_interval: Duration,
 

@@ -15,10 +15,12 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"log"
 	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -30,6 +32,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 	"k8s.io/kubernetes/test/e2e/storage/drivers/csi-test/mock/service"
 )
 
@@ -40,6 +43,7 @@ func main() {
 	attachLimit := flag.Int64("attach-limit", 0, "volumes publishable per node (0: no limit)")
 	nodeExpansion := flag.Bool("node-expansion-required", false, "answer ControllerExpandVolume of a filesystem volume with node_expansion_required (a block volume needs nothing on the node)")
 	maxSize := flag.Int64("max-volume-size", 0, "answer OutOfRange to a ControllerExpandVolume beyond this many bytes (0: no limit)")
+	capacity := flag.String("capacity", "", "answer GetCapacity per topology segment: VALUE=BYTES,... (a segment holding VALUE gets BYTES, others 0), with maximum_volume_size the lesser of BYTES and --max-volume-size when that is set")
 	record := flag.String("record", "", "append every call to this file, one JSON line each: {\"method\": ..., \"request\": ...}")
 	flag.Parse()
 	// Tests read retry intervals off these lines.
@@ -62,6 +66,10 @@ func main() {
 		NodeExpansionRequired: *nodeExpansion,
 		IO:                    service.OSDirIO{},
 	})
+	perSegment, err := parseCapacity(*capacity)
+	if err != nil {
+		log.Fatalf("--capacity: %v", err)
+	}
 	interceptors := []grpc.UnaryServerInterceptor{logCalls, limitExpansion(*maxSize), blockNeedsNoNode}
 	if *record != "" {
 		file, err := os.OpenFile(*record, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -70,6 +78,10 @@ func main() {
 		}
 		defer file.Close()
 		interceptors = append(interceptors, (&recorder{file: file}).record)
+	}
+	// Last: it answers GetCapacity itself, after the others have seen it.
+	if perSegment != nil {
+		interceptors = append(interceptors, capacityBySegment(perSegment, *maxSize))
 	}
 	server := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptors...))
 	csi.RegisterIdentityServer(server, mock)
@@ -98,6 +110,48 @@ func limitExpansion(max int64) grpc.UnaryServerInterceptor {
 			}
 		}
 		return handler(ctx, req)
+	}
+}
+
+// parseCapacity reads VALUE=BYTES,...; nil when s is empty.
+func parseCapacity(s string) (map[string]int64, error) {
+	if s == "" {
+		return nil, nil
+	}
+	out := map[string]int64{}
+	for _, pair := range strings.Split(s, ",") {
+		value, bytes, ok := strings.Cut(pair, "=")
+		n, err := strconv.ParseInt(bytes, 10, 64)
+		if !ok || err != nil || value == "" {
+			return nil, fmt.Errorf("%q: expected VALUE=BYTES", pair)
+		}
+		out[value] = n
+	}
+	return out, nil
+}
+
+// capacityBySegment answers GetCapacity from perSegment, as a driver whose
+// pools differ per zone: the mock's own answer is one figure for every
+// segment.
+func capacityBySegment(perSegment map[string]int64, max int64) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		get, ok := req.(*csi.GetCapacityRequest)
+		if !ok {
+			return handler(ctx, req)
+		}
+		var available int64
+		for _, value := range get.GetAccessibleTopology().GetSegments() {
+			if bytes, ok := perSegment[value]; ok {
+				available = bytes
+				break
+			}
+		}
+		reply := &csi.GetCapacityResponse{AvailableCapacity: available}
+		if max > 0 {
+			// As drivers do: no one volume is larger than what is left.
+			reply.MaximumVolumeSize = wrapperspb.Int64(min(max, available))
+		}
+		return reply, nil
 	}
 }
 

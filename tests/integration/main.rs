@@ -38,6 +38,7 @@ mod node_socket;
 mod process_exit;
 mod provisioning;
 mod proxy_attach;
+mod proxy_capacity;
 mod proxy_driver;
 mod proxy_expand;
 mod proxy_modify;

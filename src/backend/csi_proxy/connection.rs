@@ -54,6 +54,9 @@ pub struct Capabilities {
     pub single_node_multi_writer: bool,
     pub list_volumes: bool,
     pub list_volumes_published_nodes: bool,
+    /// GET_CAPACITY: the driver can say how much room a segment has
+    /// (published as CSIStorageCapacity).
+    pub get_capacity: bool,
 }
 
 impl Capabilities {
@@ -214,6 +217,7 @@ impl CsiDriver {
                             caps.list_volumes_published_nodes = true
                         }
                         Ok(Rpc::SingleNodeMultiWriter) => caps.single_node_multi_writer = true,
+                        Ok(Rpc::GetCapacity) => caps.get_capacity = true,
                         _ => {}
                     }
                 }

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tonic::Code;
 
-use super::{Capability, CreateRequest, CreatedVolume, CsiDriver, Expanded, ProxyError, Published};
+use super::{
+    Capability, CreateRequest, CreatedVolume, CsiDriver, Expanded, ProxyError, Published, Room,
+};
 use crate::backend::secrets::Secrets;
 use crate::proto::csi::v1 as csi;
 use csi::controller_client::ControllerClient;
@@ -210,6 +212,37 @@ impl CsiDriver {
             .await
             .map_err(|s| self.rpc_error("ControllerModifyVolume", s))?;
         Ok(())
+    }
+
+    /// GetCapacity for volumes of a class with `parameters` in `segment`,
+    /// asked as external-provisioner asks it: no volume capabilities (room
+    /// is taken to be independent of them).
+    pub async fn get_capacity(
+        &self,
+        parameters: &BTreeMap<String, String>,
+        segment: &BTreeMap<String, String>,
+    ) -> Result<Room, ProxyError> {
+        let caps = self.capabilities().await?;
+        if !caps.get_capacity {
+            return Err(self.unsupported("GET_CAPACITY"));
+        }
+        let message = csi::GetCapacityRequest {
+            volume_capabilities: Vec::new(),
+            parameters: parameters.clone().into_iter().collect(),
+            accessible_topology: Some(csi::Topology {
+                segments: segment.clone().into_iter().collect(),
+            }),
+        };
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.get_capacity(self.request(message));
+        let response = self
+            .timed("/csi.v1.Controller/GetCapacity", call)
+            .await
+            .map_err(|s| self.rpc_error("GetCapacity", s))?;
+        Ok(Room {
+            available_bytes: response.available_capacity.max(0),
+            maximum_volume_bytes: response.maximum_volume_size.map(|m| m.max(0)),
+        })
     }
 
     /// ListVolumes, page after page: every volume the driver holds, with

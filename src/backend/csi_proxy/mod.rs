@@ -14,7 +14,7 @@ mod requests;
 
 pub use connection::{Capabilities, DriverEndpoint};
 pub use error::ProxyError;
-pub use requests::{Capability, CreateRequest, CreatedVolume, Expanded, Published};
+pub use requests::{Capability, CreateRequest, CreatedVolume, Expanded, Published, Room};
 
 use std::path::PathBuf;
 use std::sync::Arc;

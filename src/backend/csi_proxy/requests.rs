@@ -29,6 +29,15 @@ pub struct Expanded {
     pub node_expansion_required: bool,
 }
 
+/// What GetCapacity answered for one segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub available_bytes: i64,
+    /// The largest single volume, when the driver says (it may be less
+    /// than what is available: a pool split over disks).
+    pub maximum_volume_bytes: Option<i64>,
+}
+
 /// What CreateVolume is asked for.
 #[derive(Debug, Clone, Default)]
 pub struct CreateRequest {

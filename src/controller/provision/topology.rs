@@ -179,7 +179,7 @@ pub fn requirement(
 }
 
 /// `keys` valued from `labels`; None if a label is missing.
-fn segment_of(labels: &BTreeMap<String, String>, keys: &[String]) -> Option<Segment> {
+pub fn segment_of(labels: &BTreeMap<String, String>, keys: &[String]) -> Option<Segment> {
     keys.iter()
         .map(|k| Some((k.clone(), labels.get(k)?.clone())))
         .collect()

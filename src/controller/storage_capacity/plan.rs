@@ -14,14 +14,29 @@ use crate::quantity::parse_bytes;
 
 const MIB: i64 = 1 << 20;
 
-/// One (class, node) pair as the scheduler should see it.
+/// One (class, topology segment) pair as the scheduler should see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capacity {
     pub class: String,
-    pub node: String,
-    /// Bytes a volume of the class can still get there (both the
-    /// object's `capacity` and its `maximumVolumeSize`).
+    /// The object's `nodeTopology.matchLabels`: for local volumes the node
+    /// label every local PV's affinity names; for a driver, its segment.
+    pub topology: BTreeMap<String, String>,
+    /// Bytes volumes of the class can still get there (`capacity`).
     pub bytes: i64,
+    /// The largest one volume can be (`maximumVolumeSize`), when known.
+    pub maximum: Option<i64>,
+}
+
+impl Capacity {
+    /// A node's room for a local class: the whole of it fits one volume.
+    pub fn local(class: String, node: &str, bytes: i64) -> Self {
+        Capacity {
+            class,
+            topology: BTreeMap::from([(local::TOPOLOGY_KEY.to_string(), node.to_string())]),
+            bytes,
+            maximum: Some(bytes),
+        }
+    }
 }
 
 /// What to do to one object.
@@ -39,11 +54,19 @@ pub enum Change {
 /// one; hashed, because class and node names together can be longer than
 /// a name may be.
 pub fn object_name(class: &str, node: &str) -> String {
+    name_of(&[class, node])
+}
+
+/// The name for `parts`, each kept apart from the next by a NUL.
+pub fn name_of(parts: &[&str]) -> String {
     // FNV-1a: stable across builds and releases, unlike std's hasher.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in class.bytes().chain([0]).chain(node.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    for (i, part) in parts.iter().enumerate() {
+        let separator = (i > 0).then_some(0u8);
+        for byte in separator.into_iter().chain(part.bytes()) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
     }
     format!("stowage-{hash:016x}")
 }
@@ -95,11 +118,7 @@ pub fn plan(
             let class_name = class.name_any();
             out.insert(
                 object_name(&class_name, name),
-                Capacity {
-                    class: class_name,
-                    node: name.clone(),
-                    bytes: largest_request(&params, room),
-                },
+                Capacity::local(class_name, name, largest_request(&params, room)),
             );
         }
     }
@@ -121,7 +140,7 @@ pub fn diff(
             None => changes.push(Change::Delete(name)),
             Some(want) => {
                 seen.insert(name.clone());
-                if published_bytes(object) != Some((want.bytes, want.bytes)) || !owned(object) {
+                if published_bytes(object) != (Some(want.bytes), want.maximum) || !owned(object) {
                     changes.push(Change::Update(name, want.clone()));
                 }
             }
@@ -137,14 +156,14 @@ pub fn diff(
 
 /// (capacity, maximumVolumeSize) in bytes, compared as numbers: the API
 /// server may write a quantity in another form than we sent.
-fn published_bytes(object: &CSIStorageCapacity) -> Option<(i64, i64)> {
+fn published_bytes(object: &CSIStorageCapacity) -> (Option<i64>, Option<i64>) {
     let bytes = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
         q.and_then(|q| parse_bytes(&q.0).ok())
     };
-    Some((
-        bytes(object.capacity.as_ref())?,
-        bytes(object.maximum_volume_size.as_ref())?,
-    ))
+    (
+        bytes(object.capacity.as_ref()),
+        bytes(object.maximum_volume_size.as_ref()),
+    )
 }
 
 #[cfg(test)]

@@ -125,11 +125,7 @@ fn diff_creates_updates_and_deletes_only_what_differs() {
     let want = |node: &str, bytes| {
         (
             object_name("c", node),
-            Capacity {
-                class: "c".into(),
-                node: node.into(),
-                bytes,
-            },
+            Capacity::local("c".into(), node, bytes),
         )
     };
     let desired: BTreeMap<_, _> = [want("same", GI), want("changed", GI), want("new", GI)]
