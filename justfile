@@ -28,11 +28,12 @@ build:
 image TAG="": deps
     bash scripts/build-image.sh {{TAG}}
 
-# Build (or reuse from ~/.cache/stowage) etcd, the Kubernetes binaries, the CSI mock driver and external-provisioner (for the CreateVolume parity test).
+# Build (or reuse from ~/.cache/stowage) etcd, the Kubernetes binaries, the CSI mock driver, external-provisioner (for the CreateVolume parity test) and external-snapshotter's snapshot-controller and CRDs (for the snapshot tests).
 control-plane:
     bash scripts/build-control-plane.sh >/dev/null
     bash scripts/build-mock-driver.sh >/dev/null
     bash scripts/build-sidecars.sh csi-provisioner >/dev/null
+    bash scripts/build-snapshotter.sh >/dev/null
 
 # A shell with KUBECONFIG pointing at a fresh local control plane; exit to tear down.
 cluster: control-plane

@@ -45,6 +45,29 @@ where
     }
 }
 
+/// Adds `finalizer` to `object`'s list as read, at its resourceVersion
+/// (a compare-and-swap, as `remove_finalizer`). Already there: nothing.
+pub async fn add_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    if object.finalizers().iter().any(|f| f == finalizer) {
+        return Ok(());
+    }
+    let mut finalizers = object.finalizers().to_vec();
+    finalizers.push(finalizer.to_string());
+    let patch = json!({
+        "metadata": { "finalizers": finalizers, "resourceVersion": object.resource_version() }
+    });
+    api.patch(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Deletes `name`, which may already be gone. With `uid`, only that
 /// object: one recreated under the same name since the cache saw it is
 /// left alone (the API server answers 409, returned as an error).

@@ -4,7 +4,8 @@
 //!
 //! Layers, each using only those below it (see `docs/design.md`):
 //! - leaves: `host` (mounts, loop devices, paths, commands, sockets),
-//!   `proto`, `quantity`, `retry`, `failpoint`, `kubeapi`, `telemetry`, `crd`;
+//!   `proto`, `quantity`, `retry`, `failpoint`, `kubeapi`, `telemetry`, `crd`,
+//!   `snapshot_api` (external-snapshotter's kinds);
 //! - `backend`: where volumes live (`local` images, `csi_proxy` to a driver);
 //! - `csi`: the CSI services over `backend` and `host`;
 //! - the roles: `controller` (the sidecars' jobs) and `node` (the agent,
@@ -21,6 +22,7 @@ pub mod node;
 pub mod proto;
 pub mod quantity;
 pub mod retry;
+pub mod snapshot_api;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;

@@ -163,6 +163,12 @@ pub async fn reconcile(
         }
         _ => None,
     };
+    let source = match (class, provision::source::requested(&claim)) {
+        (Some(c), Ok(Some(requested))) if remote && found.volume.is_none() => {
+            provision::source::lookup(&ctx, &claim, &c.provisioner, &requested).await?
+        }
+        _ => provision::source::Lookup::Nothing,
+    };
     let nodes: Vec<_> = found.storage_nodes.iter().map(|n| n.as_ref()).collect();
     let view = ClaimView {
         claim: &claim,
@@ -176,6 +182,7 @@ pub async fn reconcile(
         serve_local: ctx.serve_local,
         driver_nodes,
         attributes_class: attributes_class.as_ref(),
+        source,
     };
     let step = provision::plan(&view);
     tracing::debug!(?step, "planned");

@@ -5,6 +5,7 @@ pub mod attach;
 pub mod bind;
 mod capacity;
 mod claims;
+mod clone_protection;
 mod context;
 pub mod forbidden;
 mod health;
@@ -24,6 +25,7 @@ mod remote_volumes;
 pub mod resize;
 mod scope;
 pub mod secrets;
+mod snapshot_contents;
 mod static_pvs;
 mod storage_capacity;
 mod volumes;
@@ -172,6 +174,9 @@ pub enum Error {
     Secrets(#[from] secrets::SecretError),
     #[error(transparent)]
     SecretRead(#[from] secrets::ReadError),
+    /// A VolumeSnapshotContent or its class that cannot be acted on as it is.
+    #[error("{0}")]
+    Snapshot(String),
 }
 
 impl Error {
@@ -197,6 +202,7 @@ impl Error {
             Error::Election(_) => "leader_election",
             Error::Driver(_) => "csi_driver",
             Error::Secrets(_) | Error::SecretRead(_) => "secrets",
+            Error::Snapshot(_) => "snapshot",
         }
     }
 }
@@ -321,6 +327,8 @@ fn start_jobs(
         node_liveness::controller(ctx.clone(), informers, config),
         release::controller(ctx.clone(), informers),
         attach::drift::controller(ctx.clone()),
+        snapshot_contents::controller(ctx.clone()),
+        clone_protection::controller(ctx.clone(), informers),
     ];
     futures::future::join_all(jobs)
 }

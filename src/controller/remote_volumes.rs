@@ -97,6 +97,7 @@ fn create_request(volume: &Volume, secrets: Secrets, extra_metadata: bool) -> Cr
         requisite: spec.requisite_topology.clone(),
         preferred,
         mutable_parameters: spec.mutable_parameters.clone(),
+        content_source: spec.source.clone(),
     }
 }
 

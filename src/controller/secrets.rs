@@ -34,6 +34,9 @@ pub enum SecretFor {
     NodePublish,
     ControllerExpand,
     NodeExpand,
+    /// CreateSnapshot and DeleteSnapshot: named by a VolumeSnapshotClass,
+    /// never by a StorageClass (so not in `ALL`).
+    Snapshotter,
 }
 
 impl SecretFor {
@@ -45,6 +48,7 @@ impl SecretFor {
             SecretFor::NodePublish => "node-publish",
             SecretFor::ControllerExpand => "controller-expand",
             SecretFor::NodeExpand => "node-expand",
+            SecretFor::Snapshotter => "snapshotter",
         }
     }
 
@@ -57,6 +61,7 @@ impl SecretFor {
             SecretFor::NodePublish => Some("nodePublishSecretRef"),
             SecretFor::ControllerExpand => Some("controllerExpandSecretRef"),
             SecretFor::NodeExpand => Some("nodeExpandSecretRef"),
+            SecretFor::Snapshotter => None,
         }
     }
 

@@ -141,6 +141,9 @@ pub enum VolumeSource {
     Snapshot(String),
     /// Another Volume of the same driver, by name.
     Volume(String),
+    /// Another volume of the same `--csi-driver`, by the driver's handle
+    /// (a clone; the source may predate stowage and have no Volume).
+    Handle(String),
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]

@@ -36,6 +36,54 @@ const USED_ELSEWHERE: &[(&str, &str, &str, &str)] = &[
     // (account, "group:resource", verb, the test whose flow uses it)
     (
         "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshotcontents",
+        "get",
+        "proxy_snapshot.rs: the content read back before its finalizer goes",
+    ),
+    (
+        "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshotcontents",
+        "list",
+        "proxy_snapshot.rs: the snapshot job's watch",
+    ),
+    (
+        "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshotcontents",
+        "watch",
+        "proxy_snapshot.rs: the snapshot job's watch",
+    ),
+    (
+        "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshotcontents",
+        "patch",
+        "proxy_snapshot.rs: the being-created annotation and the finalizer",
+    ),
+    (
+        "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshotcontents/status",
+        "patch",
+        "proxy_snapshot.rs: a cut snapshot's handle and readiness",
+    ),
+    (
+        "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshotclasses",
+        "get",
+        "proxy_snapshot.rs: the class's parameters",
+    ),
+    (
+        "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshots",
+        "get",
+        "proxy_snapshot.rs: a claim restored from a snapshot",
+    ),
+    (
+        "stowage-controller",
+        "snapshot.storage.k8s.io:volumesnapshots",
+        "patch",
+        "proxy_snapshot.rs: the restore source's finalizer",
+    ),
+    (
+        "stowage-controller",
         "storage.k8s.io:volumeattributesclasses",
         "get",
         "proxy_modify.rs: a claim naming a VolumeAttributesClass",

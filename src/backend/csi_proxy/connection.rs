@@ -57,6 +57,12 @@ pub struct Capabilities {
     /// GET_CAPACITY: the driver can say how much room a segment has
     /// (published as CSIStorageCapacity).
     pub get_capacity: bool,
+    /// CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS (the state of a
+    /// pre-provisioned snapshot), CLONE_VOLUME (a volume as CreateVolume's
+    /// content source).
+    pub create_delete_snapshot: bool,
+    pub list_snapshots: bool,
+    pub clone_volume: bool,
 }
 
 impl Capabilities {
@@ -218,6 +224,9 @@ impl CsiDriver {
                         }
                         Ok(Rpc::SingleNodeMultiWriter) => caps.single_node_multi_writer = true,
                         Ok(Rpc::GetCapacity) => caps.get_capacity = true,
+                        Ok(Rpc::CreateDeleteSnapshot) => caps.create_delete_snapshot = true,
+                        Ok(Rpc::ListSnapshots) => caps.list_snapshots = true,
+                        Ok(Rpc::CloneVolume) => caps.clone_volume = true,
                         _ => {}
                     }
                 }

@@ -7,8 +7,10 @@ use tonic::Code;
 
 use super::{
     Capability, CreateRequest, CreatedVolume, CsiDriver, Expanded, ProxyError, Published, Room,
+    Snapshot,
 };
 use crate::backend::secrets::Secrets;
+use crate::crd::VolumeSource;
 use crate::proto::csi::v1 as csi;
 use csi::controller_client::ControllerClient;
 
@@ -35,8 +37,14 @@ impl CsiDriver {
                     preferred: topology(&req.preferred),
                 }
             });
+        let content_source = req
+            .content_source
+            .as_ref()
+            .map(|s| self.content_source(s))
+            .transpose()?;
+        let asked_source = content_source.is_some();
         let message = csi::CreateVolumeRequest {
-            name: req.name,
+            name: req.name.clone(),
             capacity_range: Some(csi::CapacityRange {
                 required_bytes: req.capacity_bytes,
                 limit_bytes: 0,
@@ -47,8 +55,8 @@ impl CsiDriver {
                 .map(|c| c.to_csi(caps.single_node_multi_writer))
                 .collect(),
             parameters: req.parameters.into_iter().collect(),
-            secrets: req.secrets.into_csi(),
-            volume_content_source: None,
+            secrets: req.secrets.clone().into_csi(),
+            volume_content_source: content_source,
             accessibility_requirements: accessibility,
             mutable_parameters: req.mutable_parameters.into_iter().collect(),
         };
@@ -62,6 +70,17 @@ impl CsiDriver {
             .map_err(|s| self.rpc_error("CreateVolume", s))?
             .volume
             .unwrap_or_default();
+        if asked_source && volume.content_source.is_none() {
+            // Not what was asked for: an empty volume where data was
+            // expected. external-provisioner deletes it, and so do we, so
+            // that the retry asks afresh.
+            self.delete_volume(&volume.volume_id, req.secrets.clone())
+                .await?;
+            return Err(ProxyError::ContentSourceIgnored {
+                driver: self.name.clone(),
+                volume: req.name,
+            });
+        }
         Ok(CreatedVolume {
             volume_id: volume.volume_id,
             capacity_bytes: volume.capacity_bytes,
@@ -72,6 +91,26 @@ impl CsiDriver {
                 .next()
                 .map(|t| t.segments.into_iter().collect())
                 .unwrap_or_default(),
+        })
+    }
+
+    /// CreateVolume's content source, if the driver can start from it.
+    fn content_source(
+        &self,
+        source: &VolumeSource,
+    ) -> Result<csi::VolumeContentSource, ProxyError> {
+        use csi::volume_content_source::{SnapshotSource, Type, VolumeSource as CsiVolume};
+        let r#type = match source {
+            VolumeSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.clone(),
+            }),
+            VolumeSource::Handle(id) => Type::Volume(CsiVolume {
+                volume_id: id.clone(),
+            }),
+            VolumeSource::Volume(_) => return Err(self.unsupported("a Volume by name as a source")),
+        };
+        Ok(csi::VolumeContentSource {
+            r#type: Some(r#type),
         })
     }
 
@@ -243,6 +282,95 @@ impl CsiDriver {
             available_bytes: response.available_capacity.max(0),
             maximum_volume_bytes: response.maximum_volume_size.map(|m| m.max(0)),
         })
+    }
+
+    /// CreateSnapshot by name (idempotent: asked again while not ready,
+    /// as csi-snapshotter polls).
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume_id: &str,
+        parameters: BTreeMap<String, String>,
+        secrets: Secrets,
+    ) -> Result<Snapshot, ProxyError> {
+        let caps = self.capabilities().await?;
+        if !caps.create_delete_snapshot {
+            return Err(self.unsupported("CREATE_DELETE_SNAPSHOT"));
+        }
+        let message = csi::CreateSnapshotRequest {
+            source_volume_id: source_volume_id.to_string(),
+            name: name.to_string(),
+            secrets: secrets.into_csi(),
+            parameters: parameters.into_iter().collect(),
+        };
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.create_snapshot(self.request(message));
+        let response = self
+            .timed("/csi.v1.Controller/CreateSnapshot", call)
+            .await
+            .map_err(|s| self.rpc_error("CreateSnapshot", s))?;
+        Ok(Snapshot::from(response.snapshot.unwrap_or_default()))
+    }
+
+    /// DeleteSnapshot; one the driver no longer knows counts as deleted.
+    pub async fn delete_snapshot(
+        &self,
+        snapshot_id: &str,
+        secrets: Secrets,
+    ) -> Result<(), ProxyError> {
+        let caps = self.capabilities().await?;
+        if !caps.create_delete_snapshot {
+            return Err(self.unsupported("CREATE_DELETE_SNAPSHOT"));
+        }
+        let message = csi::DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.to_string(),
+            secrets: secrets.into_csi(),
+        };
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.delete_snapshot(self.request(message));
+        match self.timed("/csi.v1.Controller/DeleteSnapshot", call).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(self.rpc_error("DeleteSnapshot", s)),
+        }
+    }
+
+    /// The state of one snapshot by its ID (ListSnapshots), as
+    /// csi-snapshotter checks a pre-provisioned one. A driver without
+    /// LIST_SNAPSHOTS cannot say: the snapshot is taken to be ready.
+    pub async fn snapshot_status(
+        &self,
+        snapshot_id: &str,
+        secrets: Secrets,
+    ) -> Result<Snapshot, ProxyError> {
+        let caps = self.capabilities().await?;
+        if !caps.list_snapshots {
+            return Ok(Snapshot {
+                id: snapshot_id.to_string(),
+                ready: true,
+                ..Snapshot::default()
+            });
+        }
+        let message = csi::ListSnapshotsRequest {
+            max_entries: 0,
+            starting_token: String::new(),
+            source_volume_id: String::new(),
+            snapshot_id: snapshot_id.to_string(),
+            secrets: secrets.into_csi(),
+        };
+        let mut client = ControllerClient::new(self.channel.clone());
+        let call = client.list_snapshots(self.request(message));
+        let response = self
+            .timed("/csi.v1.Controller/ListSnapshots", call)
+            .await
+            .map_err(|s| self.rpc_error("ListSnapshots", s))?;
+        let entry = response.entries.into_iter().find_map(|e| e.snapshot);
+        entry
+            .map(Snapshot::from)
+            .ok_or_else(|| ProxyError::SnapshotNotFound {
+                driver: self.name.clone(),
+                id: snapshot_id.to_string(),
+            })
     }
 
     /// ListVolumes, page after page: every volume the driver holds, with

@@ -28,6 +28,12 @@ pub enum ProxyError {
         message: String,
     },
     #[error(
+        "CSI driver {driver} created {volume} without the content source it was asked for (volume content source missing); the empty volume was deleted"
+    )]
+    ContentSourceIgnored { driver: String, volume: String },
+    #[error("CSI driver {driver} has no snapshot {id}")]
+    SnapshotNotFound { driver: String, id: String },
+    #[error(
         "CSI driver {driver}'s ListVolumes gave next_token {token:?} twice: its pages never end"
     )]
     EndlessPaging { driver: String, token: String },
@@ -54,6 +60,8 @@ impl ProxyError {
             ProxyError::Rpc { code, .. } => *code,
             ProxyError::Timeout { .. } => Code::DeadlineExceeded,
             ProxyError::EndlessPaging { .. } => Code::Internal,
+            ProxyError::ContentSourceIgnored { .. } => Code::Internal,
+            ProxyError::SnapshotNotFound { .. } => Code::NotFound,
         }
     }
 

@@ -14,7 +14,7 @@ mod requests;
 
 pub use connection::{Capabilities, DriverEndpoint};
 pub use error::ProxyError;
-pub use requests::{Capability, CreateRequest, CreatedVolume, Expanded, Published, Room};
+pub use requests::{Capability, CreateRequest, CreatedVolume, Expanded, Published, Room, Snapshot};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -29,6 +29,31 @@ pub struct Expanded {
     pub node_expansion_required: bool,
 }
 
+/// A snapshot as the driver describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub size_bytes: i64,
+    /// Nanoseconds since the Unix epoch; 0 when the driver gave none.
+    pub creation_time_ns: i64,
+    pub ready: bool,
+}
+
+impl From<csi::Snapshot> for Snapshot {
+    fn from(s: csi::Snapshot) -> Self {
+        let time = s.creation_time.unwrap_or_default();
+        Snapshot {
+            id: s.snapshot_id,
+            size_bytes: s.size_bytes,
+            creation_time_ns: time
+                .seconds
+                .saturating_mul(1_000_000_000)
+                .saturating_add(i64::from(time.nanos)),
+            ready: s.ready_to_use,
+        }
+    }
+}
+
 /// What GetCapacity answered for one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Room {
@@ -53,6 +78,8 @@ pub struct CreateRequest {
     pub preferred: Vec<BTreeMap<String, String>>,
     /// The claim's VolumeAttributesClass parameters.
     pub mutable_parameters: BTreeMap<String, String>,
+    /// A snapshot to restore or a volume to clone.
+    pub content_source: Option<crate::crd::VolumeSource>,
 }
 
 /// How the volume will be used, as in the PV.

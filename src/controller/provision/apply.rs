@@ -8,7 +8,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use k8s_openapi::api::storage::v1::StorageClass;
 
-use super::{Provision, reschedule};
+use super::{Provision, reschedule, source};
 use crate::controller::{Context, Error};
 use crate::crd::Volume;
 use crate::kubeapi::create_idempotent;
@@ -36,6 +36,17 @@ pub async fn apply(
             .await;
             return Ok(Some(Action::await_change()));
         }
+        Provision::LeftToPopulator => {
+            ctx.event(
+                claim,
+                EventType::Normal,
+                "Provisioning",
+                "Provision",
+                "Assuming an external populator will provision the volume",
+            )
+            .await;
+            return Ok(Some(Action::await_change()));
+        }
         Provision::Fail(e) => {
             ctx.event(
                 claim,
@@ -54,16 +65,7 @@ pub async fn apply(
             return Ok(Some(Action::requeue(retry)));
         }
         Provision::CreateVolume(volume) => {
-            ctx.event(
-                claim,
-                EventType::Normal,
-                "Provisioning",
-                "Provision",
-                &provisioning_note(claim, volume.spec.node.as_deref()),
-            )
-            .await;
-            create_idempotent(&Api::<Volume>::all(ctx.client.clone()), &volume).await?;
-            crate::failpoint::hit("controller-after-volume-created");
+            create_volume(ctx, claim, &volume).await?;
             return Ok(Some(Action::await_change()));
         }
         Provision::WaitForData { .. } => return Ok(Some(Action::await_change())),
@@ -71,6 +73,7 @@ pub async fn apply(
             crate::failpoint::hit("controller-before-pv-created");
             create_idempotent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
             crate::failpoint::hit("controller-after-pv-created");
+            source::release_snapshot(ctx, claim).await;
             ctx.event(
                 claim,
                 EventType::Normal,
@@ -85,6 +88,28 @@ pub async fn apply(
     }
 
     Ok(None)
+}
+
+/// Writes the Volume (intent), its source protected first.
+async fn create_volume(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    volume: &Volume,
+) -> Result<(), Error> {
+    ctx.event(
+        claim,
+        EventType::Normal,
+        "Provisioning",
+        "Provision",
+        &provisioning_note(claim, volume.spec.node.as_deref()),
+    )
+    .await;
+    if volume.spec.source.is_some() {
+        source::protect(ctx, claim).await?;
+    }
+    create_idempotent(&Api::<Volume>::all(ctx.client.clone()), volume).await?;
+    crate::failpoint::hit("controller-after-volume-created");
+    Ok(())
 }
 
 /// external-provisioner's words, naming the node only when there is one

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::super::protocol::*;
 use super::super::secrets;
+use super::source;
 use super::topology::{self, Requirement};
 use super::{
     ClaimView, ProvisionError, check_room_on, choose_node, requested_bytes, template_values,
@@ -174,7 +175,19 @@ pub(super) fn desired_remote_volume(
         return Err(ProvisionError::FsTypeTwice(fs_type_keys.join(" and ")));
     }
     secrets::all_refs(&parameters, &template_values(claim, &name))?;
-    refuse_data_source(claim)?;
+    let content = match source::requested(claim)? {
+        None => None,
+        Some(requested) => {
+            let found =
+                source::content_source(claim, &class.provisioner, &requested, &view.source)?;
+            // Another kind is a volume populator's to fill, as upstream
+            // leaves it.
+            if found.is_none() {
+                return Ok(None);
+            }
+            found
+        }
+    };
     let all = [
         AccessMode::ReadWriteOnce,
         AccessMode::ReadWriteOncePod,
@@ -209,6 +222,7 @@ pub(super) fn desired_remote_volume(
             mount_options: class.mount_options.clone().unwrap_or_default(),
         },
     );
+    volume.spec.source = content;
     if let Some(name) = attributes_class_name(claim) {
         let attributes = attributes_class(view, class, name)?;
         volume.spec.volume_attributes_class_name = Some(name.to_string());

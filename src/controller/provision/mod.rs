@@ -23,6 +23,7 @@ use crate::quantity::{format_bytes, parse_bytes};
 mod apply;
 mod desired;
 mod reschedule;
+pub mod source;
 pub mod topology;
 
 pub use apply::apply;
@@ -53,6 +54,9 @@ pub struct ClaimView<'a> {
     /// The VolumeAttributesClass the claim names, when it exists (read only
     /// for a `--csi-driver` claim still to be provisioned).
     pub attributes_class: Option<&'a VolumeAttributesClass>,
+    /// What the claim's dataSource names, read only for a `--csi-driver`
+    /// claim still to be provisioned.
+    pub source: source::Lookup,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +65,8 @@ pub enum Provision {
     Skip,
     /// `WaitForFirstConsumer` and the scheduler has not picked a node yet.
     WaitForConsumer,
+    /// The claim's dataSource is of a kind a volume populator fills.
+    LeftToPopulator,
     /// The claim cannot be provisioned as asked; tell the user what to change.
     Fail(ProvisionError),
     /// Record intent before any data exists.
@@ -94,8 +100,17 @@ pub enum ProvisionError {
         "volumeMode Block needs an image volume: remove `layout: dir` from the StorageClass or use volumeMode Filesystem"
     )]
     BlockOnDir,
-    #[error("dataSource is not supported by stowage yet: create the claim without it")]
+    #[error(
+        "dataSource (restore from a snapshot, clone) is not supported for {driver} volumes yet: create the claim without it",
+        driver = local::DRIVER_NAME
+    )]
     DataSource,
+    #[error("cannot use the claim's dataSource: {0}")]
+    Source(String),
+    #[error(
+        "dataSourceRef names another namespace, which needs the CrossNamespaceVolumeDataSource feature (off): use a source in the claim's namespace"
+    )]
+    CrossNamespaceSource,
     #[error("{0}")]
     Secrets(#[from] super::secrets::SecretError),
     #[error("{0}")]
@@ -192,6 +207,7 @@ impl ProvisionError {
                 | ProvisionError::NodeNotReady { .. }
                 | ProvisionError::NoReadyNodes { .. }
                 | ProvisionError::NoAttributesClass(_)
+                | ProvisionError::Source(_)
                 | ProvisionError::Backend { .. }
                 | ProvisionError::Driver { .. }
         )
@@ -206,7 +222,9 @@ impl ProvisionError {
                 "bad_size"
             }
             ProvisionError::BlockOnDir => "block_on_dir",
-            ProvisionError::DataSource => "data_source",
+            ProvisionError::DataSource
+            | ProvisionError::Source(_)
+            | ProvisionError::CrossNamespaceSource => "data_source",
             ProvisionError::Secrets(_) => "secrets",
             ProvisionError::Topology(_) => "no_topology",
             ProvisionError::ReservedParameter(_) | ProvisionError::FsTypeTwice(_) => {
@@ -280,6 +298,9 @@ pub fn plan(view: &ClaimView) -> Provision {
     }
     if view.static_match {
         return Provision::Skip;
+    }
+    if remote && source::left_to_populator(claim) {
+        return Provision::LeftToPopulator;
     }
     let desired = if remote {
         desired_remote_volume(view, class)

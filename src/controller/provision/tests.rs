@@ -48,6 +48,7 @@ fn plan_for(
         remote: false,
         serve_local: true,
         attributes_class: None,
+        source: Default::default(),
         driver_nodes: Vec::new(),
     })
 }
@@ -72,6 +73,7 @@ fn remote_view<'a>(
         remote: true,
         serve_local: true,
         attributes_class: None,
+        source: Default::default(),
         driver_nodes,
     }
 }
@@ -312,5 +314,65 @@ fn no_new_volume_lands_on_a_node_under_disk_pressure() {
     assert!(
         e.to_string().contains("5 bytes free") && e.to_string().contains("roomy"),
         "{e}"
+    );
+}
+
+#[test]
+fn data_sources_restore_on_drivers_are_refused_on_local_and_left_to_populators() {
+    let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
+    restored.spec.as_mut().unwrap().data_source = Some(
+        serde_json::from_value(
+            json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s" }),
+        )
+        .unwrap(),
+    );
+    let n = node("a", 4 * GI);
+    let local = plan_for(&restored, &class("Immediate", &[]), &[&n]);
+    assert_eq!(local, Provision::Fail(ProvisionError::DataSource));
+    assert!(
+        ProvisionError::DataSource
+            .to_string()
+            .contains("local.stowage.dev")
+    );
+
+    let remote = remote_class("Immediate", &[]);
+    let mut view = remote_view(&restored, &remote, zones());
+    let snapshot = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": { "name": "s", "namespace": "ns", "uid": "s-1" },
+        "spec": { "source": {} },
+        "status": { "boundVolumeSnapshotContentName": "sc", "readyToUse": true },
+    }))
+    .unwrap();
+    let content = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+        "metadata": { "name": "sc" },
+        "spec": { "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Delete",
+                  "volumeSnapshotRef": { "name": "s", "namespace": "ns", "uid": "s-1" },
+                  "source": { "volumeHandle": "v" } },
+        "status": { "snapshotHandle": "snap-1", "readyToUse": true },
+    }))
+    .unwrap();
+    view.source = source::Lookup::Snapshot {
+        supported: true,
+        snapshot: Some(Box::new(snapshot)),
+        content: Some(Box::new(content)),
+    };
+    let Provision::CreateVolume(volume) = plan(&view) else {
+        panic!("{:?}", plan(&view));
+    };
+    assert_eq!(
+        volume.spec.source,
+        Some(crate::crd::VolumeSource::Snapshot("snap-1".into()))
+    );
+
+    let mut populated = claim("1Gi", &["ReadWriteOnce"], None);
+    populated.spec.as_mut().unwrap().data_source_ref = Some(
+        serde_json::from_value(json!({ "kind": "Backup", "apiGroup": "example.com", "name": "b" }))
+            .unwrap(),
+    );
+    assert_eq!(
+        plan(&remote_view(&populated, &remote, zones())),
+        Provision::LeftToPopulator
     );
 }

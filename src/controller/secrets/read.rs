@@ -15,7 +15,7 @@ pub const RBAC_MANIFEST: &str = "manifests/optional/controller-secrets.yaml";
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error(
-        "stowage-controller may not read Secret {namespace}/{name}, which StorageClass \
+        "stowage-controller may not read Secret {namespace}/{name}, which the class's \
          parameters csi.storage.k8s.io/{for_key}-secret-* name: reading Secrets is granted \
          separately, apply {manifest} (ClusterRole stowage-controller-secrets). \
          API server: {message}",
@@ -28,7 +28,7 @@ pub enum ReadError {
         message: String,
     },
     #[error(
-        "cannot read Secret {namespace}/{name}, which StorageClass parameters \
+        "cannot read Secret {namespace}/{name}, which the class's parameters \
          csi.storage.k8s.io/{for_key}-secret-* name: {source}; create it or fix the parameters"
     )]
     Unreadable {
@@ -69,7 +69,7 @@ pub async fn for_pv(
         SecretFor::NodeStage => c.node_stage_secret_ref.as_ref(),
         SecretFor::NodePublish => c.node_publish_secret_ref.as_ref(),
         SecretFor::NodeExpand => c.node_expand_secret_ref.as_ref(),
-        SecretFor::Provisioner => None,
+        SecretFor::Provisioner | SecretFor::Snapshotter => None,
     });
     match r {
         Some(r) => {

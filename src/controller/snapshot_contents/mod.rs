@@ -1,0 +1,109 @@
+//! csi-snapshotter's job, in-process: for each VolumeSnapshotContent of a
+//! `--csi-driver` with CREATE_DELETE_SNAPSHOT, cut the snapshot
+//! (CreateSnapshot named after the VolumeSnapshot's UID), report it in the
+//! content's status until it is ready, check pre-provisioned ones with
+//! ListSnapshots, and delete it (policy Delete) when snapshot-controller
+//! says its VolumeSnapshot is gone. snapshot-controller, the cluster
+//! add-on that binds VolumeSnapshots to contents, stays as upstream ships
+//! it.
+//!
+//! The VolumeSnapshot CRDs are installed with snapshot-controller, not by
+//! stowage: until they are served the job waits (and says so once), so a
+//! cluster without snapshots runs as before and one that adds them later
+//! needs no restart.
+
+mod apply;
+mod plan;
+
+pub use plan::{Step, plan};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use kube::api::ListParams;
+use kube::runtime::Controller;
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+
+use super::informer::Informer;
+use super::job::{Job, JobRun, Retry};
+use super::{Context, Error};
+use crate::snapshot_api::VolumeSnapshotContent;
+use apply::Outcome;
+
+const JOB: &str = "snapshot_content";
+/// How often a cluster without the VolumeSnapshot CRDs is asked again.
+const CRD_POLL: Duration = Duration::from_secs(30);
+
+pub fn controller(ctx: Arc<Context>) -> JobRun {
+    async move {
+        if ctx.drivers.is_empty() {
+            return;
+        }
+        wait_for_crds(&ctx).await;
+        let mut contents = Informer::<VolumeSnapshotContent>::default();
+        let served = ctx.clone();
+        contents.keep_only(move |c| served.drivers.contains_key(&c.spec.driver));
+        let stream = contents.subscribe();
+        let store = contents.store();
+        let watch = contents.run(Api::all(ctx.client.clone()));
+        let job = Job {
+            name: JOB,
+            retry: Retry::BackoffUnlessGone,
+        };
+        let run = job.run(Controller::for_shared_stream(stream, store), reconcile, ctx);
+        futures::future::join(watch, run).await;
+    }
+    .boxed()
+}
+
+/// Returns once VolumeSnapshotContents can be listed.
+async fn wait_for_crds(ctx: &Context) {
+    let api = Api::<VolumeSnapshotContent>::all(ctx.client.clone());
+    let mut told = false;
+    loop {
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => {
+                tracing::info!("VolumeSnapshot CRDs served: handling VolumeSnapshotContents");
+                return;
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                if !told {
+                    tracing::info!(
+                        "no VolumeSnapshot CRDs in this cluster: snapshots wait until external-snapshotter's CRDs and snapshot-controller are installed"
+                    );
+                    told = true;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list VolumeSnapshotContents"),
+        }
+        tokio::time::sleep(CRD_POLL).await;
+    }
+}
+
+#[tracing::instrument(skip_all, fields(content = %content.name_any()))]
+async fn reconcile(
+    content: Arc<VolumeSnapshotContent>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let step = plan(&content);
+    if step == Step::Nothing {
+        return Ok(Action::await_change());
+    }
+    let Some(driver) = ctx.drivers.get(&content.spec.driver) else {
+        return Ok(Action::await_change());
+    };
+    let _timer = ctx.metrics.jobs.reconcile_timer(JOB);
+    tracing::debug!(?step, "planned");
+    let key = content.object_ref(&());
+    match apply::apply(&ctx, driver, &content, step).await? {
+        Outcome::Done => {
+            ctx.forget_failures(&key);
+            Ok(Action::await_change())
+        }
+        // Asked again at the object's growing interval, as csi-snapshotter
+        // polls a snapshot still being cut.
+        Outcome::NotReady => Ok(Action::requeue(ctx.backoff(&key, true))),
+    }
+}

@@ -1,0 +1,261 @@
+//! Snapshots, restores and clones through a `--csi-driver`: stowage does
+//! csi-snapshotter's job beside the real snapshot-controller, and
+//! external-provisioner's data sources, against Kubernetes' CSI mock driver.
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{DeleteParams, DynamicObject, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use stowage::snapshot_api::{VolumeSnapshot, VolumeSnapshotContent, class_resource};
+
+use crate::external_driver::ExternalDriver;
+use crate::fixtures::{claim, gone, is_bound, wait, wait_for_event};
+use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
+use crate::proxy_attach::Scene;
+use crate::proxy_driver::{immediate_class, proxy_controller};
+use crate::snapshotter;
+
+/// The requests the driver recorded for `method`.
+fn recorded(record: &std::path::Path, method: &str) -> Vec<Value> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["method"] == format!("/csi.v1.Controller/{method}"))
+        .map(|l| l["request"].clone())
+        .collect()
+}
+
+async fn snapshot_class(client: &Client, name: &str, driver: &str, policy: &str) {
+    let class: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+        "metadata": { "name": name },
+        "driver": driver, "deletionPolicy": policy,
+        "parameters": { "tier": "gold" },
+    }))
+    .unwrap();
+    Api::<DynamicObject>::all_with(client.clone(), &class_resource())
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
+}
+
+/// Takes a snapshot of `claim` and waits until it is ready; returns it
+/// and its content.
+async fn snapshot(
+    ns: &TestNamespace,
+    name: &str,
+    claim: &str,
+    class: &str,
+) -> (VolumeSnapshot, VolumeSnapshotContent) {
+    let snapshots = ns.api::<VolumeSnapshot>();
+    let object: VolumeSnapshot = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": { "name": name },
+        "spec": { "source": { "persistentVolumeClaimName": claim }, "volumeSnapshotClassName": class },
+    }))
+    .unwrap();
+    snapshots
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+    let ready = wait(
+        &snapshots,
+        name,
+        "readyToUse",
+        |s: Option<&VolumeSnapshot>| s.and_then(|s| s.status.as_ref()?.ready_to_use) == Some(true),
+    )
+    .await
+    .unwrap();
+    let content_name = ready
+        .status
+        .as_ref()
+        .and_then(|s| s.bound_volume_snapshot_content_name.clone())
+        .unwrap();
+    let content = Api::<VolumeSnapshotContent>::all(ns.client.clone())
+        .get(&content_name)
+        .await
+        .unwrap();
+    (ready, content)
+}
+
+/// A claim of `class` that starts from `source` (kind, apiGroup, name).
+async fn claim_from(ns: &TestNamespace, name: &str, class: &str, source: Value) {
+    let object: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "storageClassName": class, "accessModes": ["ReadWriteOnce"],
+            "resources": { "requests": { "storage": "1Gi" } },
+            "dataSource": source,
+        },
+    }))
+    .unwrap();
+    ns.api::<PersistentVolumeClaim>()
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+}
+
+fn handle_of(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> String {
+    pv.spec
+        .as_ref()
+        .unwrap()
+        .csi
+        .as_ref()
+        .unwrap()
+        .volume_handle
+        .clone()
+}
+
+async fn bound_handle(ns: &TestNamespace, claim: &str) -> String {
+    let bound = wait(&ns.api::<PersistentVolumeClaim>(), claim, "Bound", is_bound)
+        .await
+        .unwrap();
+    let pv_name = bound.spec.unwrap().volume_name.unwrap();
+    let pv = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(ns.client.clone())
+        .get(&pv_name)
+        .await
+        .unwrap();
+    handle_of(&pv)
+}
+
+#[tokio::test]
+async fn snapshots_restores_and_clones_go_through_the_driver() {
+    let node = "snapshot-node";
+    let kubeconfig = bare_cluster("proxy-snapshot", &[node]);
+    let client = client_for_path(&kubeconfig).await;
+    let record = std::env::temp_dir().join(unique_name("stowage-snapshot-record"));
+    let record_arg = format!("--record={}", record.display());
+    let driver = ExternalDriver::mock("snapshot.csi.stowage.test").with_args(&[&record_arg]);
+    let _running = driver.start();
+    Scene::install(&client, &driver, &[node]).await;
+    let _snapshot_controller =
+        snapshotter::start(&client, &kubeconfig, "proxy-snapshot-snapshot-controller").await;
+    let controller = proxy_controller(
+        &kubeconfig,
+        &driver.name,
+        &driver.socket,
+        &["--serve-local=false"],
+        "proxy-snapshot-controller",
+    );
+    let ns = TestNamespace::new_with(client.clone(), "proxy-snapshot").await;
+    let class = immediate_class(&client, &format!("{}-c", ns.name), &driver.name, json!({})).await;
+    let deleting = format!("{}-delete", ns.name);
+    let retaining = format!("{}-retain", ns.name);
+    snapshot_class(&client, &deleting, &driver.name, "Delete").await;
+    snapshot_class(&client, &retaining, &driver.name, "Retain").await;
+
+    claim(&ns, "source", &class, "1Gi", &["ReadWriteOnce"]).await;
+    let source_handle = bound_handle(&ns, "source").await;
+
+    // The snapshot: cut once, by the VolumeSnapshot's UID, with the class's
+    // parameters; its content says so and carries no annotation of ours.
+    let (snap, content) = snapshot(&ns, "snap", "source", &deleting).await;
+    let status = content.status.clone().unwrap();
+    let snapshot_handle = status.snapshot_handle.clone().unwrap();
+    assert!(status.creation_time.unwrap_or_default() > 0, "{status:?}");
+    assert!(
+        !content
+            .annotations()
+            .contains_key(stowage::snapshot_api::ANN_BEING_CREATED),
+        "{:?}",
+        content.annotations()
+    );
+    let cuts = recorded(&record, "CreateSnapshot");
+    assert!(!cuts.is_empty());
+    for cut in &cuts {
+        assert_eq!(cut["name"], format!("snapshot-{}", snap.uid().unwrap()));
+        assert_eq!(cut["source_volume_id"], source_handle);
+        assert_eq!(cut["parameters"], json!({ "tier": "gold" }));
+    }
+
+    // Restore: CreateVolume from the snapshot; the snapshot is held only
+    // while that is under way.
+    let from_snapshot =
+        json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "snap" });
+    claim_from(&ns, "restored", &class, from_snapshot).await;
+    bound_handle(&ns, "restored").await;
+    let restores = recorded(&record, "CreateVolume");
+    assert!(
+        restores
+            .iter()
+            .any(|r| r["volume_content_source"]["snapshot"]["snapshot_id"] == snapshot_handle),
+        "{restores:?}"
+    );
+    let snap = ns.api::<VolumeSnapshot>().get("snap").await.unwrap();
+    assert!(
+        !snap
+            .finalizers()
+            .iter()
+            .any(|f| f.starts_with("provisioner.storage.kubernetes.io/")),
+        "{:?}",
+        snap.finalizers()
+    );
+
+    // Clone: CreateVolume from the source volume; the source claim is held
+    // until it is deleted with no clone waiting.
+    let from_claim = json!({ "kind": "PersistentVolumeClaim", "name": "source" });
+    claim_from(&ns, "cloned", &class, from_claim).await;
+    bound_handle(&ns, "cloned").await;
+    let clones = recorded(&record, "CreateVolume");
+    assert!(
+        clones
+            .iter()
+            .any(|r| r["volume_content_source"]["volume"]["volume_id"] == source_handle),
+        "{clones:?}"
+    );
+    let claims = ns.api::<PersistentVolumeClaim>();
+    let source = claims.get("source").await.unwrap();
+    assert!(
+        source
+            .finalizers()
+            .iter()
+            .any(|f| f == "provisioner.storage.kubernetes.io/cloning-protection"),
+        "{:?}",
+        source.finalizers()
+    );
+    claims
+        .delete("source", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(&claims, "source", "gone", gone).await;
+
+    // A source that does not exist is explained on the claim.
+    let missing = json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "nowhere" });
+    claim_from(&ns, "orphan", &class, missing).await;
+    let note = wait_for_event(&ns, "orphan", "ProvisioningFailed").await;
+    assert!(
+        note.contains("VolumeSnapshot nowhere does not exist"),
+        "{note}"
+    );
+
+    // Delete policy: the driver's snapshot goes with the VolumeSnapshot.
+    let contents = Api::<VolumeSnapshotContent>::all(client.clone());
+    ns.api::<VolumeSnapshot>()
+        .delete("snap", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(&contents, &content.name_any(), "gone", gone).await;
+    let deleted = recorded(&record, "DeleteSnapshot");
+    assert!(
+        deleted.iter().any(|d| d["snapshot_id"] == snapshot_handle),
+        "{deleted:?}"
+    );
+
+    // Retain policy: the content and the driver's snapshot stay.
+    let (_, kept) = snapshot(&ns, "kept", "cloned", &retaining).await;
+    let kept_handle = kept.status.clone().unwrap().snapshot_handle.unwrap();
+    ns.api::<VolumeSnapshot>()
+        .delete("kept", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(&ns.api::<VolumeSnapshot>(), "kept", "gone", gone).await;
+    assert!(contents.get_opt(&kept.name_any()).await.unwrap().is_some());
+    assert!(
+        !recorded(&record, "DeleteSnapshot")
+            .iter()
+            .any(|d| d["snapshot_id"] == kept_handle)
+    );
+    controller.stop();
+    let _ = std::fs::remove_file(&record);
+}
