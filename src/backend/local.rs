@@ -11,6 +11,7 @@ use crate::host::HostError;
 use crate::host::process::{io, run};
 
 pub mod room;
+pub mod snapshots;
 
 pub const DRIVER_NAME: &str = "local.stowage.dev";
 /// Topology key every node-local volume is pinned by.

@@ -32,7 +32,7 @@ impl ControllerService {
     }
 
     /// Size of an existing volume, or None when there is none.
-    async fn existing_bytes(&self, id: &str) -> Result<Option<(Layout, i64)>, CsiError> {
+    pub(super) async fn existing_bytes(&self, id: &str) -> Result<Option<(Layout, i64)>, CsiError> {
         if let Ok(meta) = tokio::fs::metadata(self.store.image_path(id)?).await {
             return Ok(Some((Layout::Image, meta.len() as i64)));
         }
@@ -137,12 +137,26 @@ impl Controller for ControllerService {
         if block && params.layout == Layout::Dir {
             return Err(CsiError::InvalidArgument("block access needs layout image".into()).into());
         }
-        if req.volume_content_source.is_some() {
-            return Err(
-                CsiError::InvalidArgument("volume_content_source is not supported".into()).into(),
-            );
-        }
+        let source = match &req.volume_content_source {
+            Some(_) if params.layout == Layout::Dir => {
+                return Err(CsiError::InvalidArgument(
+                    "a volume from a snapshot or a clone needs layout image".into(),
+                )
+                .into());
+            }
+            Some(s) => Some(self.source_image(s).await?),
+            None => None,
+        };
         let bytes = size_for(req.capacity_range.as_ref(), params)?;
+        if let Some((_, smallest)) = &source {
+            let limit = req.capacity_range.as_ref().map_or(0, |r| r.limit_bytes);
+            if limit > 0 && *smallest > limit {
+                return Err(CsiError::OutOfRange(format!(
+                    "the source holds {smallest} bytes, more than limit_bytes {limit}"
+                ))
+                .into());
+            }
+        }
         let _guard = self.locks.lock(id).await;
         if let Some((layout, existing)) = self.existing_bytes(id).await? {
             // Idempotent only for the same request.
@@ -156,21 +170,26 @@ impl Controller for ControllerService {
                 ))
                 .into());
             }
+            let mut volume = self.volume(id, existing.max(bytes), params);
+            volume.content_source = req.volume_content_source;
             return Ok(Response::new(csi::CreateVolumeResponse {
-                volume: Some(self.volume(id, existing.max(bytes), params)),
+                volume: Some(volume),
             }));
         }
+        let bytes = source.as_ref().map_or(bytes, |(_, s)| bytes.max(*s));
         self.room()?
             .check_growth(0, bytes)
             .map_err(CsiError::NoRoom)?;
-        let created = self
-            .store
-            .create(id, params, bytes, !block)
-            .await
-            .map_err(CsiError::from)?;
+        let created = match &source {
+            Some((image, _)) => self.store.create_from(id, image, bytes).await,
+            None => self.store.create(id, params, bytes, !block).await,
+        }
+        .map_err(CsiError::from)?;
         tracing::info!(volume = id, bytes = created, "volume created");
+        let mut volume = self.volume(id, created, params);
+        volume.content_source = req.volume_content_source;
         Ok(Response::new(csi::CreateVolumeResponse {
-            volume: Some(self.volume(id, created, params)),
+            volume: Some(volume),
         }))
     }
 
@@ -270,6 +289,10 @@ impl Controller for ControllerService {
             rpc::Type::CreateDeleteVolume,
             rpc::Type::GetCapacity,
             rpc::Type::ExpandVolume,
+            rpc::Type::CreateDeleteSnapshot,
+            rpc::Type::ListSnapshots,
+            rpc::Type::GetSnapshot,
+            rpc::Type::CloneVolume,
         ]
         .into_iter()
         .map(|t| csi::ControllerServiceCapability {
@@ -283,38 +306,55 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _: Request<csi::CreateSnapshotRequest>,
+        request: Request<csi::CreateSnapshotRequest>,
     ) -> CsiResult<csi::CreateSnapshotResponse> {
-        Err(tonic::Status::unimplemented(
-            "snapshots are not offered yet",
-        ))
+        let req = request.into_inner();
+        let name = required(&req.name, "name")?;
+        let volume = required(&req.source_volume_id, "source_volume_id")?;
+        let info = self.cut(name, volume).await?;
+        Ok(Response::new(csi::CreateSnapshotResponse {
+            snapshot: Some(super::snapshots::to_csi(&info)),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> CsiResult<csi::DeleteSnapshotResponse> {
-        Err(tonic::Status::unimplemented(
-            "snapshots are not offered yet",
-        ))
+        let req = request.into_inner();
+        let id = required(&req.snapshot_id, "snapshot_id")?;
+        // An id that could never have been ours is simply not there.
+        if local::validate_volume_id(id).is_ok() {
+            self.store
+                .delete_snapshot(id)
+                .await
+                .map_err(CsiError::from)?;
+        }
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> CsiResult<csi::ListSnapshotsResponse> {
-        Err(tonic::Status::unimplemented(
-            "snapshots are not offered yet",
-        ))
+        Ok(Response::new(self.list(&request.into_inner()).await?))
     }
 
     async fn get_snapshot(
         &self,
-        _: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> CsiResult<csi::GetSnapshotResponse> {
-        Err(tonic::Status::unimplemented(
-            "snapshots are not offered yet",
-        ))
+        let req = request.into_inner();
+        let id = required(&req.snapshot_id, "snapshot_id")?;
+        let found = match local::validate_volume_id(id) {
+            Ok(()) => self.store.snapshot(id).await.map_err(CsiError::from)?,
+            Err(_) => None,
+        };
+        let info =
+            found.ok_or_else(|| CsiError::NotFound(format!("snapshot {id} does not exist")))?;
+        Ok(Response::new(csi::GetSnapshotResponse {
+            snapshot: Some(super::snapshots::to_csi(&info)),
+        }))
     }
 
     async fn controller_expand_volume(

@@ -8,6 +8,7 @@ mod ext4;
 pub mod identity;
 pub mod node;
 pub mod serve;
+mod snapshots;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,9 @@ pub enum CsiError {
     OutOfRange(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A paging token this endpoint never gave (the spec's code for it).
+    #[error("{0}")]
+    Aborted(String),
     #[error(transparent)]
     Path(#[from] PathError),
     #[error(transparent)]
@@ -83,6 +87,7 @@ impl CsiError {
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
             CsiError::OutOfRange(_) => Code::OutOfRange,
             CsiError::FailedPrecondition(_) | CsiError::Probe(_) => Code::FailedPrecondition,
+            CsiError::Aborted(_) => Code::Aborted,
             CsiError::Host(HostError::NotOurMount { .. }) => Code::FailedPrecondition,
             CsiError::Local(_) | CsiError::Host(_) | CsiError::Internal(_) => Code::Internal,
         }
