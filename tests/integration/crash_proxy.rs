@@ -21,7 +21,7 @@ use crate::harness::{
 use crate::proxy_driver::{SOCKET_DRIVER, apply, immediate_class};
 
 /// `stowage controller` for the socket driver alone.
-fn proxy_controller(kubeconfig: &Path, socket: &Path, env: &[(&str, &str)]) -> Process {
+pub fn proxy_controller(kubeconfig: &Path, socket: &Path, env: &[(&str, &str)]) -> Process {
     let endpoint = format!("{SOCKET_DRIVER}=unix://{}", socket.display());
     let args = [
         "controller",

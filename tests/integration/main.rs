@@ -9,6 +9,7 @@ mod crash;
 mod crash_delete;
 mod crash_provision;
 mod crash_proxy;
+mod crash_snapshot;
 mod crd_evolution;
 mod create_parity;
 mod csi_node;

@@ -26,7 +26,7 @@ fn recorded(record: &std::path::Path, method: &str) -> Vec<Value> {
         .collect()
 }
 
-async fn snapshot_class(client: &Client, name: &str, driver: &str, policy: &str) {
+pub async fn snapshot_class(client: &Client, name: &str, driver: &str, policy: &str) {
     let class: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
         "metadata": { "name": name },
@@ -48,17 +48,30 @@ async fn snapshot(
     claim: &str,
     class: &str,
 ) -> (VolumeSnapshot, VolumeSnapshotContent) {
-    let snapshots = ns.api::<VolumeSnapshot>();
+    request_snapshot(ns, name, claim, class).await;
+    ready_snapshot(ns, name).await
+}
+
+/// Asks for a snapshot of `claim`.
+pub async fn request_snapshot(ns: &TestNamespace, name: &str, claim: &str, class: &str) {
     let object: VolumeSnapshot = serde_json::from_value(json!({
         "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
         "metadata": { "name": name },
         "spec": { "source": { "persistentVolumeClaimName": claim }, "volumeSnapshotClassName": class },
     }))
     .unwrap();
-    snapshots
+    ns.api::<VolumeSnapshot>()
         .create(&PostParams::default(), &object)
         .await
         .unwrap();
+}
+
+/// The snapshot `name` once ready, and its content.
+pub async fn ready_snapshot(
+    ns: &TestNamespace,
+    name: &str,
+) -> (VolumeSnapshot, VolumeSnapshotContent) {
+    let snapshots = ns.api::<VolumeSnapshot>();
     let ready = wait(
         &snapshots,
         name,
@@ -127,7 +140,7 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
     let record = std::env::temp_dir().join(unique_name("stowage-snapshot-record"));
     let record_arg = format!("--record={}", record.display());
     let driver = ExternalDriver::mock("snapshot.csi.stowage.test").with_args(&[&record_arg]);
-    let _running = driver.start();
+    let running = driver.start();
     Scene::install(&client, &driver, &[node]).await;
     let _snapshot_controller =
         snapshotter::start(&client, &kubeconfig, "proxy-snapshot-snapshot-controller").await;
@@ -192,11 +205,38 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
         snap.finalizers()
     );
 
-    // Clone: CreateVolume from the source volume; the source claim is held
-    // until it is deleted with no clone waiting.
+    // Clone, its source deleted while the clone is in flight (the driver
+    // stopped): the source claim is held until the clone is provisioned,
+    // then goes; CreateVolume came from the source volume.
+    const CLONING: &str = "provisioner.storage.kubernetes.io/cloning-protection";
+    let claims = ns.api::<PersistentVolumeClaim>();
+    running.pause();
     let from_claim = json!({ "kind": "PersistentVolumeClaim", "name": "source" });
     claim_from(&ns, "cloned", &class, from_claim).await;
+    wait(
+        &claims,
+        "source",
+        "protected",
+        |c: Option<&PersistentVolumeClaim>| {
+            c.is_some_and(|c| c.finalizers().iter().any(|f| f == CLONING))
+        },
+    )
+    .await;
+    claims
+        .delete("source", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let held = claims.get("source").await.unwrap();
+    assert!(
+        held.metadata.deletion_timestamp.is_some()
+            && held.finalizers().iter().any(|f| f == CLONING),
+        "the source went while its clone was in flight: {:?}",
+        held.metadata
+    );
+    running.resume();
     bound_handle(&ns, "cloned").await;
+    wait(&claims, "source", "gone", gone).await;
     let clones = recorded(&record, "CreateVolume");
     assert!(
         clones
@@ -204,21 +244,6 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
             .any(|r| r["volume_content_source"]["volume"]["volume_id"] == source_handle),
         "{clones:?}"
     );
-    let claims = ns.api::<PersistentVolumeClaim>();
-    let source = claims.get("source").await.unwrap();
-    assert!(
-        source
-            .finalizers()
-            .iter()
-            .any(|f| f == "provisioner.storage.kubernetes.io/cloning-protection"),
-        "{:?}",
-        source.finalizers()
-    );
-    claims
-        .delete("source", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait(&claims, "source", "gone", gone).await;
 
     // A source that does not exist is explained on the claim.
     let missing = json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "nowhere" });

@@ -169,6 +169,7 @@ async fn create(
         .await
     {
         Ok(snapshot) => {
+            crate::failpoint::hit("controller-after-create-snapshot");
             let ready = write_status(api, &content, &snapshot).await?;
             set_being_created(api, &content, false).await?;
             Ok(if ready {
@@ -235,6 +236,7 @@ async fn delete(
         failed(&format!("Failed to delete snapshot: {e}")).await;
         return Err(e.into());
     }
+    crate::failpoint::hit("controller-after-delete-snapshot");
     let cleared = json!({ "status": {
         "snapshotHandle": null, "readyToUse": null, "creationTime": null, "restoreSize": null,
     }});
