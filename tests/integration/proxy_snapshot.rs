@@ -1,6 +1,7 @@
 //! Snapshots, restores and clones through a `--csi-driver`: stowage does
 //! csi-snapshotter's job beside the real snapshot-controller, and
-//! external-provisioner's data sources, against Kubernetes' CSI mock driver.
+//! external-provisioner's data sources, against Kubernetes' CSI mock driver,
+//! as its ServiceAccount with the manifests' RBAC.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{DeleteParams, DynamicObject, PostParams};
@@ -13,6 +14,9 @@ use crate::fixtures::{claim, gone, is_bound, wait, wait_for_event};
 use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::proxy_attach::Scene;
 use crate::proxy_driver::{immediate_class, proxy_controller};
+use crate::service_accounts::{
+    CONTROLLER_ACCOUNT, account_kubeconfig, install_controller_identity,
+};
 use crate::snapshotter;
 
 /// The requests the driver recorded for `method`.
@@ -144,8 +148,11 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
     Scene::install(&client, &driver, &[node]).await;
     let _snapshot_controller =
         snapshotter::start(&client, &kubeconfig, "proxy-snapshot-snapshot-controller").await;
+    // As deployed: the manifests' RBAC, which this flow must find enough.
+    install_controller_identity(&kubeconfig);
+    let as_controller = account_kubeconfig(&kubeconfig, &client, CONTROLLER_ACCOUNT).await;
     let controller = proxy_controller(
-        &kubeconfig,
+        &as_controller,
         &driver.name,
         &driver.socket,
         &["--serve-local=false"],
