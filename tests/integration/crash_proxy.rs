@@ -4,7 +4,7 @@
 //! finalizer comes off). The driver is `stowage csi` on a unix socket, so
 //! what it holds is visible in its data directory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::CSIDriver;
@@ -37,28 +37,48 @@ pub fn proxy_controller(kubeconfig: &Path, socket: &Path, env: &[(&str, &str)]) 
     Process::start(kubeconfig, &args, env, "crash-proxy-controller")
 }
 
+/// `stowage csi` serving SOCKET_DRIVER on a unix socket, with its CSIDriver:
+/// what it holds is files under `data`.
+pub struct SocketDriver {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub data: PathBuf,
+    pub server: Process,
+}
+
+impl SocketDriver {
+    pub async fn start(client: &kube::Client, name: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique_name(&format!("stowage-{name}")));
+        let (socket, data, kubelet) = (dir.join("csi.sock"), dir.join("data"), dir.join("kubelet"));
+        std::fs::create_dir_all(&kubelet).unwrap();
+        let driver_args = ["--driver-name", SOCKET_DRIVER];
+        let log = format!("{name}-csi");
+        let server = csi_server(&socket, &data, &kubelet, "csi-node", &driver_args, &log);
+        apply(
+            &Api::<CSIDriver>::all(client.clone()),
+            json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": { "name": SOCKET_DRIVER },
+                    "spec": { "attachRequired": false, "podInfoOnMount": false } }),
+        )
+        .await;
+        SocketDriver {
+            dir,
+            socket,
+            data,
+            server,
+        }
+    }
+}
+
 #[tokio::test]
 async fn proxy_killed_after_create_or_delete_volume_leaks_nothing() {
     let kubeconfig = bare_cluster("crash-proxy", &[]);
     let client = client_for_path(&kubeconfig).await;
-    let dir = std::env::temp_dir().join(unique_name("stowage-crash-proxy"));
-    let (socket, data, kubelet) = (dir.join("csi.sock"), dir.join("data"), dir.join("kubelet"));
-    std::fs::create_dir_all(&kubelet).unwrap();
-    let driver_args = ["--driver-name", SOCKET_DRIVER];
-    let server = csi_server(
-        &socket,
-        &data,
-        &kubelet,
-        "csi-node",
-        &driver_args,
-        "crash-proxy-csi",
-    );
-    apply(
-        &Api::<CSIDriver>::all(client.clone()),
-        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": { "name": SOCKET_DRIVER },
-                "spec": { "attachRequired": false, "podInfoOnMount": false } }),
-    )
-    .await;
+    let SocketDriver {
+        dir,
+        socket,
+        data,
+        server,
+    } = SocketDriver::start(&client, "crash-proxy").await;
     let ns = TestNamespace::new_with(client.clone(), "crash-proxy").await;
     let class = format!("{}-socket", ns.name);
     immediate_class(&client, &class, SOCKET_DRIVER, json!({})).await;

@@ -7,17 +7,16 @@
 
 use std::path::Path;
 
-use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::snapshot_api::{CONTENT_FINALIZER, VolumeSnapshot, VolumeSnapshotContent};
 
 use crate::crash::Armed;
-use crate::crash_proxy::proxy_controller;
+use crate::crash_proxy::{SocketDriver, proxy_controller};
 use crate::fixtures::{TIMEOUT, claim, gone, is_bound, wait};
-use crate::harness::{TestNamespace, bare_cluster, client_for_path, csi_server, unique_name};
-use crate::proxy_driver::{SOCKET_DRIVER, apply, immediate_class};
+use crate::harness::{TestNamespace, bare_cluster, client_for_path};
+use crate::proxy_driver::{SOCKET_DRIVER, immediate_class};
 use crate::proxy_snapshot::{ready_snapshot, request_snapshot, snapshot_class};
 use crate::snapshotter;
 
@@ -70,24 +69,12 @@ async fn content_of(ns: &TestNamespace, snapshot: &str) -> VolumeSnapshotContent
 async fn snapshots_killed_after_create_or_delete_snapshot_leak_nothing() {
     let kubeconfig = bare_cluster("crash-snapshot", &[]);
     let client = client_for_path(&kubeconfig).await;
-    let dir = std::env::temp_dir().join(unique_name("stowage-crash-snapshot"));
-    let (socket, data, kubelet) = (dir.join("csi.sock"), dir.join("data"), dir.join("kubelet"));
-    std::fs::create_dir_all(&kubelet).unwrap();
-    let driver_args = ["--driver-name", SOCKET_DRIVER];
-    let server = csi_server(
-        &socket,
-        &data,
-        &kubelet,
-        "csi-node",
-        &driver_args,
-        "crash-snapshot-csi",
-    );
-    apply(
-        &Api::<CSIDriver>::all(client.clone()),
-        json!({ "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": { "name": SOCKET_DRIVER },
-                "spec": { "attachRequired": false, "podInfoOnMount": false } }),
-    )
-    .await;
+    let SocketDriver {
+        dir,
+        socket,
+        data,
+        server,
+    } = SocketDriver::start(&client, "crash-snapshot").await;
     let _snapshot_controller =
         snapshotter::start(&client, &kubeconfig, "crash-snapshot-snapshot-controller").await;
     let ns = TestNamespace::new_with(client.clone(), "crash-snapshot").await;

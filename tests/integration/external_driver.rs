@@ -304,17 +304,7 @@ impl Drop for Running {
 /// mock-csi-driver from scripts/build-mock-driver.sh (built on first use,
 /// then cached in ~/.cache/stowage).
 fn mock_binary() -> PathBuf {
-    let script = repo_root().join("scripts/build-mock-driver.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "scripts/build-mock-driver.sh failed to build mock-csi-driver: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("mock-csi-driver");
+    let bin = crate::harness::built_by("scripts/build-mock-driver.sh").join("mock-csi-driver");
     assert!(
         bin.is_file(),
         "{} missing after scripts/build-mock-driver.sh",

@@ -225,6 +225,23 @@ pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
     applied
 }
 
+/// The directory a build script of ours prints (building, or reusing
+/// its cache, first).
+pub fn built_by(script: &str) -> PathBuf {
+    let script = repo_root().join(script);
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// Fake nodes each test stack has: Node objects (no kubelet) with a
 /// `stowage node` agent each, and the volume capacity each agent offers.
 pub const NODES: [(&str, &str); 3] = [

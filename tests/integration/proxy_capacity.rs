@@ -17,7 +17,7 @@ use crate::fixtures::{TIMEOUT, claim, is_bound, wait};
 use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::multi_node::{CONTROLLER_NAMESPACE, consumer, scheduled_node};
 use crate::proxy_attach::Scene;
-use crate::proxy_driver::{immediate_class, proxy_controller};
+use crate::proxy_driver::{driver_class, immediate_class, proxy_controller};
 
 const ZONE: &str = "topology.example.com/zone";
 const NODES: [(&str, &str); 3] = [("cap-a1", "a"), ("cap-a2", "a"), ("cap-b1", "b")];
@@ -138,16 +138,15 @@ async fn a_drivers_capacity_is_published_per_segment_and_followed_by_the_schedul
     );
     let ns = TestNamespace::new_with(client.clone(), "driver-capacity").await;
     let class = format!("{}-wffc", ns.name);
-    let sc: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": class },
-        "provisioner": driver.name,
-        "volumeBindingMode": "WaitForFirstConsumer",
-        "reclaimPolicy": "Delete",
-        "parameters": { "pool": "fast" },
-    }))
-    .unwrap();
+    driver_class(
+        &client,
+        &class,
+        &driver.name,
+        "WaitForFirstConsumer",
+        json!({ "pool": "fast" }),
+    )
+    .await;
     let classes = Api::<StorageClass>::all(client.clone());
-    classes.create(&PostParams::default(), &sc).await.unwrap();
     immediate_class(
         &client,
         &format!("{}-now", ns.name),

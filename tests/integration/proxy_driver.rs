@@ -84,10 +84,22 @@ pub async fn immediate_class(
     provisioner: &str,
     parameters: serde_json::Value,
 ) -> String {
+    driver_class(client, name, provisioner, "Immediate", parameters).await
+}
+
+/// A `Delete` StorageClass for `provisioner` binding as `mode`; returns
+/// its name.
+pub async fn driver_class(
+    client: &kube::Client,
+    name: &str,
+    provisioner: &str,
+    mode: &str,
+    parameters: serde_json::Value,
+) -> String {
     apply(
         &Api::<StorageClass>::all(client.clone()),
         json!({ "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": name },
-                "provisioner": provisioner, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete",
+                "provisioner": provisioner, "volumeBindingMode": mode, "reclaimPolicy": "Delete",
                 "parameters": parameters }),
     )
     .await;

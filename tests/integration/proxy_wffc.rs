@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -15,7 +14,7 @@ use crate::external_driver::ExternalDriver;
 use crate::fixtures::{claim, is_bound, wait};
 use crate::harness::{TestNamespace, bare_cluster, client_for_path};
 use crate::proxy_attach::Scene;
-use crate::proxy_driver::proxy_controller;
+use crate::proxy_driver::{driver_class, proxy_controller};
 
 const NODES: [&str; 2] = ["wffc-a", "wffc-b"];
 /// A second topology key whose value differs per node (the harness labels
@@ -39,17 +38,14 @@ async fn wait_for_first_consumer_prefers_the_chosen_nodes_topology() {
     );
     let ns = TestNamespace::new_with(client.clone(), "proxy-wffc").await;
     let class = format!("{}-wffc", ns.name);
-    let sc: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": class },
-        "provisioner": driver.name,
-        "volumeBindingMode": "WaitForFirstConsumer",
-        "reclaimPolicy": "Delete",
-    }))
-    .unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &sc)
-        .await
-        .unwrap();
+    driver_class(
+        &client,
+        &class,
+        &driver.name,
+        "WaitForFirstConsumer",
+        json!({}),
+    )
+    .await;
     let uid = claim(&ns, "late", &class, "16Mi", &["ReadWriteOnce"])
         .await
         .uid()

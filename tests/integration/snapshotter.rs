@@ -3,7 +3,7 @@
 //! VolumeSnapshots to contents), built by scripts/build-snapshotter.sh at
 //! the release tests/snapshotter/go.mod pins.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,22 +12,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::{conditions, wait::await_condition};
 use kube::{Api, Client};
 
-use crate::harness::repo_root;
-
-/// The cache directory scripts/build-snapshotter.sh prints (bin/, crd/).
-fn built() -> PathBuf {
-    let script = repo_root().join("scripts/build-snapshotter.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "scripts/build-snapshotter.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
+use crate::harness::{built_by, repo_root};
 
 /// snapshot-controller, killed when dropped.
 pub struct SnapshotController {
@@ -45,7 +30,7 @@ impl Drop for SnapshotController {
 /// snapshot-controller against `kubeconfig`, its log under
 /// target/test-logs/.
 pub async fn start(client: &Client, kubeconfig: &Path, log_name: &str) -> SnapshotController {
-    let dir = built();
+    let dir = built_by("scripts/build-snapshotter.sh");
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     for kind in [
         "volumesnapshotclasses",
