@@ -68,7 +68,9 @@ fn class(name: &str, provisioner: &str) -> StorageClass {
 
 /// Namespaces and classes for the pre-populated and the new claims.
 pub async fn namespaces_and_classes(client: &Client) -> anyhow::Result<()> {
-    for name in [OWN, OTHER, NEW] {
+    // stowage-system as the install makes it: the controller publishes
+    // its CSIStorageCapacity objects there.
+    for name in [OWN, OTHER, NEW, "stowage-system"] {
         let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": name } }))?;
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)
