@@ -17,7 +17,7 @@ use crate::crash_proxy::{SocketDriver, proxy_controller};
 use crate::fixtures::{TIMEOUT, claim, gone, is_bound, wait};
 use crate::harness::{TestNamespace, bare_cluster, client_for_path};
 use crate::proxy_driver::{SOCKET_DRIVER, immediate_class};
-use crate::proxy_snapshot::{ready_snapshot, request_snapshot, snapshot_class};
+use crate::proxy_snapshot::{content_of, ready_snapshot, request_snapshot, snapshot_class};
 use crate::snapshotter;
 
 /// The snapshot images the driver holds.
@@ -33,36 +33,6 @@ fn snapshot_files(data: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-/// The content bound to `snapshot`, once snapshot-controller made it.
-async fn content_of(ns: &TestNamespace, snapshot: &str) -> VolumeSnapshotContent {
-    let snapshots = ns.api::<VolumeSnapshot>();
-    let bound = wait(
-        &snapshots,
-        snapshot,
-        "bound to a content",
-        |s: Option<&VolumeSnapshot>| {
-            s.and_then(|s| {
-                s.status
-                    .as_ref()?
-                    .bound_volume_snapshot_content_name
-                    .as_ref()
-            })
-            .is_some()
-        },
-    )
-    .await
-    .unwrap();
-    let name = bound
-        .status
-        .unwrap()
-        .bound_volume_snapshot_content_name
-        .unwrap();
-    Api::<VolumeSnapshotContent>::all(ns.client.clone())
-        .get(&name)
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

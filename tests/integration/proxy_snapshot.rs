@@ -31,17 +31,57 @@ fn recorded(record: &std::path::Path, method: &str) -> Vec<Value> {
 }
 
 pub async fn snapshot_class(client: &Client, name: &str, driver: &str, policy: &str) {
+    snapshot_class_with(client, name, driver, policy, json!({ "tier": "gold" })).await;
+}
+
+async fn snapshot_class_with(
+    client: &Client,
+    name: &str,
+    driver: &str,
+    policy: &str,
+    parameters: Value,
+) {
     let class: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
         "metadata": { "name": name },
         "driver": driver, "deletionPolicy": policy,
-        "parameters": { "tier": "gold" },
+        "parameters": parameters,
     }))
     .unwrap();
     Api::<DynamicObject>::all_with(client.clone(), &class_resource())
         .create(&PostParams::default(), &class)
         .await
         .unwrap();
+}
+
+/// The content bound to `snapshot`, once snapshot-controller made it.
+pub async fn content_of(ns: &TestNamespace, snapshot: &str) -> VolumeSnapshotContent {
+    let snapshots = ns.api::<VolumeSnapshot>();
+    let bound = wait(
+        &snapshots,
+        snapshot,
+        "bound to a content",
+        |s: Option<&VolumeSnapshot>| {
+            s.and_then(|s| {
+                s.status
+                    .as_ref()?
+                    .bound_volume_snapshot_content_name
+                    .as_ref()
+            })
+            .is_some()
+        },
+    )
+    .await
+    .unwrap();
+    let name = bound
+        .status
+        .unwrap()
+        .bound_volume_snapshot_content_name
+        .unwrap();
+    Api::<VolumeSnapshotContent>::all(ns.client.clone())
+        .get(&name)
+        .await
+        .unwrap()
 }
 
 /// Takes a snapshot of `claim` and waits until it is ready; returns it
@@ -288,6 +328,77 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
             .iter()
             .any(|d| d["snapshot_id"] == kept_handle)
     );
+    pre_provisioned_and_refused(&ns, &driver.name, &kept_handle, &record).await;
     controller.stop();
     let _ = std::fs::remove_file(&record);
+}
+
+/// A snapshot made outside Kubernetes (the retained one), imported through
+/// a pre-provisioned content: ready once ListSnapshots finds it. And a
+/// class with a reserved key the sidecar does not know: the content's
+/// `status.error` says which.
+async fn pre_provisioned_and_refused(
+    ns: &TestNamespace,
+    driver: &str,
+    handle: &str,
+    record: &std::path::Path,
+) {
+    let content_name = format!("{}-imported", ns.name);
+    let content: VolumeSnapshotContent = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+        "metadata": { "name": content_name },
+        "spec": {
+            "deletionPolicy": "Delete", "driver": driver,
+            "source": { "snapshotHandle": handle },
+            "volumeSnapshotRef": { "name": "imported", "namespace": ns.name },
+        },
+    }))
+    .unwrap();
+    let contents = Api::<VolumeSnapshotContent>::all(ns.client.clone());
+    contents
+        .create(&PostParams::default(), &content)
+        .await
+        .unwrap();
+    let imported: VolumeSnapshot = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": { "name": "imported" },
+        "spec": { "source": { "volumeSnapshotContentName": content_name } },
+    }))
+    .unwrap();
+    ns.api::<VolumeSnapshot>()
+        .create(&PostParams::default(), &imported)
+        .await
+        .unwrap();
+    let (_, ready) = ready_snapshot(ns, "imported").await;
+    assert_eq!(
+        ready.status.and_then(|s| s.snapshot_handle).as_deref(),
+        Some(handle)
+    );
+    let listed = recorded(record, "ListSnapshots");
+    assert!(
+        listed.iter().any(|l| l["snapshot_id"] == handle),
+        "{listed:?}"
+    );
+
+    let wrong = format!("{}-wrong", ns.name);
+    let reserved = json!({ "csi.storage.k8s.io/fstype": "ext4" });
+    snapshot_class_with(&ns.client, &wrong, driver, "Delete", reserved).await;
+    request_snapshot(ns, "refused", "cloned", &wrong).await;
+    let content = content_of(ns, "refused").await;
+    let refused = wait(
+        &contents,
+        &content.name_any(),
+        "refused",
+        |c: Option<&VolumeSnapshotContent>| {
+            c.and_then(|c| c.status.as_ref()?.error.as_ref()?.message.clone())
+                .is_some()
+        },
+    )
+    .await
+    .unwrap();
+    let message = refused.status.unwrap().error.unwrap().message.unwrap();
+    assert!(
+        message.contains("csi.storage.k8s.io/fstype") && message.contains("remove it"),
+        "{message}"
+    );
 }
