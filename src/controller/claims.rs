@@ -164,11 +164,12 @@ pub async fn reconcile(
         _ => None,
     };
     let source = match (class, provision::source::requested(&claim)) {
-        (Some(c), Ok(Some(requested))) if remote && found.volume.is_none() => {
+        (Some(c), Ok(Some(requested))) if found.volume.is_none() => {
             provision::source::lookup(&ctx, &claim, &c.provisioner, &requested).await?
         }
         _ => provision::source::Lookup::Nothing,
     };
+    let source_node = provision::source::local_node(&ctx, &source);
     let nodes: Vec<_> = found.storage_nodes.iter().map(|n| n.as_ref()).collect();
     let view = ClaimView {
         claim: &claim,
@@ -183,6 +184,7 @@ pub async fn reconcile(
         driver_nodes,
         attributes_class: attributes_class.as_ref(),
         source,
+        source_node,
     };
     let step = provision::plan(&view);
     tracing::debug!(?step, "planned");

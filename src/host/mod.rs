@@ -5,6 +5,7 @@
 
 pub mod beneath;
 pub mod filesystem;
+pub mod freeze;
 pub mod loop_device;
 pub mod mounts;
 pub mod paths;

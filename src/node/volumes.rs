@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::{Error, NodeContext};
 use crate::backend::local::Parameters;
-use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase};
+use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase, VolumeSource};
 
 /// What this node must do for one Volume, decided from the object alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +63,20 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
                 }
             };
             let format = volume.spec.volume_mode == VolumeMode::Filesystem;
-            match ctx.store.create(&name, params, bytes, format).await {
+            let created = match &volume.spec.source {
+                None => ctx.store.create(&name, params, bytes, format).await,
+                Some(VolumeSource::Volume(from) | VolumeSource::Snapshot(from)) => {
+                    copy_of(&ctx, &name, from, bytes).await
+                }
+                Some(VolumeSource::Handle(handle)) => {
+                    let message = format!(
+                        "a local volume starts from another local Volume, not from a driver's handle ({handle})"
+                    );
+                    report(&api, &volume, Report::failed("InvalidSource", &message)).await?;
+                    return Ok(Action::await_change());
+                }
+            };
+            match created {
                 Ok(actual) => {
                     crate::failpoint::hit("node-before-ready-reported");
                     tracing::info!(bytes = actual, "volume data ready");
@@ -101,6 +114,27 @@ pub async fn reconcile(volume: Arc<Volume>, ctx: Arc<NodeContext>) -> Result<Act
     }
     ctx.failures.forget(&volume.object_ref(&()));
     Ok(Action::await_change())
+}
+
+/// A new volume as a copy of Volume `from`'s image on this node (a
+/// snapshot is a Volume too), its filesystem frozen for the copy when it
+/// is mounted, so that a volume in use is copied as it stood.
+async fn copy_of(
+    ctx: &NodeContext,
+    name: &str,
+    from: &str,
+    bytes: i64,
+) -> Result<i64, crate::backend::local::LocalError> {
+    let source = ctx.store.image_path(from)?;
+    let mount = crate::host::freeze::filesystem_mount_of(&source)?;
+    let frozen = mount
+        .as_deref()
+        .map(crate::host::freeze::freeze)
+        .transpose()?;
+    if frozen.is_some() {
+        tracing::info!(source = from, "filesystem frozen for the copy");
+    }
+    ctx.store.create_from(name, &source, bytes).await
 }
 
 /// What a report says; written only when it differs from what the Volume

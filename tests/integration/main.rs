@@ -26,6 +26,7 @@ mod json_logs;
 mod leader_election;
 mod leader_takeover;
 mod least_privilege;
+mod local_snapshot;
 mod manifests;
 mod metrics;
 mod multi_node;

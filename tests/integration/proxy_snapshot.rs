@@ -136,13 +136,14 @@ pub async fn ready_snapshot(
     (ready, content)
 }
 
-/// A claim of `class` that starts from `source` (kind, apiGroup, name).
-async fn claim_from(ns: &TestNamespace, name: &str, class: &str, source: Value) {
+/// A claim of `class` and `size` that starts from `source` (kind,
+/// apiGroup, name).
+pub async fn claim_from(ns: &TestNamespace, name: &str, class: &str, size: &str, source: Value) {
     let object: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": { "name": name },
         "spec": {
             "storageClassName": class, "accessModes": ["ReadWriteOnce"],
-            "resources": { "requests": { "storage": "1Gi" } },
+            "resources": { "requests": { "storage": size } },
             "dataSource": source,
         },
     }))
@@ -233,7 +234,7 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
     // while that is under way.
     let from_snapshot =
         json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "snap" });
-    claim_from(&ns, "restored", &class, from_snapshot).await;
+    claim_from(&ns, "restored", &class, "1Gi", from_snapshot).await;
     bound_handle(&ns, "restored").await;
     let restores = recorded(&record, "CreateVolume");
     assert!(
@@ -259,7 +260,7 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
     let claims = ns.api::<PersistentVolumeClaim>();
     running.pause();
     let from_claim = json!({ "kind": "PersistentVolumeClaim", "name": "source" });
-    claim_from(&ns, "cloned", &class, from_claim).await;
+    claim_from(&ns, "cloned", &class, "1Gi", from_claim).await;
     wait(
         &claims,
         "source",
@@ -294,7 +295,7 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
 
     // A source that does not exist is explained on the claim.
     let missing = json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "nowhere" });
-    claim_from(&ns, "orphan", &class, missing).await;
+    claim_from(&ns, "orphan", &class, "1Gi", missing).await;
     let note = wait_for_event(&ns, "orphan", "ProvisioningFailed").await;
     assert!(
         note.contains("VolumeSnapshot nowhere does not exist"),

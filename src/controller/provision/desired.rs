@@ -21,7 +21,7 @@ use super::{
 use crate::backend::local::{self, Layout, Parameters};
 use crate::crd::{
     AccessMode, ClaimReference, NODE_LABEL, ReclaimPolicy, VOLUME_FINALIZER, Volume, VolumeMode,
-    VolumeSpec,
+    VolumeSource, VolumeSpec,
 };
 use crate::quantity::format_bytes;
 
@@ -61,12 +61,34 @@ fn volume_mode(claim: &PersistentVolumeClaim) -> VolumeMode {
     }
 }
 
-fn refuse_data_source(claim: &PersistentVolumeClaim) -> Result<(), ProvisionError> {
-    let spec = claim.spec.as_ref();
-    if spec.is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some()) {
-        return Err(ProvisionError::DataSource);
+/// The local Volume a claim starts from (a snapshot Volume, or the
+/// cloned claim's Volume) and the node its data is on; None without a
+/// data source.
+fn local_source(
+    view: &ClaimView,
+    params: &Parameters,
+) -> Result<Option<(String, String)>, ProvisionError> {
+    let claim = view.claim;
+    let Some(requested) = source::requested(claim)? else {
+        return Ok(None);
+    };
+    let found = source::content_source(claim, local::DRIVER_NAME, &requested, &view.source)?;
+    let Some(VolumeSource::Snapshot(from) | VolumeSource::Handle(from)) = found else {
+        return Err(ProvisionError::Source(format!(
+            "{} {} could not be looked up",
+            requested.kind, requested.name
+        )));
+    };
+    if params.layout == Layout::Dir {
+        return Err(ProvisionError::Source(
+            "a restore or clone needs an image volume: remove `layout: dir` from the StorageClass"
+                .into(),
+        ));
     }
-    Ok(())
+    let node = view.source_node.clone().ok_or_else(|| {
+        ProvisionError::Source(format!("the data of {from} is on no node stowage knows"))
+    })?;
+    Ok(Some((from, node)))
 }
 
 /// The one Volume builder: what both kinds share (claim, PV name, reclaim
@@ -136,25 +158,33 @@ pub(super) fn desired_volume(
     if let Some(name) = attributes_class_name(claim) {
         return Err(ProvisionError::AttributesClassOnLocal(name.to_string()));
     }
-    refuse_data_source(claim)?;
+    let source = local_source(view, &params)?;
     let bytes = params.allocated_bytes(requested_bytes(claim)?);
     let wffc = class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER);
-    let node = if wffc {
-        let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
-            return Ok(None);
-        };
-        check_room_on(view, selected, bytes)?;
-        selected.clone()
-    } else {
-        choose_node(view, bytes)?
+    let node = match (&source, wffc) {
+        (_, true) => {
+            let Some(selected) = claim.annotations().get(ANN_SELECTED_NODE) else {
+                return Ok(None);
+            };
+            if let Some((from, node)) = source.as_ref().filter(|(_, n)| n != selected) {
+                return Err(ProvisionError::Source(format!(
+                    "the data of {from} is on node {node}, and the scheduler chose {selected}: \
+                     a restore or clone of a local volume is made on its source's node; \
+                     give the pod a nodeAffinity for {node}"
+                )));
+            }
+            check_room_on(view, selected, bytes)?;
+            selected.clone()
+        }
+        (Some((_, node)), false) => {
+            check_room_on(view, node, bytes)?;
+            node.clone()
+        }
+        (None, false) => choose_node(view, bytes)?,
     };
-    Ok(Some(volume(
-        claim,
-        class,
-        bytes,
-        modes,
-        Placement::Node(node),
-    )))
+    let mut volume = volume(claim, class, bytes, modes, Placement::Node(node));
+    volume.spec.source = source.map(|(from, _)| VolumeSource::Volume(from));
+    Ok(Some(volume))
 }
 
 /// The Volume to write for a claim of a `--csi-driver`: the driver decides

@@ -57,6 +57,8 @@ pub struct ClaimView<'a> {
     /// What the claim's dataSource names, read only for a `--csi-driver`
     /// claim still to be provisioned.
     pub source: source::Lookup,
+    /// For a local claim with a data source: the node its data is on.
+    pub source_node: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,11 +102,6 @@ pub enum ProvisionError {
         "volumeMode Block needs an image volume: remove `layout: dir` from the StorageClass or use volumeMode Filesystem"
     )]
     BlockOnDir,
-    #[error(
-        "dataSource (restore from a snapshot, clone) is not supported for {driver} volumes yet: create the claim without it",
-        driver = local::DRIVER_NAME
-    )]
-    DataSource,
     #[error("cannot use the claim's dataSource: {0}")]
     Source(String),
     #[error(
@@ -222,9 +219,7 @@ impl ProvisionError {
                 "bad_size"
             }
             ProvisionError::BlockOnDir => "block_on_dir",
-            ProvisionError::DataSource
-            | ProvisionError::Source(_)
-            | ProvisionError::CrossNamespaceSource => "data_source",
+            ProvisionError::Source(_) | ProvisionError::CrossNamespaceSource => "data_source",
             ProvisionError::Secrets(_) => "secrets",
             ProvisionError::Topology(_) => "no_topology",
             ProvisionError::ReservedParameter(_) | ProvisionError::FsTypeTwice(_) => {
@@ -299,7 +294,7 @@ pub fn plan(view: &ClaimView) -> Provision {
     if view.static_match {
         return Provision::Skip;
     }
-    if remote && source::left_to_populator(claim) {
+    if source::left_to_populator(claim) {
         return Provision::LeftToPopulator;
     }
     let desired = if remote {

@@ -102,54 +102,81 @@ pub async fn lookup(
     driver: &str,
     requested: &Requested,
 ) -> Result<Lookup, Error> {
-    let namespace = claim.namespace().unwrap_or_default();
-    let Some(csi) = ctx.drivers.get(driver) else {
+    if requested.kind != KIND_SNAPSHOT && requested.kind != KIND_CLAIM {
         return Ok(Lookup::Nothing);
-    };
-    match requested.kind.as_str() {
-        KIND_SNAPSHOT => {
-            let caps = csi.capabilities().await?;
-            let snapshots = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), &namespace);
-            let snapshot = snapshots.get_opt(&requested.name).await?;
-            let bound = snapshot.as_ref().and_then(|s| {
-                s.status
-                    .as_ref()?
-                    .bound_volume_snapshot_content_name
-                    .clone()
-            });
-            let content = match bound {
-                Some(name) => {
-                    Api::<VolumeSnapshotContent>::all(ctx.client.clone())
-                        .get_opt(&name)
-                        .await?
-                }
-                None => None,
-            };
-            Ok(Lookup::Snapshot {
-                supported: caps.create_delete_snapshot,
-                snapshot: snapshot.map(Box::new),
-                content: content.map(Box::new),
-            })
-        }
-        KIND_CLAIM => {
-            let caps = csi.capabilities().await?;
-            let source = ctx
-                .stores
-                .claims
-                .get(&ObjectRef::new(&requested.name).within(&namespace));
-            let pv_name = source
-                .as_ref()
-                .and_then(|c| c.spec.as_ref()?.volume_name.clone())
-                .unwrap_or_default();
-            let pv = ctx.stores.pvs.get(&ObjectRef::new(&pv_name));
-            Ok(Lookup::Claim {
-                supported: caps.clone_volume,
-                claim: source.map(|c| Box::new(c.as_ref().clone())),
-                pv: pv.map(|p| Box::new(p.as_ref().clone())),
-            })
-        }
-        _ => Ok(Lookup::Nothing),
     }
+    // Local volumes can be both; a driver says what it can.
+    let (snapshots, clones) = match ctx.drivers.get(driver) {
+        Some(csi) => {
+            let caps = csi.capabilities().await?;
+            (caps.create_delete_snapshot, caps.clone_volume)
+        }
+        None if ctx.serves(driver) => (true, true),
+        None => return Ok(Lookup::Nothing),
+    };
+    let namespace = claim.namespace().unwrap_or_default();
+    if requested.kind == KIND_SNAPSHOT {
+        let snapshots_api = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), &namespace);
+        let snapshot = snapshots_api.get_opt(&requested.name).await?;
+        let bound = snapshot.as_ref().and_then(|s| {
+            s.status
+                .as_ref()?
+                .bound_volume_snapshot_content_name
+                .clone()
+        });
+        let content = match bound {
+            Some(name) => {
+                Api::<VolumeSnapshotContent>::all(ctx.client.clone())
+                    .get_opt(&name)
+                    .await?
+            }
+            None => None,
+        };
+        return Ok(Lookup::Snapshot {
+            supported: snapshots,
+            snapshot: snapshot.map(Box::new),
+            content: content.map(Box::new),
+        });
+    }
+    let source = ctx
+        .stores
+        .claims
+        .get(&ObjectRef::new(&requested.name).within(&namespace));
+    let pv_name = source
+        .as_ref()
+        .and_then(|c| c.spec.as_ref()?.volume_name.clone())
+        .unwrap_or_default();
+    let pv = ctx.stores.pvs.get(&ObjectRef::new(&pv_name));
+    Ok(Lookup::Claim {
+        supported: clones,
+        claim: source.map(|c| Box::new(c.as_ref().clone())),
+        pv: pv.map(|p| Box::new(p.as_ref().clone())),
+    })
+}
+
+/// The node holding the local Volume a found source names (a snapshot
+/// Volume, or the cloned claim's Volume), as the Volume cache has it.
+pub fn local_node(ctx: &Context, lookup: &Lookup) -> Option<String> {
+    let handle = match lookup {
+        Lookup::Nothing => return None,
+        Lookup::Snapshot { content, .. } => {
+            content.as_ref()?.status.as_ref()?.snapshot_handle.clone()?
+        }
+        Lookup::Claim { pv, .. } => pv
+            .as_ref()?
+            .spec
+            .as_ref()?
+            .csi
+            .as_ref()?
+            .volume_handle
+            .clone(),
+    };
+    ctx.stores
+        .volumes
+        .get(&ObjectRef::new(&handle))?
+        .spec
+        .node
+        .clone()
 }
 
 /// The content source for a claim of a class of `driver`, or None when

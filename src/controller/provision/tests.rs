@@ -49,6 +49,7 @@ fn plan_for(
         serve_local: true,
         attributes_class: None,
         source: Default::default(),
+        source_node: None,
         driver_nodes: Vec::new(),
     })
 }
@@ -74,6 +75,7 @@ fn remote_view<'a>(
         serve_local: true,
         attributes_class: None,
         source: Default::default(),
+        source_node: None,
         driver_nodes,
     }
 }
@@ -317,26 +319,7 @@ fn no_new_volume_lands_on_a_node_under_disk_pressure() {
     );
 }
 
-#[test]
-fn data_sources_restore_on_drivers_are_refused_on_local_and_left_to_populators() {
-    let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
-    restored.spec.as_mut().unwrap().data_source = Some(
-        serde_json::from_value(
-            json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s" }),
-        )
-        .unwrap(),
-    );
-    let n = node("a", 4 * GI);
-    let local = plan_for(&restored, &class("Immediate", &[]), &[&n]);
-    assert_eq!(local, Provision::Fail(ProvisionError::DataSource));
-    assert!(
-        ProvisionError::DataSource
-            .to_string()
-            .contains("local.stowage.dev")
-    );
-
-    let remote = remote_class("Immediate", &[]);
-    let mut view = remote_view(&restored, &remote, zones());
+fn snapshot_lookup(driver: &str, handle: &str) -> source::Lookup {
     let snapshot = serde_json::from_value(json!({
         "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
         "metadata": { "name": "s", "namespace": "ns", "uid": "s-1" },
@@ -347,17 +330,82 @@ fn data_sources_restore_on_drivers_are_refused_on_local_and_left_to_populators()
     let content = serde_json::from_value(json!({
         "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
         "metadata": { "name": "sc" },
-        "spec": { "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Delete",
+        "spec": { "driver": driver, "deletionPolicy": "Delete",
                   "volumeSnapshotRef": { "name": "s", "namespace": "ns", "uid": "s-1" },
                   "source": { "volumeHandle": "v" } },
-        "status": { "snapshotHandle": "snap-1", "readyToUse": true },
+        "status": { "snapshotHandle": handle, "readyToUse": true },
     }))
     .unwrap();
-    view.source = source::Lookup::Snapshot {
+    source::Lookup::Snapshot {
         supported: true,
         snapshot: Some(Box::new(snapshot)),
         content: Some(Box::new(content)),
+    }
+}
+
+#[test]
+fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
+    let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
+    restored.spec.as_mut().unwrap().data_source = Some(
+        serde_json::from_value(
+            json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s" }),
+        )
+        .unwrap(),
+    );
+    let (a, b) = (node("a", 4 * GI), node("b", 8 * GI));
+    let nodes = [&a, &b];
+    let nothing = BTreeMap::new();
+    let immediate = class("Immediate", &[]);
+    let view = |claim| ClaimView {
+        claim,
+        class: Some(&immediate),
+        volume: None,
+        pv: None,
+        storage_nodes: &nodes,
+        promised: &nothing,
+        static_match: false,
+        remote: false,
+        serve_local: true,
+        attributes_class: None,
+        source: snapshot_lookup(local::DRIVER_NAME, "snapshot-s-1"),
+        source_node: Some("a".into()),
+        driver_nodes: Vec::new(),
     };
+    let Provision::CreateVolume(volume) = plan(&view(&restored)) else {
+        panic!("{:?}", plan(&view(&restored)));
+    };
+    // On the snapshot's node, though b has more room.
+    assert_eq!(volume.spec.node.as_deref(), Some("a"));
+    assert_eq!(
+        volume.spec.source,
+        Some(crate::crd::VolumeSource::Volume("snapshot-s-1".into()))
+    );
+    let mut elsewhere = restored.clone();
+    elsewhere.metadata.annotations = Some(BTreeMap::from([(
+        ANN_SELECTED_NODE.to_string(),
+        "b".to_string(),
+    )]));
+    let wffc = class("WaitForFirstConsumer", &[]);
+    let mut wffc_view = view(&elsewhere);
+    wffc_view.class = Some(&wffc);
+    let Provision::Fail(e) = plan(&wffc_view) else {
+        panic!("{:?}", plan(&wffc_view));
+    };
+    assert!(e.to_string().contains("nodeAffinity for a"), "{e}");
+}
+
+#[test]
+fn data_sources_restore_through_drivers_and_are_left_to_populators() {
+    let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
+    restored.spec.as_mut().unwrap().data_source = Some(
+        serde_json::from_value(
+            json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s" }),
+        )
+        .unwrap(),
+    );
+    let remote = remote_class("Immediate", &[]);
+    let mut view = remote_view(&restored, &remote, zones());
+    view.source = snapshot_lookup("hostpath.csi.k8s.io", "snap-1");
     let Provision::CreateVolume(volume) = plan(&view) else {
         panic!("{:?}", plan(&view));
     };

@@ -12,6 +12,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
+use super::local;
 use super::plan::{self, Step};
 use crate::backend::csi_proxy::{CsiDriver, Snapshot};
 use crate::controller::protocol::{
@@ -31,9 +32,16 @@ pub enum Outcome {
     NotReady,
 }
 
+/// Where the content's snapshots are cut.
+pub enum Backend<'a> {
+    Driver(&'a CsiDriver),
+    /// `local.stowage.dev`: snapshot Volumes the node agents cut.
+    Local,
+}
+
 pub async fn apply(
     ctx: &Context,
-    driver: &CsiDriver,
+    backend: &Backend<'_>,
     content: &VolumeSnapshotContent,
     step: Step,
 ) -> Result<Outcome, Error> {
@@ -45,7 +53,7 @@ pub async fn apply(
             Ok(Outcome::Done)
         }
         Step::Create { volume_handle } => {
-            let result = create(ctx, driver, &api, content, &volume_handle).await;
+            let result = create(ctx, backend, &api, content, &volume_handle).await;
             report(
                 ctx,
                 &api,
@@ -57,7 +65,7 @@ pub async fn apply(
             .await
         }
         Step::Check { snapshot_handle } => {
-            let result = check(ctx, driver, &api, content, &snapshot_handle).await;
+            let result = check(ctx, backend, &api, content, &snapshot_handle).await;
             report(
                 ctx,
                 &api,
@@ -72,8 +80,10 @@ pub async fn apply(
             snapshot_handle,
             finalizer,
         } => {
-            if let Some(handle) = snapshot_handle {
-                delete(ctx, driver, &api, content, &handle).await?;
+            if let Some(handle) = snapshot_handle
+                && !delete(ctx, backend, &api, content, &handle).await?
+            {
+                return Ok(Outcome::NotReady);
             }
             if finalizer {
                 kubeapi::remove_finalizer(
@@ -127,7 +137,7 @@ async fn report(
 
 async fn create(
     ctx: &Context,
-    driver: &CsiDriver,
+    backend: &Backend<'_>,
     api: &Api<VolumeSnapshotContent>,
     content: &VolumeSnapshotContent,
     volume_handle: &str,
@@ -164,10 +174,14 @@ async fn create(
     })?;
     let secrets = content_secrets(ctx, content).await?;
     let content = set_being_created(api, content, true).await?;
-    match driver
-        .create_snapshot(&snapshot_name, volume_handle, parameters, secrets)
-        .await
-    {
+    let cut = match backend {
+        Backend::Driver(driver) => driver
+            .create_snapshot(&snapshot_name, volume_handle, parameters, secrets)
+            .await
+            .map_err(Error::from),
+        Backend::Local => local::cut(ctx, &snapshot_name, volume_handle).await,
+    };
+    match cut {
         Ok(snapshot) => {
             crate::failpoint::hit("controller-after-create-snapshot");
             let ready = write_status(api, &content, &snapshot).await?;
@@ -180,23 +194,33 @@ async fn create(
         }
         Err(e) => {
             // Only a final answer means nothing is being cut any more.
-            if e.is_final() {
+            let ended = match &e {
+                Error::Driver(e) => e.is_final(),
+                Error::Snapshot(_) => true,
+                _ => false,
+            };
+            if ended {
                 set_being_created(api, &content, false).await?;
             }
-            Err(e.into())
+            Err(e)
         }
     }
 }
 
 async fn check(
     ctx: &Context,
-    driver: &CsiDriver,
+    backend: &Backend<'_>,
     api: &Api<VolumeSnapshotContent>,
     content: &VolumeSnapshotContent,
     handle: &str,
 ) -> Result<Outcome, Error> {
-    let secrets = list_secrets(ctx, content).await?;
-    let snapshot = driver.snapshot_status(handle, secrets).await?;
+    let snapshot = match backend {
+        Backend::Driver(driver) => {
+            let secrets = list_secrets(ctx, content).await?;
+            driver.snapshot_status(handle, secrets).await?
+        }
+        Backend::Local => local::status(ctx, handle).await?,
+    };
     let ready = write_status(api, content, &snapshot).await?;
     Ok(if ready {
         Outcome::Done
@@ -205,13 +229,15 @@ async fn check(
     })
 }
 
+/// Deletes the snapshot; false while it is still going (a local snapshot
+/// waits for its node agent).
 async fn delete(
     ctx: &Context,
-    driver: &CsiDriver,
+    backend: &Backend<'_>,
     api: &Api<VolumeSnapshotContent>,
     content: &VolumeSnapshotContent,
     handle: &str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let failed = |note: &str| {
         let note = note.to_string();
         async move {
@@ -232,9 +258,21 @@ async fn delete(
             return Err(e);
         }
     };
-    if let Err(e) = driver.delete_snapshot(handle, secrets).await {
-        failed(&format!("Failed to delete snapshot: {e}")).await;
-        return Err(e.into());
+    let deleted = match backend {
+        Backend::Driver(driver) => driver
+            .delete_snapshot(handle, secrets)
+            .await
+            .map(|()| true)
+            .map_err(Error::from),
+        Backend::Local => local::delete(ctx, handle).await,
+    };
+    match deleted {
+        Ok(true) => {}
+        Ok(false) => return Ok(false),
+        Err(e) => {
+            failed(&format!("Failed to delete snapshot: {e}")).await;
+            return Err(e);
+        }
     }
     crate::failpoint::hit("controller-after-delete-snapshot");
     let cleared = json!({ "status": {
@@ -246,7 +284,7 @@ async fn delete(
         &Patch::Merge(&cleared),
     )
     .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Writes what the driver said, if it changes the status; returns

@@ -1,5 +1,7 @@
 //! csi-snapshotter's job, in-process: for each VolumeSnapshotContent of a
-//! `--csi-driver` with CREATE_DELETE_SNAPSHOT, cut the snapshot
+//! `--csi-driver` with CREATE_DELETE_SNAPSHOT, or of `local.stowage.dev`
+//! (whose snapshots are Volumes its node agents cut, see `local`), cut the
+//! snapshot
 //! (CreateSnapshot named after the VolumeSnapshot's UID), report it in the
 //! content's status until it is ready, check pre-provisioned ones with
 //! ListSnapshots, and delete it (policy Delete) when snapshot-controller
@@ -13,6 +15,7 @@
 //! needs no restart.
 
 mod apply;
+mod local;
 mod plan;
 
 pub use plan::{Step, plan};
@@ -30,7 +33,7 @@ use super::informer::Informer;
 use super::job::{Job, JobRun, Retry};
 use super::{Context, Error};
 use crate::snapshot_api::VolumeSnapshotContent;
-use apply::Outcome;
+use apply::{Backend, Outcome};
 
 const JOB: &str = "snapshot_content";
 /// How often a cluster without the VolumeSnapshot CRDs is asked again.
@@ -38,13 +41,13 @@ const CRD_POLL: Duration = Duration::from_secs(30);
 
 pub fn controller(ctx: Arc<Context>) -> JobRun {
     async move {
-        if ctx.drivers.is_empty() {
+        if ctx.drivers.is_empty() && !ctx.serve_local {
             return;
         }
         wait_for_crds(&ctx).await;
         let mut contents = Informer::<VolumeSnapshotContent>::default();
         let served = ctx.clone();
-        contents.keep_only(move |c| served.drivers.contains_key(&c.spec.driver));
+        contents.keep_only(move |c| served.serves(&c.spec.driver));
         let stream = contents.subscribe();
         let store = contents.store();
         let watch = contents.run(Api::all(ctx.client.clone()));
@@ -91,13 +94,15 @@ async fn reconcile(
     if step == Step::Nothing {
         return Ok(Action::await_change());
     }
-    let Some(driver) = ctx.drivers.get(&content.spec.driver) else {
-        return Ok(Action::await_change());
+    let backend = match ctx.drivers.get(&content.spec.driver) {
+        Some(driver) => Backend::Driver(driver),
+        None if ctx.serves(&content.spec.driver) => Backend::Local,
+        None => return Ok(Action::await_change()),
     };
     let _timer = ctx.metrics.jobs.reconcile_timer(JOB);
     tracing::debug!(?step, "planned");
     let key = content.object_ref(&());
-    match apply::apply(&ctx, driver, &content, step).await? {
+    match apply::apply(&ctx, &backend, &content, step).await? {
         Outcome::Done => {
             ctx.forget_failures(&key);
             Ok(Action::await_change())

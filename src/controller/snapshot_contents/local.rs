@@ -1,0 +1,132 @@
+//! Snapshots of `local.stowage.dev` volumes: a snapshot is a Volume too,
+//! on its source's node, with no claim and `spec.source` naming the
+//! Volume it copies; the node agent cuts it (its filesystem frozen if
+//! mounted) and reports it Ready, and deletes its image when it goes, as
+//! for any Volume. So the intent is recorded before any data, the node's
+//! capacity counts it, and only that node's agent may report on it.
+
+use kube::api::PostParams;
+use kube::{Api, ResourceExt};
+
+use crate::backend::csi_proxy::Snapshot;
+use crate::backend::local::{self, Layout, Parameters};
+use crate::controller::{Context, Error};
+use crate::crd::{
+    AccessMode, NODE_LABEL, ReclaimPolicy, VOLUME_FINALIZER, Volume, VolumePhase, VolumeSource,
+    VolumeSpec,
+};
+use crate::kubeapi;
+
+/// The snapshot Volume `name` of Volume `source`, written if it is not
+/// yet; as far as the node agent got with it.
+pub async fn cut(ctx: &Context, name: &str, source: &str) -> Result<Snapshot, Error> {
+    let api = Api::<Volume>::all(ctx.client.clone());
+    if let Some(existing) = api.get_opt(name).await? {
+        return described(&existing);
+    }
+    let from = api.get_opt(source).await?.ok_or_else(|| {
+        Error::Snapshot(format!(
+            "volume {source} does not exist: there is nothing to snapshot"
+        ))
+    })?;
+    let volume = snapshot_volume(name, &from)?;
+    match api.create(&PostParams::default(), &volume).await {
+        Ok(created) => described(&created),
+        Err(kube::Error::Api(s)) if s.code == 409 => described(&api.get(name).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The Volume that records a snapshot of `from`.
+fn snapshot_volume(name: &str, from: &Volume) -> Result<Volume, Error> {
+    let source = from.name_any();
+    let node = from.spec.node.clone().ok_or_else(|| {
+        Error::Snapshot(format!(
+            "volume {source} has no node yet: snapshot it once it is provisioned"
+        ))
+    })?;
+    let params = Parameters::parse(&from.spec.parameters).unwrap_or_default();
+    if params.layout == Layout::Dir {
+        return Err(Error::Snapshot(format!(
+            "volume {source} has layout dir: snapshots need image volumes (the class's default layout)"
+        )));
+    }
+    let bytes = from
+        .status
+        .as_ref()
+        .and_then(|s| s.capacity_bytes)
+        .unwrap_or(from.spec.capacity_bytes);
+    let mut volume = Volume::new(
+        name,
+        VolumeSpec {
+            driver: local::DRIVER_NAME.to_string(),
+            parameters: from.spec.parameters.clone(),
+            capacity_bytes: bytes,
+            access_modes: vec![AccessMode::ReadWriteOnce],
+            volume_mode: from.spec.volume_mode,
+            node: Some(node.clone()),
+            requisite_topology: Vec::new(),
+            preferred_topology: Vec::new(),
+            mount_options: Vec::new(),
+            source: Some(VolumeSource::Volume(source)),
+            claim: None,
+            persistent_volume_name: None,
+            reclaim_policy: ReclaimPolicy::Delete,
+            volume_attributes_class_name: None,
+            mutable_parameters: Default::default(),
+        },
+    );
+    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
+    volume.metadata.labels = Some([(NODE_LABEL.to_string(), node)].into_iter().collect());
+    Ok(volume)
+}
+
+/// A snapshot Volume as the content's status reads it: ready once its
+/// node agent reported it Ready; its failure, in its words.
+fn described(volume: &Volume) -> Result<Snapshot, Error> {
+    let status = volume.status.clone().unwrap_or_default();
+    if status.phase == VolumePhase::Failed {
+        return Err(Error::Snapshot(format!(
+            "node {} could not cut snapshot {}: {}",
+            volume.spec.node.clone().unwrap_or_default(),
+            volume.name_any(),
+            status.last_error.unwrap_or_default()
+        )));
+    }
+    let ready = status.phase == VolumePhase::Ready
+        && status.observed_generation == volume.metadata.generation;
+    let created = volume
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(0, |t| t.0.as_nanosecond() as i64);
+    Ok(Snapshot {
+        id: volume.name_any(),
+        size_bytes: status.capacity_bytes.unwrap_or(volume.spec.capacity_bytes),
+        creation_time_ns: created,
+        ready,
+    })
+}
+
+/// A pre-provisioned local snapshot: the snapshot Volume its handle names.
+pub async fn status(ctx: &Context, handle: &str) -> Result<Snapshot, Error> {
+    let api = Api::<Volume>::all(ctx.client.clone());
+    let found = api
+        .get_opt(handle)
+        .await?
+        .ok_or_else(|| Error::Snapshot(format!("snapshot {handle} does not exist on any node")))?;
+    if found.spec.claim.is_some() || found.spec.source.is_none() {
+        return Err(Error::Snapshot(format!(
+            "{handle} is a volume, not a snapshot: name a snapshot Volume"
+        )));
+    }
+    described(&found)
+}
+
+/// Deletes the snapshot Volume; true once it is gone (its node agent has
+/// removed the image and its finalizer).
+pub async fn delete(ctx: &Context, handle: &str) -> Result<bool, Error> {
+    let api = Api::<Volume>::all(ctx.client.clone());
+    kubeapi::delete(&api, handle, None).await?;
+    Ok(api.get_opt(handle).await?.is_none())
+}

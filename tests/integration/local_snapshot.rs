@@ -1,0 +1,101 @@
+//! Snapshots of `local.stowage.dev` volumes through VolumeSnapshots (the
+//! real snapshot-controller beside stowage): the snapshot is a Volume on
+//! the source's node that its agent cuts; restores and clones are made on
+//! that node from it. What each image holds is read with debugfs: the
+//! snapshot has what was written before it and not after.
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::DeleteParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use stowage::crd::Volume;
+use stowage::snapshot_api::VolumeSnapshot;
+
+use crate::crash::{read_from_image, write_into_image};
+use crate::fixtures::{claim, gone, is_bound, storage_class, wait};
+use crate::harness::{
+    Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
+};
+use crate::proxy_snapshot::{claim_from, ready_snapshot, request_snapshot, snapshot_class};
+use crate::snapshotter;
+
+const NODE: &str = "snapshot-local-node";
+
+async fn bound_volume(ns: &TestNamespace, claim: &str) -> String {
+    let bound = wait(&ns.api::<PersistentVolumeClaim>(), claim, "Bound", is_bound)
+        .await
+        .unwrap();
+    bound.spec.unwrap().volume_name.unwrap()
+}
+
+#[tokio::test]
+async fn local_volumes_snapshot_restore_and_clone_on_their_node() {
+    let kubeconfig = bare_cluster("local-snapshot", &[NODE]);
+    let client = client_for_path(&kubeconfig).await;
+    let data = std::env::temp_dir().join(unique_name("stowage-local-snapshot"));
+    let agent = Process::node(&kubeconfig, NODE, &data, "local-snapshot-node");
+    wait_for_storage_nodes(&kubeconfig, &[NODE]);
+    let _snapshot_controller =
+        snapshotter::start(&client, &kubeconfig, "local-snapshot-snapshot-controller").await;
+    let controller = Process::controller(&kubeconfig, "local-snapshot-controller");
+    let ns = TestNamespace::new_with(client.clone(), "local-snapshot").await;
+    let class = format!("{}-c", ns.name);
+    storage_class(&client, &class, "Immediate", "Delete", &[]).await;
+    let snapshots_class = format!("{}-snap", ns.name);
+    snapshot_class(&client, &snapshots_class, "local.stowage.dev", "Delete").await;
+    let image = |volume: &str| data.join("volumes").join(format!("{volume}.img"));
+
+    claim(&ns, "source", &class, "64Mi", &["ReadWriteOnce"]).await;
+    let source = bound_volume(&ns, "source").await;
+    write_into_image(&image(&source), "before", "one");
+
+    let (snap, content) = snapshot_volume(&ns, "snap", &snapshots_class).await;
+    let handle = content.status.unwrap().snapshot_handle.unwrap();
+    assert_eq!(handle, format!("snapshot-{}", snap.uid().unwrap()));
+    let volumes = Api::<Volume>::all(client.clone());
+    let cut = volumes.get(&handle).await.unwrap();
+    assert_eq!(cut.spec.node.as_deref(), Some(NODE));
+    write_into_image(&image(&source), "after", "two");
+
+    let from_snapshot =
+        json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "snap" });
+    claim_from(&ns, "restored", &class, "64Mi", from_snapshot).await;
+    let restored = bound_volume(&ns, "restored").await;
+    assert_eq!(read_from_image(&image(&restored), "before"), "one");
+    assert_eq!(
+        read_from_image(&image(&restored), "after"),
+        "",
+        "written after the snapshot"
+    );
+    assert_eq!(
+        volumes.get(&restored).await.unwrap().spec.node.as_deref(),
+        Some(NODE)
+    );
+
+    let from_claim = json!({ "kind": "PersistentVolumeClaim", "name": "source" });
+    claim_from(&ns, "cloned", &class, "64Mi", from_claim).await;
+    let cloned = bound_volume(&ns, "cloned").await;
+    assert_eq!(read_from_image(&image(&cloned), "before"), "one");
+    assert_eq!(read_from_image(&image(&cloned), "after"), "two");
+
+    // Delete policy: the snapshot Volume and its image go with the
+    // VolumeSnapshot.
+    ns.api::<VolumeSnapshot>()
+        .delete("snap", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(&volumes, &handle, "gone", gone).await;
+    assert!(!image(&handle).exists(), "the snapshot's image is left");
+    controller.stop();
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+async fn snapshot_volume(
+    ns: &TestNamespace,
+    name: &str,
+    class: &str,
+) -> (VolumeSnapshot, stowage::snapshot_api::VolumeSnapshotContent) {
+    request_snapshot(ns, name, "source", class).await;
+    ready_snapshot(ns, name).await
+}
