@@ -1,10 +1,12 @@
 //! A real kubelet with containerd: stowage registers with kubelet through
 //! its socket, and pods scheduled by kube-scheduler mount stowage volumes,
-//! write, and read back after the first pod is gone.
+//! write, and read back after the first pod is gone; snapshots, restores
+//! and clones carry the bytes.
 
 mod expand;
 mod layouts;
 mod restart;
+mod snapshots;
 
 use std::time::Instant;
 
@@ -244,6 +246,8 @@ async fn pods_write_and_read_a_stowage_volume_on_a_real_kubelet() {
     let agent =
         restart::agent_restart_keeps_a_running_pod(&node, &ns, &class, agent, start_agent).await;
     layouts::dir_volume_in_a_pod(&ns, &data).await;
+    snapshots::of_a_mounted_volume_restored_and_cloned(&ns, &client, &node.kubeconfig, &class)
+        .await;
     pods.delete("busy", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
