@@ -5,7 +5,10 @@
 //! for any Volume. So the intent is recorded before any data, the node's
 //! capacity counts it, and only that node's agent may report on it.
 
+use std::sync::Arc;
+
 use kube::api::PostParams;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use crate::backend::csi_proxy::Snapshot;
@@ -18,23 +21,29 @@ use crate::crd::{
 use crate::kubeapi;
 
 /// The snapshot Volume `name` of Volume `source`, written if it is not
-/// yet; as far as the node agent got with it.
+/// yet; as far as the node agent got with it. Polled until ready, so both
+/// are read from the Volume cache: a cache behind the API server only
+/// makes the create answer 409, or the poll come again.
 pub async fn cut(ctx: &Context, name: &str, source: &str) -> Result<Snapshot, Error> {
-    let api = Api::<Volume>::all(ctx.client.clone());
-    if let Some(existing) = api.get_opt(name).await? {
+    if let Some(existing) = cached(ctx, name) {
         return described(&existing);
     }
-    let from = api.get_opt(source).await?.ok_or_else(|| {
+    let from = cached(ctx, source).ok_or_else(|| {
         Error::Snapshot(format!(
             "volume {source} does not exist: there is nothing to snapshot"
         ))
     })?;
     let volume = snapshot_volume(name, &from)?;
+    let api = Api::<Volume>::all(ctx.client.clone());
     match api.create(&PostParams::default(), &volume).await {
         Ok(created) => described(&created),
         Err(kube::Error::Api(s)) if s.code == 409 => described(&api.get(name).await?),
         Err(e) => Err(e.into()),
     }
+}
+
+fn cached(ctx: &Context, name: &str) -> Option<Arc<Volume>> {
+    ctx.stores.volumes.get(&ObjectRef::new(name))
 }
 
 /// The Volume that records a snapshot of `from`.
@@ -110,10 +119,7 @@ fn described(volume: &Volume) -> Result<Snapshot, Error> {
 
 /// A pre-provisioned local snapshot: the snapshot Volume its handle names.
 pub async fn status(ctx: &Context, handle: &str) -> Result<Snapshot, Error> {
-    let api = Api::<Volume>::all(ctx.client.clone());
-    let found = api
-        .get_opt(handle)
-        .await?
+    let found = cached(ctx, handle)
         .ok_or_else(|| Error::Snapshot(format!("snapshot {handle} does not exist on any node")))?;
     if found.spec.claim.is_some() || found.spec.source.is_none() {
         return Err(Error::Snapshot(format!(
@@ -123,10 +129,18 @@ pub async fn status(ctx: &Context, handle: &str) -> Result<Snapshot, Error> {
     described(&found)
 }
 
-/// Deletes the snapshot Volume; true once it is gone (its node agent has
-/// removed the image and its finalizer).
+/// Deletes the snapshot Volume (once: the polls that follow only look);
+/// true once it is gone (its node agent has removed the image and its
+/// finalizer).
 pub async fn delete(ctx: &Context, handle: &str) -> Result<bool, Error> {
     let api = Api::<Volume>::all(ctx.client.clone());
-    kubeapi::delete(&api, handle, None).await?;
-    Ok(api.get_opt(handle).await?.is_none())
+    let Some(volume) = cached(ctx, handle) else {
+        // Gone for the cache; the API server confirms before the content
+        // lets go of it, or a snapshot Volume would be left unowned.
+        return Ok(!kubeapi::exists_with_uid(&api, handle, None).await?);
+    };
+    if volume.metadata.deletion_timestamp.is_none() {
+        kubeapi::delete(&api, handle, volume.uid()).await?;
+    }
+    Ok(false)
 }
