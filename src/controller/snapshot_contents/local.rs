@@ -144,3 +144,42 @@ pub async fn delete(ctx: &Context, handle: &str) -> Result<bool, Error> {
     }
     Ok(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{volume, volume_spec};
+
+    fn source(node: Option<&str>, layout: Option<&str>) -> Volume {
+        let mut spec = volume_spec(local::DRIVER_NAME, 64 << 20);
+        spec.node = node.map(str::to_string);
+        if let Some(layout) = layout {
+            spec.parameters.insert("layout".into(), layout.into());
+        }
+        volume("pvc-1", spec)
+    }
+
+    #[test]
+    fn a_snapshot_is_a_volume_on_its_sources_node_copying_it() {
+        let snap = snapshot_volume("snapshot-u", &source(Some("n1"), None)).unwrap();
+        assert_eq!(snap.spec.node.as_deref(), Some("n1"));
+        assert_eq!(snap.spec.source, Some(VolumeSource::Volume("pvc-1".into())));
+        assert_eq!(snap.spec.capacity_bytes, 64 << 20);
+        assert_eq!(snap.spec.claim, None);
+        assert_eq!(
+            snap.labels().get(NODE_LABEL).map(String::as_str),
+            Some("n1")
+        );
+        assert!(snap.finalizers().iter().any(|f| f == VOLUME_FINALIZER));
+        // Not ready until its agent says so.
+        assert!(!described(&snap).unwrap().ready);
+    }
+
+    #[test]
+    fn what_cannot_be_snapshotted_says_why() {
+        let dir = snapshot_volume("s", &source(Some("n1"), Some("dir"))).unwrap_err();
+        assert!(dir.to_string().contains("layout dir"), "{dir}");
+        let nowhere = snapshot_volume("s", &source(None, None)).unwrap_err();
+        assert!(nowhere.to_string().contains("no node yet"), "{nowhere}");
+    }
+}
