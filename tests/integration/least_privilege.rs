@@ -120,6 +120,12 @@ const USED_ELSEWHERE: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "stowage-controller",
+        "stowage.dev:volumes",
+        "get",
+        "local_snapshot.rs: a snapshot Volume confirmed gone",
+    ),
+    (
+        "stowage-controller",
         "stowage.dev:volumes/status",
         "patch",
         "proxy_driver.rs: a --csi-driver Volume",

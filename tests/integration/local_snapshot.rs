@@ -9,7 +9,7 @@ use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use stowage::crd::Volume;
-use stowage::snapshot_api::VolumeSnapshot;
+use stowage::snapshot_api::{VolumeSnapshot, VolumeSnapshotContent};
 
 use crate::crash::{read_from_image, write_into_image};
 use crate::fixtures::{claim, gone, is_bound, storage_class, wait};
@@ -17,6 +17,9 @@ use crate::harness::{
     Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
 };
 use crate::proxy_snapshot::{claim_from, ready_snapshot, request_snapshot, snapshot_class};
+use crate::service_accounts::{
+    CONTROLLER_ACCOUNT, account_kubeconfig, install_controller_identity,
+};
 use crate::snapshotter;
 
 const NODE: &str = "snapshot-local-node";
@@ -37,7 +40,10 @@ async fn local_volumes_snapshot_restore_and_clone_on_their_node() {
     wait_for_storage_nodes(&kubeconfig, &[NODE]);
     let _snapshot_controller =
         snapshotter::start(&client, &kubeconfig, "local-snapshot-snapshot-controller").await;
-    let controller = Process::controller(&kubeconfig, "local-snapshot-controller");
+    // As deployed: the manifests' RBAC, which this flow must find enough.
+    install_controller_identity(&kubeconfig);
+    let as_controller = account_kubeconfig(&kubeconfig, &client, CONTROLLER_ACCOUNT).await;
+    let controller = Process::controller(&as_controller, "local-snapshot-controller");
     let ns = TestNamespace::new_with(client.clone(), "local-snapshot").await;
     let class = format!("{}-c", ns.name);
     storage_class(&client, &class, "Immediate", "Delete", &[]).await;
@@ -50,6 +56,7 @@ async fn local_volumes_snapshot_restore_and_clone_on_their_node() {
     write_into_image(&image(&source), "before", "one");
 
     let (snap, content) = snapshot_volume(&ns, "snap", &snapshots_class).await;
+    let content_name = content.name_any();
     let handle = content.status.unwrap().snapshot_handle.unwrap();
     assert_eq!(handle, format!("snapshot-{}", snap.uid().unwrap()));
     let volumes = Api::<Volume>::all(client.clone());
@@ -86,6 +93,10 @@ async fn local_volumes_snapshot_restore_and_clone_on_their_node() {
         .unwrap();
     wait(&volumes, &handle, "gone", gone).await;
     assert!(!image(&handle).exists(), "the snapshot's image is left");
+    // The content lets go only once the API server confirms the Volume
+    // gone (a read the controller's own RBAC must allow).
+    let contents = Api::<VolumeSnapshotContent>::all(client.clone());
+    wait(&contents, &content_name, "gone", gone).await;
     controller.stop();
     agent.stop();
     let _ = std::fs::remove_dir_all(&data);
