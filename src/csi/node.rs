@@ -33,6 +33,16 @@ pub struct NodeService {
     /// Which paths under it are accepted.
     pub paths: paths::Layout,
     pub locks: VolumeLocks,
+    /// Told of every stage refused for doubt about what a device holds.
+    pub refusals: Option<std::sync::Arc<dyn StageRefusals>>,
+}
+
+/// Someone to tell when NodeStage refuses a device it is unsure of (blkid
+/// failed, two signatures, another filesystem than asked for): kubelet's
+/// FailedMount event names only the pod, and the pod is often gone by the
+/// time someone looks for why the volume never mounted.
+pub trait StageRefusals: Send + Sync {
+    fn refused(&self, volume_id: &str, message: &str);
 }
 
 /// Where a volume's data is on this node.
@@ -289,6 +299,9 @@ impl Node for NodeService {
                 };
                 if let Err(e) = mounted.await {
                     let _ = loop_device::detach(&image).await;
+                    if let (CsiError::Probe(_), Some(told)) = (&e, &self.refusals) {
+                        told.refused(id, &e.to_string());
+                    }
                     Err(e)?;
                 }
             }

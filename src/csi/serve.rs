@@ -98,6 +98,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             node: config.node_name,
             kubelet_dir: config.kubelet_dir,
             paths: config.request_paths,
+            refusals: None,
             locks,
         }))
         .serve_with_incoming_shutdown(

@@ -4,6 +4,7 @@
 mod authority;
 pub mod handover;
 mod health;
+mod refusals;
 pub mod registration;
 mod report;
 mod volumes;
@@ -186,7 +187,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Stop acting on SIGTERM, or when a newer agent asks to take over.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Stop>);
     let stop = || stopped(stop_rx.clone());
-    let (grpc, socket_id) = serve_socket(&socket, &config, registered, stop())?;
+    let warnings = refusals::ClaimWarnings::new(client.clone(), &config.node_name);
+    let (grpc, socket_id) = serve_socket(&socket, &config, warnings, registered, stop())?;
     let ctx = Arc::new(NodeContext::new(client.clone(), &config, metrics));
     let reporter = report::Reporter::new(&ctx, &config);
     reporter.report(&ctx).await?;
@@ -430,6 +432,7 @@ pub fn socket_path(kubelet_dir: &std::path::Path) -> PathBuf {
 fn serve_socket<S: Future<Output = ()> + Send + 'static>(
     socket: &std::path::Path,
     config: &Config,
+    warnings: refusals::ClaimWarnings,
     registered: Gauge<i64, AtomicI64>,
     stop: S,
 ) -> Result<
@@ -453,6 +456,7 @@ fn serve_socket<S: Future<Output = ()> + Send + 'static>(
         // kubelet is the only caller here.
         paths: crate::host::paths::Layout::Kubelet,
         locks: VolumeLocks::default(),
+        refusals: Some(Arc::new(warnings)),
     };
     let server = tonic::transport::Server::builder()
         .add_service(RegistrationServer::new(registration::RegistrationService {

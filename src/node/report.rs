@@ -4,7 +4,7 @@
 //! node's sparse volumes get a Warning event (their writes may now fail
 //! with ENOSPC); when it turns False again, a Normal one.
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
 use kube::{Api, ResourceExt};
@@ -149,14 +149,7 @@ impl Reporter {
             let Some(claim) = volume.spec.claim.as_ref().filter(|_| !preallocated) else {
                 continue;
             };
-            let regarding = ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("PersistentVolumeClaim".into()),
-                namespace: Some(claim.namespace.clone()),
-                name: Some(claim.name.clone()),
-                uid: Some(claim.uid.clone()),
-                ..Default::default()
-            };
+            let regarding = claim.object_reference();
             let event = Event {
                 type_,
                 reason: reason.into(),

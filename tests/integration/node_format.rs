@@ -14,8 +14,15 @@ use stowage::proto::csi::v1::volume_capability::{
 };
 use tonic::Code;
 
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::Api;
+
 use crate::csi_node::{CsiNode, MIB, loops_of, mounts_at, tool, wait_until};
-use crate::harness::unique_name;
+use crate::fixtures::{claim, is_bound, storage_class, wait, wait_for_event};
+use crate::harness::{
+    Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
+};
+use crate::node_socket::connect;
 
 fn mount_capability(fs_type: &str) -> csi::VolumeCapability {
     csi::VolumeCapability {
@@ -238,4 +245,72 @@ async fn a_filesystem_of_another_type_is_refused() {
     );
     csi.unstage(id).await;
     csi.finish().await;
+}
+
+/// Through the node agent, as kubelet calls it: a stage refused for doubt
+/// is also a Warning on the volume's claim, which outlives the pod that
+/// kubelet's own FailedMount event names.
+#[tokio::test]
+async fn a_refused_stage_is_told_on_the_claim() {
+    const NODE: &str = "refusal-node";
+    let kubeconfig = bare_cluster("node-refusal", &[NODE]);
+    let client = client_for_path(&kubeconfig).await;
+    let ns = TestNamespace::new_with(client.clone(), "node-refusal").await;
+    let data = std::env::temp_dir().join(unique_name("stowage-refusal"));
+    let agent = Process::node(&kubeconfig, NODE, &data, "node-refusal-node");
+    wait_for_storage_nodes(&kubeconfig, &[NODE]);
+    let controller = Process::controller(&kubeconfig, "node-refusal-controller");
+    let class = format!("{}-ext4", ns.name);
+    storage_class(
+        &client,
+        &class,
+        "Immediate",
+        "Delete",
+        &[("fsType", "ext4")],
+    )
+    .await;
+    claim(&ns, "data", &class, "32Mi", &["ReadWriteOnce"]).await;
+    let bound = wait(
+        &ns.api::<PersistentVolumeClaim>(),
+        "data",
+        "Bound",
+        is_bound,
+    )
+    .await
+    .unwrap();
+    let pv = bound.spec.unwrap().volume_name.unwrap();
+    let handle = Api::<PersistentVolume>::all(client.clone())
+        .get(&pv)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .csi
+        .unwrap()
+        .volume_handle;
+
+    let kubelet = data.join("kubelet");
+    let socket = stowage::node::socket_path(&kubelet);
+    let mut node = csi::node_client::NodeClient::new(connect(&socket).await);
+    let staging = kubelet.join(format!(
+        "plugins/kubernetes.io/csi/local.stowage.dev/{pv}/globalmount"
+    ));
+    let err = node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: handle,
+            staging_target_path: staging.to_str().unwrap().into(),
+            volume_capability: Some(mount_capability("xfs")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let note = wait_for_event(&ns, "data", "StageRefused").await;
+    assert!(
+        note.contains(NODE) && note.contains("ext4") && note.contains("xfs"),
+        "{note}"
+    );
+    controller.stop();
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&data);
 }

@@ -83,6 +83,7 @@ impl World {
             kubelet_dir: kubelet.clone(),
             paths,
             locks: VolumeLocks::default(),
+            refusals: None,
         };
         let world = World {
             strict: node(Layout::Kubelet),
