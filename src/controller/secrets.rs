@@ -34,6 +34,11 @@ pub enum SecretFor {
     NodePublish,
     ControllerExpand,
     NodeExpand,
+    /// ControllerModifyVolume (VolumeAttributesClass changes): Kubernetes
+    /// has no PV field for it, so the reference travels in the PV's
+    /// annotations, where external-provisioner 6.2 writes it and
+    /// external-resizer reads it.
+    ControllerModify,
     /// CreateSnapshot and DeleteSnapshot: named by a VolumeSnapshotClass,
     /// never by a StorageClass (so not in `ALL`).
     Snapshotter,
@@ -48,6 +53,7 @@ impl SecretFor {
             SecretFor::NodePublish => "node-publish",
             SecretFor::ControllerExpand => "controller-expand",
             SecretFor::NodeExpand => "node-expand",
+            SecretFor::ControllerModify => "controller-modify",
             SecretFor::Snapshotter => "snapshotter",
         }
     }
@@ -61,7 +67,7 @@ impl SecretFor {
             SecretFor::NodePublish => Some("nodePublishSecretRef"),
             SecretFor::ControllerExpand => Some("controllerExpandSecretRef"),
             SecretFor::NodeExpand => Some("nodeExpandSecretRef"),
-            SecretFor::Snapshotter => None,
+            SecretFor::ControllerModify | SecretFor::Snapshotter => None,
         }
     }
 
@@ -71,13 +77,23 @@ impl SecretFor {
         self != SecretFor::Provisioner
     }
 
-    pub const ALL: [SecretFor; 6] = [
+    /// The PV annotations (name, namespace) that carry this reference,
+    /// for a kind that has no PV field.
+    pub fn pv_annotations(self) -> Option<(&'static str, &'static str)> {
+        (self == SecretFor::ControllerModify).then_some((
+            "volume.kubernetes.io/controller-modify-secret-name",
+            "volume.kubernetes.io/controller-modify-secret-namespace",
+        ))
+    }
+
+    pub const ALL: [SecretFor; 7] = [
         SecretFor::Provisioner,
         SecretFor::ControllerPublish,
         SecretFor::NodeStage,
         SecretFor::NodePublish,
         SecretFor::ControllerExpand,
         SecretFor::NodeExpand,
+        SecretFor::ControllerModify,
     ];
 }
 
@@ -379,12 +395,10 @@ pub fn fs_type(params: &BTreeMap<String, String>) -> Option<&str> {
 /// external-provisioner refuses such a class rather than guess what the
 /// key meant, and so does stowage.
 pub fn unknown_reserved_key(params: &BTreeMap<String, String>) -> Option<&str> {
-    // controller-modify is for VolumeAttributesClasses, which stowage does
-    // not act on yet; external-provisioner knows the key all the same.
     let kinds = SecretFor::ALL
         .iter()
         .map(|k| format!("{}-", k.key()))
-        .chain(["controller-modify-".to_string(), String::new()]);
+        .chain([String::new()]);
     let known: Vec<String> = kinds
         .flat_map(|k| [format!("{k}secret-name"), format!("{k}secret-namespace")])
         .chain(["fstype".to_string()])

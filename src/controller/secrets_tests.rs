@@ -193,7 +193,7 @@ fn the_default_pair_serves_kinds_without_their_own() {
         ("csi.storage.k8s.io/node-stage-secret-namespace", "other"),
     ]);
     let refs = all_refs(&p, &values).unwrap();
-    assert_eq!(refs.len(), 6);
+    assert_eq!(refs.len(), SecretFor::ALL.len());
     for (kind, r) in refs {
         let expected = if kind == SecretFor::NodeStage {
             ("stage", "other")

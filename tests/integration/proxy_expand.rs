@@ -12,9 +12,10 @@ use serde_json::json;
 
 use crate::external_driver::ExternalDriver;
 use crate::fixtures::{claim, is_bound, wait, wait_for_event};
-use crate::harness::{TestNamespace, bare_cluster, client_for_path};
+use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::proxy_attach::Scene;
 use crate::proxy_driver::{apply, proxy_controller};
+use crate::proxy_snapshot::recorded;
 
 const MI: i64 = 1 << 20;
 
@@ -53,9 +54,11 @@ async fn driver_volumes_expand_through_controller_expand_volume() {
     let node = "expand-node";
     let kubeconfig = bare_cluster("proxy-expand", &[node]);
     let client = client_for_path(&kubeconfig).await;
+    let record = std::env::temp_dir().join(unique_name("stowage-expand-record"));
     let driver = ExternalDriver::mock("expand.mock.csi.stowage.test").with_args(&[
         "--node-expansion-required",
         &format!("--max-volume-size={}", 1024 * MI),
+        &format!("--record={}", record.display()),
     ]);
     let _running = driver.start();
     Scene::install(&client, &driver, &[node]).await;
@@ -138,6 +141,15 @@ async fn driver_volumes_expand_through_controller_expand_volume() {
         32 * MI,
         "ControllerExpandVolume reached the driver"
     );
+    let asked = recorded(&record, "ControllerExpandVolume");
+    assert!(!asked.is_empty(), "no ControllerExpandVolume recorded");
+    for request in &asked {
+        assert_eq!(
+            request["secrets"],
+            json!({ "token": "t" }),
+            "the controller-expand Secret's data reached the driver"
+        );
+    }
     wait_for_event(&ns, "fs", "FileSystemResizeRequired").await;
 
     // A block volume: nothing for the node, the claim has its size at once.

@@ -2,9 +2,10 @@
 //! and external-resizer, against Kubernetes' CSI mock driver: the class's
 //! parameters as CreateVolume's `mutable_parameters`, ControllerModifyVolume
 //! when the claim names another class, `modifyVolumeStatus` while a class
-//! is missing or wrong, and a clear refusal for `local.stowage.dev`.
+//! is missing or wrong, the controller-modify Secret, and a clear refusal
+//! for `local.stowage.dev`.
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
 use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -12,9 +13,10 @@ use serde_json::json;
 
 use crate::external_driver::ExternalDriver;
 use crate::fixtures::{is_bound, wait, wait_for_event};
-use crate::harness::{TestNamespace, bare_cluster, client_for_path};
+use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::proxy_attach::Scene;
 use crate::proxy_driver::{apply, immediate_class, proxy_controller};
+use crate::proxy_snapshot::recorded;
 
 fn current(c: &PersistentVolumeClaim) -> Option<&str> {
     c.status
@@ -54,7 +56,9 @@ async fn volume_attributes_classes_reach_the_driver_and_change_through_modify_vo
     let node = "vac-node";
     let kubeconfig = bare_cluster("proxy-modify", &[node]);
     let client = client_for_path(&kubeconfig).await;
-    let driver = ExternalDriver::mock("vac.mock.csi.stowage.test");
+    let record = std::env::temp_dir().join(unique_name("stowage-modify-record"));
+    let driver = ExternalDriver::mock("vac.mock.csi.stowage.test")
+        .with_args(&[&format!("--record={}", record.display())]);
     let _running = driver.start();
     Scene::install(&client, &driver, &[node]).await;
     let controller = proxy_controller(
@@ -79,13 +83,24 @@ async fn volume_attributes_classes_reach_the_driver_and_change_through_modify_vo
     apply(&vacs, vac(&gold, &driver.name, "3000")).await;
     apply(&vacs, vac(&silver, &driver.name, "1500")).await;
     apply(&vacs, vac(&foreign, "other.csi.k8s.io", "9")).await;
+    // The controller-modify Secret, as external-provisioner 6.2 records
+    // it on the PV and external-resizer reads it from there.
     let class = immediate_class(
         &client,
         &format!("{}-class", ns.name),
         &driver.name,
-        json!({}),
+        json!({ "csi.storage.k8s.io/controller-modify-secret-name": "modify-creds",
+                "csi.storage.k8s.io/controller-modify-secret-namespace": "${pvc.namespace}" }),
     )
     .await;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "modify-creds" }, "stringData": { "token": "m" },
+    }))
+    .unwrap();
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let claims = ns.api::<PersistentVolumeClaim>();
     let pvs = Api::<PersistentVolume>::all(client.clone());
     let with_class = |name: &str, storage_class: &str| -> PersistentVolumeClaim {
@@ -140,6 +155,25 @@ async fn volume_attributes_classes_reach_the_driver_and_change_through_modify_vo
         driver.log()
     );
     wait_for_event(&ns, "data", "VolumeModifySuccessful").await;
+    let annotations = pvs
+        .get(&pv_name)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(
+        (
+            annotations["volume.kubernetes.io/controller-modify-secret-name"].as_str(),
+            annotations["volume.kubernetes.io/controller-modify-secret-namespace"].as_str()
+        ),
+        ("modify-creds", ns.name.as_str())
+    );
+    let asked = recorded(&record, "ControllerModifyVolume");
+    assert!(!asked.is_empty(), "no ControllerModifyVolume recorded");
+    for request in &asked {
+        assert_eq!(request["secrets"], json!({ "token": "m" }), "{request}");
+    }
 
     // A class that does not exist yet: Pending, then applied once made.
     name_class(&claims, "data", &late).await;

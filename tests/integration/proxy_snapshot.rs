@@ -20,7 +20,7 @@ use crate::service_accounts::{
 use crate::snapshotter;
 
 /// The requests the driver recorded for `method`.
-fn recorded(record: &std::path::Path, method: &str) -> Vec<Value> {
+pub fn recorded(record: &std::path::Path, method: &str) -> Vec<Value> {
     std::fs::read_to_string(record)
         .unwrap_or_default()
         .lines()

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::plan::{IN_PROGRESS, INFEASIBLE, ModifyError, PENDING};
 use crate::backend::csi_proxy::CsiDriver;
-use crate::backend::secrets::Secrets;
+use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error, csi_handle};
 
 const JOB: &str = "modify";
@@ -98,10 +98,8 @@ pub async fn modify(
     }
     mark(ctx, claim, target, IN_PROGRESS).await?;
     let handle = csi_handle(pv).unwrap_or_default();
-    if let Err(e) = driver
-        .modify_volume(handle, parameters, Secrets::default())
-        .await
-    {
+    let secrets = secrets::for_pv(&ctx.client, pv, SecretFor::ControllerModify).await?;
+    if let Err(e) = driver.modify_volume(handle, parameters, secrets).await {
         let infeasible = e.is_infeasible();
         let error = ModifyError::Driver {
             message: e.to_string(),

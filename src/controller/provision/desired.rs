@@ -402,10 +402,15 @@ fn desired_remote_pv(
         csi["fsType"] = json!(fs);
     }
     let name = volume.name_any();
+    let mut annotations = BTreeMap::new();
     // Checked by `after_volume_written` just before: these resolve.
     for (kind, r) in secrets::all_refs(params, &template_values(claim, &name)).unwrap_or_default() {
         if let Some(field) = kind.pv_field() {
             csi[field] = json!(r);
+        }
+        if let Some((name_key, namespace_key)) = kind.pv_annotations() {
+            annotations.insert(name_key.to_string(), r.name);
+            annotations.insert(namespace_key.to_string(), r.namespace);
         }
     }
     let affinity = (!status.topology.is_empty()).then(|| {
@@ -417,5 +422,10 @@ fn desired_remote_pv(
                 .collect(),
         )
     });
-    pv(claim, class, volume, capacity, csi, affinity)
+    let mut pv = pv(claim, class, volume, capacity, csi, affinity);
+    pv.metadata
+        .annotations
+        .get_or_insert_default()
+        .extend(annotations);
+    pv
 }

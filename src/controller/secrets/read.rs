@@ -1,7 +1,7 @@
 //! Reading the Secret a CSI call needs, with errors that say which class
 //! key or PV field named it and what RBAC is missing.
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PersistentVolume, Secret};
 use kube::{Api, Client};
 
 use super::{SecretFor, SecretRef, Secrets};
@@ -59,28 +59,38 @@ impl ReadError {
 /// read; empty when it names none.
 pub async fn for_pv(
     client: &Client,
-    pv: &k8s_openapi::api::core::v1::PersistentVolume,
+    pv: &PersistentVolume,
     kind: SecretFor,
 ) -> Result<Secrets, ReadError> {
-    let csi = pv.spec.as_ref().and_then(|s| s.csi.as_ref());
-    let r = csi.and_then(|c| match kind {
-        SecretFor::ControllerPublish => c.controller_publish_secret_ref.as_ref(),
-        SecretFor::ControllerExpand => c.controller_expand_secret_ref.as_ref(),
-        SecretFor::NodeStage => c.node_stage_secret_ref.as_ref(),
-        SecretFor::NodePublish => c.node_publish_secret_ref.as_ref(),
-        SecretFor::NodeExpand => c.node_expand_secret_ref.as_ref(),
-        SecretFor::Provisioner | SecretFor::Snapshotter => None,
-    });
-    match r {
-        Some(r) => {
-            let reference = SecretRef {
-                namespace: r.namespace.clone().unwrap_or_default(),
-                name: r.name.clone().unwrap_or_default(),
-            };
-            read(client, &reference, kind).await
-        }
+    match pv_reference(pv, kind) {
+        Some(reference) => read(client, &reference, kind).await,
         None => Ok(Secrets::default()),
     }
+}
+
+/// Where a PV names its Secret for `kind`: a field of its CSI source, or
+/// (controller-modify) a pair of annotations.
+fn pv_reference(pv: &PersistentVolume, kind: SecretFor) -> Option<SecretRef> {
+    if let Some((name, namespace)) = kind.pv_annotations() {
+        let annotations = pv.metadata.annotations.as_ref()?;
+        return Some(SecretRef {
+            namespace: annotations.get(namespace)?.clone(),
+            name: annotations.get(name)?.clone(),
+        });
+    }
+    let csi = pv.spec.as_ref()?.csi.as_ref()?;
+    let r = match kind {
+        SecretFor::ControllerPublish => csi.controller_publish_secret_ref.as_ref(),
+        SecretFor::ControllerExpand => csi.controller_expand_secret_ref.as_ref(),
+        SecretFor::NodeStage => csi.node_stage_secret_ref.as_ref(),
+        SecretFor::NodePublish => csi.node_publish_secret_ref.as_ref(),
+        SecretFor::NodeExpand => csi.node_expand_secret_ref.as_ref(),
+        SecretFor::Provisioner | SecretFor::ControllerModify | SecretFor::Snapshotter => None,
+    }?;
+    Some(SecretRef {
+        namespace: r.namespace.clone().unwrap_or_default(),
+        name: r.name.clone().unwrap_or_default(),
+    })
 }
 
 /// A Secret's data for a CSI call's `secrets`, byte for byte.
