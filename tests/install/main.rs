@@ -2,8 +2,11 @@
 //! image, `kubectl apply -k manifests/`, its pods under its manifests'
 //! ServiceAccounts and RBAC (nothing of stowage runs with admin
 //! credentials here); then upgraded by image tag under load, rolled back,
-//! and given a tag that does not exist.
+//! and given a tag that does not exist. The API server's audit log must
+//! show no request of theirs refused, but for the one step that takes a
+//! permission away on purpose.
 
+mod audit;
 #[allow(dead_code)]
 #[path = "../integration/fixtures.rs"]
 mod fixtures;
@@ -71,6 +74,8 @@ async fn install_upgrade_and_roll_back_by_image_tag() {
     let node = real_node_without_stowage();
     let client = client_for_path(&node.kubeconfig).await;
     let overlay = Overlay::new(&node);
+    let audit = audit::AuditLog::of(&node.kubeconfig);
+    let installed = audit.mark();
     let v1 = env!("CARGO_PKG_VERSION").to_string();
     let v2 = format!("{v1}-next");
     let started = Instant::now();
@@ -114,7 +119,13 @@ async fn install_upgrade_and_roll_back_by_image_tag() {
     .await;
 
     data_survives_a_pod_restart(&ns, &wffc).await;
+    let taken = audit.mark();
     missing_permission_is_named_on_the_claim(&overlay, &client, &ns, &immediate, &v1).await;
+    let given_back = audit.mark();
+    assert!(
+        !audit.refusals(taken, Some(given_back)).is_empty(),
+        "the audit log shows no refusal while a permission was taken away"
+    );
 
     // Upgrade, then back, each under load.
     let mut writer = start_writer(&ns, &wffc, &node.kubelet_dir).await;
@@ -124,6 +135,17 @@ async fn install_upgrade_and_roll_back_by_image_tag() {
     writer.finish(&overlay, &ns).await;
 
     a_missing_tag_leaves_the_old_pods_serving(&overlay, &client, &ns, &immediate, &v1).await;
+
+    let refused: Vec<String> = [
+        audit.refusals(installed, Some(taken)),
+        audit.refusals(given_back, None),
+    ]
+    .concat();
+    assert!(
+        refused.is_empty(),
+        "stowage's ServiceAccounts were refused as installed:\n{}",
+        refused.join("\n")
+    );
 }
 
 async fn runs_as_its_own_service_accounts(client: &Client) {

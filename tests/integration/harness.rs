@@ -817,7 +817,8 @@ pub fn real_node() -> RealNode {
 /// tests that install it as users do.
 pub fn real_node_without_stowage() -> RealNode {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    let cluster = CLUSTER.get_or_init(|| start_cluster_with(None, true));
+    // Audited: the install test reads what stowage's accounts were refused.
+    let cluster = CLUSTER.get_or_init(|| start_cluster_env(None, true, &[("STOWAGE_AUDIT", "1")]));
     let kubelet_dir = cluster.kubeconfig.parent().unwrap().join("node/kubelet");
     assert!(
         kubelet_dir.is_dir(),
