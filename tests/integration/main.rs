@@ -7,6 +7,7 @@ mod capacity_scheduling;
 mod controller_lifecycle;
 mod crash;
 mod crash_delete;
+mod crash_local_snapshot;
 mod crash_provision;
 mod crash_proxy;
 mod crash_snapshot;
