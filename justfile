@@ -81,10 +81,10 @@ bench-compare N PLUGIN="": deps control-plane
     cargo build --release --bin stowage --example bench_compare
     STOWAGE_SIDECARS=$(bash scripts/build-sidecars.sh) STOWAGE_MOCK_DRIVER=$(bash scripts/build-mock-driver.sh)/mock-csi-driver bash scripts/cluster.sh run -- target/release/examples/bench_compare {{N}} {{PLUGIN}}
 
-# Benchmark (not a test): the local backend's snapshot, restore and clone of a 1 GiB volume with 512 MiB written, on xfs with reflink and on ext4: time and space each.
-bench-snapshot: deps
-    cargo build --release --example bench_snapshot
-    target/release/examples/bench_snapshot
+# Benchmark (not a test): the local backend's snapshot, restore and clone of a 1 GiB volume with 512 MiB written, on xfs with reflink and on ext4: time and space each; then the same through Kubernetes (VolumeSnapshot → readyToUse, restored and cloned claims → Bound).
+bench-snapshot: deps control-plane
+    cargo build --release --bin stowage --example bench_snapshot
+    STOWAGE_SNAPSHOTTER=$(bash scripts/build-snapshotter.sh) bash scripts/cluster.sh run -- target/release/examples/bench_snapshot
 
 # Benchmark (not a test): PODS WaitForFirstConsumer pods of random sizes over NODES simulated nodes of random free space, with CSIStorageCapacity published and without: pods rescheduled, time to all placed and Bound.
 bench-reschedule PODS="200" NODES="10": deps control-plane
