@@ -2,8 +2,9 @@
 //! `csi::node::StageRefusals`), posted on the volume's claim, where
 //! `kubectl describe pvc` shows them beside the provisioning events.
 
+use crate::telemetry::events::Recorder;
 use kube::api::ListParams;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
+use kube::runtime::events::{Event, EventType, Reporter as EventReporter};
 use kube::{Api, Client};
 
 use crate::crd::Volume;

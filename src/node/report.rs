@@ -4,9 +4,10 @@
 //! node's sparse volumes get a Warning event (their writes may now fail
 //! with ENOSPC); when it turns False again, a Normal one.
 
+use crate::telemetry::events::Recorder;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
+use kube::runtime::events::{Event, EventType, Reporter as EventReporter};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 

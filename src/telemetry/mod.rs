@@ -1,6 +1,7 @@
 //! Logs (tracing) and metrics (Prometheus text on `/metrics`), plus `/healthz`.
 
 pub mod csi_calls;
+pub mod events;
 pub mod jobs;
 
 use std::net::SocketAddr;

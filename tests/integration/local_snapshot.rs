@@ -2,7 +2,8 @@
 //! real snapshot-controller beside stowage): the snapshot is a Volume on
 //! the source's node that its agent cuts; restores and clones are made on
 //! that node from it. What each image holds is read with debugfs: the
-//! snapshot has what was written before it and not after.
+//! snapshot has what was written before it and not after. Block claims,
+//! which have no filesystem, are compared byte for byte.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::DeleteParams;
@@ -106,7 +107,95 @@ async fn snapshot_volume(
     ns: &TestNamespace,
     name: &str,
     class: &str,
-) -> (VolumeSnapshot, stowage::snapshot_api::VolumeSnapshotContent) {
-    request_snapshot(ns, name, "source", class).await;
+) -> (VolumeSnapshot, VolumeSnapshotContent) {
+    snapshot_volume_of(ns, name, "source", class).await
+}
+
+async fn snapshot_volume_of(
+    ns: &TestNamespace,
+    name: &str,
+    claim: &str,
+    class: &str,
+) -> (VolumeSnapshot, VolumeSnapshotContent) {
+    request_snapshot(ns, name, claim, class).await;
     ready_snapshot(ns, name).await
+}
+
+/// `len` bytes of a raw image at `offset`.
+fn raw_at(image: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; len];
+    std::fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+fn write_raw(image: &std::path::Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    file.write_all_at(bytes, offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// A Block claim has no filesystem to freeze or read: the snapshot, its
+/// restore and a clone are compared byte for byte.
+#[tokio::test]
+async fn block_volumes_snapshot_restore_and_clone_byte_for_byte() {
+    const BLOCK_NODE: &str = "snapshot-block-node";
+    const AT: u64 = 5 << 20;
+    let kubeconfig = bare_cluster("local-snapshot-block", &[BLOCK_NODE]);
+    let client = client_for_path(&kubeconfig).await;
+    let data = std::env::temp_dir().join(unique_name("stowage-block-snapshot"));
+    let agent = Process::node(&kubeconfig, BLOCK_NODE, &data, "local-snapshot-block-node");
+    wait_for_storage_nodes(&kubeconfig, &[BLOCK_NODE]);
+    let _snapshot_controller = snapshotter::start(
+        &client,
+        &kubeconfig,
+        "local-snapshot-block-snapshot-controller",
+    )
+    .await;
+    let controller = Process::controller(&kubeconfig, "local-snapshot-block-controller");
+    let ns = TestNamespace::new_with(client.clone(), "local-snapshot-block").await;
+    let class = format!("{}-c", ns.name);
+    storage_class(&client, &class, "Immediate", "Delete", &[]).await;
+    let snapshots_class = format!("{}-snap", ns.name);
+    snapshot_class(&client, &snapshots_class, "local.stowage.dev", "Delete").await;
+    let image = |volume: &str| data.join("volumes").join(format!("{volume}.img"));
+    let block_claim = |name: &str, source: Option<serde_json::Value>| -> PersistentVolumeClaim {
+        let mut claim = json!({
+            "metadata": { "name": name },
+            "spec": { "storageClassName": class, "accessModes": ["ReadWriteOnce"],
+                      "volumeMode": "Block", "resources": { "requests": { "storage": "32Mi" } } },
+        });
+        if let Some(source) = source {
+            claim["spec"]["dataSource"] = source;
+        }
+        serde_json::from_value(claim).unwrap()
+    };
+    let claims = ns.api::<PersistentVolumeClaim>();
+    let create = |claim: PersistentVolumeClaim| {
+        let claims = claims.clone();
+        async move { claims.create(&Default::default(), &claim).await.unwrap() }
+    };
+
+    create(block_claim("raw", None)).await;
+    let source = bound_volume(&ns, "raw").await;
+    write_raw(&image(&source), AT, b"before the cut");
+    let (_, content) = snapshot_volume_of(&ns, "raw-snap", "raw", &snapshots_class).await;
+    assert!(content.status.unwrap().ready_to_use.unwrap_or(false));
+    write_raw(&image(&source), AT, b"after the cut!");
+
+    let from_snapshot = json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "raw-snap" });
+    create(block_claim("raw-restored", Some(from_snapshot))).await;
+    let restored = bound_volume(&ns, "raw-restored").await;
+    assert_eq!(raw_at(&image(&restored), AT, 14), b"before the cut");
+    let from_claim = json!({ "kind": "PersistentVolumeClaim", "name": "raw" });
+    create(block_claim("raw-cloned", Some(from_claim))).await;
+    let cloned = bound_volume(&ns, "raw-cloned").await;
+    assert_eq!(raw_at(&image(&cloned), AT, 14), b"after the cut!");
+    controller.stop();
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&data);
 }
