@@ -20,7 +20,7 @@ use crate::service_accounts::{
 use crate::snapshotter;
 
 /// The requests the driver recorded for `method`.
-fn recorded(record: &std::path::Path, method: &str) -> Vec<Value> {
+pub fn recorded(record: &std::path::Path, method: &str) -> Vec<Value> {
     std::fs::read_to_string(record)
         .unwrap_or_default()
         .lines()
@@ -86,7 +86,7 @@ pub async fn content_of(ns: &TestNamespace, snapshot: &str) -> VolumeSnapshotCon
 
 /// Takes a snapshot of `claim` and waits until it is ready; returns it
 /// and its content.
-async fn snapshot(
+pub async fn snapshot(
     ns: &TestNamespace,
     name: &str,
     claim: &str,
@@ -165,7 +165,7 @@ fn handle_of(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> String {
         .clone()
 }
 
-async fn bound_handle(ns: &TestNamespace, claim: &str) -> String {
+pub async fn bound_handle(ns: &TestNamespace, claim: &str) -> String {
     let bound = wait(&ns.api::<PersistentVolumeClaim>(), claim, "Bound", is_bound)
         .await
         .unwrap();
