@@ -8,6 +8,7 @@
 //! the real snapshot-controller, as the controller's ServiceAccount with
 //! the manifests' RBAC.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
@@ -17,7 +18,7 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use stowage::snapshot_api::VolumeSnapshot;
 
-use crate::external_driver::ExternalDriver;
+use crate::external_driver::{ExternalDriver, Running};
 use crate::fixtures::{claim, gone, wait, wait_for_note};
 use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::proxy_attach::Scene;
@@ -87,6 +88,14 @@ async fn assert_pending(ns: &TestNamespace, name: &str) {
     );
 }
 
+/// The two namespaces, the driver's class and its record of calls.
+struct Across {
+    sources: TestNamespace,
+    users: TestNamespace,
+    class: String,
+    record: std::path::PathBuf,
+}
+
 #[tokio::test]
 async fn a_source_in_another_namespace_needs_the_flag_and_a_reference_grant() {
     let node = "xns-node";
@@ -106,132 +115,124 @@ async fn a_source_in_another_namespace_needs_the_flag_and_a_reference_grant() {
         args.extend_from_slice(extra);
         proxy_controller(&as_controller, &driver.name, &driver.socket, &args, log)
     };
-    let sources = TestNamespace::new_with(client.clone(), "xns-a").await;
     let users = TestNamespace::new_with(client.clone(), "xns-b").await;
-    let class = immediate_class(
-        &client,
-        &format!("{}-c", users.name),
-        &driver.name,
-        json!({}),
-    )
-    .await;
-    let snapshots = format!("{}-snap", users.name);
+    let class = format!("{}-c", users.name);
+    let at = Across {
+        sources: TestNamespace::new_with(client.clone(), "xns-a").await,
+        class: immediate_class(&client, &class, &driver.name, json!({})).await,
+        users,
+        record,
+    };
+    let snapshots = format!("{}-snap", at.users.name);
     snapshot_class(&client, &snapshots, &driver.name, "Delete").await;
 
     let controller = start(&[], "cross-namespace-flag-off");
-    claim(&sources, "source", &class, "1Gi", &["ReadWriteOnce"]).await;
-    let source_handle = bound_handle(&sources, "source").await;
-    let (_, content) = snapshot(&sources, "snap", "source", &snapshots).await;
+    claim(&at.sources, "source", &at.class, "1Gi", &["ReadWriteOnce"]).await;
+    let source_handle = bound_handle(&at.sources, "source").await;
+    let (_, content) = snapshot(&at.sources, "snap", "source", &snapshots).await;
     let snapshot_handle = content.status.unwrap().snapshot_handle.unwrap();
-    let from_snapshot =
-        json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "snap" });
     claim_across(
-        &users,
+        &at.users,
         "restored",
-        &class,
-        &sources.name,
-        from_snapshot.clone(),
+        &at.class,
+        &at.sources.name,
+        from_snap(),
     )
     .await;
 
     // (1) Flag off: refused, saying which flag.
-    let note = wait_for_note(&users, "restored", "ProvisioningFailed", FLAG).await;
+    let note = wait_for_note(&at.users, "restored", "ProvisioningFailed", FLAG).await;
     assert!(note.contains("another namespace"), "{note}");
-    assert_pending(&users, "restored").await;
+    assert_pending(&at.users, "restored").await;
     controller.stop();
 
     // (2) Flag on, no ReferenceGrant CRD: refused, saying to install it.
     let controller = start(&[FLAG], "cross-namespace-flag-on");
-    let note = wait_for_note(
-        &users,
-        "restored",
-        "ProvisioningFailed",
-        "install Gateway API",
-    )
-    .await;
+    let installing = "install Gateway API";
+    let note = wait_for_note(&at.users, "restored", "ProvisioningFailed", installing).await;
     assert!(note.contains("ReferenceGrant"), "{note}");
 
-    // (3) The CRD, picked up without a restart; a claim made now is
-    // refused with an event naming the grant to create.
+    // (3) The CRD, picked up without a restart.
     snapshotter::install_reference_grant_crd(&client).await;
+    let watching = controller.logged("ReferenceGrants served", Duration::from_secs(60));
     assert!(
-        controller
-            .logged("ReferenceGrants served", Duration::from_secs(60))
-            .await,
+        watching.await,
         "the controller never watched ReferenceGrants"
     );
-    claim_across(&users, "later", &class, &sources.name, from_snapshot).await;
-    let note = wait_for_note(&users, "later", "ProvisioningFailed", "isn't allowed").await;
+    refused_without_a_grant(&at).await;
+    restored_once_granted(&at, &running, &snapshot_handle).await;
+    clone_across(&at, &source_handle, &running).await;
+    controller.stop();
+    let _ = std::fs::remove_file(&at.record);
+}
+
+fn from_snap() -> Value {
+    json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "snap" })
+}
+
+fn to_snap() -> Value {
+    json!({ "group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap" })
+}
+
+/// A claim made now is refused with an event naming the grant to create;
+/// a grant for another namespace's claims allows nothing.
+async fn refused_without_a_grant(at: &Across) {
+    claim_across(&at.users, "later", &at.class, &at.sources.name, from_snap()).await;
+    let note = wait_for_note(&at.users, "later", "ProvisioningFailed", "isn't allowed").await;
     for part in [
-        format!("in namespace {}", sources.name),
-        format!("namespace: {}}}", users.name),
+        format!("in namespace {}", at.sources.name),
+        format!("namespace: {}}}", at.users.name),
         "kind: VolumeSnapshot, name: snap".to_string(),
     ] {
         assert!(note.contains(&part), "{note} (want {part})");
     }
-    // One for another namespace's claims allows nothing here.
-    let to_snap =
-        json!({ "group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap" });
-    grant(&sources, "for-others", &sources.name, to_snap.clone()).await;
+    grant(&at.sources, "for-others", &at.sources.name, to_snap()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_pending(&users, "restored").await;
-    assert_pending(&users, "later").await;
+    assert_pending(&at.users, "restored").await;
+    assert_pending(&at.users, "later").await;
+}
 
-    // (4) The grant: both restored from the snapshot in its namespace,
-    // which is protected while the driver works (stopped meanwhile).
+/// Once granted, both claims are restored from the snapshot in its
+/// namespace, which is protected while the driver works (stopped
+/// meanwhile) and released after.
+async fn restored_once_granted(at: &Across, running: &Running, snapshot_handle: &str) {
     running.pause();
-    grant(&sources, "restore", &users.name, to_snap).await;
-    let held = wait(
-        &sources.api::<VolumeSnapshot>(),
-        "snap",
-        "protected",
-        |s: Option<&VolumeSnapshot>| {
-            s.is_some_and(|s| s.finalizers().iter().any(|f| f == SNAPSHOT_FINALIZER))
-        },
-    )
-    .await;
-    assert!(held.is_some());
+    grant(&at.sources, "restore", &at.users.name, to_snap()).await;
+    let snapshots = at.sources.api::<VolumeSnapshot>();
+    let protected = |s: Option<&VolumeSnapshot>| {
+        s.is_some_and(|s| s.finalizers().iter().any(|f| f == SNAPSHOT_FINALIZER))
+    };
+    assert!(
+        wait(&snapshots, "snap", "protected", protected)
+            .await
+            .is_some()
+    );
     running.resume();
-    bound_handle(&users, "restored").await;
-    bound_handle(&users, "later").await;
-    let restores = recorded(&record, "CreateVolume");
-    let from_snap = restores
+    bound_handle(&at.users, "restored").await;
+    bound_handle(&at.users, "later").await;
+    let restores = recorded(&at.record, "CreateVolume");
+    let from_snapshot: BTreeSet<_> = restores
         .iter()
         .filter(|r| r["volume_content_source"]["snapshot"]["snapshot_id"] == snapshot_handle)
         .map(|r| r["name"].to_string())
-        .collect::<std::collections::BTreeSet<_>>();
-    assert_eq!(from_snap.len(), 2, "{restores:?}");
-    wait(
-        &sources.api::<VolumeSnapshot>(),
-        "snap",
-        "released",
-        |s: Option<&VolumeSnapshot>| {
-            s.is_some_and(|s| !s.finalizers().iter().any(|f| f == SNAPSHOT_FINALIZER))
-        },
-    )
-    .await;
-
-    clone_across(&sources, &users, &class, &source_handle, &running, &record).await;
-    controller.stop();
-    let _ = std::fs::remove_file(&record);
+        .collect();
+    assert_eq!(from_snapshot.len(), 2, "{restores:?}");
+    let released = |s: Option<&VolumeSnapshot>| {
+        s.is_some_and(|s| !s.finalizers().iter().any(|f| f == SNAPSHOT_FINALIZER))
+    };
+    wait(&snapshots, "snap", "released", released).await;
 }
 
 /// A clone of `source` from the users' namespace, granted for every claim
 /// (a grant without a name): the source, deleted while the clone is in
 /// flight, stays until the clone is provisioned.
-async fn clone_across(
-    sources: &TestNamespace,
-    users: &TestNamespace,
-    class: &str,
-    source_handle: &str,
-    running: &crate::external_driver::Running,
-    record: &std::path::Path,
-) {
+async fn clone_across(at: &Across, source_handle: &str, running: &Running) {
+    let (sources, users) = (&at.sources, &at.users);
     let to_claims = json!({ "group": "", "kind": "PersistentVolumeClaim" });
     grant(sources, "clone", &users.name, to_claims).await;
     running.pause();
     let from_claim = json!({ "kind": "PersistentVolumeClaim", "name": "source" });
-    claim_across(users, "cloned", class, &sources.name, from_claim).await;
+    claim_across(users, "cloned", &at.class, &sources.name, from_claim).await;
     let claims = sources.api::<PersistentVolumeClaim>();
     wait(
         &claims,
@@ -257,7 +258,7 @@ async fn clone_across(
     running.resume();
     bound_handle(users, "cloned").await;
     wait(&claims, "source", "gone", gone).await;
-    let clones = recorded(record, "CreateVolume");
+    let clones = recorded(&at.record, "CreateVolume");
     assert!(
         clones
             .iter()

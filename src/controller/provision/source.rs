@@ -15,13 +15,13 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::{ProvisionError, requested_bytes};
-
-pub mod grant;
 use crate::controller::{Context, Error};
 use crate::crd::VolumeSource;
 use crate::kubeapi;
 use crate::quantity::parse_bytes;
 use crate::snapshot_api::{self, VolumeSnapshot, VolumeSnapshotContent};
+
+pub mod grant;
 
 pub const KIND_SNAPSHOT: &str = "VolumeSnapshot";
 pub const KIND_CLAIM: &str = "PersistentVolumeClaim";

@@ -1,5 +1,5 @@
 use super::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// A claim `b/new` whose `dataSourceRef` names `kind` `name` of `group`
 /// in namespace `a`.
@@ -18,7 +18,7 @@ fn snapshot_ref() -> Reference {
     reference("snapshot.storage.k8s.io", "VolumeSnapshot", "snap")
 }
 
-fn grant(namespace: &str, from: serde_json::Value, to: serde_json::Value) -> ReferenceGrant {
+fn grant(namespace: &str, from: Value, to: Value) -> ReferenceGrant {
     serde_json::from_value(json!({
         "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
         "metadata": { "name": "g", "namespace": namespace },
@@ -27,17 +27,37 @@ fn grant(namespace: &str, from: serde_json::Value, to: serde_json::Value) -> Ref
     .unwrap()
 }
 
-fn claims_of(namespace: &str) -> serde_json::Value {
+fn claims_of(namespace: &str) -> Value {
     json!([{ "group": "", "kind": "PersistentVolumeClaim", "namespace": namespace }])
 }
 
-fn snapshots(name: Option<&str>) -> serde_json::Value {
+fn snapshots(name: Option<&str>) -> Value {
     json!([{ "group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": name }])
 }
 
+type Case = (&'static str, ReferenceGrant, Reference, bool);
+
+fn assert_cases(cases: Vec<Case>) {
+    for (case, grant, reference, want) in cases {
+        assert_eq!(is_granted(&grant, &reference), want, "{case}");
+    }
+}
+
 #[test]
-fn a_grant_matches_only_its_namespace_the_claims_namespace_and_the_source() {
-    let cases = [
+fn a_grant_is_in_the_sources_namespace_for_claims_of_the_claims_namespace() {
+    let pod_from = json!([{ "group": "", "kind": "Pod", "namespace": "b" }]);
+    let group_from =
+        json!([{ "group": "example.com", "kind": "PersistentVolumeClaim", "namespace": "b" }]);
+    let several_from = json!([
+        { "group": "", "kind": "Pod", "namespace": "b" },
+        { "group": "", "kind": "PersistentVolumeClaim", "namespace": "b" },
+    ]);
+    let several_to = json!([
+        { "group": "", "kind": "Secret" },
+        { "group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap" },
+    ]);
+    let any = snapshots(None);
+    assert_cases(vec![
         (
             "matching",
             grant("a", claims_of("b"), snapshots(Some("snap"))),
@@ -45,109 +65,87 @@ fn a_grant_matches_only_its_namespace_the_claims_namespace_and_the_source() {
             true,
         ),
         (
-            "no name: any snapshot",
-            grant("a", claims_of("b"), snapshots(None)),
-            snapshot_ref(),
-            true,
-        ),
-        (
-            "empty name: any snapshot",
-            grant("a", claims_of("b"), snapshots(Some(""))),
-            snapshot_ref(),
-            true,
-        ),
-        (
-            "another snapshot",
-            grant("a", claims_of("b"), snapshots(Some("other"))),
-            snapshot_ref(),
-            false,
-        ),
-        (
             "claims of another namespace",
-            grant("a", claims_of("c"), snapshots(None)),
+            grant("a", claims_of("c"), any.clone()),
             snapshot_ref(),
             false,
         ),
         (
             "grant in another namespace",
-            grant("c", claims_of("b"), snapshots(None)),
+            grant("c", claims_of("b"), any.clone()),
+            snapshot_ref(),
+            false,
+        ),
+        (
+            "grant in the claim's namespace",
+            grant("b", claims_of("b"), any.clone()),
             snapshot_ref(),
             false,
         ),
         (
             "from another kind",
-            grant(
-                "a",
-                json!([{ "group": "", "kind": "Pod", "namespace": "b" }]),
-                snapshots(None),
-            ),
+            grant("a", pod_from, any.clone()),
             snapshot_ref(),
             false,
         ),
         (
             "from a group",
-            grant(
-                "a",
-                json!([{ "group": "example.com", "kind": "PersistentVolumeClaim", "namespace": "b" }]),
-                snapshots(None),
-            ),
+            grant("a", group_from, any),
             snapshot_ref(),
-            false,
-        ),
-        (
-            "to another kind",
-            grant(
-                "a",
-                claims_of("b"),
-                json!([{ "group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshotContent" }]),
-            ),
-            snapshot_ref(),
-            false,
-        ),
-        (
-            "snapshot without its group",
-            grant(
-                "a",
-                claims_of("b"),
-                json!([{ "group": "", "kind": "VolumeSnapshot" }]),
-            ),
-            snapshot_ref(),
-            false,
-        ),
-        (
-            "claim in the core group",
-            grant(
-                "a",
-                claims_of("b"),
-                json!([{ "group": "", "kind": "PersistentVolumeClaim", "name": "old" }]),
-            ),
-            reference("", "PersistentVolumeClaim", "old"),
-            true,
-        ),
-        (
-            "claim given a group",
-            grant(
-                "a",
-                claims_of("b"),
-                json!([{ "group": "snapshot.storage.k8s.io", "kind": "PersistentVolumeClaim" }]),
-            ),
-            reference("", "PersistentVolumeClaim", "old"),
             false,
         ),
         (
             "one of several entries",
-            grant(
-                "a",
-                json!([{ "group": "", "kind": "Pod", "namespace": "b" }, { "group": "", "kind": "PersistentVolumeClaim", "namespace": "b" }]),
-                json!([{ "group": "", "kind": "Secret" }, { "group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap" }]),
-            ),
+            grant("a", several_from, several_to),
             snapshot_ref(),
             true,
         ),
-    ];
-    for (case, grant, reference, want) in cases {
-        assert_eq!(is_granted(&grant, &reference), want, "{case}");
-    }
+    ]);
+}
+
+#[test]
+fn a_grant_names_the_sources_group_and_kind_and_its_name_or_none() {
+    let to = |v: Value| grant("a", claims_of("b"), v);
+    let old_claim = || reference("", "PersistentVolumeClaim", "old");
+    let contents = json!([{ "group": "snapshot.storage.k8s.io", "kind": "VolumeSnapshotContent" }]);
+    let core_snapshots = json!([{ "group": "", "kind": "VolumeSnapshot" }]);
+    let claims = json!([{ "group": "", "kind": "PersistentVolumeClaim", "name": "old" }]);
+    let grouped_claims =
+        json!([{ "group": "snapshot.storage.k8s.io", "kind": "PersistentVolumeClaim" }]);
+    assert_cases(vec![
+        (
+            "no name: any snapshot",
+            to(snapshots(None)),
+            snapshot_ref(),
+            true,
+        ),
+        (
+            "empty name: any snapshot",
+            to(snapshots(Some(""))),
+            snapshot_ref(),
+            true,
+        ),
+        (
+            "another snapshot",
+            to(snapshots(Some("other"))),
+            snapshot_ref(),
+            false,
+        ),
+        ("another kind", to(contents), snapshot_ref(), false),
+        (
+            "a snapshot without its group",
+            to(core_snapshots),
+            snapshot_ref(),
+            false,
+        ),
+        ("a claim, in the core group", to(claims), old_claim(), true),
+        (
+            "a claim given a group",
+            to(grouped_claims),
+            old_claim(),
+            false,
+        ),
+    ]);
 }
 
 #[test]
