@@ -3,8 +3,10 @@
 # snapshot tests run) and csi-snapshotter (the sidecar benchmarks compare
 # with) from the Go module proxy at the versions pinned in
 # tests/snapshotter/go.mod, and copies that release's VolumeSnapshot CRDs
-# beside them. Cached in ~/.cache/stowage/snapshotter-<hash>/{bin,crd} and
-# reused. Prints that directory.
+# beside them, with the ReferenceGrant CRD of the Gateway API release pinned
+# there (cross-namespace data sources). Cached in
+# ~/.cache/stowage/snapshotter-<hash>/{bin,crd} and reused. Prints that
+# directory.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -30,5 +32,12 @@ if [[ ! -s "$dir/crd/volumesnapshots.yaml" ]]; then
     cp "$client/config/crd/snapshot.storage.k8s.io_$kind.yaml" "$dir/crd/$kind.yaml.tmp"
     mv "$dir/crd/$kind.yaml.tmp" "$dir/crd/$kind.yaml"
   done
+fi
+if [[ ! -s "$dir/crd/referencegrants.yaml" ]]; then
+  go mod download sigs.k8s.io/gateway-api
+  gateway=$(go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)
+  [[ -n "$gateway" ]] || die "could not find the Gateway API module"
+  cp "$gateway/config/crd/standard/gateway.networking.k8s.io_referencegrants.yaml" "$dir/crd/referencegrants.yaml.tmp"
+  mv "$dir/crd/referencegrants.yaml.tmp" "$dir/crd/referencegrants.yaml"
 fi
 echo "$dir"

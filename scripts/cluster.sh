@@ -149,6 +149,9 @@ YAML
       --audit-log-format json --audit-log-mode blocking)
   fi
 
+  # CrossNamespaceVolumeDataSource (alpha): without it the API server drops
+  # a claim's dataSourceRef.namespace. kube-controller-manager does not read
+  # the gate.
   start kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address "$api_bind" --advertise-address 127.0.0.1 --secure-port "$api_port" \
@@ -161,6 +164,7 @@ YAML
     --authorization-mode Node,RBAC --allow-privileged=true \
     --kubelet-client-certificate "$dir/kubelet-client.crt" --kubelet-client-key "$dir/kubelet-client.key" \
     --kubelet-preferred-address-types Hostname,InternalIP \
+    --feature-gates CrossNamespaceVolumeDataSource=true \
     --profiling=false --v=1 "${audit[@]}"
   wait_healthy kube-apiserver "$api/readyz" 120 --cacert "$dir/ca.crt" \
     --cert "$dir/admin.crt" --key "$dir/admin.key"

@@ -1,8 +1,11 @@
 //! The API idioms every job repeats, written once: dropping our finalizer
 //! and deleting what may already be gone, creating what may already be
-//! there, asking the API server whether an object still exists.
+//! there, asking the API server whether an object still exists, waiting
+//! for a kind another project installs.
 
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use std::time::Duration;
+
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -136,4 +139,31 @@ where
         &Patch::Merge(&patch),
     )
     .await
+}
+
+/// Returns once `api` can be listed: a kind whose CRD comes from another
+/// project, perhaps only later. Asked every `poll`; says `absent` once
+/// while the kind is not served and `served` when it is; other errors
+/// (RBAC among them) are logged at each try.
+pub async fn wait_until_served<K>(api: &Api<K>, poll: Duration, absent: &str, served: &str)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut told = false;
+    loop {
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => {
+                tracing::info!("{served}");
+                return;
+            }
+            Err(e) if gone(&e) => {
+                if !told {
+                    tracing::info!("{absent}");
+                    told = true;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "{absent}"),
+        }
+        tokio::time::sleep(poll).await;
+    }
 }

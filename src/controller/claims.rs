@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::runtime::Controller;
@@ -20,12 +21,13 @@ use super::informer::Informers;
 use super::job::{Job, JobRun, Retry, trigger};
 use super::protocol::*;
 use super::provision::{self, ClaimView, topology};
-use super::{Context, Error, claim_of_pv, claim_of_volume};
+use super::{Context, Error, claim_of_pv, claim_of_volume, reference_grants};
 use crate::crd::{StorageNode, Volume};
 
 /// The claim job: provisions and binds claims; a claim is looked at again
-/// when its Volume or PV changes, and when a Volume is deleted (its room
-/// may let a waiting claim fit).
+/// when its Volume or PV changes, when a Volume is deleted (its room may
+/// let a waiting claim fit), and when a ReferenceGrant in its source's
+/// namespace changes.
 pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let claims = informers.claims.subscribe();
     let volumes = informers.volumes.subscribe();
@@ -63,6 +65,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
         });
     }
     let (requeue, requeues) = trigger::<PersistentVolumeClaim>();
+    let grants = reference_grants::requeue_on_change(ctx.clone(), requeue.clone());
     {
         let ctx = ctx.clone();
         informers.volumes.on_delete(move |v: &Volume| {
@@ -79,7 +82,8 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
         name: "claim",
         retry: Retry::Backoff,
     };
-    job.run(controller, reconcile, ctx)
+    let run = job.run(controller, reconcile, ctx);
+    futures::future::join(run, grants).map(|_| ()).boxed()
 }
 
 /// The pending claims a deleted Volume's room could serve: those the
@@ -164,7 +168,7 @@ pub async fn reconcile(
         _ => None,
     };
     let source = match (class, provision::source::requested(&claim)) {
-        (Some(c), Ok(Some(requested))) if found.volume.is_none() => {
+        (Some(c), Some(requested)) if found.volume.is_none() => {
             provision::source::lookup(&ctx, &claim, &c.provisioner, &requested).await?
         }
         _ => provision::source::Lookup::Nothing,

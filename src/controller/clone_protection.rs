@@ -1,7 +1,8 @@
 //! external-provisioner's cloning protection: a claim being cloned keeps
 //! `provisioner.storage.kubernetes.io/cloning-protection` (added by
 //! provisioning before the clone's Volume is written) until it is deleted
-//! and no claim of its namespace still waits (Pending) to be cloned from it.
+//! and no claim still waits (Pending) to be cloned from it: one of its
+//! namespace, or of another through a `dataSourceRef` naming its namespace.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use kube::{Api, ResourceExt};
 
 use super::informer::Informers;
 use super::job::{Job, JobRun, Retry};
-use super::provision::source::{CLONE_FINALIZER, KIND_CLAIM};
+use super::provision::source::{CLONE_FINALIZER, KIND_CLAIM, requested};
 use super::{Context, Error};
 use crate::kubeapi;
 
@@ -23,8 +24,8 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     // A clone that stops waiting may free its source.
     let controller = Controller::for_shared_stream(claims, ctx.stores.claims.clone())
         .watches_shared_stream(clones, |c| {
-            let name = cloned_from(&c)?;
-            Some(ObjectRef::new(&name).within(&c.namespace()?))
+            let (namespace, name) = cloned_from(&c)?;
+            Some(ObjectRef::new(&name).within(&namespace))
         });
     let job = Job {
         name: "clone_protection",
@@ -33,22 +34,21 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     job.run(controller, reconcile, ctx)
 }
 
-/// The claim a claim is cloned from, if it is a clone.
-fn cloned_from(claim: &PersistentVolumeClaim) -> Option<String> {
-    let source = claim.spec.as_ref()?.data_source.as_ref()?;
-    (source.kind == KIND_CLAIM && source.api_group.as_deref().unwrap_or_default().is_empty())
-        .then(|| source.name.clone())
+/// The claim (namespace, name) a claim is cloned from, if it is a clone.
+fn cloned_from(claim: &PersistentVolumeClaim) -> Option<(String, String)> {
+    let source = requested(claim)?;
+    (source.kind == KIND_CLAIM && source.api_group.is_empty())
+        .then_some((source.namespace, source.name))
 }
 
-/// Whether a claim of `namespace` still waits to be cloned from `name`.
+/// Whether a claim still waits to be cloned from `namespace`/`name`.
 pub fn clone_pending<'a>(
     claims: impl IntoIterator<Item = &'a PersistentVolumeClaim>,
     namespace: &str,
     name: &str,
 ) -> bool {
     claims.into_iter().any(|c| {
-        c.namespace().as_deref() == Some(namespace)
-            && cloned_from(c).as_deref() == Some(name)
+        cloned_from(c).is_some_and(|(ns, n)| ns == namespace && n == name)
             && c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
     })
 }
@@ -93,6 +93,19 @@ mod tests {
         .unwrap()
     }
 
+    /// A clone from `from`/`src` through `dataSourceRef` only, as the API
+    /// server leaves a claim whose source is in another namespace.
+    fn clone_across(namespace: &str, from: &str) -> PersistentVolumeClaim {
+        let mut c = claim("c", namespace, "Pending", None);
+        c.spec.as_mut().unwrap().data_source_ref = Some(
+            serde_json::from_value(
+                json!({ "kind": "PersistentVolumeClaim", "name": "src", "namespace": from }),
+            )
+            .unwrap(),
+        );
+        c
+    }
+
     #[test]
     fn only_a_pending_clone_in_the_same_namespace_holds_its_source() {
         let pending = claim("c", "ns", "Pending", Some("src"));
@@ -106,5 +119,16 @@ mod tests {
             "src"
         ));
         assert_eq!(cloned_from(&claim("x", "ns", "Pending", None)), None);
+    }
+
+    #[test]
+    fn a_pending_clone_from_another_namespace_holds_its_source() {
+        let across = clone_across("other", "ns");
+        assert!(clone_pending([&across], "ns", "src"));
+        assert!(!clone_pending([&across], "other", "src"));
+        assert_eq!(
+            cloned_from(&across),
+            Some(("ns".to_string(), "src".to_string()))
+        );
     }
 }

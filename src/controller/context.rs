@@ -46,6 +46,8 @@ pub struct Context {
     pub serve_local: bool,
     /// `--extra-create-metadata`.
     pub extra_create_metadata: bool,
+    /// `--cross-namespace-data-sources`.
+    pub cross_namespace_sources: bool,
     /// `--kcm-binder-grace`.
     pub kcm_binder_grace: Duration,
     /// `--attach-reconcile-interval`.
@@ -94,6 +96,7 @@ impl Context {
                 .collect(),
             serve_local: config.serve_local,
             extra_create_metadata: config.extra_create_metadata,
+            cross_namespace_sources: config.cross_namespace_data_sources,
             kcm_binder_grace: config.kcm_binder_grace,
             attach_reconcile_interval: config.attach_reconcile_interval,
             recorder,

@@ -20,6 +20,7 @@ mod pending;
 pub mod protocol;
 pub mod provision;
 pub mod reclaim;
+mod reference_grants;
 pub mod release;
 mod remote_volumes;
 pub mod resize;
@@ -103,6 +104,23 @@ pub struct Config {
         action = clap::ArgAction::Set
     )]
     pub extra_create_metadata: bool,
+
+    /// Let a claim's `dataSourceRef` name a VolumeSnapshot or claim in
+    /// another namespace, as external-provisioner's
+    /// `--feature-gates=CrossNamespaceVolumeDataSource=true` does: allowed
+    /// when a Gateway API ReferenceGrant in the source's namespace lets
+    /// claims of the claim's namespace refer to it. Needs kube-apiserver's
+    /// CrossNamespaceVolumeDataSource feature gate (else it drops the
+    /// namespace) and RBAC to read `referencegrants`.
+    #[arg(
+        long,
+        default_value_t = false,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub cross_namespace_data_sources: bool,
 
     /// `/healthz` fails when a watch has been listing this long without any
     /// progress (no event, list not complete), e.g. 60s.

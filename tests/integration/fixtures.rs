@@ -138,6 +138,24 @@ pub async fn wait_for_event(ns: &TestNamespace, name: &str, reason: &str) -> Str
     wait_for_event_from(ns, name, reason, None).await
 }
 
+/// Waits for an event `reason` about `name` whose note contains `part`
+/// (earlier events of that reason may say something else); returns it.
+pub async fn wait_for_note(ns: &TestNamespace, name: &str, reason: &str, part: &str) -> String {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let events = events_from(ns, name, None).await;
+        let found = events.iter().find(|(r, n)| r == reason && n.contains(part));
+        if let Some((_, note)) = found {
+            return note.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {reason} event on {name} saying {part:?}: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// As wait_for_event, for an event stowage's controller posted (kcm's PV
 /// binder posts some of the same reasons).
 pub async fn wait_for_stowage_event(ns: &TestNamespace, name: &str, reason: &str) -> String {

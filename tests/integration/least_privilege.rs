@@ -84,6 +84,18 @@ const USED_ELSEWHERE: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "stowage-controller",
+        "gateway.networking.k8s.io:referencegrants",
+        "list",
+        "cross_namespace_source.rs: the grants of a source's namespace, and their watch",
+    ),
+    (
+        "stowage-controller",
+        "gateway.networking.k8s.io:referencegrants",
+        "watch",
+        "cross_namespace_source.rs: a claim asked again once a grant is created",
+    ),
+    (
+        "stowage-controller",
         "storage.k8s.io:volumeattributesclasses",
         "get",
         "proxy_modify.rs: a claim naming a VolumeAttributesClass",

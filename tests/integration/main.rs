@@ -13,6 +13,7 @@ mod crash_proxy;
 mod crash_snapshot;
 mod crd_evolution;
 mod create_parity;
+mod cross_namespace_source;
 mod csi_node;
 mod csi_sanity;
 mod dead_nodes;

@@ -86,7 +86,7 @@ pub async fn content_of(ns: &TestNamespace, snapshot: &str) -> VolumeSnapshotCon
 
 /// Takes a snapshot of `claim` and waits until it is ready; returns it
 /// and its content.
-async fn snapshot(
+pub async fn snapshot(
     ns: &TestNamespace,
     name: &str,
     claim: &str,
@@ -165,7 +165,7 @@ fn handle_of(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> String {
         .clone()
 }
 
-async fn bound_handle(ns: &TestNamespace, claim: &str) -> String {
+pub async fn bound_handle(ns: &TestNamespace, claim: &str) -> String {
     let bound = wait(&ns.api::<PersistentVolumeClaim>(), claim, "Bound", is_bound)
         .await
         .unwrap();

@@ -1,7 +1,8 @@
 //! external-snapshotter's part of a cluster with snapshots: its
 //! VolumeSnapshot CRDs and its snapshot-controller (the add-on that binds
 //! VolumeSnapshots to contents), built by scripts/build-snapshotter.sh at
-//! the release tests/snapshotter/go.mod pins.
+//! the release tests/snapshotter/go.mod pins; and Gateway API's
+//! ReferenceGrant CRD, pinned there too.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -31,29 +32,12 @@ impl Drop for SnapshotController {
 /// target/test-logs/.
 pub async fn start(client: &Client, kubeconfig: &Path, log_name: &str) -> SnapshotController {
     let dir = built_by("scripts/build-snapshotter.sh");
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
     for kind in [
         "volumesnapshotclasses",
         "volumesnapshotcontents",
         "volumesnapshots",
     ] {
-        let path = dir.join("crd").join(format!("{kind}.yaml"));
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
-        let name = format!("{kind}.snapshot.storage.k8s.io");
-        crds.patch(
-            &name,
-            &PatchParams::apply("stowage-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
-        let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
-        tokio::time::timeout(Duration::from_secs(30), established)
-            .await
-            .unwrap_or_else(|_| panic!("CRD {name} not established after 30s"))
-            .unwrap();
+        install_crd(client, &dir, kind, "snapshot.storage.k8s.io").await;
     }
     let log = repo_root()
         .join("target/test-logs")
@@ -70,4 +54,33 @@ pub async fn start(client: &Client, kubeconfig: &Path, log_name: &str) -> Snapsh
         .spawn()
         .expect("starting snapshot-controller");
     SnapshotController { child }
+}
+
+/// Installs Gateway API's ReferenceGrant CRD (the release
+/// tests/snapshotter/go.mod pins), once established.
+pub async fn install_reference_grant_crd(client: &Client) {
+    let dir = built_by("scripts/build-snapshotter.sh");
+    install_crd(client, &dir, "referencegrants", "gateway.networking.k8s.io").await;
+}
+
+/// Applies `crd/<plural>.yaml` of `dir` and waits until it is established.
+async fn install_crd(client: &Client, dir: &Path, plural: &str, group: &str) {
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let path = dir.join("crd").join(format!("{plural}.yaml"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+    let name = format!("{plural}.{group}");
+    crds.patch(
+        &name,
+        &PatchParams::apply("stowage-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+    let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
+    tokio::time::timeout(Duration::from_secs(30), established)
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not established after 30s"))
+        .unwrap();
 }

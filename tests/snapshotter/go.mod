@@ -1,7 +1,8 @@
 // Build-only module: pins external-snapshotter, whose snapshot-controller
 // (the cluster add-on that binds VolumeSnapshots to contents) and
 // VolumeSnapshot CRDs the snapshot tests install, and whose csi-snapshotter
-// sidecar the benchmarks run beside `stowage`.
+// sidecar the benchmarks run beside `stowage`; and Gateway API, whose
+// ReferenceGrant CRD the cross-namespace data source test installs.
 module stowage.dev/tests/snapshotter
 
 go 1.26.0
@@ -9,6 +10,7 @@ go 1.26.0
 require (
 	github.com/kubernetes-csi/external-snapshotter/client/v8 v8.7.0
 	github.com/kubernetes-csi/external-snapshotter/v8 v8.7.0
+	sigs.k8s.io/gateway-api v1.6.3
 )
 
 require (

@@ -69,7 +69,7 @@ fn local_source(
     params: &Parameters,
 ) -> Result<Option<(String, String)>, ProvisionError> {
     let claim = view.claim;
-    let Some(requested) = source::requested(claim)? else {
+    let Some(requested) = source::requested(claim) else {
         return Ok(None);
     };
     let found = source::content_source(claim, local::DRIVER_NAME, &requested, &view.source)?;
@@ -205,7 +205,7 @@ pub(super) fn desired_remote_volume(
         return Err(ProvisionError::FsTypeTwice(fs_type_keys.join(" and ")));
     }
     secrets::all_refs(&parameters, &template_values(claim, &name))?;
-    let content = match source::requested(claim)? {
+    let content = match source::requested(claim) {
         None => None,
         Some(requested) => {
             let found =

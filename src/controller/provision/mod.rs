@@ -104,10 +104,8 @@ pub enum ProvisionError {
     BlockOnDir,
     #[error("cannot use the claim's dataSource: {0}")]
     Source(String),
-    #[error(
-        "dataSourceRef names another namespace, which needs the CrossNamespaceVolumeDataSource feature (off): use a source in the claim's namespace"
-    )]
-    CrossNamespaceSource,
+    #[error("{0}")]
+    CrossNamespaceSource(#[from] source::grant::AccessError),
     #[error("{0}")]
     Secrets(#[from] super::secrets::SecretError),
     #[error("{0}")]
@@ -219,7 +217,7 @@ impl ProvisionError {
                 "bad_size"
             }
             ProvisionError::BlockOnDir => "block_on_dir",
-            ProvisionError::Source(_) | ProvisionError::CrossNamespaceSource => "data_source",
+            ProvisionError::Source(_) | ProvisionError::CrossNamespaceSource(_) => "data_source",
             ProvisionError::Secrets(_) => "secrets",
             ProvisionError::Topology(_) => "no_topology",
             ProvisionError::ReservedParameter(_) | ProvisionError::FsTypeTwice(_) => {
@@ -293,6 +291,11 @@ pub fn plan(view: &ClaimView) -> Provision {
     }
     if view.static_match {
         return Provision::Skip;
+    }
+    // Before the populator's kinds too: upstream checks access to
+    // another namespace whatever the source is.
+    if let source::Lookup::Refused(refused) = &view.source {
+        return Provision::Fail(refused.clone().into());
     }
     if source::left_to_populator(claim) {
         return Provision::LeftToPopulator;

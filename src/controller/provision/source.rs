@@ -4,9 +4,11 @@
 //! same driver (a clone), each no larger than the new claim and, unless
 //! allowed, of the same volume mode.
 //!
+//! A source in another namespace needs a ReferenceGrant there (`grant`).
+//!
 //! `requested` and `content_source` are pure; `lookup` reads what they
-//! need (the snapshot and its content from the API server, the source
-//! claim and its PV from the caches).
+//! need (the grants and the snapshot and its content from the API server,
+//! the source claim and its PV from the caches).
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::runtime::reflector::ObjectRef;
@@ -18,6 +20,8 @@ use crate::crd::VolumeSource;
 use crate::kubeapi;
 use crate::quantity::parse_bytes;
 use crate::snapshot_api::{self, VolumeSnapshot, VolumeSnapshotContent};
+
+pub mod grant;
 
 pub const KIND_SNAPSHOT: &str = "VolumeSnapshot";
 pub const KIND_CLAIM: &str = "PersistentVolumeClaim";
@@ -33,46 +37,41 @@ pub struct Requested {
     pub kind: String,
     pub name: String,
     pub api_group: String,
+    /// Where the source is: the claim's namespace unless its
+    /// `dataSourceRef` names another.
+    pub namespace: String,
 }
 
-/// `dataSource` wins over `dataSourceRef`, as upstream reads them; a
-/// `dataSourceRef` in another namespace needs a feature Kubernetes has off
-/// by default.
-pub fn requested(claim: &PersistentVolumeClaim) -> Result<Option<Requested>, ProvisionError> {
-    let Some(spec) = claim.spec.as_ref() else {
-        return Ok(None);
-    };
+/// `dataSource` wins over `dataSourceRef`, as upstream reads them. Whether
+/// a source in another namespace may be used is `lookup`'s to find out.
+pub fn requested(claim: &PersistentVolumeClaim) -> Option<Requested> {
+    let spec = claim.spec.as_ref()?;
+    let own = claim.namespace().unwrap_or_default();
     if let Some(source) = &spec.data_source {
-        return Ok(Some(Requested {
+        return Some(Requested {
             kind: source.kind.clone(),
             name: source.name.clone(),
             api_group: source.api_group.clone().unwrap_or_default(),
-        }));
+            namespace: own,
+        });
     }
-    let Some(source) = &spec.data_source_ref else {
-        return Ok(None);
-    };
-    if source
-        .namespace
-        .as_deref()
-        .is_some_and(|n| !n.is_empty() && Some(n) != claim.namespace().as_deref())
-    {
-        return Err(ProvisionError::CrossNamespaceSource);
-    }
-    Ok(Some(Requested {
+    let source = spec.data_source_ref.as_ref()?;
+    Some(Requested {
         kind: source.kind.clone(),
         name: source.name.clone(),
         api_group: source.api_group.clone().unwrap_or_default(),
-    }))
+        namespace: source
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(own),
+    })
 }
 
 /// Whether the claim's data source is a kind neither restore nor clone:
 /// a volume populator's, which upstream leaves alone.
 pub fn left_to_populator(claim: &PersistentVolumeClaim) -> bool {
-    requested(claim)
-        .ok()
-        .flatten()
-        .is_some_and(|r| r.kind != KIND_SNAPSHOT && r.kind != KIND_CLAIM)
+    requested(claim).is_some_and(|r| r.kind != KIND_SNAPSHOT && r.kind != KIND_CLAIM)
 }
 
 /// What `lookup` found for the requested source.
@@ -80,6 +79,8 @@ pub fn left_to_populator(claim: &PersistentVolumeClaim) -> bool {
 pub enum Lookup {
     #[default]
     Nothing,
+    /// A source in another namespace that the claim may not use.
+    Refused(grant::AccessError),
     Snapshot {
         /// The driver has CREATE_DELETE_SNAPSHOT.
         supported: bool,
@@ -95,13 +96,17 @@ pub enum Lookup {
 }
 
 /// Reads the source a claim of `driver` names; Nothing for kinds a
-/// populator handles.
+/// populator handles. A source in another namespace is first checked
+/// against the ReferenceGrants there, whatever its kind, as upstream does.
 pub async fn lookup(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
     driver: &str,
     requested: &Requested,
 ) -> Result<Lookup, Error> {
+    if let Err(refused) = grant::allowed(ctx, claim, requested).await? {
+        return Ok(Lookup::Refused(refused));
+    }
     if requested.kind != KIND_SNAPSHOT && requested.kind != KIND_CLAIM {
         return Ok(Lookup::Nothing);
     }
@@ -114,9 +119,9 @@ pub async fn lookup(
         None if ctx.serves(driver) => (true, true),
         None => return Ok(Lookup::Nothing),
     };
-    let namespace = claim.namespace().unwrap_or_default();
+    let namespace = &requested.namespace;
     if requested.kind == KIND_SNAPSHOT {
-        let snapshots_api = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), &namespace);
+        let snapshots_api = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), namespace);
         let snapshot = snapshots_api.get_opt(&requested.name).await?;
         let bound = snapshot.as_ref().and_then(|s| {
             s.status
@@ -141,7 +146,7 @@ pub async fn lookup(
     let source = ctx
         .stores
         .claims
-        .get(&ObjectRef::new(&requested.name).within(&namespace));
+        .get(&ObjectRef::new(&requested.name).within(namespace));
     let pv_name = source
         .as_ref()
         .and_then(|c| c.spec.as_ref()?.volume_name.clone())
@@ -158,7 +163,7 @@ pub async fn lookup(
 /// Volume, or the cloned claim's Volume), as the Volume cache has it.
 pub fn local_node(ctx: &Context, lookup: &Lookup) -> Option<String> {
     let handle = match lookup {
-        Lookup::Nothing => return None,
+        Lookup::Nothing | Lookup::Refused(_) => return None,
         Lookup::Snapshot { content, .. } => {
             content.as_ref()?.status.as_ref()?.snapshot_handle.clone()?
         }
@@ -192,6 +197,7 @@ pub fn content_source(
     }
     match lookup {
         Lookup::Nothing => Ok(None),
+        Lookup::Refused(refused) => Err(refused.clone().into()),
         Lookup::Snapshot {
             supported,
             snapshot,
@@ -407,19 +413,19 @@ fn clone_source(
 /// clone) or the VolumeSnapshot (a restore). Written before the Volume,
 /// so a crash in between leaves the source protected, never exposed.
 pub async fn protect(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<(), Error> {
-    let Ok(Some(requested)) = requested(claim) else {
+    let Some(requested) = requested(claim) else {
         return Ok(());
     };
-    let namespace = claim.namespace().unwrap_or_default();
+    let namespace = &requested.namespace;
     match requested.kind.as_str() {
         KIND_CLAIM => {
-            let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
+            let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
             if let Some(source) = api.get_opt(&requested.name).await? {
                 kubeapi::add_finalizer(&api, &source, CLONE_FINALIZER).await?;
             }
         }
         KIND_SNAPSHOT => {
-            let api = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), &namespace);
+            let api = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), namespace);
             if let Some(snapshot) = api.get_opt(&requested.name).await? {
                 match kubeapi::add_finalizer(&api, &snapshot, SNAPSHOT_SOURCE_FINALIZER).await {
                     // Upstream goes on without it when RBAC refuses.
@@ -439,14 +445,13 @@ pub async fn protect(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<(),
 /// A failure is logged, as upstream logs it; the snapshot then keeps the
 /// finalizer (its deletion waits) until it is removed by hand.
 pub async fn release_snapshot(ctx: &Context, claim: &PersistentVolumeClaim) {
-    let Ok(Some(requested)) = requested(claim) else {
+    let Some(requested) = requested(claim) else {
         return;
     };
     if requested.kind != KIND_SNAPSHOT {
         return;
     }
-    let namespace = claim.namespace().unwrap_or_default();
-    let api = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), &namespace);
+    let api = Api::<VolumeSnapshot>::namespaced(ctx.client.clone(), &requested.namespace);
     let result = match api.get_opt(&requested.name).await {
         Ok(Some(snapshot)) => {
             kubeapi::remove_finalizer(&api, &snapshot, SNAPSHOT_SOURCE_FINALIZER).await

@@ -424,3 +424,27 @@ fn data_sources_restore_through_drivers_and_are_left_to_populators() {
         Provision::LeftToPopulator
     );
 }
+
+#[test]
+fn a_source_in_another_namespace_refused_fails_whatever_its_kind() {
+    let mut populated = claim("1Gi", &["ReadWriteOnce"], None);
+    populated.spec.as_mut().unwrap().data_source_ref = Some(
+        serde_json::from_value(
+            json!({ "kind": "Backup", "apiGroup": "example.com", "name": "b", "namespace": "a" }),
+        )
+        .unwrap(),
+    );
+    let requested = source::requested(&populated).unwrap();
+    let reference = source::grant::Reference::new(&populated, &requested);
+    let refused = source::grant::check(&reference, false, None).unwrap_err();
+    let remote = remote_class("Immediate", &[]);
+    let mut view = remote_view(&populated, &remote, zones());
+    view.source = source::Lookup::Refused(refused.clone());
+    assert_eq!(
+        plan(&view),
+        Provision::Fail(ProvisionError::CrossNamespaceSource(refused))
+    );
+    // Granted (nothing refused): the populator's, as in the claim's namespace.
+    view.source = source::Lookup::Nothing;
+    assert_eq!(plan(&view), Provision::LeftToPopulator);
+}

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use kube::api::ListParams;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -32,6 +31,7 @@ use kube::{Api, Resource, ResourceExt};
 use super::informer::Informer;
 use super::job::{Job, JobRun, Retry};
 use super::{Context, Error};
+use crate::kubeapi;
 use crate::snapshot_api::VolumeSnapshotContent;
 use apply::{Backend, Outcome};
 
@@ -63,26 +63,13 @@ pub fn controller(ctx: Arc<Context>) -> JobRun {
 
 /// Returns once VolumeSnapshotContents can be listed.
 async fn wait_for_crds(ctx: &Context) {
-    let api = Api::<VolumeSnapshotContent>::all(ctx.client.clone());
-    let mut told = false;
-    loop {
-        match api.list(&ListParams::default().limit(1)).await {
-            Ok(_) => {
-                tracing::info!("VolumeSnapshot CRDs served: handling VolumeSnapshotContents");
-                return;
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                if !told {
-                    tracing::info!(
-                        "no VolumeSnapshot CRDs in this cluster: snapshots wait until external-snapshotter's CRDs and snapshot-controller are installed"
-                    );
-                    told = true;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot list VolumeSnapshotContents"),
-        }
-        tokio::time::sleep(CRD_POLL).await;
-    }
+    kubeapi::wait_until_served(
+        &Api::<VolumeSnapshotContent>::all(ctx.client.clone()),
+        CRD_POLL,
+        "no VolumeSnapshot CRDs in this cluster: snapshots wait until external-snapshotter's CRDs and snapshot-controller are installed",
+        "VolumeSnapshot CRDs served: handling VolumeSnapshotContents",
+    )
+    .await;
 }
 
 #[tracing::instrument(skip_all, fields(content = %content.name_any()))]

@@ -47,7 +47,7 @@ fn restore(
     claim: &PersistentVolumeClaim,
     lookup: Lookup,
 ) -> Result<Option<VolumeSource>, ProvisionError> {
-    let requested = requested(claim).unwrap().unwrap();
+    let requested = requested(claim).unwrap();
     content_source(claim, DRIVER, &requested, &lookup)
 }
 
@@ -252,15 +252,18 @@ fn data_source_wins_over_ref_and_other_namespaces_and_kinds_are_told_apart() {
     both.spec.as_mut().unwrap().data_source_ref = Some(
         serde_json::from_value(json!({ "kind": "PersistentVolumeClaim", "name": "b" })).unwrap(),
     );
-    assert_eq!(requested(&both).unwrap().unwrap().name, "a");
+    assert_eq!(requested(&both).unwrap().name, "a");
+    assert_eq!(requested(&both).unwrap().namespace, "ns");
     let mut elsewhere = claim("1Gi", None, serde_json::Value::Null);
     elsewhere.spec.as_mut().unwrap().data_source_ref = Some(
         serde_json::from_value(json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s", "namespace": "other" })).unwrap(),
     );
-    assert_eq!(
-        requested(&elsewhere),
-        Err(ProvisionError::CrossNamespaceSource)
+    assert_eq!(requested(&elsewhere).unwrap().namespace, "other");
+    // An empty namespace is the claim's own.
+    elsewhere.spec.as_mut().unwrap().data_source_ref = Some(
+        serde_json::from_value(json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s", "namespace": "" })).unwrap(),
     );
+    assert_eq!(requested(&elsewhere).unwrap().namespace, "ns");
     let populated = claim(
         "1Gi",
         None,
@@ -273,4 +276,33 @@ fn data_source_wins_over_ref_and_other_namespaces_and_kinds_are_told_apart() {
         None,
         serde_json::Value::Null
     )));
+}
+
+#[test]
+fn a_granted_snapshot_of_another_namespace_restores_and_a_refused_one_says_why() {
+    let mut new = claim("1Gi", Some("Filesystem"), serde_json::Value::Null);
+    new.spec.as_mut().unwrap().data_source_ref = Some(
+        serde_json::from_value(json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "snap", "namespace": "a" })).unwrap(),
+    );
+    let mut snap = snapshot(true, "1Gi");
+    snap.metadata.namespace = Some("a".into());
+    let mut bound = content(DRIVER, "Filesystem", json!({}));
+    bound.spec.volume_snapshot_ref.namespace = Some("a".into());
+    // The same checks as in the claim's namespace: the content must point
+    // back at the snapshot where it is.
+    assert_eq!(
+        restore(&new, found(snap.clone(), bound)),
+        Ok(Some(VolumeSource::Snapshot("snap-handle".into())))
+    );
+    let elsewhere = content(DRIVER, "Filesystem", json!({}));
+    assert!(
+        refusal(restore(&new, found(snap, elsewhere))).contains("bound to a different snapshot")
+    );
+
+    let requested = requested(&new).unwrap();
+    let refused =
+        grant::check(&grant::Reference::new(&new, &requested), true, Some(&[])).unwrap_err();
+    let got = restore(&new, Lookup::Refused(refused.clone()));
+    assert_eq!(got, Err(ProvisionError::CrossNamespaceSource(refused)));
+    assert!(refusal(got).contains("accessing a/snap of VolumeSnapshot dataSource from ns/new"));
 }
