@@ -56,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     ] {
         let mount = Mounted::new(mkfs)?;
         rows.push(runtime.block_on(measure(label, &mount.dir.join("backend")))?);
+        std::fs::remove_dir_all(mount.dir.join("backend"))?;
         if let Some(kube) = &kube {
             let figures = runtime.block_on(kube.measure(node, &mount.dir.join("agent")))?;
             timed.push((label, figures));
@@ -168,7 +169,8 @@ fn used(dir: &Path) -> anyhow::Result<u64> {
     Ok((s.f_blocks - s.f_bfree) * s.f_frsize)
 }
 
-/// A fresh filesystem of 4 GiB on a loop device, mounted on a temporary
+/// A fresh sparse filesystem of 8 GiB (room for a claim, its snapshot, a
+/// restore and a clone) on a loop device, mounted on a temporary
 /// directory; unmounted and removed when dropped.
 struct Mounted {
     image: PathBuf,
@@ -185,7 +187,7 @@ impl Mounted {
         let image = base.with_extension("img");
         let dir = base.with_extension("mnt");
         std::fs::create_dir_all(&dir)?;
-        std::fs::File::create(&image)?.set_len(4096 * MIB)?;
+        std::fs::File::create(&image)?.set_len(8192 * MIB)?;
         run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image))?;
         run(Command::new("mount")
             .args(["-o", "loop"])
@@ -197,7 +199,17 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        // A node agent killed a moment ago may still hold it.
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let _ = std::fs::remove_dir(&self.dir);
         let _ = std::fs::remove_file(&self.image);
     }

@@ -48,16 +48,20 @@ impl Cluster {
         common::install_crds(&client).await?;
         common::ensure_namespace(&client, "stowage-system").await?;
         install_snapshot_crds(&client, &snapshotter).await?;
-        let quiet = |mut c: tokio::process::Command| {
-            c.stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true);
-            c
+        // Their logs stay in target/bench/ for a look at where time went.
+        let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        std::fs::create_dir_all(&logs)?;
+        let quiet = |mut c: tokio::process::Command, name: &str| -> anyhow::Result<_> {
+            let log = std::fs::File::create(logs.join(format!("bench-snapshot-{name}.log")))?;
+            c.stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+            Ok(c)
         };
         let mut snapshot_controller =
             tokio::process::Command::new(snapshotter.join("bin/snapshot-controller"));
         snapshot_controller.arg(format!("--kubeconfig={}", kubeconfig.display()));
         snapshot_controller.arg("--leader-election=false");
+        // Else it waits 30 s for VolumeGroupSnapshot CRDs before starting.
+        snapshot_controller.arg("--feature-gates=CSIVolumeGroupSnapshot=false");
         let mut controller = tokio::process::Command::new(common::release_stowage()?);
         controller
             .args([
@@ -66,10 +70,10 @@ impl Cluster {
                 "--metrics-addr",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "info");
         let children = vec![
-            quiet(snapshot_controller).spawn()?,
-            quiet(controller).spawn()?,
+            quiet(snapshot_controller, "snapshot-controller")?.spawn()?,
+            quiet(controller, "controller")?.spawn()?,
         ];
         let class: StorageClass = serde_json::from_value(json!({
             "metadata": { "name": "bench-snapshot" }, "provisioner": "local.stowage.dev",
@@ -102,7 +106,7 @@ impl Cluster {
 
     /// A node agent on `dir`, then the claim, snapshot, restore and clone.
     pub async fn measure(&self, node: &str, dir: &Path) -> anyhow::Result<Timed> {
-        let _agent = start_agent(&self.client, node, dir).await?;
+        let mut agent = start_agent(&self.client, node, dir).await?;
         let claims = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), NAMESPACE);
         let source = format!("{node}-source");
         let started = Instant::now();
@@ -142,6 +146,7 @@ impl Cluster {
         }
         // The agent removes the images before the filesystem is unmounted.
         wait_empty(&dir.join("volumes")).await;
+        agent.kill().await?;
         Ok(Timed {
             ready_s,
             used_mib,
