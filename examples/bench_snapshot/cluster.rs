@@ -53,7 +53,7 @@ impl Cluster {
         std::fs::create_dir_all(&logs)?;
         let quiet = |mut c: tokio::process::Command, name: &str| -> anyhow::Result<_> {
             let log = std::fs::File::create(logs.join(format!("bench-snapshot-{name}.log")))?;
-            c.stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+            c.stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
             Ok(c)
         };
         let mut snapshot_controller =
@@ -70,7 +70,10 @@ impl Cluster {
                 "--metrics-addr",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "info");
+            .env(
+                "RUST_LOG",
+                std::env::var("STOWAGE_BENCH_LOG").unwrap_or("info".into()),
+            );
         let children = vec![
             quiet(snapshot_controller, "snapshot-controller")?.spawn()?,
             quiet(controller, "controller")?.spawn()?,

@@ -345,7 +345,7 @@ fn start_jobs(
         node_liveness::controller(ctx.clone(), informers, config),
         release::controller(ctx.clone(), informers),
         attach::drift::controller(ctx.clone()),
-        snapshot_contents::controller(ctx.clone()),
+        snapshot_contents::controller(ctx.clone(), informers),
         clone_protection::controller(ctx.clone(), informers),
     ];
     futures::future::join_all(jobs)

@@ -23,14 +23,16 @@ pub use plan::{Step, plan};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
-use super::informer::Informer;
+use super::informer::{Informer, Informers};
 use super::job::{Job, JobRun, Retry};
 use super::{Context, Error};
+use crate::crd::Volume;
 use crate::kubeapi;
 use crate::snapshot_api::VolumeSnapshotContent;
 use apply::{Backend, Outcome};
@@ -39,12 +41,21 @@ const JOB: &str = "snapshot_content";
 /// How often a cluster without the VolumeSnapshot CRDs is asked again.
 const CRD_POLL: Duration = Duration::from_secs(30);
 
-pub fn controller(ctx: Arc<Context>) -> JobRun {
+pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
+    // A local snapshot is ready when its Volume is: that Volume's changes
+    // wake the content at once instead of its next poll.
+    let volumes = informers.volumes.subscribe();
     async move {
         if ctx.drivers.is_empty() && !ctx.serve_local {
             return;
         }
-        wait_for_crds(&ctx).await;
+        let mut volumes = Box::pin(volumes);
+        // Volume changes before the CRDs are served concern no content.
+        let drained = (&mut volumes).for_each(|_| async {});
+        tokio::select! {
+            () = wait_for_crds(&ctx) => {}
+            () = drained => {}
+        }
         let mut contents = Informer::<VolumeSnapshotContent>::default();
         let served = ctx.clone();
         contents.keep_only(move |c| served.serves(&c.spec.driver));
@@ -55,10 +66,21 @@ pub fn controller(ctx: Arc<Context>) -> JobRun {
             name: JOB,
             retry: Retry::BackoffUnlessGone,
         };
-        let run = job.run(Controller::for_shared_stream(stream, store), reconcile, ctx);
+        let controller =
+            Controller::for_shared_stream(stream, store).watches_shared_stream(volumes, content_of);
+        let run = job.run(controller, reconcile, ctx);
         futures::future::join(watch, run).await;
     }
     .boxed()
+}
+
+/// The content a local snapshot Volume was cut for: snapshot-controller
+/// names a dynamic content `snapcontent-<VolumeSnapshot uid>`, and the job
+/// names its Volume `snapshot-<the same uid>` (`plan::snapshot_name`).
+fn content_of(volume: Arc<Volume>) -> Option<ObjectRef<VolumeSnapshotContent>> {
+    volume.spec.source.as_ref()?;
+    let uid = volume.name_any().strip_prefix("snapshot-")?.to_string();
+    Some(ObjectRef::new(&format!("snapcontent-{uid}")))
 }
 
 /// Returns once VolumeSnapshotContents can be listed.
@@ -97,5 +119,27 @@ async fn reconcile(
         // Asked again at the object's growing interval, as csi-snapshotter
         // polls a snapshot still being cut.
         Outcome::NotReady => Ok(Action::requeue(ctx.backoff(&key, true))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::VolumeSource;
+    use crate::testing::{volume, volume_spec};
+
+    #[test]
+    fn a_snapshot_volume_wakes_the_content_it_was_cut_for_and_no_other() {
+        let mut spec = volume_spec("local.stowage.dev", 1 << 20);
+        let claim_volume = volume("snapshot-of-nothing", spec.clone());
+        spec.source = Some(VolumeSource::Volume("pvc-1".into()));
+        let cut = volume("snapshot-0c1d", spec.clone());
+        let other = volume("pvc-2", spec);
+        assert_eq!(
+            content_of(Arc::new(cut)),
+            Some(ObjectRef::new("snapcontent-0c1d"))
+        );
+        assert_eq!(content_of(Arc::new(claim_volume)), None, "no source");
+        assert_eq!(content_of(Arc::new(other)), None, "not a snapshot's");
     }
 }
