@@ -26,26 +26,12 @@ pub async fn apply(
         Provision::WaitForConsumer => {
             // The same event kcm's binder posts, so `kubectl describe` reads alike
             // whether or not it runs.
-            ctx.event(
-                claim,
-                EventType::Normal,
-                "WaitForFirstConsumer",
-                "Provision",
-                "waiting for first consumer to be created before binding",
-            )
-            .await;
-            return Ok(Some(Action::await_change()));
+            let note = "waiting for first consumer to be created before binding";
+            return Ok(Some(wait(ctx, claim, "WaitForFirstConsumer", note).await));
         }
         Provision::LeftToPopulator => {
-            ctx.event(
-                claim,
-                EventType::Normal,
-                "Provisioning",
-                "Provision",
-                "Assuming an external populator will provision the volume",
-            )
-            .await;
-            return Ok(Some(Action::await_change()));
+            let note = "Assuming an external populator will provision the volume";
+            return Ok(Some(wait(ctx, claim, "Provisioning", note).await));
         }
         Provision::Fail(e) => {
             ctx.event(
@@ -88,6 +74,13 @@ pub async fn apply(
     }
 
     Ok(None)
+}
+
+/// Says on the claim what it waits for; the claim's next change asks again.
+async fn wait(ctx: &Context, claim: &PersistentVolumeClaim, reason: &str, note: &str) -> Action {
+    ctx.event(claim, EventType::Normal, reason, "Provision", note)
+        .await;
+    Action::await_change()
 }
 
 /// Writes the Volume (intent), its source protected first.
