@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::{Error, NodeContext};
 use crate::backend::local::Parameters;
-use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase, VolumeSource};
+use crate::crd::{Outstanding, VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase, VolumeSource};
 
 /// What this node must do for one Volume, decided from the object alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,22 +27,12 @@ pub fn plan(volume: &Volume, node: &str) -> NodeWork {
     if volume.spec.node.as_deref() != Some(node) {
         return NodeWork::Nothing;
     }
-    if volume.metadata.deletion_timestamp.is_some() {
-        return if volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
-            NodeWork::Delete
-        } else {
-            NodeWork::Nothing
-        };
-    }
-    let done = volume.status.as_ref().is_some_and(|s| {
-        s.phase == VolumePhase::Ready && s.observed_generation == volume.metadata.generation
-    });
-    if done {
-        NodeWork::Nothing
-    } else {
-        NodeWork::Create {
+    match volume.outstanding() {
+        Outstanding::Nothing => NodeWork::Nothing,
+        Outstanding::Create => NodeWork::Create {
             bytes: volume.spec.capacity_bytes,
-        }
+        },
+        Outstanding::Delete => NodeWork::Delete,
     }
 }
 
