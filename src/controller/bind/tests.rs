@@ -4,11 +4,7 @@ use serde_json::{Value, json};
 const CLASS: &str = "fast";
 
 fn class(mode: &str) -> StorageClass {
-    serde_json::from_value(json!({
-        "metadata": { "name": CLASS }, "provisioner": "local.stowage.dev",
-        "volumeBindingMode": mode,
-    }))
-    .unwrap()
+    crate::testing::storage_class(CLASS, "local.stowage.dev", Some(mode), &[])
 }
 
 fn claim(spec: Value) -> PersistentVolumeClaim {

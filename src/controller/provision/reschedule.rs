@@ -94,11 +94,7 @@ mod tests {
     }
 
     fn class(mode: &str) -> StorageClass {
-        serde_json::from_value(json!({
-            "metadata": { "name": "s" }, "provisioner": "local.stowage.dev",
-            "volumeBindingMode": mode,
-        }))
-        .unwrap()
+        crate::testing::storage_class("s", "local.stowage.dev", Some(mode), &[])
     }
 
     #[test]

@@ -3,13 +3,7 @@ use crate::crd::{NODE_LABEL, VOLUME_FINALIZER};
 use serde_json::json;
 
 fn class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
-    serde_json::from_value(json!({
-        "metadata": { "name": "c" },
-        "provisioner": local::DRIVER_NAME,
-        "volumeBindingMode": mode,
-        "parameters": params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-    }))
-    .unwrap()
+    crate::testing::storage_class("c", local::DRIVER_NAME, Some(mode), params)
 }
 
 fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> PersistentVolumeClaim {
@@ -255,16 +249,12 @@ fn other_provisioners_and_bound_claims_are_skipped() {
 
 fn under_pressure(mut n: StorageNode) -> StorageNode {
     let status = n.status.as_mut().unwrap();
-    status.conditions = vec![crate::crd::VolumeCondition {
-        type_: crate::crd::DISK_PRESSURE.into(),
-        status: crate::crd::ConditionStatus::True,
-        reason: "FreeSpaceBelowReserve".into(),
-        message: "the data filesystem has 5 bytes free".into(),
-        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-        observed_generation: None,
-    }];
+    status.conditions = vec![crate::testing::condition(
+        crate::crd::DISK_PRESSURE,
+        crate::crd::ConditionStatus::True,
+        "FreeSpaceBelowReserve",
+        "the data filesystem has 5 bytes free",
+    )];
     n
 }
 

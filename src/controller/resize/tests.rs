@@ -47,10 +47,7 @@ fn pv(capacity: &str) -> PersistentVolume {
 }
 
 fn class(expandable: Option<bool>) -> StorageClass {
-    let mut c: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": "fast" }, "provisioner": local::DRIVER_NAME,
-    }))
-    .unwrap();
+    let mut c = testing::storage_class("fast", local::DRIVER_NAME, None, &[]);
     c.allow_volume_expansion = expandable;
     c
 }
