@@ -108,14 +108,12 @@ impl Effects<'_> {
         reason: &str,
         what: &str,
     ) -> Result<Outcome, Error> {
-        let Effects {
-            ctx, api, content, ..
-        } = *self;
         let Err(error) = result else {
             return result;
         };
         let message = format!("{what}: {error}");
-        let same = content
+        let same = self
+            .content
             .status
             .as_ref()
             .and_then(|s| s.error.as_ref()?.message.as_deref())
@@ -126,28 +124,25 @@ impl Effects<'_> {
                 "readyToUse": false,
                 "error": { "time": now, "message": message },
             }});
-            api.patch_status(
-                &content.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&status),
-            )
-            .await?;
-            ctx.event(content, EventType::Warning, reason, "Snapshot", &message)
+            self.merge_status(&status).await?;
+            self.ctx
+                .event(
+                    self.content,
+                    EventType::Warning,
+                    reason,
+                    "Snapshot",
+                    &message,
+                )
                 .await;
         }
         Err(error)
     }
 
     async fn create(&self, volume_handle: &str) -> Result<Outcome, Error> {
-        let Effects {
-            ctx,
-            backend,
-            api,
-            content,
-        } = *self;
-        let name = content.name_any();
+        let name = self.content.name_any();
         let invalid = |m: String| Error::Snapshot(m);
-        let class = content
+        let class = self
+            .content
             .spec
             .volume_snapshot_class_name
             .as_deref()
@@ -157,9 +152,9 @@ impl Effects<'_> {
                 ))
             })?;
         let mut parameters =
-            plan::driver_parameters(&class_parameters(ctx, class).await?).map_err(invalid)?;
-        if ctx.extra_create_metadata {
-            let by = &content.spec.volume_snapshot_ref;
+            plan::driver_parameters(&class_parameters(self.ctx, class).await?).map_err(invalid)?;
+        if self.ctx.extra_create_metadata {
+            let by = &self.content.spec.volume_snapshot_ref;
             parameters.insert(
                 PARAM_SNAPSHOT_NAME.into(),
                 by.name.clone().unwrap_or_default(),
@@ -170,25 +165,25 @@ impl Effects<'_> {
             );
             parameters.insert(PARAM_SNAPSHOT_CONTENT_NAME.into(), name.clone());
         }
-        let snapshot_name = plan::snapshot_name(content).ok_or_else(|| {
+        let snapshot_name = plan::snapshot_name(self.content).ok_or_else(|| {
             invalid(format!(
                 "cannot create snapshot: snapshot content {name} not bound to a snapshot"
             ))
         })?;
-        let secrets = content_secrets(ctx, content).await?;
-        let content = set_being_created(api, content, true).await?;
-        let cut = match backend {
+        let secrets = content_secrets(self.ctx, self.content).await?;
+        let content = set_being_created(self.api, self.content, true).await?;
+        let cut = match self.backend {
             Backend::Driver(driver) => driver
                 .create_snapshot(&snapshot_name, volume_handle, parameters, secrets)
                 .await
                 .map_err(Error::from),
-            Backend::Local => local::cut(ctx, &snapshot_name, volume_handle).await,
+            Backend::Local => local::cut(self.ctx, &snapshot_name, volume_handle).await,
         };
         match cut {
             Ok(snapshot) => {
                 crate::failpoint::hit("controller-after-create-snapshot");
-                let outcome = write_status(api, &content, &snapshot).await?;
-                set_being_created(api, &content, false).await?;
+                let outcome = write_status(self.api, &content, &snapshot).await?;
+                set_being_created(self.api, &content, false).await?;
                 Ok(outcome)
             }
             Err(e) => {
@@ -199,7 +194,7 @@ impl Effects<'_> {
                     _ => false,
                 };
                 if ended {
-                    set_being_created(api, &content, false).await?;
+                    set_being_created(self.api, &content, false).await?;
                 }
                 Err(e)
             }
@@ -207,58 +202,47 @@ impl Effects<'_> {
     }
 
     async fn check(&self, handle: &str) -> Result<Outcome, Error> {
-        let Effects {
-            ctx,
-            backend,
-            api,
-            content,
-        } = *self;
-        let snapshot = match backend {
+        let snapshot = match self.backend {
             Backend::Driver(driver) => {
-                let secrets = list_secrets(ctx, content).await?;
+                let secrets = list_secrets(self.ctx, self.content).await?;
                 driver.snapshot_status(handle, secrets).await?
             }
-            Backend::Local => local::status(ctx, handle).await?,
+            Backend::Local => local::status(self.ctx, handle).await?,
         };
-        write_status(api, content, &snapshot).await
+        write_status(self.api, self.content, &snapshot).await
     }
 
     /// Deletes the snapshot; false while it is still going (a local snapshot
     /// waits for its node agent).
     async fn delete(&self, handle: &str) -> Result<bool, Error> {
-        let Effects {
-            ctx,
-            backend,
-            api,
-            content,
-        } = *self;
         let failed = |note: &str| {
             let note = note.to_string();
             async move {
-                ctx.event(
-                    content,
-                    EventType::Warning,
-                    "SnapshotDeleteError",
-                    "Snapshot",
-                    &note,
-                )
-                .await
+                self.ctx
+                    .event(
+                        self.content,
+                        EventType::Warning,
+                        "SnapshotDeleteError",
+                        "Snapshot",
+                        &note,
+                    )
+                    .await
             }
         };
-        let secrets = match content_secrets(ctx, content).await {
+        let secrets = match content_secrets(self.ctx, self.content).await {
             Ok(s) => s,
             Err(e) => {
                 failed("Failed to get snapshot credentials").await;
                 return Err(e);
             }
         };
-        let deleted = match backend {
+        let deleted = match self.backend {
             Backend::Driver(driver) => driver
                 .delete_snapshot(handle, secrets)
                 .await
                 .map(|()| true)
                 .map_err(Error::from),
-            Backend::Local => local::delete(ctx, handle).await,
+            Backend::Local => local::delete(self.ctx, handle).await,
         };
         match deleted {
             Ok(true) => {}
@@ -272,13 +256,17 @@ impl Effects<'_> {
         let cleared = json!({ "status": {
             "snapshotHandle": null, "readyToUse": null, "creationTime": null, "restoreSize": null,
         }});
-        api.patch_status(
-            &content.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&cleared),
-        )
-        .await?;
+        self.merge_status(&cleared).await?;
         Ok(true)
+    }
+
+    async fn merge_status(&self, patch: &serde_json::Value) -> Result<(), Error> {
+        let name = self.content.name_any();
+        let patch = Patch::Merge(patch);
+        self.api
+            .patch_status(&name, &PatchParams::default(), &patch)
+            .await?;
+        Ok(())
     }
 }
 
