@@ -333,8 +333,8 @@ fn snapshot_lookup(driver: &str, handle: &str) -> source::Lookup {
     }
 }
 
-#[test]
-fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
+/// A 1Gi claim restoring VolumeSnapshot `s`.
+fn restoring() -> PersistentVolumeClaim {
     let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
     restored.spec.as_mut().unwrap().data_source = Some(
         serde_json::from_value(
@@ -342,6 +342,12 @@ fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
         )
         .unwrap(),
     );
+    restored
+}
+
+#[test]
+fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
+    let restored = restoring();
     let (a, b) = (node("a", 4 * GI), node("b", 8 * GI));
     let nodes = [&a, &b];
     let nothing = BTreeMap::new();
@@ -386,13 +392,7 @@ fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
 
 #[test]
 fn data_sources_restore_through_drivers_and_are_left_to_populators() {
-    let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
-    restored.spec.as_mut().unwrap().data_source = Some(
-        serde_json::from_value(
-            json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s" }),
-        )
-        .unwrap(),
-    );
+    let restored = restoring();
     let remote = remote_class("Immediate", &[]);
     let mut view = remote_view(&restored, &remote, zones());
     view.source = snapshot_lookup("hostpath.csi.k8s.io", "snap-1");
