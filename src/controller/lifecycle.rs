@@ -154,14 +154,18 @@ impl Shutdown {
 mod tests {
     use super::*;
 
+    /// A reconcile gone to wait at `gate`: whether it was let through.
+    async fn waiting_at(gate: &Gate) -> tokio::task::JoinHandle<bool> {
+        let gate = gate.clone();
+        let waiting = tokio::spawn(async move { gate.enter().await.is_some() });
+        tokio::task::yield_now().await;
+        waiting
+    }
+
     #[tokio::test]
     async fn reconciles_wait_at_a_closed_gate_until_it_opens() {
         let gate = Gate::default();
-        let waiting = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter().await.is_some() }
-        });
-        tokio::task::yield_now().await;
+        let waiting = waiting_at(&gate).await;
         assert!(!waiting.is_finished(), "passed a gate that was not open");
         gate.open();
         assert!(waiting.await.unwrap());
@@ -170,11 +174,7 @@ mod tests {
     #[tokio::test]
     async fn closing_turns_back_the_waiting_and_the_next() {
         let gate = Gate::default();
-        let waiting = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter().await.is_some() }
-        });
-        tokio::task::yield_now().await;
+        let waiting = waiting_at(&gate).await;
         gate.close();
         assert!(!waiting.await.unwrap());
         gate.open();
