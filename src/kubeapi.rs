@@ -1,6 +1,7 @@
 //! The API idioms every job repeats, written once: dropping our finalizer
 //! and deleting what may already be gone, creating what may already be
-//! there, asking the API server whether an object still exists, waiting
+//! there, asking the API server whether an object still exists, writing
+//! a status only when it changes or only over the version read, waiting
 //! for a kind another project installs.
 
 use std::time::Duration;
@@ -12,6 +13,13 @@ use serde_json::json;
 
 fn gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// Whether a write failed because the object changed (409: a
+/// compare-and-swap lost) or went (404) since it was read: nothing to
+/// retry, the next look sees it anew.
+pub fn changed_meanwhile(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 404)
 }
 
 /// Removes `finalizer` from `object`'s list as the cache saw it. The
@@ -118,6 +126,39 @@ where
     Ok(found.is_some_and(|o| uid.is_none_or(|u| u.is_empty() || o.uid().as_deref() == Some(u))))
 }
 
+/// Merges `status` into `object`'s status, whatever its version: for
+/// fields only the caller writes.
+pub async fn merge_status<K>(
+    api: &Api<K>,
+    object: &K,
+    status: serde_json::Value,
+) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    patch_status(api, object, json!({ "status": status })).await
+}
+
+/// `merge_status`, skipped when `shown`: the caller found the object
+/// already saying it. A write that changes nothing still wakes every
+/// watcher of the object, so a failing job would be back at once
+/// instead of after its backoff. True when written.
+pub async fn merge_status_unless_shown<K>(
+    api: &Api<K>,
+    object: &K,
+    shown: bool,
+    status: serde_json::Value,
+) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    if shown {
+        return Ok(false);
+    }
+    merge_status(api, object, status).await?;
+    Ok(true)
+}
+
 /// Merges `status` into `object`'s status at the version the cache saw: a
 /// compare-and-swap, so a status someone wrote meanwhile is never
 /// overwritten from a stale plan (they get a conflict and the job replans).
@@ -133,6 +174,17 @@ where
         "metadata": { "resourceVersion": object.resource_version() },
         "status": status,
     });
+    patch_status(api, object, patch).await
+}
+
+async fn patch_status<K>(
+    api: &Api<K>,
+    object: &K,
+    patch: serde_json::Value,
+) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
     api.patch_status(
         &object.name_any(),
         &PatchParams::default(),

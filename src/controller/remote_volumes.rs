@@ -191,26 +191,18 @@ async fn record_failure(
     reason: &str,
     message: &str,
 ) -> Result<(), Error> {
-    let reported = volume.status.as_ref().is_some_and(|s| {
+    let shown = volume.status.as_ref().is_some_and(|s| {
         s.phase == VolumePhase::Failed
             && s.observed_generation == volume.metadata.generation
             && s.last_error.as_deref() == Some(message)
     });
-    if reported {
-        return Ok(());
-    }
-    let status = json!({ "status": {
+    let status = json!({
         "phase": VolumePhase::Failed,
         "observedGeneration": volume.metadata.generation,
         "lastError": message,
         "conditions": [condition(volume, "False", reason, message)],
-    }});
-    api.patch_status(
-        &volume.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&status),
-    )
-    .await?;
+    });
+    kubeapi::merge_status_unless_shown(api, volume, shown, status).await?;
     Ok(())
 }
 

@@ -2,7 +2,6 @@
 //! Volume appears, deletes it when the Volume is deleted, and reports in
 //! `Volume.status`.
 
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -11,6 +10,7 @@ use std::sync::Arc;
 use super::{Error, NodeContext};
 use crate::backend::local::Parameters;
 use crate::crd::{Outstanding, VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase, VolumeSource};
+use crate::kubeapi;
 
 /// What this node must do for one Volume, decided from the object alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,9 +184,6 @@ impl<'a> Report<'a> {
 }
 
 async fn report(api: &Api<Volume>, volume: &Volume, report: Report<'_>) -> Result<(), Error> {
-    if report.already_shown(volume) {
-        return Ok(());
-    }
     let mut status = json!({
         "phase": report.phase,
         "observedGeneration": volume.metadata.generation,
@@ -204,12 +201,8 @@ async fn report(api: &Api<Volume>, volume: &Volume, report: Report<'_>) -> Resul
         status["capacityBytes"] = json!(bytes);
         status["volumeHandle"] = json!(volume.name_any());
     }
-    api.patch_status(
-        &volume.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": status })),
-    )
-    .await?;
+    let shown = report.already_shown(volume);
+    kubeapi::merge_status_unless_shown(api, volume, shown, status).await?;
     Ok(())
 }
 

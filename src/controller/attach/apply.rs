@@ -24,10 +24,7 @@ async fn patch_status(
     va: &VolumeAttachment,
     status: serde_json::Value,
 ) -> Result<VolumeAttachment, Error> {
-    let patch = Patch::Merge(json!({ "status": status }));
-    Ok(api(ctx)
-        .patch_status(&va.name_any(), &PatchParams::default(), &patch)
-        .await?)
+    Ok(kubeapi::merge_status(&api(ctx), va, status).await?)
 }
 
 /// An `attachError`/`detachError` value.
@@ -76,14 +73,8 @@ pub async fn prepare(
     ours: &str,
 ) -> Result<(), Error> {
     let pp = PatchParams::default();
-    if !pv.finalizers().iter().any(|f| f == ours) {
-        let mut finalizers = pv.finalizers().to_vec();
-        finalizers.push(ours.to_string());
-        let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": pv.resource_version() } });
-        Api::<PersistentVolume>::all(ctx.client.clone())
-            .patch(&pv.name_any(), &pp, &Patch::Merge(patch))
-            .await?;
-    }
+    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    kubeapi::add_finalizer(&pvs, pv, ours).await?;
     let mut finalizers = va.finalizers().to_vec();
     if !finalizers.iter().any(|f| f == ours) {
         finalizers.push(ours.to_string());

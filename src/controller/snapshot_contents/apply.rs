@@ -112,19 +112,18 @@ impl Effects<'_> {
             return result;
         };
         let message = format!("{what}: {error}");
-        let same = self
+        let shown = self
             .content
             .status
             .as_ref()
             .and_then(|s| s.error.as_ref()?.message.as_deref())
             == Some(message.as_str());
-        if !same {
-            let now = Time(k8s_openapi::jiff::Timestamp::now());
-            let status = json!({ "status": {
-                "readyToUse": false,
-                "error": { "time": now, "message": message },
-            }});
-            self.merge_status(&status).await?;
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let status = json!({
+            "readyToUse": false,
+            "error": { "time": now, "message": message },
+        });
+        if kubeapi::merge_status_unless_shown(self.api, self.content, shown, status).await? {
             self.ctx
                 .event(
                     self.content,
@@ -253,20 +252,11 @@ impl Effects<'_> {
             }
         }
         crate::failpoint::hit("controller-after-delete-snapshot");
-        let cleared = json!({ "status": {
+        let cleared = json!({
             "snapshotHandle": null, "readyToUse": null, "creationTime": null, "restoreSize": null,
-        }});
-        self.merge_status(&cleared).await?;
+        });
+        kubeapi::merge_status(self.api, self.content, cleared).await?;
         Ok(true)
-    }
-
-    async fn merge_status(&self, patch: &serde_json::Value) -> Result<(), Error> {
-        let name = self.content.name_any();
-        let patch = Patch::Merge(patch);
-        self.api
-            .patch_status(&name, &PatchParams::default(), &patch)
-            .await?;
-        Ok(())
     }
 }
 
@@ -278,19 +268,14 @@ async fn write_status(
     snapshot: &Snapshot,
 ) -> Result<Outcome, Error> {
     if let Some(status) = plan::status_after(content.status.as_ref(), snapshot) {
-        let patch = json!({ "status": {
+        let status = json!({
             "snapshotHandle": status.snapshot_handle,
             "creationTime": status.creation_time,
             "restoreSize": status.restore_size,
             "readyToUse": status.ready_to_use,
             "error": status.error,
-        }});
-        api.patch_status(
-            &content.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        });
+        kubeapi::merge_status(api, content, status).await?;
     }
     Ok(if snapshot.ready {
         Outcome::Done
