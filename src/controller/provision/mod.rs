@@ -28,7 +28,7 @@ pub mod topology;
 
 pub use apply::apply;
 
-pub use desired::{attributes_class_name, desired_pv};
+pub use desired::{attributes_class_name, desired_pv, new_volume};
 use desired::{desired_remote_volume, desired_volume};
 
 /// Everything `plan` looks at for one claim.
