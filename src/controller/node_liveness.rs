@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 
 use super::capacity::{self, READY, REASON_HEARTBEAT_EXPIRED};
 use super::informer::Informers;
-use super::job::JobRun;
+use super::job::{self, JobRun};
 use super::{Config, Context, Error};
 use crate::backend::local;
 use crate::crd::{ConditionStatus, StorageNode, Volume, VolumeCondition, VolumePhase};
@@ -111,8 +111,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>, timeout: Duration) {
         };
         let _timer = ctx.metrics.jobs.reconcile_timer(JOB);
         if let Err(e) = pass(&ctx, timeout, &mut reported).await {
-            tracing::warn!(job = JOB, error = %e, "checking node liveness failed");
-            ctx.metrics.jobs.reconcile_failed(JOB, e.metric_label());
+            job::pass_failed(&ctx, JOB, "checking node liveness", &e);
         }
     }
 }

@@ -42,7 +42,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::informer::Informers;
-use super::job::JobRun;
+use super::job::{self, JobRun};
 use super::provision::topology::driver_nodes;
 use super::{Config, Context, Error};
 use crate::backend::csi_proxy::CsiDriver;
@@ -241,8 +241,7 @@ async fn run(ctx: Arc<Context>, stale: Arc<Stale>, settings: Settings) {
 }
 
 fn failed(ctx: &Context, key: &ObjectReference, error: &Error) -> Duration {
-    tracing::warn!(job = JOB, %error, "publishing storage capacity failed");
-    ctx.metrics.jobs.reconcile_failed(JOB, error.metric_label());
+    job::pass_failed(ctx, JOB, "publishing storage capacity", error);
     ctx.backoff(key, true)
 }
 

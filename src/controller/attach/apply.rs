@@ -11,7 +11,7 @@ use serde_json::json;
 use super::{ANN_NODE_ID, AttachError};
 use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, Secrets};
-use crate::controller::{Context, Error, csi_handle};
+use crate::controller::{Context, Error, csi_handle, job};
 use crate::kubeapi;
 
 fn api(ctx: &Context) -> Api<VolumeAttachment> {
@@ -57,9 +57,7 @@ pub async fn refuse(
     error: &AttachError,
 ) -> Result<Action, Error> {
     attach_failed(ctx, va, &error.to_string()).await?;
-    ctx.metrics
-        .jobs
-        .reconcile_failed("attach", error.metric_label());
+    job::count_failure(ctx, "attach", error.metric_label());
     Ok(Action::requeue(ctx.backoff(&va.object_ref(&()), true)))
 }
 

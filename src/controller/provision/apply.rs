@@ -9,7 +9,7 @@ use kube::{Api, Resource, ResourceExt};
 use k8s_openapi::api::storage::v1::StorageClass;
 
 use super::{Provision, reschedule, source};
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, job};
 use crate::crd::Volume;
 use crate::kubeapi::create_idempotent;
 
@@ -42,7 +42,7 @@ pub async fn apply(
                 &e.to_string(),
             )
             .await;
-            ctx.metrics.jobs.reconcile_failed("claim", e.metric_label());
+            job::count_failure(ctx, "claim", e.metric_label());
             if let Some(node) = reschedule::node_to_give_up(claim, class, &e) {
                 reschedule::give_back(ctx, claim, node, &e).await?;
                 return Ok(Some(Action::await_change()));

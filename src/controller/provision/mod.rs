@@ -208,7 +208,7 @@ impl ProvisionError {
         )
     }
 
-    /// The `reason` label of `stowage_reconcile_failures{job="claim"}`.
+    /// The `error` label of `stowage_reconcile_failures_total{job="claim"}`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             ProvisionError::Parameters(_) => "bad_parameters",

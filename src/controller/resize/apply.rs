@@ -16,7 +16,7 @@ use super::{
 };
 use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, SecretFor};
-use crate::controller::{Context, Error, csi_handle};
+use crate::controller::{Context, Error, csi_handle, job};
 use crate::crd::Volume;
 use crate::quantity::format_bytes;
 
@@ -85,9 +85,7 @@ pub async fn refuse(
         &message,
     )
     .await;
-    ctx.metrics
-        .jobs
-        .reconcile_failed("resize", error.metric_label());
+    job::count_failure(ctx, "resize", error.metric_label());
     let current = claim
         .status
         .as_ref()
