@@ -59,7 +59,8 @@ fn assert_rows(rows: Vec<Row>) {
 }
 
 /// kube-controller-manager's matching rules: a PV as big as asked or
-/// bigger, of the claim's class.
+/// bigger, of the claim's StorageClass and VolumeAttributesClass (or of
+/// none when the claim names none).
 #[test]
 fn static_match_follows_kcm_rules_for_size_and_class() {
     let none = json!({});
@@ -90,6 +91,34 @@ fn static_match_follows_kcm_rules_for_size_and_class() {
             "no class on the PV",
             none.clone(),
             json!({ "storageClassName": null }),
+            none.clone(),
+            false,
+        ),
+        (
+            "the VolumeAttributesClass asked",
+            json!({ "volumeAttributesClassName": "gold" }),
+            json!({ "volumeAttributesClassName": "gold" }),
+            none.clone(),
+            true,
+        ),
+        (
+            "another VolumeAttributesClass",
+            json!({ "volumeAttributesClassName": "gold" }),
+            json!({ "volumeAttributesClassName": "silver" }),
+            none.clone(),
+            false,
+        ),
+        (
+            "a VolumeAttributesClass asked, none on the PV",
+            json!({ "volumeAttributesClassName": "gold" }),
+            none.clone(),
+            none.clone(),
+            false,
+        ),
+        (
+            "a VolumeAttributesClass on the PV, none asked",
+            none.clone(),
+            json!({ "volumeAttributesClassName": "gold" }),
             none.clone(),
             false,
         ),
