@@ -1,9 +1,10 @@
-//! external-provisioner's job for `local.stowage.dev`, decided by a pure
-//! `plan` over a snapshot of objects.
+//! external-provisioner's job, for `local.stowage.dev` and every
+//! `--csi-driver`, decided by a pure `plan` over a snapshot of objects.
 //!
-//! A claim moves through: Volume written (intent, before any data) → node
-//! agent creates the data → PV `pvc-<claim uid>` created with a pre-set
-//! claimRef → bound (see bind.rs). Every step is keyed by the claim's UID, so
+//! A claim moves through: Volume written (intent, before any data) → the
+//! node agent (local) or the volume job (`--csi-driver`: CreateVolume)
+//! creates the data → PV `pvc-<claim uid>` created with a pre-set
+//! claimRef → bound (see `bind/`). Every step is keyed by the claim's UID, so
 //! a retried or restarted step finds the work already done instead of doing
 //! it twice.
 
