@@ -156,10 +156,12 @@ async fn patch_status<K: Object>(api: &Api<K>, object: &K, patch: Value) -> Resu
 /// project, perhaps only later. Asked every `poll`; says `absent` once
 /// while the kind is not served and `served` when it is; other errors
 /// (RBAC among them) are logged at each try.
-pub async fn wait_until_served<K>(api: &Api<K>, poll: Duration, absent: &str, served: &str)
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
+pub async fn wait_until_served<K: Object>(
+    api: &Api<K>,
+    poll: Duration,
+    absent: &str,
+    served: &str,
+) {
     let mut told = false;
     loop {
         match api.list(&ListParams::default().limit(1)).await {
