@@ -2,7 +2,8 @@
 //! (external-provisioner, external-attacher, external-resizer,
 //! node-driver-registrar, livenessprobe) in-process.
 //!
-//! Layers, each using only those below it (see `docs/design.md`):
+//! Layers, each using only those below it (see `docs/architecture.md`;
+//! `layers.rs` checks it):
 //! - leaves: `host` (mounts, loop devices, paths, commands, sockets),
 //!   `proto`, `quantity`, `retry`, `failpoint`, `kubeapi`, `telemetry`, `crd`,
 //!   `snapshot_api` (external-snapshotter's kinds);
@@ -18,6 +19,8 @@ pub mod csi;
 pub mod failpoint;
 pub mod host;
 pub mod kubeapi;
+#[cfg(test)]
+mod layers;
 pub mod node;
 pub mod proto;
 pub mod quantity;

@@ -2,12 +2,13 @@
 //! test can then change in the fields it is about.
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::ObjectMeta;
 
 use crate::backend::local;
 use crate::crd::{
-    AccessMode, StorageNode, StorageNodeSpec, StorageNodeStatus, VOLUME_FINALIZER, Volume,
-    VolumeSpec,
+    AccessMode, ConditionStatus, StorageNode, StorageNodeSpec, StorageNodeStatus, VOLUME_FINALIZER,
+    Volume, VolumeCondition, VolumeSpec,
 };
 
 /// A spec with nothing but a driver, a size and one access mode.
@@ -46,6 +47,50 @@ pub fn storage_node(name: &str, capacity: i64) -> StorageNode {
         ..Default::default()
     });
     n
+}
+
+/// A StorageClass of `provisioner`; `mode` is its volumeBindingMode
+/// (unset: the API server's default, Immediate).
+pub fn storage_class(
+    name: &str,
+    provisioner: &str,
+    mode: Option<&str>,
+    parameters: &[(&str, &str)],
+) -> StorageClass {
+    StorageClass {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        provisioner: provisioner.into(),
+        volume_binding_mode: mode.map(String::from),
+        parameters: Some(
+            parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// A condition as an agent or the controller writes it, dated now.
+pub fn condition(
+    type_: &str,
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+) -> VolumeCondition {
+    VolumeCondition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ),
+        observed_generation: None,
+    }
 }
 
 /// A Volume as the controller writes it: generation 1, our finalizer.

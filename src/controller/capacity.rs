@@ -78,11 +78,16 @@ pub fn free_bytes(nodes: &[&StorageNode], promised: &BTreeMap<String, i64>) -> V
 /// condition is True (free space below its reserve), with the agent's
 /// message naming both.
 pub fn pressure(node: &StorageNode) -> Option<&str> {
+    message_of(node, DISK_PRESSURE, ConditionStatus::True)
+}
+
+/// The message of `node`'s condition `type_`, while it has `status`.
+fn message_of<'a>(node: &'a StorageNode, type_: &str, status: ConditionStatus) -> Option<&'a str> {
     node.status
         .as_ref()?
         .conditions
         .iter()
-        .find(|c| c.type_ == DISK_PRESSURE && c.status == ConditionStatus::True)
+        .find(|c| c.type_ == type_ && c.status == status)
         .map(|c| c.message.as_str())
 }
 
@@ -95,12 +100,7 @@ pub const REASON_HEARTBEAT_EXPIRED: &str = "HeartbeatExpired";
 /// Why a node takes no new volume because its agent is silent: its
 /// `Ready` condition is False, with the controller's message.
 pub fn not_ready(node: &StorageNode) -> Option<&str> {
-    node.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY && c.status == ConditionStatus::False)
-        .map(|c| c.message.as_str())
+    message_of(node, READY, ConditionStatus::False)
 }
 
 /// Free bytes on one node, or None when no agent runs there.
@@ -184,16 +184,8 @@ mod tests {
 
     #[test]
     fn a_node_is_under_pressure_only_while_its_condition_is_true() {
-        use crate::crd::VolumeCondition;
-        let condition = |type_: &str, status| VolumeCondition {
-            type_: type_.into(),
-            status,
-            reason: "FreeSpaceBelowReserve".into(),
-            message: "7 bytes free".into(),
-            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-            observed_generation: None,
+        let condition = |type_: &str, status| {
+            crate::testing::condition(type_, status, "FreeSpaceBelowReserve", "7 bytes free")
         };
         let mut n = node("n1", local::DRIVER_NAME, Some(10));
         assert_eq!(pressure(&n), None, "no condition reported yet");

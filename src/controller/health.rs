@@ -81,27 +81,30 @@ mod tests {
         }
     }
 
+    /// A moment late enough that every `now - secs_ago` exists.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    /// The verdict on a lone Node watch.
+    fn one_watch(secs_ago: u64, listed: bool) -> Result<(), String> {
+        let now = later();
+        judge(&[("Node", state(secs_ago, listed, now))], None, STALL, now)
+    }
+
     #[test]
     fn a_quiet_watch_with_its_list_is_healthy() {
-        let now = Instant::now() + Duration::from_secs(3600);
-        assert_eq!(
-            judge(&[("Node", state(3000, true, now))], None, STALL, now),
-            Ok(())
-        );
+        assert_eq!(one_watch(3000, true), Ok(()));
     }
 
     #[test]
     fn a_list_in_progress_is_healthy_while_it_moves() {
-        let now = Instant::now() + Duration::from_secs(3600);
-        assert_eq!(
-            judge(&[("Node", state(59, false, now))], None, STALL, now),
-            Ok(())
-        );
+        assert_eq!(one_watch(59, false), Ok(()));
     }
 
     #[test]
     fn a_list_that_stopped_moving_is_unhealthy() {
-        let now = Instant::now() + Duration::from_secs(3600);
+        let now = later();
         let err = judge(
             &[
                 ("Node", state(1, true, now)),
@@ -118,7 +121,7 @@ mod tests {
 
     #[test]
     fn a_leader_behind_on_renewals_is_unhealthy() {
-        let now = Instant::now() + Duration::from_secs(3600);
+        let now = later();
         let deadline = Duration::from_secs(10);
         let renewed = |ago| Some((now - Duration::from_secs(ago), deadline));
         assert_eq!(judge(&[], renewed(9), STALL, now), Ok(()));

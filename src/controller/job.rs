@@ -37,6 +37,20 @@ pub(crate) enum Retry<K> {
     After(fn(&Context, &K, &Error) -> Duration),
 }
 
+/// Counts a failed reconcile by job and error: those `on_failure` sees,
+/// and those a job handles itself instead of returning them, a refusal
+/// its plan explains on the object or a periodic pass that failed.
+pub(crate) fn count_failure(ctx: &Context, job: &'static str, error: &'static str) {
+    ctx.metrics.jobs.reconcile_failed(job, error);
+}
+
+/// A periodic job's pass, or a step of one, that failed: logged with what
+/// it was `doing`, and counted. The next pass looks again.
+pub(crate) fn pass_failed(ctx: &Context, job: &'static str, doing: &str, error: &Error) {
+    tracing::warn!(job, %error, "{doing} failed");
+    count_failure(ctx, job, error.metric_label());
+}
+
 /// One job: its name (metric and log label) and retry rule.
 pub(crate) struct Job<K> {
     pub name: &'static str,
@@ -62,9 +76,7 @@ impl<K: informer::Kind> Job<K> {
         );
         tracing::warn!(job = self.name, object = %key.trim_start_matches('/'), %error, "reconcile failed");
         ctx.report_if_forbidden(object, error);
-        ctx.metrics
-            .jobs
-            .reconcile_failed(self.name, error.metric_label());
+        count_failure(ctx, self.name, error.metric_label());
         Action::requeue(match self.retry {
             Retry::After(delay) => delay(ctx, object, error),
             Retry::Backoff | Retry::BackoffUnlessGone => ctx.backoff(&object.object_ref(&()), true),

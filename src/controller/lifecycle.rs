@@ -10,37 +10,28 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Phase {
     /// Not leader yet, or caches still loading.
+    #[default]
     Waiting,
     Open,
     /// Stopping: nothing more may start.
     Closed,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct GateState {
     phase: Phase,
     /// Reconciles past the gate and not finished.
     in_flight: usize,
 }
 
-/// Lets reconciles through only while this replica may act.
-#[derive(Clone)]
+/// Lets reconciles through only while this replica may act. It starts
+/// waiting, with nothing in flight.
+#[derive(Clone, Default)]
 pub struct Gate {
     state: Arc<watch::Sender<GateState>>,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate {
-            state: Arc::new(watch::Sender::new(GateState {
-                phase: Phase::Waiting,
-                in_flight: 0,
-            })),
-        }
-    }
 }
 
 /// A reconcile that passed the gate; the gate counts it until it drops.
@@ -122,33 +113,21 @@ impl Gate {
 }
 
 /// The process was asked to stop (SIGTERM, Ctrl-C).
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Shutdown {
     requested: Arc<watch::Sender<bool>>,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Shutdown {
-            requested: Arc::new(watch::Sender::new(false)),
-        }
-    }
 }
 
 impl Shutdown {
     /// Requested on SIGTERM or SIGINT. The handlers are in place when this
     /// returns, so a signal from then on is never the default "die at once".
     pub fn on_signals() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        let signal = crate::telemetry::stop_signals()?;
         let shutdown = Shutdown::default();
         let requested = shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
+            let name = signal.await;
+            tracing::info!("{name}: stopping");
             requested.request();
         });
         Ok(shutdown)
@@ -175,14 +154,18 @@ impl Shutdown {
 mod tests {
     use super::*;
 
+    /// A reconcile gone to wait at `gate`: whether it was let through.
+    async fn waiting_at(gate: &Gate) -> tokio::task::JoinHandle<bool> {
+        let gate = gate.clone();
+        let waiting = tokio::spawn(async move { gate.enter().await.is_some() });
+        tokio::task::yield_now().await;
+        waiting
+    }
+
     #[tokio::test]
     async fn reconciles_wait_at_a_closed_gate_until_it_opens() {
         let gate = Gate::default();
-        let waiting = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter().await.is_some() }
-        });
-        tokio::task::yield_now().await;
+        let waiting = waiting_at(&gate).await;
         assert!(!waiting.is_finished(), "passed a gate that was not open");
         gate.open();
         assert!(waiting.await.unwrap());
@@ -191,11 +174,7 @@ mod tests {
     #[tokio::test]
     async fn closing_turns_back_the_waiting_and_the_next() {
         let gate = Gate::default();
-        let waiting = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter().await.is_some() }
-        });
-        tokio::task::yield_now().await;
+        let waiting = waiting_at(&gate).await;
         gate.close();
         assert!(!waiting.await.unwrap());
         gate.open();

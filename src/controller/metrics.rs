@@ -55,7 +55,8 @@ impl Metrics {
         );
         registry.register(
             "storage_capacities",
-            "CSIStorageCapacity objects published, one per StorageClass of local.stowage.dev and node",
+            "CSIStorageCapacity objects published, one per StorageClass and topology segment \
+             (a node, for local.stowage.dev)",
             m.storage_capacities.clone(),
         );
         registry.register(

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -30,10 +29,11 @@ use tokio::sync::Notify;
 
 use super::capacity::{self, READY, REASON_HEARTBEAT_EXPIRED};
 use super::informer::Informers;
-use super::job::JobRun;
+use super::job::{self, JobRun};
 use super::{Config, Context, Error};
 use crate::backend::local;
 use crate::crd::{ConditionStatus, StorageNode, Volume, VolumeCondition, VolumePhase};
+use crate::kubeapi;
 
 const JOB: &str = "node_liveness";
 
@@ -111,8 +111,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>, timeout: Duration) {
         };
         let _timer = ctx.metrics.jobs.reconcile_timer(JOB);
         if let Err(e) = pass(&ctx, timeout, &mut reported).await {
-            tracing::warn!(job = JOB, error = %e, "checking node liveness failed");
-            ctx.metrics.jobs.reconcile_failed(JOB, e.metric_label());
+            job::pass_failed(&ctx, JOB, "checking node liveness", &e);
         }
     }
 }
@@ -159,20 +158,10 @@ async fn mark_silent(ctx: &Context, node: &StorageNode, silent: &Silent) -> Resu
         last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
         observed_generation: None,
     });
-    let patch = json!({
-        "metadata": { "resourceVersion": node.resource_version() },
-        "status": { "conditions": conditions },
-    });
     let api = Api::<StorageNode>::all(ctx.client.clone());
-    match api
-        .patch_status(
-            &node.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => return Ok(()),
+    let status = json!({ "conditions": conditions });
+    match kubeapi::merge_status_at(&api, node, status).await {
+        Err(e) if kubeapi::changed_meanwhile(&e) => return Ok(()),
         other => other?,
     };
     tracing::warn!(message = %silent.message, "node agent silent");

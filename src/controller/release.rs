@@ -24,6 +24,7 @@ use super::informer::Informers;
 use super::job::{Job, JobRun, Retry};
 use super::{Context, Error};
 use crate::crd::{NODE_LABEL, VOLUME_FINALIZER, Volume};
+use crate::kubeapi;
 
 pub const ANN_RELEASE_NODE: &str = "stowage.dev/release-node";
 
@@ -112,22 +113,8 @@ async fn reconcile(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Err
             .await;
         }
         Release::DropFinalizer => {
-            let kept: Vec<_> = volume
-                .finalizers()
-                .iter()
-                .filter(|f| *f != VOLUME_FINALIZER)
-                .collect();
-            let patch = json!({ "metadata": {
-                "resourceVersion": volume.resource_version(),
-                "finalizers": kept,
-            }});
-            Api::<Volume>::all(ctx.client.clone())
-                .patch(
-                    &volume.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await?;
+            let api = Api::<Volume>::all(ctx.client.clone());
+            kubeapi::remove_finalizer(&api, volume.as_ref(), VOLUME_FINALIZER).await?;
             tracing::info!(%node, "volume released from a deleted node");
         }
     }

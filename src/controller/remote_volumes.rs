@@ -19,7 +19,7 @@ use super::protocol::{PARAM_PV_NAME, PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
 use super::secrets::{self, SecretFor, Secrets, TemplateValues};
 use super::{Context, Error};
 use crate::backend::csi_proxy::{Capability, CreateRequest, CreatedVolume, CsiDriver};
-use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase};
+use crate::crd::{Outstanding, VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase};
 use crate::kubeapi;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,22 +33,12 @@ pub enum RemoteWork {
 }
 
 pub fn plan(volume: &Volume) -> RemoteWork {
-    if volume.metadata.deletion_timestamp.is_some() {
-        return if volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
-            RemoteWork::Delete {
-                volume_id: volume.status.as_ref().and_then(|s| s.volume_handle.clone()),
-            }
-        } else {
-            RemoteWork::Nothing
-        };
-    }
-    let done = volume.status.as_ref().is_some_and(|s| {
-        s.phase == VolumePhase::Ready && s.observed_generation == volume.metadata.generation
-    });
-    if done {
-        RemoteWork::Nothing
-    } else {
-        RemoteWork::Create
+    match volume.outstanding() {
+        Outstanding::Nothing => RemoteWork::Nothing,
+        Outstanding::Create => RemoteWork::Create,
+        Outstanding::Delete => RemoteWork::Delete {
+            volume_id: volume.status.as_ref().and_then(|s| s.volume_handle.clone()),
+        },
     }
 }
 
@@ -201,26 +191,18 @@ async fn record_failure(
     reason: &str,
     message: &str,
 ) -> Result<(), Error> {
-    let reported = volume.status.as_ref().is_some_and(|s| {
+    let shown = volume.status.as_ref().is_some_and(|s| {
         s.phase == VolumePhase::Failed
             && s.observed_generation == volume.metadata.generation
             && s.last_error.as_deref() == Some(message)
     });
-    if reported {
-        return Ok(());
-    }
-    let status = json!({ "status": {
+    let status = json!({
         "phase": VolumePhase::Failed,
         "observedGeneration": volume.metadata.generation,
         "lastError": message,
         "conditions": [condition(volume, "False", reason, message)],
-    }});
-    api.patch_status(
-        &volume.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&status),
-    )
-    .await?;
+    });
+    kubeapi::merge_status_unless_shown(api, volume, shown, status).await?;
     Ok(())
 }
 

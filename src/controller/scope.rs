@@ -27,30 +27,35 @@ use super::protocol::{ANN_BETA_STORAGE_PROVISIONER, ANN_PROVISIONED_BY, ANN_STOR
 
 /// Limits the claim, PV and VolumeAttachment caches to stowage's objects.
 pub fn limit(ctx: &Arc<Context>, informers: &mut Informers) {
-    let c = ctx.clone();
-    informers.claims.keep_only(move |o| {
-        let name = o
-            .spec
-            .as_ref()
-            .and_then(|s| s.storage_class_name.as_deref());
-        claim(o, class(&c.stores.classes, name).as_class(), |p| {
-            c.serves(p)
-        })
-    });
-    let c = ctx.clone();
-    informers.pvs.keep_only(move |o| {
-        let name = o
-            .spec
-            .as_ref()
-            .and_then(|s| s.storage_class_name.as_deref());
-        pv(o, class(&c.stores.classes, name).as_class(), |p| {
-            c.serves(p)
-        })
-    });
+    informers.claims.keep_only(by_class(
+        ctx,
+        |o: &PersistentVolumeClaim| o.spec.as_ref()?.storage_class_name.as_deref(),
+        |o, class, serves| claim(o, class, serves),
+    ));
+    informers.pvs.keep_only(by_class(
+        ctx,
+        |o: &PersistentVolume| o.spec.as_ref()?.storage_class_name.as_deref(),
+        |o, class, serves| pv(o, class, serves),
+    ));
     let c = ctx.clone();
     informers
         .attachments
         .keep_only(move |o| attachment(o, |p| c.serves(p)));
+}
+
+/// A rule of an object and the class it names (`class_name`), looked up
+/// in the cache at each call: classes are watched, so a rule's answer
+/// follows a class created after the object.
+fn by_class<K>(
+    ctx: &Arc<Context>,
+    class_name: impl Fn(&K) -> Option<&str> + Send + Sync + 'static,
+    rule: impl Fn(&K, Class, &dyn Fn(&str) -> bool) -> bool + Send + Sync + 'static,
+) -> impl Fn(&K) -> bool + Send + Sync + 'static {
+    let c = ctx.clone();
+    move |o| {
+        let cached = class(&c.stores.classes, class_name(o));
+        rule(o, cached.as_class(), &|p| c.serves(p))
+    }
 }
 
 /// The class an object names, as the cache knows it.

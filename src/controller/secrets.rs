@@ -103,6 +103,21 @@ pub struct SecretRef {
     pub name: String,
 }
 
+impl SecretRef {
+    /// The Secret an object's annotations name, as the sidecars record the
+    /// one an object's deletion will need; none unless both keys are set.
+    pub fn annotated(
+        annotations: &BTreeMap<String, String>,
+        name_key: &str,
+        namespace_key: &str,
+    ) -> Option<SecretRef> {
+        Some(SecretRef {
+            name: annotations.get(name_key)?.clone(),
+            namespace: annotations.get(namespace_key)?.clone(),
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
     #[error("StorageClass parameter {0} is set without its pair {1}: set both or neither")]

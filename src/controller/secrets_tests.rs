@@ -17,14 +17,19 @@ fn annotations() -> BTreeMap<String, String> {
     ])
 }
 
-fn resolve_for(kind: SecretFor, name: &str, ns: &str) -> Result<Option<SecretRef>, SecretError> {
-    let annotations = annotations();
-    let values = TemplateValues {
+/// What the templates of claim team/data, provisioned as pvc-1, read.
+fn values(claim_annotations: &BTreeMap<String, String>) -> TemplateValues<'_> {
+    TemplateValues {
         pv_name: "pvc-1",
         claim_namespace: "team",
         claim_name: "data",
-        claim_annotations: &annotations,
-    };
+        claim_annotations,
+    }
+}
+
+fn resolve_for(kind: SecretFor, name: &str, ns: &str) -> Result<Option<SecretRef>, SecretError> {
+    let annotations = annotations();
+    let values = values(&annotations);
     let key = |half: &str| format!("{PREFIX}{}-secret-{half}", kind.key());
     secret_ref(
         &params(&[(&key("name"), name), (&key("namespace"), ns)]),
@@ -153,12 +158,8 @@ fn results_must_be_dns_names() {
 
 #[test]
 fn half_a_reference_or_an_empty_one_is_an_error_naming_the_key() {
-    let values = TemplateValues {
-        pv_name: "pvc-1",
-        claim_namespace: "team",
-        claim_name: "data",
-        claim_annotations: &BTreeMap::new(),
-    };
+    let none = BTreeMap::new();
+    let values = values(&none);
     let p = params(&[("csi.storage.k8s.io/controller-publish-secret-name", "s")]);
     let err = all_refs(&p, &values).unwrap_err();
     assert!(
@@ -180,12 +181,8 @@ fn half_a_reference_or_an_empty_one_is_an_error_naming_the_key() {
 
 #[test]
 fn the_default_pair_serves_kinds_without_their_own() {
-    let values = TemplateValues {
-        pv_name: "pvc-1",
-        claim_namespace: "team",
-        claim_name: "data",
-        claim_annotations: &BTreeMap::new(),
-    };
+    let none = BTreeMap::new();
+    let values = values(&none);
     let p = params(&[
         ("csi.storage.k8s.io/secret-name", "shared"),
         ("csi.storage.k8s.io/secret-namespace", "${pvc.namespace}"),

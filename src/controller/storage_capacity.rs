@@ -36,18 +36,19 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::Notify;
 
 use super::informer::Informers;
-use super::job::JobRun;
+use super::job::{self, JobRun};
 use super::provision::topology::driver_nodes;
 use super::{Config, Context, Error};
 use crate::backend::csi_proxy::CsiDriver;
 use crate::backend::local;
 use crate::crd::Volume;
+use crate::kubeapi;
 use crate::quantity::format_bytes;
 
 pub use plan::{Capacity, Change};
@@ -240,8 +241,7 @@ async fn run(ctx: Arc<Context>, stale: Arc<Stale>, settings: Settings) {
 }
 
 fn failed(ctx: &Context, key: &ObjectReference, error: &Error) -> Duration {
-    tracing::warn!(job = JOB, %error, "publishing storage capacity failed");
-    ctx.metrics.jobs.reconcile_failed(JOB, error.metric_label());
+    job::pass_failed(ctx, JOB, "publishing storage capacity", error);
     ctx.backoff(key, true)
 }
 
@@ -381,7 +381,7 @@ async fn apply(
             let object: CSIStorageCapacity =
                 serde_json::from_value(desired_object(name, target, driver, want))
                     .expect("literal matches CSIStorageCapacity");
-            api.create(&PostParams::default(), &object).await.map(drop)
+            kubeapi::create_idempotent(api, &object).await
         }
         Change::Update(name, want) => {
             let patch = desired_object(name, target, driver, want);
@@ -389,16 +389,13 @@ async fn apply(
                 .await
                 .map(drop)
         }
-        Change::Delete(name) => api.delete(name, &DeleteParams::default()).await.map(drop),
+        Change::Delete(name) => kubeapi::delete(api, name, None).await,
     };
     match result {
-        Err(kube::Error::Api(s)) if s.code == 409 || (s.code == 404 && deleting(change)) => Ok(()),
+        // Another writer was first: the next pass compares again.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         other => other.map_err(Error::from),
     }
-}
-
-fn deleting(change: &Change) -> bool {
-    matches!(change, Change::Delete(_))
 }
 
 /// The object as upstream's capacity controller writes it. An update

@@ -218,6 +218,44 @@ pub enum VolumePhase {
     Failed,
 }
 
+/// What whoever carries a Volume out (its node's agent, or the controller
+/// for a `--csi-driver`) has left to do, read from the object alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outstanding {
+    /// Done for this generation, or deleted with nothing of ours left.
+    Nothing,
+    /// Create the data, or finish creating it, or grow it to the spec.
+    Create,
+    /// Being deleted and still held by our finalizer: the data goes first.
+    Delete,
+}
+
+impl Volume {
+    pub fn outstanding(&self) -> Outstanding {
+        if self.metadata.deletion_timestamp.is_some() {
+            let held = self
+                .metadata
+                .finalizers
+                .iter()
+                .flatten()
+                .any(|f| f == VOLUME_FINALIZER);
+            return if held {
+                Outstanding::Delete
+            } else {
+                Outstanding::Nothing
+            };
+        }
+        let done = self.status.as_ref().is_some_and(|s| {
+            s.phase == VolumePhase::Ready && s.observed_generation == self.metadata.generation
+        });
+        if done {
+            Outstanding::Nothing
+        } else {
+            Outstanding::Create
+        }
+    }
+}
+
 /// Same shape as `metav1.Condition`, so kubectl and tooling read it as usual.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

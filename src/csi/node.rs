@@ -107,6 +107,13 @@ impl NodeService {
         }
     }
 
+    /// Refuses a path kubelet could not have sent for `role`, before any
+    /// lock is taken or anything on the host is looked at.
+    fn check_path(&self, requested: &str, field: &str, role: paths::Role) -> Result<(), CsiError> {
+        paths::check_only(requested, &self.kubelet_dir, self.paths, role)
+            .map_err(|e| path_error(field, e))
+    }
+
     /// A path the volume should already be at (stats, expand), and what is
     /// there: one that is not even absolute, or does not exist, cannot be
     /// where the volume is, which the spec calls NotFound. Paths outside
@@ -234,13 +241,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
         let field = "staging_target_path";
-        paths::check_only(
-            &req.staging_target_path,
-            &self.kubelet_dir,
-            self.paths,
-            paths::Role::Staging,
-        )
-        .map_err(|e| path_error(field, e))?;
+        self.check_path(&req.staging_target_path, field, paths::Role::Staging)?;
         let cap = required_capability(req.volume_capability.as_ref())?;
         let options = mount_flags(cap)?;
         let _guard = self.locks.lock(id).await;
@@ -317,13 +318,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
         let field = "staging_target_path";
-        paths::check_only(
-            &req.staging_target_path,
-            &self.kubelet_dir,
-            self.paths,
-            paths::Role::Staging,
-        )
-        .map_err(|e| path_error(field, e))?;
+        self.check_path(&req.staging_target_path, field, paths::Role::Staging)?;
         let ours = self.made_by_us(id)?;
         let _guard = self.locks.lock(id).await;
         if let Some(staging) =
@@ -363,8 +358,7 @@ impl Node for NodeService {
                 paths::Role::Staging,
             ),
         ] {
-            paths::check_only(value, &self.kubelet_dir, self.paths, role)
-                .map_err(|e| path_error(field, e))?;
+            self.check_path(value, field, role)?;
         }
         let cap = required_capability(req.volume_capability.as_ref())?;
         mount_flags(cap)?;
@@ -410,13 +404,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
         let field = "target_path";
-        paths::check_only(
-            &req.target_path,
-            &self.kubelet_dir,
-            self.paths,
-            paths::Role::Target,
-        )
-        .map_err(|e| path_error(field, e))?;
+        self.check_path(&req.target_path, field, paths::Role::Target)?;
         let ours = self.made_by_us(id)?;
         let _guard = self.locks.lock(id).await;
         // Its directory gone, nothing is mounted there or left to remove.

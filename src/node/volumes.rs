@@ -2,7 +2,6 @@
 //! Volume appears, deletes it when the Volume is deleted, and reports in
 //! `Volume.status`.
 
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -10,7 +9,8 @@ use std::sync::Arc;
 
 use super::{Error, NodeContext};
 use crate::backend::local::Parameters;
-use crate::crd::{VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase, VolumeSource};
+use crate::crd::{Outstanding, VOLUME_FINALIZER, Volume, VolumeMode, VolumePhase, VolumeSource};
+use crate::kubeapi;
 
 /// What this node must do for one Volume, decided from the object alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,22 +27,12 @@ pub fn plan(volume: &Volume, node: &str) -> NodeWork {
     if volume.spec.node.as_deref() != Some(node) {
         return NodeWork::Nothing;
     }
-    if volume.metadata.deletion_timestamp.is_some() {
-        return if volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
-            NodeWork::Delete
-        } else {
-            NodeWork::Nothing
-        };
-    }
-    let done = volume.status.as_ref().is_some_and(|s| {
-        s.phase == VolumePhase::Ready && s.observed_generation == volume.metadata.generation
-    });
-    if done {
-        NodeWork::Nothing
-    } else {
-        NodeWork::Create {
+    match volume.outstanding() {
+        Outstanding::Nothing => NodeWork::Nothing,
+        Outstanding::Create => NodeWork::Create {
             bytes: volume.spec.capacity_bytes,
-        }
+        },
+        Outstanding::Delete => NodeWork::Delete,
     }
 }
 
@@ -194,9 +184,6 @@ impl<'a> Report<'a> {
 }
 
 async fn report(api: &Api<Volume>, volume: &Volume, report: Report<'_>) -> Result<(), Error> {
-    if report.already_shown(volume) {
-        return Ok(());
-    }
     let mut status = json!({
         "phase": report.phase,
         "observedGeneration": volume.metadata.generation,
@@ -214,12 +201,8 @@ async fn report(api: &Api<Volume>, volume: &Volume, report: Report<'_>) -> Resul
         status["capacityBytes"] = json!(bytes);
         status["volumeHandle"] = json!(volume.name_any());
     }
-    api.patch_status(
-        &volume.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": status })),
-    )
-    .await?;
+    let shown = report.already_shown(volume);
+    kubeapi::merge_status_unless_shown(api, volume, shown, status).await?;
     Ok(())
 }
 

@@ -76,17 +76,29 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Answers whether the process can do its job; backs `/healthz`.
 /// Resolves on SIGTERM or Ctrl-C: every role stops on it.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    stop_signals()
+        .expect("installing SIGTERM and SIGINT handlers")
+        .await;
 }
 
+/// Installs the SIGTERM and SIGINT handlers before it returns, so that a
+/// signal from then on is never the default "die at once"; the future
+/// resolves on the first of them, with its name.
+pub fn stop_signals() -> std::io::Result<impl Future<Output = &'static str> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
+
+/// Answers whether the process can do its job; backs `/healthz`.
 pub trait Health: Send + Sync + 'static {
     fn healthy(&self) -> Result<(), String>;
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::{ANN_NODE_ID, AttachError};
 use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, Secrets};
-use crate::controller::{Context, Error, csi_handle};
+use crate::controller::{Context, Error, csi_handle, job};
 use crate::kubeapi;
 
 fn api(ctx: &Context) -> Api<VolumeAttachment> {
@@ -24,10 +24,7 @@ async fn patch_status(
     va: &VolumeAttachment,
     status: serde_json::Value,
 ) -> Result<VolumeAttachment, Error> {
-    let patch = Patch::Merge(json!({ "status": status }));
-    Ok(api(ctx)
-        .patch_status(&va.name_any(), &PatchParams::default(), &patch)
-        .await?)
+    Ok(kubeapi::merge_status(&api(ctx), va, status).await?)
 }
 
 /// An `attachError`/`detachError` value.
@@ -60,9 +57,7 @@ pub async fn refuse(
     error: &AttachError,
 ) -> Result<Action, Error> {
     attach_failed(ctx, va, &error.to_string()).await?;
-    ctx.metrics
-        .jobs
-        .reconcile_failed("attach", error.metric_label());
+    job::count_failure(ctx, "attach", error.metric_label());
     Ok(Action::requeue(ctx.backoff(&va.object_ref(&()), true)))
 }
 
@@ -76,14 +71,8 @@ pub async fn prepare(
     ours: &str,
 ) -> Result<(), Error> {
     let pp = PatchParams::default();
-    if !pv.finalizers().iter().any(|f| f == ours) {
-        let mut finalizers = pv.finalizers().to_vec();
-        finalizers.push(ours.to_string());
-        let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": pv.resource_version() } });
-        Api::<PersistentVolume>::all(ctx.client.clone())
-            .patch(&pv.name_any(), &pp, &Patch::Merge(patch))
-            .await?;
-    }
+    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    kubeapi::add_finalizer(&pvs, pv, ours).await?;
     let mut finalizers = va.finalizers().to_vec();
     if !finalizers.iter().any(|f| f == ours) {
         finalizers.push(ours.to_string());

@@ -62,7 +62,7 @@ pub enum AttachError {
 }
 
 impl AttachError {
-    /// The reason label of the attach job's failure metric.
+    /// The `error` label of `stowage_reconcile_failures_total{job="attach"}`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             AttachError::NoPv(_) => "no_pv",

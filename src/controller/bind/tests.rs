@@ -4,11 +4,7 @@ use serde_json::{Value, json};
 const CLASS: &str = "fast";
 
 fn class(mode: &str) -> StorageClass {
-    serde_json::from_value(json!({
-        "metadata": { "name": CLASS }, "provisioner": "local.stowage.dev",
-        "volumeBindingMode": mode,
-    }))
-    .unwrap()
+    crate::testing::storage_class(CLASS, "local.stowage.dev", Some(mode), &[])
 }
 
 fn claim(spec: Value) -> PersistentVolumeClaim {
@@ -63,7 +59,8 @@ fn assert_rows(rows: Vec<Row>) {
 }
 
 /// kube-controller-manager's matching rules: a PV as big as asked or
-/// bigger, of the claim's class.
+/// bigger, of the claim's StorageClass and VolumeAttributesClass (or of
+/// none when the claim names none).
 #[test]
 fn static_match_follows_kcm_rules_for_size_and_class() {
     let none = json!({});
@@ -94,6 +91,34 @@ fn static_match_follows_kcm_rules_for_size_and_class() {
             "no class on the PV",
             none.clone(),
             json!({ "storageClassName": null }),
+            none.clone(),
+            false,
+        ),
+        (
+            "the VolumeAttributesClass asked",
+            json!({ "volumeAttributesClassName": "gold" }),
+            json!({ "volumeAttributesClassName": "gold" }),
+            none.clone(),
+            true,
+        ),
+        (
+            "another VolumeAttributesClass",
+            json!({ "volumeAttributesClassName": "gold" }),
+            json!({ "volumeAttributesClassName": "silver" }),
+            none.clone(),
+            false,
+        ),
+        (
+            "a VolumeAttributesClass asked, none on the PV",
+            json!({ "volumeAttributesClassName": "gold" }),
+            none.clone(),
+            none.clone(),
+            false,
+        ),
+        (
+            "a VolumeAttributesClass on the PV, none asked",
+            none.clone(),
+            json!({ "volumeAttributesClassName": "gold" }),
             none.clone(),
             false,
         ),

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::plan::{IN_PROGRESS, INFEASIBLE, ModifyError, PENDING};
 use crate::backend::csi_proxy::CsiDriver;
 use crate::controller::secrets::{self, SecretFor};
-use crate::controller::{Context, Error, csi_handle};
+use crate::controller::{Context, Error, csi_handle, job};
 
 const JOB: &str = "modify";
 
@@ -50,7 +50,7 @@ async fn failed(ctx: &Context, claim: &PersistentVolumeClaim, error: &ModifyErro
         &error.to_string(),
     )
     .await;
-    ctx.metrics.jobs.reconcile_failed(JOB, error.metric_label());
+    job::count_failure(ctx, JOB, error.metric_label());
 }
 
 /// The class does not exist yet: `Pending`, asked again at the backoff's pace.

@@ -36,18 +36,9 @@ fn a_node_is_silent_once_its_last_report_is_older_than_the_timeout() {
 fn a_node_already_marked_is_not_marked_again() {
     let now = Timestamp::now();
     let mut late = node("late", Some(600), now);
-    late.status
-        .as_mut()
-        .unwrap()
-        .conditions
-        .push(VolumeCondition {
-            type_: READY.into(),
-            status: ConditionStatus::False,
-            reason: REASON_HEARTBEAT_EXPIRED.into(),
-            message: "silent".into(),
-            last_transition_time: Time(now),
-            observed_generation: None,
-        });
+    let expired = ConditionStatus::False;
+    let marked = crate::testing::condition(READY, expired, REASON_HEARTBEAT_EXPIRED, "silent");
+    late.status.as_mut().unwrap().conditions.push(marked);
     assert!(silent_nodes(&[&late], now, Duration::from_secs(120)).is_empty());
 }
 

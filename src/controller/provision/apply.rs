@@ -9,7 +9,7 @@ use kube::{Api, Resource, ResourceExt};
 use k8s_openapi::api::storage::v1::StorageClass;
 
 use super::{Provision, reschedule, source};
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, job};
 use crate::crd::Volume;
 use crate::kubeapi::create_idempotent;
 
@@ -26,26 +26,12 @@ pub async fn apply(
         Provision::WaitForConsumer => {
             // The same event kcm's binder posts, so `kubectl describe` reads alike
             // whether or not it runs.
-            ctx.event(
-                claim,
-                EventType::Normal,
-                "WaitForFirstConsumer",
-                "Provision",
-                "waiting for first consumer to be created before binding",
-            )
-            .await;
-            return Ok(Some(Action::await_change()));
+            let note = "waiting for first consumer to be created before binding";
+            return Ok(Some(wait(ctx, claim, "WaitForFirstConsumer", note).await));
         }
         Provision::LeftToPopulator => {
-            ctx.event(
-                claim,
-                EventType::Normal,
-                "Provisioning",
-                "Provision",
-                "Assuming an external populator will provision the volume",
-            )
-            .await;
-            return Ok(Some(Action::await_change()));
+            let note = "Assuming an external populator will provision the volume";
+            return Ok(Some(wait(ctx, claim, "Provisioning", note).await));
         }
         Provision::Fail(e) => {
             ctx.event(
@@ -56,7 +42,7 @@ pub async fn apply(
                 &e.to_string(),
             )
             .await;
-            ctx.metrics.jobs.reconcile_failed("claim", e.metric_label());
+            job::count_failure(ctx, "claim", e.metric_label());
             if let Some(node) = reschedule::node_to_give_up(claim, class, &e) {
                 reschedule::give_back(ctx, claim, node, &e).await?;
                 return Ok(Some(Action::await_change()));
@@ -88,6 +74,13 @@ pub async fn apply(
     }
 
     Ok(None)
+}
+
+/// Says on the claim what it waits for; the claim's next change asks again.
+async fn wait(ctx: &Context, claim: &PersistentVolumeClaim, reason: &str, note: &str) -> Action {
+    ctx.event(claim, EventType::Normal, reason, "Provision", note)
+        .await;
+    Action::await_change()
 }
 
 /// Writes the Volume (intent), its source protected first.

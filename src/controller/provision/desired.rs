@@ -91,8 +91,19 @@ fn local_source(
     Ok(Some((from, node)))
 }
 
-/// The one Volume builder: what both kinds share (claim, PV name, reclaim
-/// policy, our finalizer), placed as `placement` says.
+/// Every Volume stowage writes: held by our finalizer until its data is
+/// gone, and labelled with its node, if it has one, so that only that
+/// node's agent watches it.
+pub fn new_volume(name: &str, spec: VolumeSpec) -> Volume {
+    let node = spec.node.clone();
+    let mut volume = Volume::new(name, spec);
+    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
+    volume.metadata.labels = node.map(|n| BTreeMap::from([(NODE_LABEL.to_string(), n)]));
+    volume
+}
+
+/// The one Volume builder for claims: what both kinds share (claim, PV
+/// name, reclaim policy), placed as `placement` says.
 fn volume(
     claim: &PersistentVolumeClaim,
     class: &StorageClass,
@@ -108,7 +119,7 @@ fn volume(
             mount_options,
         } => (None, topology, mount_options),
     };
-    let mut volume = Volume::new(
+    new_volume(
         &name,
         VolumeSpec {
             driver: class.provisioner.clone(),
@@ -116,7 +127,7 @@ fn volume(
             capacity_bytes: bytes,
             access_modes,
             volume_mode: volume_mode(claim),
-            node: node.clone(),
+            node,
             requisite_topology: topology.requisite,
             preferred_topology: topology.preferred,
             mount_options,
@@ -134,10 +145,7 @@ fn volume(
             volume_attributes_class_name: None,
             mutable_parameters: BTreeMap::new(),
         },
-    );
-    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
-    volume.metadata.labels = node.map(|n| BTreeMap::from([(NODE_LABEL.to_string(), n)]));
-    volume
+    )
 }
 
 /// The Volume to write for a claim of `local.stowage.dev`, or None while

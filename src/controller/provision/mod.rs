@@ -1,9 +1,10 @@
-//! external-provisioner's job for `local.stowage.dev`, decided by a pure
-//! `plan` over a snapshot of objects.
+//! external-provisioner's job, for `local.stowage.dev` and every
+//! `--csi-driver`, decided by a pure `plan` over a snapshot of objects.
 //!
-//! A claim moves through: Volume written (intent, before any data) → node
-//! agent creates the data → PV `pvc-<claim uid>` created with a pre-set
-//! claimRef → bound (see bind.rs). Every step is keyed by the claim's UID, so
+//! A claim moves through: Volume written (intent, before any data) → the
+//! node agent (local) or the volume job (`--csi-driver`: CreateVolume)
+//! creates the data → PV `pvc-<claim uid>` created with a pre-set
+//! claimRef → bound (see `bind/`). Every step is keyed by the claim's UID, so
 //! a retried or restarted step finds the work already done instead of doing
 //! it twice.
 
@@ -28,7 +29,7 @@ pub mod topology;
 
 pub use apply::apply;
 
-pub use desired::{attributes_class_name, desired_pv};
+pub use desired::{attributes_class_name, desired_pv, new_volume};
 use desired::{desired_remote_volume, desired_volume};
 
 /// Everything `plan` looks at for one claim.
@@ -208,7 +209,7 @@ impl ProvisionError {
         )
     }
 
-    /// The `reason` label of `stowage_reconcile_failures{job="claim"}`.
+    /// The `error` label of `stowage_reconcile_failures_total{job="claim"}`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             ProvisionError::Parameters(_) => "bad_parameters",

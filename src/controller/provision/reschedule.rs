@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::ProvisionError;
 use crate::controller::protocol::{ANN_SELECTED_NODE, BINDING_WAIT_FOR_FIRST_CONSUMER};
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, job};
 
 /// The node to give up, when `error` is one another node could avoid and
 /// the scheduler chose this one. Errors a new node cannot fix (the claim's
@@ -66,7 +66,7 @@ pub(super) async fn give_back(
     )
     .await?;
     tracing::info!(%error, "selected node cannot hold the volume; asked the scheduler again");
-    ctx.metrics.jobs.reconcile_failed("claim", "rescheduled");
+    job::count_failure(ctx, "claim", "rescheduled");
     ctx.event(
         claim,
         EventType::Warning,
@@ -94,11 +94,7 @@ mod tests {
     }
 
     fn class(mode: &str) -> StorageClass {
-        serde_json::from_value(json!({
-            "metadata": { "name": "s" }, "provisioner": "local.stowage.dev",
-            "volumeBindingMode": mode,
-        }))
-        .unwrap()
+        crate::testing::storage_class("s", "local.stowage.dev", Some(mode), &[])
     }
 
     #[test]

@@ -3,13 +3,7 @@ use crate::crd::{NODE_LABEL, VOLUME_FINALIZER};
 use serde_json::json;
 
 fn class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
-    serde_json::from_value(json!({
-        "metadata": { "name": "c" },
-        "provisioner": local::DRIVER_NAME,
-        "volumeBindingMode": mode,
-        "parameters": params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-    }))
-    .unwrap()
+    crate::testing::storage_class("c", local::DRIVER_NAME, Some(mode), params)
 }
 
 fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> PersistentVolumeClaim {
@@ -255,16 +249,12 @@ fn other_provisioners_and_bound_claims_are_skipped() {
 
 fn under_pressure(mut n: StorageNode) -> StorageNode {
     let status = n.status.as_mut().unwrap();
-    status.conditions = vec![crate::crd::VolumeCondition {
-        type_: crate::crd::DISK_PRESSURE.into(),
-        status: crate::crd::ConditionStatus::True,
-        reason: "FreeSpaceBelowReserve".into(),
-        message: "the data filesystem has 5 bytes free".into(),
-        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-        observed_generation: None,
-    }];
+    status.conditions = vec![crate::testing::condition(
+        crate::crd::DISK_PRESSURE,
+        crate::crd::ConditionStatus::True,
+        "FreeSpaceBelowReserve",
+        "the data filesystem has 5 bytes free",
+    )];
     n
 }
 
@@ -343,8 +333,8 @@ fn snapshot_lookup(driver: &str, handle: &str) -> source::Lookup {
     }
 }
 
-#[test]
-fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
+/// A 1Gi claim restoring VolumeSnapshot `s`.
+fn restoring() -> PersistentVolumeClaim {
     let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
     restored.spec.as_mut().unwrap().data_source = Some(
         serde_json::from_value(
@@ -352,6 +342,12 @@ fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
         )
         .unwrap(),
     );
+    restored
+}
+
+#[test]
+fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
+    let restored = restoring();
     let (a, b) = (node("a", 4 * GI), node("b", 8 * GI));
     let nodes = [&a, &b];
     let nothing = BTreeMap::new();
@@ -396,13 +392,7 @@ fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
 
 #[test]
 fn data_sources_restore_through_drivers_and_are_left_to_populators() {
-    let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
-    restored.spec.as_mut().unwrap().data_source = Some(
-        serde_json::from_value(
-            json!({ "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "s" }),
-        )
-        .unwrap(),
-    );
+    let restored = restoring();
     let remote = remote_class("Immediate", &[]);
     let mut view = remote_view(&restored, &remote, zones());
     view.source = snapshot_lookup("hostpath.csi.k8s.io", "snap-1");

@@ -80,16 +80,12 @@ pub async fn apply(
 /// DeleteVolume (`volume.kubernetes.io/provisioner-deletion-secret-*`),
 /// if it recorded one.
 async fn deletion_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
-    let annotations = pv.annotations();
-    let (Some(name), Some(namespace)) = (
-        annotations.get(ANN_DELETION_SECRET_NAME),
-        annotations.get(ANN_DELETION_SECRET_NAMESPACE),
+    let Some(reference) = SecretRef::annotated(
+        pv.annotations(),
+        ANN_DELETION_SECRET_NAME,
+        ANN_DELETION_SECRET_NAMESPACE,
     ) else {
         return Ok(Secrets::default());
-    };
-    let reference = SecretRef {
-        name: name.clone(),
-        namespace: namespace.clone(),
     };
     Ok(secrets::read(&ctx.client, &reference, SecretFor::Provisioner).await?)
 }

@@ -116,6 +116,11 @@ mod tests {
     fn local_only(driver: &str) -> bool {
         driver == local::DRIVER_NAME
     }
+
+    /// The plan where only `local.stowage.dev` is served.
+    fn plan_local(pv: &PersistentVolume, claim_exists: bool, volume: Option<&Volume>) -> Reclaim {
+        plan(pv, claim_exists, volume, local_only, no_remote)
+    }
     use serde_json::json;
 
     fn pv(policy: &str, phase: &str, ours: bool, deleting: bool) -> PersistentVolume {
@@ -156,13 +161,7 @@ mod tests {
     #[test]
     fn bound_pv_with_its_claim_is_left_alone() {
         assert_eq!(
-            plan(
-                &pv("Delete", "Bound", true, false),
-                true,
-                Some(&volume()),
-                local_only,
-                no_remote
-            ),
+            plan_local(&pv("Delete", "Bound", true, false), true, Some(&volume())),
             Reclaim::Skip
         );
     }
@@ -170,68 +169,50 @@ mod tests {
     #[test]
     fn delete_goes_released_then_data_then_pv_then_finalizer() {
         let v = volume();
-        assert_eq!(
-            plan(
-                &pv("Delete", "Bound", true, false),
-                false,
+        // The PV as each step leaves it, with the Volume while it exists.
+        let steps = [
+            (
+                pv("Delete", "Bound", true, false),
                 Some(&v),
-                local_only,
-                no_remote
+                Reclaim::MarkReleased,
             ),
-            Reclaim::MarkReleased
-        );
-        assert_eq!(
-            plan(
-                &pv("Delete", "Released", true, false),
-                false,
+            (
+                pv("Delete", "Released", true, false),
                 Some(&v),
-                local_only,
-                no_remote
+                Reclaim::DeleteVolume("pvc-1".into()),
             ),
-            Reclaim::DeleteVolume("pvc-1".into())
-        );
-        assert_eq!(
-            plan(
-                &pv("Delete", "Released", true, false),
-                false,
+            (
+                pv("Delete", "Released", true, false),
                 None,
-                local_only,
-                no_remote
+                Reclaim::DeletePv,
             ),
-            Reclaim::DeletePv
-        );
-        assert_eq!(
-            plan(
-                &pv("Delete", "Released", true, true),
-                false,
+            (
+                pv("Delete", "Released", true, true),
                 None,
-                local_only,
-                no_remote
+                Reclaim::RemoveFinalizer,
             ),
-            Reclaim::RemoveFinalizer
-        );
+        ];
+        for (pv, volume, next) in steps {
+            assert_eq!(plan_local(&pv, false, volume), next, "{pv:?}");
+        }
     }
 
     #[test]
     fn retain_keeps_everything() {
         assert_eq!(
-            plan(
+            plan_local(
                 &pv("Retain", "Released", true, false),
                 false,
-                Some(&volume()),
-                local_only,
-                no_remote,
+                Some(&volume())
             ),
             Reclaim::Retained
         );
         // Deleting a retained PV by hand lets it go, and keeps the data.
         assert_eq!(
-            plan(
+            plan_local(
                 &pv("Retain", "Released", true, true),
                 false,
-                Some(&volume()),
-                local_only,
-                no_remote,
+                Some(&volume())
             ),
             Reclaim::RemoveFinalizer
         );
@@ -240,23 +221,11 @@ mod tests {
     #[test]
     fn static_pvs_are_released_but_never_deleted() {
         assert_eq!(
-            plan(
-                &pv("Delete", "Bound", false, false),
-                false,
-                None,
-                local_only,
-                no_remote
-            ),
+            plan_local(&pv("Delete", "Bound", false, false), false, None),
             Reclaim::MarkReleased
         );
         assert_eq!(
-            plan(
-                &pv("Delete", "Released", false, false),
-                false,
-                None,
-                local_only,
-                no_remote
-            ),
+            plan_local(&pv("Delete", "Released", false, false), false, None),
             Reclaim::Skip
         );
     }

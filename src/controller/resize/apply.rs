@@ -16,7 +16,7 @@ use super::{
 };
 use crate::backend::csi_proxy::{Capability, CsiDriver};
 use crate::controller::secrets::{self, SecretFor};
-use crate::controller::{Context, Error, csi_handle};
+use crate::controller::{Context, Error, csi_handle, job};
 use crate::crd::Volume;
 use crate::quantity::format_bytes;
 
@@ -85,9 +85,7 @@ pub async fn refuse(
         &message,
     )
     .await;
-    ctx.metrics
-        .jobs
-        .reconcile_failed("resize", error.metric_label());
+    job::count_failure(ctx, "resize", error.metric_label());
     let current = claim
         .status
         .as_ref()
@@ -115,9 +113,20 @@ pub async fn start(
         "allocatedResourceStatuses": { "storage": CONTROLLER_RESIZE_IN_PROGRESS },
         "conditions": conditions_with(claim, Some(("Resizing", ""))),
     });
-    ctx.patch_claim_status(claim, status).await?;
     let note = format!("External resizer is resizing volume {pv_name}");
-    event(ctx, claim, EventType::Normal, "Resizing", &note).await;
+    record_step(ctx, claim, status, "Resizing", &note).await
+}
+
+/// Writes a step of the resize to the claim's status, then tells the user.
+async fn record_step(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    status: serde_json::Value,
+    reason: &str,
+    note: &str,
+) -> Result<(), Error> {
+    ctx.patch_claim_status(claim, status).await?;
+    event(ctx, claim, EventType::Normal, reason, note).await;
     Ok(())
 }
 
@@ -159,17 +168,8 @@ pub async fn await_node_expansion(
         "allocatedResourceStatuses": { "storage": NODE_RESIZE_PENDING },
         "conditions": conditions_with(claim, Some(pending)),
     });
-    ctx.patch_claim_status(claim, status).await?;
     let note = "Require file system resize of volume on node";
-    event(
-        ctx,
-        claim,
-        EventType::Normal,
-        "FileSystemResizeRequired",
-        note,
-    )
-    .await;
-    Ok(())
+    record_step(ctx, claim, status, "FileSystemResizeRequired", note).await
 }
 
 /// The claim has its new capacity.
@@ -179,16 +179,8 @@ pub async fn finish(ctx: &Context, claim: &PersistentVolumeClaim, bytes: i64) ->
         "allocatedResourceStatuses": { "storage": null },
         "conditions": conditions_with(claim, None),
     });
-    ctx.patch_claim_status(claim, status).await?;
     let note = "Resize volume succeeded";
-    event(
-        ctx,
-        claim,
-        EventType::Normal,
-        "VolumeResizeSuccessful",
-        note,
-    )
-    .await;
+    record_step(ctx, claim, status, "VolumeResizeSuccessful", note).await?;
     ctx.forget_failures(&claim.object_ref(&()));
     Ok(())
 }

@@ -98,7 +98,7 @@ impl ResizeError {
         )
     }
 
-    /// The reason label of the resize job's failure metric.
+    /// The `error` label of `stowage_reconcile_failures_total{job="resize"}`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             ResizeError::NotExpandable(_) => "not_expandable",

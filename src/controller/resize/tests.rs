@@ -36,6 +36,11 @@ fn with_resize(
     c
 }
 
+/// A claim asking 128Mi of a 64Mi volume, the resize at `status`.
+fn growing(status: &str) -> PersistentVolumeClaim {
+    with_resize(claim("128Mi", "64Mi"), "128Mi", status)
+}
+
 fn pv(capacity: &str) -> PersistentVolume {
     serde_json::from_value(json!({
         "metadata": { "name": "pvc-u1" },
@@ -47,10 +52,7 @@ fn pv(capacity: &str) -> PersistentVolume {
 }
 
 fn class(expandable: Option<bool>) -> StorageClass {
-    let mut c: StorageClass = serde_json::from_value(json!({
-        "metadata": { "name": "fast" }, "provisioner": local::DRIVER_NAME,
-    }))
-    .unwrap();
+    let mut c = testing::storage_class("fast", local::DRIVER_NAME, None, &[]);
     c.allow_volume_expansion = expandable;
     c
 }
@@ -124,11 +126,7 @@ fn a_driver_volume_is_expanded_in_the_driver_until_the_claim_records_it() {
         Resize::ExpandInDriver { bytes: 128 * MI }
     );
     // Infeasible, then the user asks for less: started again at that size.
-    let refused = with_resize(
-        claim("128Mi", "64Mi"),
-        "128Mi",
-        CONTROLLER_RESIZE_INFEASIBLE,
-    );
+    let refused = growing(CONTROLLER_RESIZE_INFEASIBLE);
     assert_eq!(
         plan_remote(&refused, "64Mi", true),
         Resize::ExpandInDriver { bytes: 128 * MI }
@@ -141,7 +139,7 @@ fn a_driver_volume_is_expanded_in_the_driver_until_the_claim_records_it() {
         }
     );
     // kubelet's turn, then done: nothing for us.
-    let on_node = with_resize(claim("128Mi", "64Mi"), "128Mi", NODE_RESIZE_PENDING);
+    let on_node = growing(NODE_RESIZE_PENDING);
     assert_eq!(plan_remote(&on_node, "128Mi", true), Resize::Nothing);
     assert_eq!(
         plan_remote(&claim("128Mi", "128Mi"), "128Mi", true),
@@ -151,11 +149,7 @@ fn a_driver_volume_is_expanded_in_the_driver_until_the_claim_records_it() {
 
 #[test]
 fn a_driver_without_controller_expansion_leaves_it_to_the_node() {
-    let c = with_resize(
-        claim("128Mi", "64Mi"),
-        "128Mi",
-        CONTROLLER_RESIZE_IN_PROGRESS,
-    );
+    let c = growing(CONTROLLER_RESIZE_IN_PROGRESS);
     assert_eq!(
         plan_remote(&c, "64Mi", false),
         Resize::ResizePv { bytes: 128 * MI }
@@ -230,11 +224,7 @@ fn expansion_walks_through_the_kubelet_states_for_images() {
 
 #[test]
 fn directories_finish_without_the_node() {
-    let c = with_resize(
-        claim("128Mi", "64Mi"),
-        "128Mi",
-        CONTROLLER_RESIZE_IN_PROGRESS,
-    );
+    let c = growing(CONTROLLER_RESIZE_IN_PROGRESS);
     let v = volume(128 * MI, Some(128 * MI), "dir");
     assert_eq!(
         plan_with(

@@ -46,6 +46,12 @@ pub async fn apply(
     step: Step,
 ) -> Result<Outcome, Error> {
     let api = Api::<VolumeSnapshotContent>::all(ctx.client.clone());
+    let on = Effects {
+        ctx,
+        backend,
+        api: &api,
+        content,
+    };
     match step {
         Step::Nothing => Ok(Outcome::Done),
         Step::Settle => {
@@ -53,35 +59,22 @@ pub async fn apply(
             Ok(Outcome::Done)
         }
         Step::Create { volume_handle } => {
-            let result = create(ctx, backend, &api, content, &volume_handle).await;
-            report(
-                ctx,
-                &api,
-                content,
-                result,
-                "SnapshotCreationFailed",
-                "Failed to create snapshot",
-            )
-            .await
+            let result = on.create(&volume_handle).await;
+            let what = "Failed to create snapshot";
+            on.report(result, "SnapshotCreationFailed", what).await
         }
         Step::Check { snapshot_handle } => {
-            let result = check(ctx, backend, &api, content, &snapshot_handle).await;
-            report(
-                ctx,
-                &api,
-                content,
-                result,
-                "SnapshotContentCheckandUpdateFailed",
-                "Failed to check and update snapshot content",
-            )
-            .await
+            let result = on.check(&snapshot_handle).await;
+            let what = "Failed to check and update snapshot content";
+            on.report(result, "SnapshotContentCheckandUpdateFailed", what)
+                .await
         }
         Step::Delete {
             snapshot_handle,
             finalizer,
         } => {
             if let Some(handle) = snapshot_handle
-                && !delete(ctx, backend, &api, content, &handle).await?
+                && !on.delete(&handle).await?
             {
                 return Ok(Outcome::NotReady);
             }
@@ -98,218 +91,197 @@ pub async fn apply(
     }
 }
 
-/// A failure of create or check: in `status.error` (once per message)
-/// with a Warning event, then returned for the job's backoff.
-async fn report(
-    ctx: &Context,
-    api: &Api<VolumeSnapshotContent>,
-    content: &VolumeSnapshotContent,
-    result: Result<Outcome, Error>,
-    reason: &str,
-    what: &str,
-) -> Result<Outcome, Error> {
-    let Err(error) = result else {
-        return result;
-    };
-    let message = format!("{what}: {error}");
-    let same = content
-        .status
-        .as_ref()
-        .and_then(|s| s.error.as_ref()?.message.as_deref())
-        == Some(message.as_str());
-    if !same {
+/// One content and what its effects work with.
+struct Effects<'a> {
+    ctx: &'a Context,
+    backend: &'a Backend<'a>,
+    api: &'a Api<VolumeSnapshotContent>,
+    content: &'a VolumeSnapshotContent,
+}
+
+impl Effects<'_> {
+    /// A failure of create or check: in `status.error` (once per message)
+    /// with a Warning event, then returned for the job's backoff.
+    async fn report(
+        &self,
+        result: Result<Outcome, Error>,
+        reason: &str,
+        what: &str,
+    ) -> Result<Outcome, Error> {
+        let Err(error) = result else {
+            return result;
+        };
+        let message = format!("{what}: {error}");
+        let shown = self
+            .content
+            .status
+            .as_ref()
+            .and_then(|s| s.error.as_ref()?.message.as_deref())
+            == Some(message.as_str());
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let status = json!({ "status": {
+        let status = json!({
             "readyToUse": false,
             "error": { "time": now, "message": message },
-        }});
-        api.patch_status(
-            &content.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&status),
-        )
-        .await?;
-        ctx.event(content, EventType::Warning, reason, "Snapshot", &message)
-            .await;
+        });
+        if kubeapi::merge_status_unless_shown(self.api, self.content, shown, status).await? {
+            self.ctx
+                .event(
+                    self.content,
+                    EventType::Warning,
+                    reason,
+                    "Snapshot",
+                    &message,
+                )
+                .await;
+        }
+        Err(error)
     }
-    Err(error)
-}
 
-async fn create(
-    ctx: &Context,
-    backend: &Backend<'_>,
-    api: &Api<VolumeSnapshotContent>,
-    content: &VolumeSnapshotContent,
-    volume_handle: &str,
-) -> Result<Outcome, Error> {
-    let name = content.name_any();
-    let invalid = |m: String| Error::Snapshot(m);
-    let class = content
-        .spec
-        .volume_snapshot_class_name
-        .as_deref()
-        .ok_or_else(|| {
+    async fn create(&self, volume_handle: &str) -> Result<Outcome, Error> {
+        let name = self.content.name_any();
+        let invalid = |m: String| Error::Snapshot(m);
+        let class = self
+            .content
+            .spec
+            .volume_snapshot_class_name
+            .as_deref()
+            .ok_or_else(|| {
+                invalid(format!(
+                    "failed to take snapshot {name} without a snapshot class"
+                ))
+            })?;
+        let mut parameters =
+            plan::driver_parameters(&class_parameters(self.ctx, class).await?).map_err(invalid)?;
+        if self.ctx.extra_create_metadata {
+            let by = &self.content.spec.volume_snapshot_ref;
+            parameters.insert(
+                PARAM_SNAPSHOT_NAME.into(),
+                by.name.clone().unwrap_or_default(),
+            );
+            parameters.insert(
+                PARAM_SNAPSHOT_NAMESPACE.into(),
+                by.namespace.clone().unwrap_or_default(),
+            );
+            parameters.insert(PARAM_SNAPSHOT_CONTENT_NAME.into(), name.clone());
+        }
+        let snapshot_name = plan::snapshot_name(self.content).ok_or_else(|| {
             invalid(format!(
-                "failed to take snapshot {name} without a snapshot class"
+                "cannot create snapshot: snapshot content {name} not bound to a snapshot"
             ))
         })?;
-    let mut parameters =
-        plan::driver_parameters(&class_parameters(ctx, class).await?).map_err(invalid)?;
-    if ctx.extra_create_metadata {
-        let by = &content.spec.volume_snapshot_ref;
-        parameters.insert(
-            PARAM_SNAPSHOT_NAME.into(),
-            by.name.clone().unwrap_or_default(),
-        );
-        parameters.insert(
-            PARAM_SNAPSHOT_NAMESPACE.into(),
-            by.namespace.clone().unwrap_or_default(),
-        );
-        parameters.insert(PARAM_SNAPSHOT_CONTENT_NAME.into(), name.clone());
-    }
-    let snapshot_name = plan::snapshot_name(content).ok_or_else(|| {
-        invalid(format!(
-            "cannot create snapshot: snapshot content {name} not bound to a snapshot"
-        ))
-    })?;
-    let secrets = content_secrets(ctx, content).await?;
-    let content = set_being_created(api, content, true).await?;
-    let cut = match backend {
-        Backend::Driver(driver) => driver
-            .create_snapshot(&snapshot_name, volume_handle, parameters, secrets)
-            .await
-            .map_err(Error::from),
-        Backend::Local => local::cut(ctx, &snapshot_name, volume_handle).await,
-    };
-    match cut {
-        Ok(snapshot) => {
-            crate::failpoint::hit("controller-after-create-snapshot");
-            let ready = write_status(api, &content, &snapshot).await?;
-            set_being_created(api, &content, false).await?;
-            Ok(if ready {
-                Outcome::Done
-            } else {
-                Outcome::NotReady
-            })
-        }
-        Err(e) => {
-            // Only a final answer means nothing is being cut any more.
-            let ended = match &e {
-                Error::Driver(e) => e.is_final(),
-                Error::Snapshot(_) => true,
-                _ => false,
-            };
-            if ended {
-                set_being_created(api, &content, false).await?;
+        let secrets = content_secrets(self.ctx, self.content).await?;
+        let content = set_being_created(self.api, self.content, true).await?;
+        let cut = match self.backend {
+            Backend::Driver(driver) => driver
+                .create_snapshot(&snapshot_name, volume_handle, parameters, secrets)
+                .await
+                .map_err(Error::from),
+            Backend::Local => local::cut(self.ctx, &snapshot_name, volume_handle).await,
+        };
+        match cut {
+            Ok(snapshot) => {
+                crate::failpoint::hit("controller-after-create-snapshot");
+                let outcome = write_status(self.api, &content, &snapshot).await?;
+                set_being_created(self.api, &content, false).await?;
+                Ok(outcome)
             }
-            Err(e)
+            Err(e) => {
+                // Only a final answer means nothing is being cut any more.
+                let ended = match &e {
+                    Error::Driver(e) => e.is_final(),
+                    Error::Snapshot(_) => true,
+                    _ => false,
+                };
+                if ended {
+                    set_being_created(self.api, &content, false).await?;
+                }
+                Err(e)
+            }
         }
+    }
+
+    async fn check(&self, handle: &str) -> Result<Outcome, Error> {
+        let snapshot = match self.backend {
+            Backend::Driver(driver) => {
+                let secrets = list_secrets(self.ctx, self.content).await?;
+                driver.snapshot_status(handle, secrets).await?
+            }
+            Backend::Local => local::status(self.ctx, handle).await?,
+        };
+        write_status(self.api, self.content, &snapshot).await
+    }
+
+    /// Deletes the snapshot; false while it is still going (a local snapshot
+    /// waits for its node agent).
+    async fn delete(&self, handle: &str) -> Result<bool, Error> {
+        let failed = |note: &str| {
+            let note = note.to_string();
+            async move {
+                self.ctx
+                    .event(
+                        self.content,
+                        EventType::Warning,
+                        "SnapshotDeleteError",
+                        "Snapshot",
+                        &note,
+                    )
+                    .await
+            }
+        };
+        let secrets = match content_secrets(self.ctx, self.content).await {
+            Ok(s) => s,
+            Err(e) => {
+                failed("Failed to get snapshot credentials").await;
+                return Err(e);
+            }
+        };
+        let deleted = match self.backend {
+            Backend::Driver(driver) => driver
+                .delete_snapshot(handle, secrets)
+                .await
+                .map(|()| true)
+                .map_err(Error::from),
+            Backend::Local => local::delete(self.ctx, handle).await,
+        };
+        match deleted {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(e) => {
+                failed(&format!("Failed to delete snapshot: {e}")).await;
+                return Err(e);
+            }
+        }
+        crate::failpoint::hit("controller-after-delete-snapshot");
+        let cleared = json!({
+            "snapshotHandle": null, "readyToUse": null, "creationTime": null, "restoreSize": null,
+        });
+        kubeapi::merge_status(self.api, self.content, cleared).await?;
+        Ok(true)
     }
 }
 
-async fn check(
-    ctx: &Context,
-    backend: &Backend<'_>,
-    api: &Api<VolumeSnapshotContent>,
-    content: &VolumeSnapshotContent,
-    handle: &str,
-) -> Result<Outcome, Error> {
-    let snapshot = match backend {
-        Backend::Driver(driver) => {
-            let secrets = list_secrets(ctx, content).await?;
-            driver.snapshot_status(handle, secrets).await?
-        }
-        Backend::Local => local::status(ctx, handle).await?,
-    };
-    let ready = write_status(api, content, &snapshot).await?;
-    Ok(if ready {
-        Outcome::Done
-    } else {
-        Outcome::NotReady
-    })
-}
-
-/// Deletes the snapshot; false while it is still going (a local snapshot
-/// waits for its node agent).
-async fn delete(
-    ctx: &Context,
-    backend: &Backend<'_>,
-    api: &Api<VolumeSnapshotContent>,
-    content: &VolumeSnapshotContent,
-    handle: &str,
-) -> Result<bool, Error> {
-    let failed = |note: &str| {
-        let note = note.to_string();
-        async move {
-            ctx.event(
-                content,
-                EventType::Warning,
-                "SnapshotDeleteError",
-                "Snapshot",
-                &note,
-            )
-            .await
-        }
-    };
-    let secrets = match content_secrets(ctx, content).await {
-        Ok(s) => s,
-        Err(e) => {
-            failed("Failed to get snapshot credentials").await;
-            return Err(e);
-        }
-    };
-    let deleted = match backend {
-        Backend::Driver(driver) => driver
-            .delete_snapshot(handle, secrets)
-            .await
-            .map(|()| true)
-            .map_err(Error::from),
-        Backend::Local => local::delete(ctx, handle).await,
-    };
-    match deleted {
-        Ok(true) => {}
-        Ok(false) => return Ok(false),
-        Err(e) => {
-            failed(&format!("Failed to delete snapshot: {e}")).await;
-            return Err(e);
-        }
-    }
-    crate::failpoint::hit("controller-after-delete-snapshot");
-    let cleared = json!({ "status": {
-        "snapshotHandle": null, "readyToUse": null, "creationTime": null, "restoreSize": null,
-    }});
-    api.patch_status(
-        &content.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&cleared),
-    )
-    .await?;
-    Ok(true)
-}
-
-/// Writes what the driver said, if it changes the status; returns
-/// whether the snapshot is ready.
+/// Writes what the driver said, if it changes the status; done once the
+/// snapshot is ready.
 async fn write_status(
     api: &Api<VolumeSnapshotContent>,
     content: &VolumeSnapshotContent,
     snapshot: &Snapshot,
-) -> Result<bool, Error> {
+) -> Result<Outcome, Error> {
     if let Some(status) = plan::status_after(content.status.as_ref(), snapshot) {
-        let patch = json!({ "status": {
+        let status = json!({
             "snapshotHandle": status.snapshot_handle,
             "creationTime": status.creation_time,
             "restoreSize": status.restore_size,
             "readyToUse": status.ready_to_use,
             "error": status.error,
-        }});
-        api.patch_status(
-            &content.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        });
+        kubeapi::merge_status(api, content, status).await?;
     }
-    Ok(snapshot.ready)
+    Ok(if snapshot.ready {
+        Outcome::Done
+    } else {
+        Outcome::NotReady
+    })
 }
 
 /// Adds or removes the being-created annotation; returns the content as
@@ -346,23 +318,17 @@ async fn class_parameters(ctx: &Context, class: &str) -> Result<BTreeMap<String,
 /// The Secret snapshot-controller resolved for CreateSnapshot and
 /// DeleteSnapshot, from the content's annotations.
 async fn content_secrets(ctx: &Context, content: &VolumeSnapshotContent) -> Result<Secrets, Error> {
-    let annotations = content.annotations();
-    let (Some(name), Some(namespace)) = (
-        annotations.get(ANN_SECRET_NAME),
-        annotations.get(ANN_SECRET_NAMESPACE),
-    ) else {
+    let Some(secret) =
+        SecretRef::annotated(content.annotations(), ANN_SECRET_NAME, ANN_SECRET_NAMESPACE)
+    else {
         return Ok(Secrets::default());
     };
-    if name.is_empty() || namespace.is_empty() {
+    if secret.name.is_empty() || secret.namespace.is_empty() {
         return Err(Error::Snapshot(format!(
             "cannot retrieve secrets for snapshot content {}: secret name or namespace not specified",
             content.name_any()
         )));
     }
-    let secret = SecretRef {
-        namespace: namespace.clone(),
-        name: name.clone(),
-    };
     Ok(secrets::read(&ctx.client, &secret, SecretFor::Snapshotter).await?)
 }
 

@@ -13,11 +13,9 @@ use kube::{Api, ResourceExt};
 
 use crate::backend::csi_proxy::Snapshot;
 use crate::backend::local::{self, Layout, Parameters};
+use crate::controller::provision::new_volume;
 use crate::controller::{Context, Error};
-use crate::crd::{
-    AccessMode, NODE_LABEL, ReclaimPolicy, VOLUME_FINALIZER, Volume, VolumePhase, VolumeSource,
-    VolumeSpec,
-};
+use crate::crd::{AccessMode, ReclaimPolicy, Volume, VolumePhase, VolumeSource, VolumeSpec};
 use crate::kubeapi;
 
 /// The snapshot Volume `name` of Volume `source`, written if it is not
@@ -65,7 +63,7 @@ fn snapshot_volume(name: &str, from: &Volume) -> Result<Volume, Error> {
         .as_ref()
         .and_then(|s| s.capacity_bytes)
         .unwrap_or(from.spec.capacity_bytes);
-    let mut volume = Volume::new(
+    let volume = new_volume(
         name,
         VolumeSpec {
             driver: local::DRIVER_NAME.to_string(),
@@ -73,7 +71,7 @@ fn snapshot_volume(name: &str, from: &Volume) -> Result<Volume, Error> {
             capacity_bytes: bytes,
             access_modes: vec![AccessMode::ReadWriteOnce],
             volume_mode: from.spec.volume_mode,
-            node: Some(node.clone()),
+            node: Some(node),
             requisite_topology: Vec::new(),
             preferred_topology: Vec::new(),
             mount_options: Vec::new(),
@@ -85,8 +83,6 @@ fn snapshot_volume(name: &str, from: &Volume) -> Result<Volume, Error> {
             mutable_parameters: Default::default(),
         },
     );
-    volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_string()]);
-    volume.metadata.labels = Some([(NODE_LABEL.to_string(), node)].into_iter().collect());
     Ok(volume)
 }
 
@@ -148,6 +144,7 @@ pub async fn delete(ctx: &Context, handle: &str) -> Result<bool, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::{NODE_LABEL, VOLUME_FINALIZER};
     use crate::testing::{volume, volume_spec};
 
     fn source(node: Option<&str>, layout: Option<&str>) -> Volume {

@@ -113,16 +113,9 @@ pub async fn ask(driver: &CsiDriver, items: Vec<Item>) -> Asked {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn class(name: &str, provisioner: &str, mode: &str) -> StorageClass {
-        serde_json::from_value(json!({
-            "metadata": { "name": name },
-            "provisioner": provisioner,
-            "volumeBindingMode": mode,
-            "parameters": { "pool": name },
-        }))
-        .unwrap()
+        crate::testing::storage_class(name, provisioner, Some(mode), &[("pool", name)])
     }
 
     fn node(name: &str, keys: &[&str], labels: Option<&[(&str, &str)]>) -> DriverNode {

@@ -4,15 +4,15 @@
 //! is left to the next pass, which sees it anew.
 
 use k8s_openapi::api::storage::v1::VolumeAttachment;
-use kube::api::{Patch, PatchParams};
+use kube::Api;
 use kube::runtime::events::EventType;
-use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::super::apply::{error_status, publish_secrets};
 use super::Repair;
 use crate::backend::csi_proxy::CsiDriver;
 use crate::controller::{Context, Error};
+use crate::kubeapi;
 
 /// Merges `status` into the VA's; with `cas`, only into the version the
 /// pass read. False when the VA changed or went meanwhile.
@@ -22,21 +22,15 @@ async fn write_status(
     status: serde_json::Value,
     cas: bool,
 ) -> Result<bool, Error> {
-    let mut patch = json!({ "status": status });
-    if cas {
-        patch["metadata"] = json!({ "resourceVersion": va.resource_version() });
-    }
     let api = Api::<VolumeAttachment>::all(ctx.client.clone());
-    match api
-        .patch_status(
-            &va.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-    {
+    let written = if cas {
+        kubeapi::merge_status_at(&api, va, status).await
+    } else {
+        kubeapi::merge_status(&api, va, status).await
+    };
+    match written {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+        Err(e) if kubeapi::changed_meanwhile(&e) => {
             tracing::debug!(
                 "VolumeAttachment changed since it was compared; the next pass decides"
             );

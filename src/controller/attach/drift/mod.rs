@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::cached_node_id;
 use super::plan::pv_name;
 use crate::backend::csi_proxy::CsiDriver;
-use crate::controller::job::JobRun;
+use crate::controller::job::{self, JobRun};
 use crate::controller::{Context, Error};
 
 /// The job's label in the reconcile metrics.
@@ -75,8 +75,8 @@ async fn compare(ctx: &Context, driver: &CsiDriver) {
         Ok(published) => published,
         Err(e) => {
             let e = Error::from(e);
-            tracing::warn!(job = JOB, error = %e, "comparing VolumeAttachments with the driver failed");
-            ctx.metrics.jobs.reconcile_failed(JOB, e.metric_label());
+            let doing = "comparing VolumeAttachments with the driver";
+            job::pass_failed(ctx, JOB, doing, &e);
             return;
         }
     };
@@ -110,9 +110,8 @@ async fn compare(ctx: &Context, driver: &CsiDriver) {
         };
         let result = repair.instrument(span.clone()).await;
         if let Err(e) = result {
-            span.in_scope(|| tracing::warn!(job = JOB, error = %e, "repair failed"));
             ctx.report_if_forbidden(r.va, &e);
-            ctx.metrics.jobs.reconcile_failed(JOB, e.metric_label());
+            span.in_scope(|| job::pass_failed(ctx, JOB, "repair", &e));
         }
     }
 }

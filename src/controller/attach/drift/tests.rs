@@ -220,30 +220,26 @@ fn the_node_id_compared_is_the_one_published_to() {
     // publishes to the recorded one, so that is the one to find.
     let v = attached(va("va-a", "a"));
     let p = pv();
-    let views = [DriftView {
-        va: &v,
-        pv: Some(&p),
-        node_id: Some("id-a-new".into()),
-    }];
+    // The caches know node a by its new ID; the driver reports it published
+    // to `ids`. What it must fix, per node ID.
+    let on_new_id = |va: &VolumeAttachment, ids: &[&str]| {
+        let views = [DriftView {
+            va,
+            pv: Some(&p),
+            node_id: Some("id-a-new".into()),
+        }];
+        plan(&views, DRIVER, &published(&[("h-1", ids)]))
+            .into_iter()
+            .map(|r| (r.node_id, r.fix))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(on_new_id(&v, &["id-a"]), vec![]);
     assert_eq!(
-        plan(&views, DRIVER, &published(&[("h-1", &["id-a"])])),
-        vec![]
+        on_new_id(&v, &["id-a-new"]),
+        vec![("id-a".to_string(), Fix::Republish)]
     );
-    let fixes: Vec<_> = plan(&views, DRIVER, &published(&[("h-1", &["id-a-new"])]))
-        .into_iter()
-        .map(|r| (r.node_id, r.fix))
-        .collect();
-    assert_eq!(fixes, vec![("id-a".to_string(), Fix::Republish)]);
     // Not prepared yet: the ID the caches know.
     let mut unprepared = v.clone();
     unprepared.metadata.annotations = None;
-    let views = [DriftView {
-        va: &unprepared,
-        pv: Some(&p),
-        node_id: Some("id-a-new".into()),
-    }];
-    assert_eq!(
-        plan(&views, DRIVER, &published(&[("h-1", &["id-a-new"])])),
-        vec![]
-    );
+    assert_eq!(on_new_id(&unprepared, &["id-a-new"]), vec![]);
 }

@@ -59,6 +59,35 @@ fn found(snap: VolumeSnapshot, content: VolumeSnapshotContent) -> Lookup {
     }
 }
 
+/// A source that is not there; `supported`: whether the driver could
+/// restore or clone at all.
+fn no_snapshot(supported: bool) -> Lookup {
+    Lookup::Snapshot {
+        supported,
+        snapshot: None,
+        content: None,
+    }
+}
+
+fn no_claim(supported: bool) -> Lookup {
+    Lookup::Claim {
+        supported,
+        claim: None,
+        pv: None,
+    }
+}
+
+/// Each lookup is refused, in words that contain its case's.
+fn assert_refused(
+    claim: &PersistentVolumeClaim,
+    cases: impl IntoIterator<Item = (Lookup, &'static str)>,
+) {
+    for (lookup, want) in cases {
+        let got = refusal(restore(claim, lookup));
+        assert!(got.contains(want), "{got} (want {want})");
+    }
+}
+
 fn refusal(result: Result<Option<VolumeSource>, ProvisionError>) -> String {
     result.unwrap_err().to_string()
 }
@@ -100,27 +129,13 @@ fn a_snapshot_that_cannot_be_restored_says_why() {
             found(snapshot(true, "1Gi"), content(DRIVER, "Block", json!({}))),
             "modifies the mode of the source volume",
         ),
+        (no_snapshot(true), "VolumeSnapshot snap does not exist"),
         (
-            Lookup::Snapshot {
-                supported: true,
-                snapshot: None,
-                content: None,
-            },
-            "VolumeSnapshot snap does not exist",
-        ),
-        (
-            Lookup::Snapshot {
-                supported: false,
-                snapshot: None,
-                content: None,
-            },
+            no_snapshot(false),
             "CREATE_DELETE_SNAPSHOT capability is not reported",
         ),
     ];
-    for (lookup, want) in cases {
-        let got = refusal(restore(&new, lookup));
-        assert!(got.contains(want), "{got} (want {want})");
-    }
+    assert_refused(&new, cases);
     let mut unbound = snapshot(true, "1Gi");
     unbound
         .status
@@ -219,27 +234,10 @@ fn a_bound_claim_of_the_driver_clones_by_its_volume_handle_and_others_say_why() 
             ),
             "not bound or invalid",
         ),
-        (
-            Lookup::Claim {
-                supported: true,
-                claim: None,
-                pv: None,
-            },
-            "does not exist",
-        ),
-        (
-            Lookup::Claim {
-                supported: false,
-                claim: None,
-                pv: None,
-            },
-            "CLONE_VOLUME capability is not reported",
-        ),
+        (no_claim(true), "does not exist"),
+        (no_claim(false), "CLONE_VOLUME capability is not reported"),
     ];
-    for (lookup, want) in cases {
-        let got = refusal(restore(&new, lookup));
-        assert!(got.contains(want), "{got} (want {want})");
-    }
+    assert_refused(&new, cases);
 }
 
 #[test]

@@ -1,17 +1,11 @@
 use super::*;
-use crate::crd::{ConditionStatus, VolumeCondition};
+use crate::crd::ConditionStatus;
 use serde_json::json;
 
 const GI: i64 = 1 << 30;
 
 fn class(name: &str, provisioner: &str, params: &[(&str, &str)]) -> StorageClass {
-    let params: BTreeMap<_, _> = params.iter().copied().collect();
-    serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "provisioner": provisioner,
-        "parameters": params,
-    }))
-    .unwrap()
+    crate::testing::storage_class(name, provisioner, None, params)
 }
 
 fn node(name: &str, capacity: i64) -> StorageNode {
@@ -19,16 +13,8 @@ fn node(name: &str, capacity: i64) -> StorageNode {
 }
 
 fn with_condition(mut n: StorageNode, type_: &str, status: ConditionStatus) -> StorageNode {
-    n.status.as_mut().unwrap().conditions.push(VolumeCondition {
-        type_: type_.into(),
-        status,
-        reason: "Test".into(),
-        message: "test".into(),
-        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-        observed_generation: None,
-    });
+    let condition = crate::testing::condition(type_, status, "Test", "test");
+    n.status.as_mut().unwrap().conditions.push(condition);
     n
 }
 
