@@ -24,9 +24,7 @@ use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::proxy_attach::Scene;
 use crate::proxy_driver::{immediate_class, proxy_controller};
 use crate::proxy_snapshot::{bound_handle, recorded, snapshot, snapshot_class};
-use crate::service_accounts::{
-    CONTROLLER_ACCOUNT, account_kubeconfig, install_controller_identity,
-};
+use crate::service_accounts::controller_account;
 use crate::snapshotter;
 
 const FLAG: &str = "--cross-namespace-data-sources";
@@ -108,8 +106,7 @@ async fn a_source_in_another_namespace_needs_the_flag_and_a_reference_grant() {
     Scene::install(&client, &driver, &[node]).await;
     let _snapshot_controller =
         snapshotter::start(&client, &kubeconfig, "cross-namespace-snapshot-controller").await;
-    install_controller_identity(&kubeconfig);
-    let as_controller = account_kubeconfig(&kubeconfig, &client, CONTROLLER_ACCOUNT).await;
+    let as_controller = controller_account(&kubeconfig, &client).await;
     let start = |extra: &[&str], log: &str| {
         let mut args = vec!["--serve-local=false"];
         args.extend_from_slice(extra);

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{ListParams, PostParams};
@@ -134,6 +134,12 @@ async fn events_from(
 
 /// Waits for an event `reason` about `name` (events are posted after the
 /// change they describe); returns its note.
+/// The CSI volume handle of PersistentVolume `pv`.
+pub async fn volume_handle(client: &Client, pv: &str) -> String {
+    let pv = Api::<PersistentVolume>::all(client.clone()).get(pv).await;
+    pv.unwrap().spec.unwrap().csi.unwrap().volume_handle
+}
+
 pub async fn wait_for_event(ns: &TestNamespace, name: &str, reason: &str) -> String {
     wait_for_event_from(ns, name, reason, None).await
 }

@@ -107,15 +107,7 @@ async fn a_hung_driver_times_out_with_an_event_and_recovers_on_its_own() {
     let claims = ns.api::<PersistentVolumeClaim>();
     let bound = wait(&claims, "data", "Bound", is_bound).await.unwrap();
     let pv = bound.spec.unwrap().volume_name.unwrap();
-    let handle = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone())
-        .get(&pv)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .csi
-        .unwrap()
-        .volume_handle;
+    let handle = crate::fixtures::volume_handle(&client, &pv).await;
     assert!(
         holds(&data, &handle),
         "no data for {handle}: not the new driver's volume"

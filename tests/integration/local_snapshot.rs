@@ -17,10 +17,8 @@ use crate::fixtures::{claim, gone, is_bound, storage_class, wait};
 use crate::harness::{
     Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
 };
-use crate::proxy_snapshot::{claim_from, ready_snapshot, request_snapshot, snapshot_class};
-use crate::service_accounts::{
-    CONTROLLER_ACCOUNT, account_kubeconfig, install_controller_identity,
-};
+use crate::proxy_snapshot::{claim_from, snapshot, snapshot_class};
+use crate::service_accounts::controller_account;
 use crate::snapshotter;
 
 const NODE: &str = "snapshot-local-node";
@@ -42,8 +40,7 @@ async fn local_volumes_snapshot_restore_and_clone_on_their_node() {
     let _snapshot_controller =
         snapshotter::start(&client, &kubeconfig, "local-snapshot-snapshot-controller").await;
     // As deployed: the manifests' RBAC, which this flow must find enough.
-    install_controller_identity(&kubeconfig);
-    let as_controller = account_kubeconfig(&kubeconfig, &client, CONTROLLER_ACCOUNT).await;
+    let as_controller = controller_account(&kubeconfig, &client).await;
     let controller = Process::controller(&as_controller, "local-snapshot-controller");
     let ns = TestNamespace::new_with(client.clone(), "local-snapshot").await;
     let class = format!("{}-c", ns.name);
@@ -56,7 +53,7 @@ async fn local_volumes_snapshot_restore_and_clone_on_their_node() {
     let source = bound_volume(&ns, "source").await;
     write_into_image(&image(&source), "before", "one");
 
-    let (snap, content) = snapshot_volume(&ns, "snap", &snapshots_class).await;
+    let (snap, content) = snapshot(&ns, "snap", "source", &snapshots_class).await;
     let content_name = content.name_any();
     let handle = content.status.unwrap().snapshot_handle.unwrap();
     assert_eq!(handle, format!("snapshot-{}", snap.uid().unwrap()));
@@ -101,24 +98,6 @@ async fn local_volumes_snapshot_restore_and_clone_on_their_node() {
     controller.stop();
     agent.stop();
     let _ = std::fs::remove_dir_all(&data);
-}
-
-async fn snapshot_volume(
-    ns: &TestNamespace,
-    name: &str,
-    class: &str,
-) -> (VolumeSnapshot, VolumeSnapshotContent) {
-    snapshot_volume_of(ns, name, "source", class).await
-}
-
-async fn snapshot_volume_of(
-    ns: &TestNamespace,
-    name: &str,
-    claim: &str,
-    class: &str,
-) -> (VolumeSnapshot, VolumeSnapshotContent) {
-    request_snapshot(ns, name, claim, class).await;
-    ready_snapshot(ns, name).await
 }
 
 /// `len` bytes of a raw image at `offset`.
@@ -183,7 +162,7 @@ async fn block_volumes_snapshot_restore_and_clone_byte_for_byte() {
     create(block_claim("raw", None)).await;
     let source = bound_volume(&ns, "raw").await;
     write_raw(&image(&source), AT, b"before the cut");
-    let (_, content) = snapshot_volume_of(&ns, "raw-snap", "raw", &snapshots_class).await;
+    let (_, content) = snapshot(&ns, "raw-snap", "raw", &snapshots_class).await;
     assert!(content.status.unwrap().ready_to_use.unwrap_or(false));
     write_raw(&image(&source), AT, b"after the cut!");
 

@@ -14,11 +14,10 @@ use stowage::proto::csi::v1::volume_capability::{
 };
 use tonic::Code;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::Api;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 
 use crate::csi_node::{CsiNode, MIB, loops_of, mounts_at, tool, wait_until};
-use crate::fixtures::{claim, is_bound, storage_class, wait, wait_for_event};
+use crate::fixtures::{claim, is_bound, storage_class, volume_handle, wait, wait_for_event};
 use crate::harness::{
     Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
 };
@@ -279,15 +278,7 @@ async fn a_refused_stage_is_told_on_the_claim() {
     .await
     .unwrap();
     let pv = bound.spec.unwrap().volume_name.unwrap();
-    let handle = Api::<PersistentVolume>::all(client.clone())
-        .get(&pv)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .csi
-        .unwrap()
-        .volume_handle;
+    let handle = volume_handle(&client, &pv).await;
 
     let kubelet = data.join("kubelet");
     let socket = stowage::node::socket_path(&kubelet);

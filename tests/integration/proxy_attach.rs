@@ -21,6 +21,7 @@ use crate::metrics::scrape_until;
 use crate::proxy_driver::{
     apply, attached_va, csi_calls, immediate_class, proxy_controller, proxy_controller_with_metrics,
 };
+use crate::service_accounts::controller_account;
 
 /// What one driver's test works with.
 pub struct Scene {
@@ -205,8 +206,11 @@ async fn attach_lifecycle(driver: ExternalDriver, cluster: &'static str, node: &
     let client = client_for_path(&kubeconfig).await;
     let mut running = Some(driver.start());
     Scene::install(&client, &driver, &[node]).await;
+    // As deployed: the manifests' RBAC, which the attacher's work must
+    // find enough (finalizers, status, a deleted Node's attachments).
+    let as_controller = controller_account(&kubeconfig, &client).await;
     let controller = proxy_controller(
-        &kubeconfig,
+        &as_controller,
         &driver.name,
         &driver.socket,
         &["--serve-local=false"],
@@ -256,16 +260,7 @@ async fn attach_lifecycle(driver: ExternalDriver, cluster: &'static str, node: &
     wait(&s.claims, "later", "Bound", is_bound).await;
     let later = s.claims.get("later").await.unwrap().spec.unwrap();
     let later_pv = later.volume_name.unwrap();
-    let later_handle = s
-        .pvs
-        .get(&later_pv)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .csi
-        .unwrap()
-        .volume_handle;
+    let later_handle = crate::fixtures::volume_handle(&s.ns.client, &later_pv).await;
     s.delete_claim("later", &later_pv, &later_handle).await;
     controller.stop();
 }
@@ -428,8 +423,9 @@ async fn a_publication_the_driver_lost_is_published_again() {
     let driver = ExternalDriver::mock("drift.mock.csi.stowage.test");
     let _running = driver.start();
     Scene::install(&client, &driver, &[node]).await;
+    let as_controller = controller_account(&kubeconfig, &client).await;
     let (controller, metrics) = proxy_controller_with_metrics(
-        &kubeconfig,
+        &as_controller,
         &driver.name,
         &driver.socket,
         &["--serve-local=false", "--attach-reconcile-interval=2s"],

@@ -189,15 +189,7 @@ async fn driver_volumes_expand_through_controller_expand_volume() {
         .unwrap()
         .volume_name
         .unwrap();
-    let greedy_handle = pvs
-        .get(&greedy_pv)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .csi
-        .unwrap()
-        .volume_handle;
+    let greedy_handle = crate::fixtures::volume_handle(&client, &greedy_pv).await;
     let greedy = wait(&claims, "greedy", "NodeResizePending", pending)
         .await
         .unwrap();

@@ -17,6 +17,7 @@ use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::proxy_attach::Scene;
 use crate::proxy_driver::{apply, immediate_class, proxy_controller};
 use crate::proxy_snapshot::recorded;
+use crate::service_accounts::{apply_manifest, controller_account};
 
 fn current(c: &PersistentVolumeClaim) -> Option<&str> {
     c.status
@@ -61,8 +62,11 @@ async fn volume_attributes_classes_reach_the_driver_and_change_through_modify_vo
         .with_args(&[&format!("--record={}", record.display())]);
     let _running = driver.start();
     Scene::install(&client, &driver, &[node]).await;
+    // As deployed, with Secrets readable (the class names one).
+    let as_controller = controller_account(&kubeconfig, &client).await;
+    apply_manifest(&kubeconfig, "optional/controller-secrets.yaml", &[]);
     let controller = proxy_controller(
-        &kubeconfig,
+        &as_controller,
         &driver.name,
         &driver.socket,
         &[],

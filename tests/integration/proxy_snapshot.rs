@@ -14,9 +14,7 @@ use crate::fixtures::{claim, gone, is_bound, wait, wait_for_event};
 use crate::harness::{TestNamespace, bare_cluster, client_for_path, unique_name};
 use crate::proxy_attach::Scene;
 use crate::proxy_driver::{immediate_class, proxy_controller};
-use crate::service_accounts::{
-    CONTROLLER_ACCOUNT, account_kubeconfig, install_controller_identity,
-};
+use crate::service_accounts::controller_account;
 use crate::snapshotter;
 
 /// The requests the driver recorded for `method`.
@@ -190,8 +188,7 @@ async fn snapshots_restores_and_clones_go_through_the_driver() {
     let _snapshot_controller =
         snapshotter::start(&client, &kubeconfig, "proxy-snapshot-snapshot-controller").await;
     // As deployed: the manifests' RBAC, which this flow must find enough.
-    install_controller_identity(&kubeconfig);
-    let as_controller = account_kubeconfig(&kubeconfig, &client, CONTROLLER_ACCOUNT).await;
+    let as_controller = controller_account(&kubeconfig, &client).await;
     let controller = proxy_controller(
         &as_controller,
         &driver.name,

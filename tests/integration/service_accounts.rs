@@ -77,6 +77,13 @@ pub fn install_controller_identity(kubeconfig: &Path) {
     apply_manifest(kubeconfig, "10-controller-rbac.yaml", &[]);
 }
 
+/// The controller's ServiceAccount and RBAC as the manifests make them,
+/// and a kubeconfig that acts as it.
+pub async fn controller_account(kubeconfig: &Path, admin: &Client) -> PathBuf {
+    install_controller_identity(kubeconfig);
+    account_kubeconfig(kubeconfig, admin, CONTROLLER_ACCOUNT).await
+}
+
 /// A kubeconfig for a stowage process acting as `account` (a token bound
 /// to nothing: the controller's identity does not depend on a node).
 pub async fn account_kubeconfig(kubeconfig: &Path, admin: &Client, account: &str) -> PathBuf {
