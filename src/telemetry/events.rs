@@ -20,7 +20,14 @@ const REMEMBERED: Duration = Duration::from_secs(6 * 60);
 pub struct Recorder {
     client: Client,
     reporter: Reporter,
-    series: std::sync::Arc<Mutex<HashMap<Key, Series>>>,
+    series: std::sync::Arc<Mutex<Remembered>>,
+}
+
+/// The series, and when the old ones were last forgotten: at most once
+/// per `REMEMBERED`, so an event costs no walk over every series.
+struct Remembered {
+    series: HashMap<Key, Series>,
+    swept: Instant,
 }
 
 /// Type, reason and object: what kube's Recorder folds by.
@@ -42,7 +49,10 @@ impl Recorder {
         Recorder {
             client,
             reporter,
-            series: Default::default(),
+            series: std::sync::Arc::new(Mutex::new(Remembered {
+                series: HashMap::new(),
+                swept: Instant::now(),
+            })),
         }
     }
 
@@ -69,9 +79,14 @@ impl Recorder {
             ],
         };
         let now = Instant::now();
-        let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        all.retain(|_, s| now.duration_since(s.last) < REMEMBERED);
-        let series = all.entry(key).or_insert_with(|| Series {
+        let mut remembered = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if now.duration_since(remembered.swept) >= REMEMBERED {
+            remembered
+                .series
+                .retain(|_, s| now.duration_since(s.last) < REMEMBERED);
+            remembered.swept = now;
+        }
+        let series = remembered.series.entry(key).or_insert_with(|| Series {
             note: event.note.clone(),
             recorder: SeriesRecorder::new(self.client.clone(), self.reporter.clone()),
             last: now,
