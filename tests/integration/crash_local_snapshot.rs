@@ -15,7 +15,8 @@ use stowage::crd::Volume;
 use stowage::snapshot_api::{CONTENT_FINALIZER, VolumeSnapshot, VolumeSnapshotContent};
 
 use crate::crash::Armed;
-use crate::fixtures::{claim, gone, is_bound, storage_class, wait};
+use crate::crash_snapshot::both_gone_after_restart;
+use crate::fixtures::{claim, is_bound, storage_class, wait};
 use crate::harness::{
     Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
 };
@@ -148,20 +149,7 @@ async fn local_snapshots_killed_after_recording_or_releasing_leak_nothing() {
     );
 
     let ctl = controller(&kubeconfig, &[]);
-    wait(
-        &contents,
-        &content.name_any(),
-        "deleted after the restart",
-        gone,
-    )
-    .await;
-    wait(
-        &ns.api::<VolumeSnapshot>(),
-        "snap",
-        "deleted after the restart",
-        gone,
-    )
-    .await;
+    both_gone_after_restart(&ns, &content.name_any(), "snap").await;
     released_log.assert_kept();
     assert!(snapshot_images(&data).is_empty());
     ctl.stop();

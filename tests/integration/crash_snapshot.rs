@@ -122,28 +122,24 @@ async fn snapshots_killed_after_create_or_delete_snapshot_leak_nothing() {
     );
 
     let ctl = proxy_controller(&kubeconfig, &socket, &[]);
-    tokio::time::timeout(TIMEOUT, async {
-        wait(
-            &contents,
-            &content.name_any(),
-            "deleted after the restart",
-            gone,
-        )
-        .await;
-        wait(
-            &ns.api::<VolumeSnapshot>(),
-            "snap",
-            "deleted after the restart",
-            gone,
-        )
-        .await;
-    })
-    .await
-    .unwrap();
+    both_gone_after_restart(&ns, &content.name_any(), "snap").await;
     assert!(snapshot_files(&data).is_empty());
     created_log.assert_kept();
     deleted_log.assert_kept();
     ctl.stop();
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A content and its VolumeSnapshot, both gone once a restarted
+/// controller has finished what the crash cut short.
+pub async fn both_gone_after_restart(ns: &TestNamespace, content: &str, snapshot: &str) {
+    let contents = Api::<VolumeSnapshotContent>::all(ns.client.clone());
+    tokio::time::timeout(TIMEOUT, async {
+        wait(&contents, content, "deleted after the restart", gone).await;
+        let snapshots = ns.api::<VolumeSnapshot>();
+        wait(&snapshots, snapshot, "deleted after the restart", gone).await;
+    })
+    .await
+    .unwrap();
 }
