@@ -16,6 +16,9 @@
 #   STOWAGE_CLUSTER_DIR      where to keep state (default: a fresh temp dir)
 #   STOWAGE_CLUSTER_KEEP=1   keep the state directory after teardown
 #   STOWAGE_WITH_NODE=1      also run a real node: containerd + kubelet (node.sh)
+#   STOWAGE_APISERVER_FEATURE_GATES  more kube-apiserver feature gates, e.g.
+#                            WatchList=false (as 1.33 ships) to try the
+#                            paged-list fallback
 #   STOWAGE_AUDIT=1          audit log of every request by a ServiceAccount of
 #                            stowage-system (metadata only) in DIR/logs/audit.log
 set -euo pipefail
@@ -164,7 +167,7 @@ YAML
     --authorization-mode Node,RBAC --allow-privileged=true \
     --kubelet-client-certificate "$dir/kubelet-client.crt" --kubelet-client-key "$dir/kubelet-client.key" \
     --kubelet-preferred-address-types Hostname,InternalIP \
-    --feature-gates CrossNamespaceVolumeDataSource=true \
+    --feature-gates "CrossNamespaceVolumeDataSource=true${STOWAGE_APISERVER_FEATURE_GATES:+,$STOWAGE_APISERVER_FEATURE_GATES}" \
     --profiling=false --v=1 "${audit[@]}"
   wait_healthy kube-apiserver "$api/readyz" 120 --cacert "$dir/ca.crt" \
     --cert "$dir/admin.crt" --key "$dir/admin.key"

@@ -24,6 +24,7 @@
 mod feed;
 mod progress;
 mod relist;
+mod stream;
 
 pub use progress::{ProgressState, WatchProgress};
 pub(crate) use relist::Relist;
@@ -36,7 +37,6 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -141,12 +141,7 @@ impl<K: Kind> Informer<K> {
 
     /// Watches the kind until the process ends.
     pub fn run(self, api: Api<K>) -> impl Future<Output = ()> + Send + 'static {
-        // managedFields are the largest part of most objects' metadata and
-        // nothing here reads them: the caches hold the rest.
-        let events = watcher(api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(|o| o.meta_mut().managed_fields = None);
-        self.run_on(events)
+        self.run_on(stream::events(api))
     }
 }
 
@@ -244,6 +239,7 @@ mod tests {
     use futures::{StreamExt, stream};
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::ResourceExt;
+    use kube::runtime::watcher;
     use std::sync::Mutex;
 
     use crate::testing::config_map as object;
