@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod bind;
+pub mod cached_pv;
 mod capacity;
 mod claims;
 mod clone_protection;
