@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
@@ -22,6 +22,7 @@ use super::job::{Job, JobRun, Retry, trigger};
 use super::protocol::*;
 use super::provision::{self, ClaimView, topology};
 use super::{Context, Error, claim_of_pv, claim_of_volume, reference_grants};
+use crate::controller::cached_pv::Pv;
 use crate::crd::{StorageNode, Volume};
 
 /// The claim job: provisions and binds claims; a claim is looked at again
@@ -201,9 +202,9 @@ pub async fn reconcile(
 /// What the claim's plans look at, read from the caches.
 struct Found {
     volume: Option<Arc<Volume>>,
-    pv: Option<Arc<PersistentVolume>>,
+    pv: Option<Arc<Pv>>,
     /// The PVs it may bind: the one it names, ours, or static candidates.
-    pvs: Vec<Arc<PersistentVolume>>,
+    pvs: Vec<Arc<Pv>>,
     storage_nodes: Vec<Arc<StorageNode>>,
     promised: BTreeMap<String, i64>,
 }
@@ -248,7 +249,7 @@ impl Found {
 
 /// The PVs a claim looking for one could bind: its class's unclaimed PVs
 /// and any whose claimRef names it (from the index, not every PV).
-fn static_candidates(ctx: &Context, claim: &PersistentVolumeClaim) -> Vec<Arc<PersistentVolume>> {
+fn static_candidates(ctx: &Context, claim: &PersistentVolumeClaim) -> Vec<Arc<Pv>> {
     let class = claim
         .spec
         .as_ref()

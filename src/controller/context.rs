@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::controller::cached_pv::Pv;
 use crate::telemetry::events::Recorder;
-use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Reporter};
@@ -24,7 +25,7 @@ use super::{Config, Error, Metrics, capacity, forbidden, lifecycle, pending, sta
 #[derive(Clone)]
 pub struct Stores {
     pub claims: Store<PersistentVolumeClaim>,
-    pub pvs: Store<PersistentVolume>,
+    pub pvs: Store<Pv>,
     pub classes: Store<StorageClass>,
     pub volumes: Store<Volume>,
     pub storage_nodes: Store<StorageNode>,

@@ -36,11 +36,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Client;
 use kube::runtime::reflector::ObjectRef;
 
-use crate::backend::csi_proxy::DriverEndpoint;
+use crate::backend::csi_proxy::{Capability, DriverEndpoint};
+use crate::controller::cached_pv::Pv;
 use crate::crd::Volume;
 use crate::quantity::parse_duration_flag;
 use crate::telemetry;
@@ -233,12 +234,28 @@ pub(crate) fn claim_of_volume(v: Arc<Volume>) -> Option<ObjectRef<PersistentVolu
 }
 
 /// The driver's handle of a CSI PV.
-pub(crate) fn csi_handle(pv: &PersistentVolume) -> Option<&str> {
+pub(crate) fn csi_handle(pv: &Pv) -> Option<&str> {
     Some(pv.spec.as_ref()?.csi.as_ref()?.volume_handle.as_str())
 }
 
+/// How a PV is used: its volume mode, first access mode, fsType and
+/// mount options.
+pub(crate) fn capability(pv: &Pv) -> Capability {
+    let spec = pv.spec.clone().unwrap_or_default();
+    let csi = spec.csi.clone().unwrap_or_default();
+    Capability {
+        block: spec.volume_mode.as_deref() == Some("Block"),
+        fs_type: csi.fs_type.unwrap_or_default(),
+        mount_flags: spec.mount_options.unwrap_or_default(),
+        access_mode: spec
+            .access_modes
+            .and_then(|m| m.first().cloned())
+            .unwrap_or_default(),
+    }
+}
+
 /// The claim a PV is (being) bound to.
-pub(crate) fn claim_of_pv(pv: Arc<PersistentVolume>) -> Option<ObjectRef<PersistentVolumeClaim>> {
+pub(crate) fn claim_of_pv(pv: Arc<Pv>) -> Option<ObjectRef<PersistentVolumeClaim>> {
     let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
     Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
 }

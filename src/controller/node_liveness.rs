@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -32,6 +32,7 @@ use super::informer::Informers;
 use super::job::{self, JobRun};
 use super::{Config, Context, Error};
 use crate::backend::local;
+use crate::controller::cached_pv::Pv;
 use crate::crd::{ConditionStatus, StorageNode, Volume, VolumeCondition, VolumePhase};
 use crate::kubeapi;
 
@@ -243,7 +244,7 @@ async fn report_gone_node(ctx: &Context, volume: &Volume) {
         .spec
         .persistent_volume_name
         .as_ref()
-        .and_then(|n| ctx.stores.pvs.get(&ObjectRef::<PersistentVolume>::new(n)));
+        .and_then(|n| ctx.stores.pvs.get(&ObjectRef::<Pv>::new(n)));
     match (pv, &volume.spec.claim) {
         (Some(pv), _) => {
             ctx.event(

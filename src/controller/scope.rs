@@ -16,7 +16,8 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use crate::controller::cached_pv::Pv;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -34,7 +35,7 @@ pub fn limit(ctx: &Arc<Context>, informers: &mut Informers) {
     ));
     informers.pvs.keep_only(by_class(
         ctx,
-        |o: &PersistentVolume| o.spec.as_ref()?.storage_class_name.as_deref(),
+        |o: &Pv| o.spec.as_ref()?.storage_class_name.as_deref(),
         |o, class, serves| pv(o, class, serves),
     ));
     let c = ctx.clone();
@@ -130,7 +131,7 @@ pub fn claim(claim: &PersistentVolumeClaim, class: Class, serves: impl Fn(&str) 
 /// be bound to a claim of ours), or when its class is served or unknown:
 /// a static PV of another driver bound to a claim of ours is still read
 /// by the binder.
-pub fn pv(pv: &PersistentVolume, class: Class, serves: impl Fn(&str) -> bool) -> bool {
+pub fn pv(pv: &Pv, class: Class, serves: impl Fn(&str) -> bool) -> bool {
     let spec = pv.spec.as_ref();
     let claimed = spec
         .and_then(|s| s.claim_ref.as_ref())
@@ -207,11 +208,7 @@ mod tests {
         ));
     }
 
-    fn pv_with(
-        driver: &str,
-        provisioned_by: Option<&str>,
-        claim_uid: Option<&str>,
-    ) -> PersistentVolume {
+    fn pv_with(driver: &str, provisioned_by: Option<&str>, claim_uid: Option<&str>) -> Pv {
         let annotations = provisioned_by
             .map(|p| json!({ ANN_PROVISIONED_BY: p }))
             .unwrap_or(json!({}));

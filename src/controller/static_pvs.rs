@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use k8s_openapi::api::core::v1::PersistentVolume;
+use crate::controller::cached_pv::Pv;
 use kube::ResourceExt;
 
 /// Namespace and name of a claim.
@@ -28,7 +28,7 @@ enum Entry {
 }
 
 impl StaticPvs {
-    pub fn apply(&mut self, pv: &PersistentVolume) {
+    pub fn apply(&mut self, pv: &Pv) {
         let name = pv.name_any();
         self.remove(&name);
         let spec = pv.spec.as_ref();
@@ -50,7 +50,7 @@ impl StaticPvs {
         self.indexed.insert(name, entry);
     }
 
-    pub fn delete(&mut self, pv: &PersistentVolume) {
+    pub fn delete(&mut self, pv: &Pv) {
         self.remove(&pv.name_any());
     }
 
@@ -96,7 +96,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pv(name: &str, class: &str, claim: Option<&str>) -> PersistentVolume {
+    fn pv(name: &str, class: &str, claim: Option<&str>) -> Pv {
         let claim_ref = claim.map(|c| json!({ "namespace": "ns", "name": c }));
         serde_json::from_value(json!({
             "metadata": { "name": name },

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -14,6 +14,7 @@ use super::informer::Informers;
 use super::job::{Job, JobRun, Retry, trigger};
 use super::reclaim::pv_of_volume;
 use super::{Context, Error, provision, remote_volumes};
+use crate::controller::cached_pv::Pv;
 use crate::crd::Volume;
 use crate::kubeapi;
 
@@ -70,7 +71,7 @@ async fn reconcile(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     // The PV may have been created since the cache was read.
-    if Api::<PersistentVolume>::all(ctx.client.clone())
+    if Api::<Pv>::all(ctx.client.clone())
         .get_opt(&pv_name)
         .await?
         .is_some()

@@ -2,8 +2,6 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
-
 use crate::backend::secrets::Secrets;
 use crate::proto::csi::v1 as csi;
 use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode};
@@ -93,22 +91,6 @@ pub struct Capability {
 }
 
 impl Capability {
-    /// How a PV is used: its volume mode, first access mode, fsType and
-    /// mount options.
-    pub fn of_pv(pv: &PersistentVolume) -> Capability {
-        let spec = pv.spec.clone().unwrap_or_default();
-        let csi = spec.csi.clone().unwrap_or_default();
-        Capability {
-            block: spec.volume_mode.as_deref() == Some("Block"),
-            fs_type: csi.fs_type.unwrap_or_default(),
-            mount_flags: spec.mount_options.unwrap_or_default(),
-            access_mode: spec
-                .access_modes
-                .and_then(|m| m.first().cloned())
-                .unwrap_or_default(),
-        }
-    }
-
     /// The access mode as csi-lib-utils maps one: a driver without
     /// SINGLE_NODE_MULTI_WRITER knows a single writer per node only, which
     /// ReadWriteOnce and ReadWriteOncePod both become.

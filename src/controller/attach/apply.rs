@@ -1,7 +1,6 @@
 //! The attach job's effects on the API server and the driver, one small
 //! function per planned step.
 
-use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -9,7 +8,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::{ANN_NODE_ID, AttachError};
-use crate::backend::csi_proxy::{Capability, CsiDriver};
+use crate::backend::csi_proxy::CsiDriver;
+use crate::controller::cached_pv::Pv;
 use crate::controller::secrets::{self, Secrets};
 use crate::controller::{Context, Error, csi_handle, job};
 use crate::kubeapi;
@@ -37,10 +37,7 @@ async fn attach_failed(ctx: &Context, va: &VolumeAttachment, message: &str) -> R
     patch_status(ctx, va, status).await.map(drop)
 }
 
-pub(super) async fn publish_secrets(
-    ctx: &Context,
-    pv: &PersistentVolume,
-) -> Result<Secrets, Error> {
+pub(super) async fn publish_secrets(ctx: &Context, pv: &Pv) -> Result<Secrets, Error> {
     Ok(secrets::for_pv(&ctx.client, pv, secrets::SecretFor::ControllerPublish).await?)
 }
 
@@ -66,12 +63,12 @@ pub async fn refuse(
 pub async fn prepare(
     ctx: &Context,
     va: &VolumeAttachment,
-    pv: &PersistentVolume,
+    pv: &Pv,
     node_id: &str,
     ours: &str,
 ) -> Result<(), Error> {
     let pp = PatchParams::default();
-    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    let pvs = Api::<Pv>::all(ctx.client.clone());
     kubeapi::add_finalizer(&pvs, pv, ours).await?;
     let mut finalizers = va.finalizers().to_vec();
     if !finalizers.iter().any(|f| f == ours) {
@@ -93,7 +90,7 @@ pub async fn publish(
     ctx: &Context,
     driver: &CsiDriver,
     va: &VolumeAttachment,
-    pv: &PersistentVolume,
+    pv: &Pv,
     node_id: &str,
 ) -> Result<(), Error> {
     let csi = pv
@@ -106,7 +103,7 @@ pub async fn publish(
         .publish(
             &csi.volume_handle,
             node_id,
-            &Capability::of_pv(pv),
+            &crate::controller::capability(pv),
             csi.read_only.unwrap_or(false),
             csi.volume_attributes.unwrap_or_default(),
             secrets,
@@ -134,7 +131,7 @@ pub async fn unpublish(
     ctx: &Context,
     driver: &CsiDriver,
     va: &VolumeAttachment,
-    pv: Option<&PersistentVolume>,
+    pv: Option<&Pv>,
     node_id: Option<&str>,
     ours: &str,
 ) -> Result<(), Error> {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
+use crate::controller::cached_pv::Pv;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::ResourceExt;
 
@@ -12,7 +12,7 @@ use super::{ANN_NODE_ID, finalizer};
 /// Everything `plan` looks at for one VolumeAttachment.
 pub struct AttachView<'a> {
     pub va: &'a VolumeAttachment,
-    pub pv: Option<&'a PersistentVolume>,
+    pub pv: Option<&'a Pv>,
     /// The driver's ID for the node, if known.
     pub node_id: Option<String>,
     /// Whether the Node object exists.
@@ -148,7 +148,7 @@ fn plan_detach(view: &AttachView, has_finalizer: bool) -> Attach {
 }
 
 /// A single-node volume already attached to another node.
-fn attached_elsewhere(view: &AttachView, pv: &PersistentVolume) -> Option<AttachError> {
+fn attached_elsewhere(view: &AttachView, pv: &Pv) -> Option<AttachError> {
     let va = view.va;
     let modes = pv
         .spec
@@ -177,7 +177,7 @@ fn attached_elsewhere(view: &AttachView, pv: &PersistentVolume) -> Option<Attach
 
 /// Whether a PV being deleted may drop our finalizer: no VolumeAttachment
 /// names it any more.
-pub fn pv_released(pv: &PersistentVolume, attachments: &[Arc<VolumeAttachment>]) -> Option<String> {
+pub fn pv_released(pv: &Pv, attachments: &[Arc<VolumeAttachment>]) -> Option<String> {
     let driver = pv.spec.as_ref()?.csi.as_ref()?.driver.clone();
     let ours = finalizer(&driver);
     let name = pv.name_any();

@@ -1,4 +1,4 @@
-use k8s_openapi::api::core::v1::PersistentVolume;
+use crate::controller::cached_pv::Pv;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use serde_json::json;
 
@@ -14,8 +14,8 @@ fn va(name: &str, node: &str) -> VolumeAttachment {
     .unwrap()
 }
 
-fn pv(mode: &str, with_finalizer: bool) -> PersistentVolume {
-    let mut pv: PersistentVolume = serde_json::from_value(json!({
+fn pv(mode: &str, with_finalizer: bool) -> Pv {
+    let mut pv: Pv = serde_json::from_value(json!({
         "metadata": { "name": "pv-1" },
         "spec": { "accessModes": [mode], "csi": { "driver": DRIVER, "volumeHandle": "h-1" } },
     }))
@@ -34,7 +34,7 @@ fn prepared(mut v: VolumeAttachment) -> VolumeAttachment {
 
 fn view<'a>(
     va: &'a VolumeAttachment,
-    pv: Option<&'a PersistentVolume>,
+    pv: Option<&'a Pv>,
     others: &'a [&'a VolumeAttachment],
 ) -> AttachView<'a> {
     AttachView {

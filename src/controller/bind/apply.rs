@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -12,6 +12,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::{BindSteps, Binding};
+use crate::controller::cached_pv::Pv;
 use crate::controller::protocol::*;
 use crate::controller::{Context, Error};
 
@@ -20,7 +21,7 @@ pub async fn bind(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
     class: Option<&StorageClass>,
-    pvs: &[Arc<PersistentVolume>],
+    pvs: &[Arc<Pv>],
 ) -> Result<Action, Error> {
     let pv_refs: Vec<_> = pvs.iter().map(|p| p.as_ref()).collect();
     match super::plan(claim, class, &pv_refs, |c| ctx.serves(&c.provisioner)) {
@@ -48,11 +49,7 @@ pub async fn bind(
 /// posts a warning event on the claim). So we give it a short head start,
 /// and bind only what it has not bound by then; with the binder disabled
 /// the annotation never appears and we bind at once.
-fn kcm_binder_grace(
-    claim: &PersistentVolumeClaim,
-    pv: &PersistentVolume,
-    grace: Duration,
-) -> Option<Duration> {
+fn kcm_binder_grace(claim: &PersistentVolumeClaim, pv: &Pv, grace: Duration) -> Option<Duration> {
     let ann = claim.annotations();
     let kcm_binder =
         ann.contains_key(ANN_STORAGE_PROVISIONER) || ann.contains_key(ANN_BETA_STORAGE_PROVISIONER);
@@ -69,10 +66,10 @@ fn kcm_binder_grace(
 async fn apply_binding(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
-    pv: &PersistentVolume,
+    pv: &Pv,
     steps: &BindSteps,
 ) -> Result<(), Error> {
-    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    let pvs = Api::<Pv>::all(ctx.client.clone());
     let claims = Api::<PersistentVolumeClaim>::namespaced(
         ctx.client.clone(),
         &claim.namespace().unwrap_or_default(),

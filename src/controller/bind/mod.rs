@@ -4,12 +4,13 @@
 
 pub mod apply;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
 use super::protocol::*;
+use crate::controller::cached_pv::Pv;
 use crate::quantity::parse_bytes;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,7 +36,7 @@ pub struct BindSteps {
 pub fn plan(
     claim: &PersistentVolumeClaim,
     class: Option<&StorageClass>,
-    pvs: &[&PersistentVolume],
+    pvs: &[&Pv],
     is_ours: impl Fn(&StorageClass) -> bool,
 ) -> Binding {
     let Some(class) = class else {
@@ -108,7 +109,7 @@ pub fn plan(
 
 /// kcm's "pre-bound" test: the PV's claimRef names the claim, with its
 /// UID or none (an admin reserving a PV by claim name).
-fn reserved_for(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
+fn reserved_for(pv: &Pv, claim: &PersistentVolumeClaim) -> bool {
     let Some(r) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
         return false;
     };
@@ -119,7 +120,7 @@ fn reserved_for(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
             .is_none_or(|u| u.is_empty() || Some(u) == claim.uid().as_deref())
 }
 
-fn claim_ref_uid(pv: &PersistentVolume) -> Option<&str> {
+fn claim_ref_uid(pv: &Pv) -> Option<&str> {
     pv.spec
         .as_ref()?
         .claim_ref
@@ -132,8 +133,8 @@ fn claim_ref_uid(pv: &PersistentVolume) -> Option<&str> {
 pub fn best_static_match<'a>(
     claim: &PersistentVolumeClaim,
     class: &StorageClass,
-    pvs: &[&'a PersistentVolume],
-) -> Option<&'a PersistentVolume> {
+    pvs: &[&'a Pv],
+) -> Option<&'a Pv> {
     let spec = claim.spec.clone().unwrap_or_default();
     let wanted = spec
         .resources
@@ -146,7 +147,7 @@ pub fn best_static_match<'a>(
         .volume_mode
         .clone()
         .unwrap_or_else(|| "Filesystem".into());
-    let labels = |pv: &PersistentVolume| pv.labels().clone();
+    let labels = |pv: &Pv| pv.labels().clone();
     let wanted_attributes = spec
         .volume_attributes_class_name
         .clone()
@@ -186,7 +187,7 @@ pub fn best_static_match<'a>(
         .map(|(_, pv)| pv)
 }
 
-pub fn pv_bytes(pv: &PersistentVolume) -> Option<i64> {
+pub fn pv_bytes(pv: &Pv) -> Option<i64> {
     let q = pv.spec.as_ref()?.capacity.as_ref()?.get("storage")?;
     parse_bytes(&q.0).ok()
 }

@@ -22,7 +22,7 @@ fn claim(spec: Value) -> PersistentVolumeClaim {
 
 /// A PV of 2Gi, RWO+RWX, Filesystem, Available, in CLASS, unless `spec`
 /// or `meta` say otherwise.
-fn pv(name: &str, spec: Value, meta: Value) -> PersistentVolume {
+fn pv(name: &str, spec: Value, meta: Value) -> Pv {
     let mut base = json!({
         "capacity": { "storage": "2Gi" }, "storageClassName": CLASS,
         "accessModes": ["ReadWriteOnce", "ReadWriteMany"], "volumeMode": "Filesystem",
@@ -42,7 +42,7 @@ fn merge(base: &mut Value, patch: Value) {
     }
 }
 
-fn best(claim: &PersistentVolumeClaim, pvs: &[PersistentVolume]) -> Option<String> {
+fn best(claim: &PersistentVolumeClaim, pvs: &[Pv]) -> Option<String> {
     let refs: Vec<_> = pvs.iter().collect();
     best_static_match(claim, &class("Immediate"), &refs).map(|p| p.name_any())
 }
@@ -271,7 +271,7 @@ fn the_smallest_fit_wins_then_the_name() {
     assert_eq!(best(&claim(json!({})), &pvs).as_deref(), Some("y-1gi"));
 }
 
-fn plan_for(claim: &PersistentVolumeClaim, pvs: &[PersistentVolume], mode: &str) -> Binding {
+fn plan_for(claim: &PersistentVolumeClaim, pvs: &[Pv], mode: &str) -> Binding {
     let refs: Vec<_> = pvs.iter().collect();
     plan(claim, Some(&class(mode)), &refs, |_| true)
 }

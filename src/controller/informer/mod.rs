@@ -33,7 +33,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use futures::{FutureExt, Stream};
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
@@ -46,6 +46,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::Stores;
 use super::metrics::KindLabels;
+use crate::controller::cached_pv::Pv;
 use crate::crd::{StorageNode, Volume};
 
 /// What the informers need of a kind.
@@ -149,7 +150,7 @@ impl<K: Kind> Informer<K> {
 #[derive(Default)]
 pub struct Informers {
     pub claims: Informer<PersistentVolumeClaim>,
-    pub pvs: Informer<PersistentVolume>,
+    pub pvs: Informer<Pv>,
     pub volumes: Informer<Volume>,
     pub classes: Informer<StorageClass>,
     pub storage_nodes: Informer<StorageNode>,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::plan::{IN_PROGRESS, INFEASIBLE, ModifyError, PENDING};
 use crate::backend::csi_proxy::CsiDriver;
+use crate::controller::cached_pv::Pv;
 use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error, csi_handle, job};
 
@@ -80,7 +81,7 @@ pub async fn refuse(
 pub async fn modify(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
-    pv: &PersistentVolume,
+    pv: &Pv,
     driver: &CsiDriver,
     target: &str,
     parameters: BTreeMap<String, String>,
@@ -119,7 +120,7 @@ pub async fn modify(
     }
     tracing::info!(volume = %handle, class = %target, "modified in the driver");
     let patch = json!({ "spec": { "volumeAttributesClassName": target } });
-    Api::<PersistentVolume>::all(ctx.client.clone())
+    Api::<Pv>::all(ctx.client.clone())
         .patch(&pv_name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     finish(ctx, claim, &pv_name, target).await

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::ResourceExt;
 
 use crate::backend::local;
+use crate::controller::cached_pv::Pv;
 
 /// `modifyVolumeStatus.status` values, as external-resizer writes them.
 pub const PENDING: &str = "Pending";
@@ -27,7 +28,7 @@ pub enum Served {
 
 pub struct ModifyView<'a> {
     pub claim: &'a PersistentVolumeClaim,
-    pub pv: Option<&'a PersistentVolume>,
+    pub pv: Option<&'a Pv>,
     pub served: Served,
     /// The class the claim asks for, when it exists (read only when the
     /// claim asks for a change).
@@ -164,7 +165,7 @@ pub fn wanted_change(claim: &PersistentVolumeClaim) -> Option<String> {
     (!infeasible).then_some(target)
 }
 
-fn bound_to(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
+fn bound_to(pv: &Pv, claim: &PersistentVolumeClaim) -> bool {
     let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
     claim.uid().is_some()
         && claim_ref.and_then(|r| r.uid.clone()) == claim.uid()
@@ -198,7 +199,7 @@ mod tests {
         .unwrap()
     }
 
-    fn pv(driver: &str) -> PersistentVolume {
+    fn pv(driver: &str) -> Pv {
         serde_json::from_value(json!({
             "metadata": { "name": "pvc-u1" },
             "spec": { "claimRef": { "namespace": "ns", "name": "data", "uid": "u1" },

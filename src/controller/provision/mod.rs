@@ -18,6 +18,7 @@ use super::capacity;
 use super::protocol::*;
 use super::secrets::{self, TemplateValues};
 use crate::backend::local;
+use crate::controller::cached_pv::Pv;
 use crate::crd::{StorageNode, Volume, VolumePhase};
 use crate::quantity::{format_bytes, parse_bytes};
 
@@ -39,7 +40,7 @@ pub struct ClaimView<'a> {
     /// The Volume named after the claim, if written.
     pub volume: Option<&'a Volume>,
     /// The PV named after the claim, if created.
-    pub pv: Option<&'a PersistentVolume>,
+    pub pv: Option<&'a Pv>,
     pub storage_nodes: &'a [&'a StorageNode],
     /// Bytes each node has promised to Volumes already.
     pub promised: &'a BTreeMap<String, i64>,

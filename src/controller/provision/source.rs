@@ -10,11 +10,12 @@
 //! need (the grants and the snapshot and its content from the API server,
 //! the source claim and its PV from the caches).
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::{ProvisionError, requested_bytes};
+use crate::controller::cached_pv::Pv;
 use crate::controller::{Context, Error};
 use crate::crd::VolumeSource;
 use crate::kubeapi;
@@ -91,7 +92,7 @@ pub enum Lookup {
         /// The driver has CLONE_VOLUME.
         supported: bool,
         claim: Option<Box<PersistentVolumeClaim>>,
-        pv: Option<Box<PersistentVolume>>,
+        pv: Option<Box<Pv>>,
     },
 }
 
@@ -348,7 +349,7 @@ fn clone_source(
     driver: &str,
     name: &str,
     source: Option<&PersistentVolumeClaim>,
-    pv: Option<&PersistentVolume>,
+    pv: Option<&Pv>,
 ) -> Result<VolumeSource, ProvisionError> {
     let fail = |m: String| Err(ProvisionError::Source(m));
     let Some(source) = source else {

@@ -1,6 +1,5 @@
 //! The reclaim plan's effects on the API.
 
-use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -8,6 +7,7 @@ use serde_json::json;
 
 use super::Reclaim;
 use crate::backend::secrets::Secrets;
+use crate::controller::cached_pv::Pv;
 use crate::controller::protocol::{
     ANN_DELETION_SECRET_NAME, ANN_DELETION_SECRET_NAMESPACE, PV_PROVISIONER_FINALIZER,
 };
@@ -18,11 +18,11 @@ use crate::kubeapi;
 
 pub async fn apply(
     ctx: &Context,
-    pv: &PersistentVolume,
+    pv: &Pv,
     volume: Option<&Volume>,
     action: Reclaim,
 ) -> Result<(), Error> {
-    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    let pvs = Api::<Pv>::all(ctx.client.clone());
     match action {
         Reclaim::Skip => {}
         Reclaim::MarkReleased => {
@@ -79,7 +79,7 @@ pub async fn apply(
 /// The Secret external-provisioner recorded on the PV for its
 /// DeleteVolume (`volume.kubernetes.io/provisioner-deletion-secret-*`),
 /// if it recorded one.
-async fn deletion_secrets(ctx: &Context, pv: &PersistentVolume) -> Result<Secrets, Error> {
+async fn deletion_secrets(ctx: &Context, pv: &Pv) -> Result<Secrets, Error> {
     let Some(reference) = SecretRef::annotated(
         pv.annotations(),
         ANN_DELETION_SECRET_NAME,

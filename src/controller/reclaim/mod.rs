@@ -10,7 +10,7 @@ pub use plan::{Reclaim, plan};
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
@@ -20,6 +20,7 @@ use kube::{Api, ResourceExt};
 use super::informer::Informers;
 use super::job::{Job, JobRun, Retry, trigger};
 use super::{Context, Error, attach, csi_handle, provision};
+use crate::controller::cached_pv::Pv;
 use crate::crd::Volume;
 use crate::kubeapi;
 
@@ -30,7 +31,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let pvs = informers.pvs.subscribe();
     let volumes = informers.volumes.subscribe();
     let claims = informers.claims.subscribe();
-    let (requeue, requeues) = trigger::<PersistentVolume>();
+    let (requeue, requeues) = trigger::<Pv>();
     let pv_of_claim = |c: &PersistentVolumeClaim| {
         let bound = c
             .spec
@@ -88,7 +89,7 @@ pub(crate) fn pv_of_volume(v: &Volume) -> String {
 }
 
 #[tracing::instrument(skip_all, fields(pv = %pv.name_any()))]
-async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(pv: Arc<Pv>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.jobs.reconcile_timer("reclaim");
     let driver = pv
         .spec
@@ -98,7 +99,7 @@ async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Actio
     if driver.is_some_and(|d| ctx.drivers.contains_key(d))
         && let Some(ours) = attach::pv_released(&pv, &ctx.stores.attachments.state())
     {
-        let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+        let pvs = Api::<Pv>::all(ctx.client.clone());
         kubeapi::remove_finalizer(&pvs, &pv, &ours).await?;
         return Ok(Action::await_change());
     }
@@ -124,7 +125,7 @@ async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Actio
 
 /// Whether the claim the PV's claimRef names still exists (with that UID).
 /// The cache saying "gone" is confirmed with the API server before acting.
-async fn claim_exists(ctx: &Context, pv: &PersistentVolume) -> Result<bool, Error> {
+async fn claim_exists(ctx: &Context, pv: &Pv) -> Result<bool, Error> {
     let Some(r) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
         return Ok(false);
     };

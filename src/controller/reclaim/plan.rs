@@ -2,9 +2,9 @@
 //! `Delete` removes the data (through the Volume), then the PV; `Retain`
 //! keeps both and says so.
 
-use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 
+use crate::controller::cached_pv::Pv;
 use crate::controller::protocol::*;
 use crate::crd::Volume;
 
@@ -36,7 +36,7 @@ pub enum Reclaim {
 /// still exists; `serves`: whether stowage provisions for a driver name;
 /// `remote`: whether it is a `--csi-driver` (called over its socket).
 pub fn plan(
-    pv: &PersistentVolume,
+    pv: &Pv,
     claim_exists: bool,
     volume: Option<&Volume>,
     serves: impl Fn(&str) -> bool,
@@ -96,7 +96,7 @@ pub fn plan(
 }
 
 /// DeleteVolume for a CSI PV of a `--csi-driver`, by its handle.
-fn in_driver(pv: &PersistentVolume, remote: impl Fn(&str) -> bool) -> Option<Reclaim> {
+fn in_driver(pv: &Pv, remote: impl Fn(&str) -> bool) -> Option<Reclaim> {
     let csi = pv.spec.as_ref()?.csi.as_ref()?;
     remote(&csi.driver).then(|| Reclaim::DeleteInDriver {
         driver: csi.driver.clone(),
@@ -118,13 +118,13 @@ mod tests {
     }
 
     /// The plan where only `local.stowage.dev` is served.
-    fn plan_local(pv: &PersistentVolume, claim_exists: bool, volume: Option<&Volume>) -> Reclaim {
+    fn plan_local(pv: &Pv, claim_exists: bool, volume: Option<&Volume>) -> Reclaim {
         plan(pv, claim_exists, volume, local_only, no_remote)
     }
     use serde_json::json;
 
-    fn pv(policy: &str, phase: &str, ours: bool, deleting: bool) -> PersistentVolume {
-        let mut pv: PersistentVolume = serde_json::from_value(json!({
+    fn pv(policy: &str, phase: &str, ours: bool, deleting: bool) -> Pv {
+        let mut pv: Pv = serde_json::from_value(json!({
             "metadata": { "name": "pvc-1", "finalizers": [PV_PROVISIONER_FINALIZER] },
             "spec": { "persistentVolumeReclaimPolicy": policy,
                       "claimRef": { "namespace": "ns", "name": "data", "uid": "u1" } },
@@ -230,7 +230,7 @@ mod tests {
         );
     }
 
-    fn csi(mut pv: PersistentVolume, driver: &str) -> PersistentVolume {
+    fn csi(mut pv: Pv, driver: &str) -> Pv {
         pv.spec.as_mut().unwrap().csi = Some(
             serde_json::from_value(json!({
                 "driver": driver, "volumeHandle": "vol-7",

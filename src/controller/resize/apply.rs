@@ -1,9 +1,7 @@
 //! The resize job's effects on the claim, its Volume and its PV, one small
 //! function per planned step.
 
-use k8s_openapi::api::core::v1::{
-    PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimCondition,
-};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimCondition};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -14,7 +12,8 @@ use super::plan::storage;
 use super::{
     CONTROLLER_RESIZE_IN_PROGRESS, CONTROLLER_RESIZE_INFEASIBLE, NODE_RESIZE_PENDING, ResizeError,
 };
-use crate::backend::csi_proxy::{Capability, CsiDriver};
+use crate::backend::csi_proxy::CsiDriver;
+use crate::controller::cached_pv::Pv;
 use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error, csi_handle, job};
 use crate::crd::Volume;
@@ -151,7 +150,7 @@ pub async fn grow_volume(ctx: &Context, volume: &Volume, bytes: i64) -> Result<(
 /// The PV's capacity follows the backend's.
 pub async fn resize_pv(ctx: &Context, pv_name: &str, bytes: i64) -> Result<(), Error> {
     let patch = json!({ "spec": { "capacity": { "storage": format_bytes(bytes) } } });
-    Api::<PersistentVolume>::all(ctx.client.clone())
+    Api::<Pv>::all(ctx.client.clone())
         .patch(pv_name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     tracing::info!(bytes, pv = %pv_name, "PV capacity updated");
@@ -192,13 +191,13 @@ pub async fn finish(ctx: &Context, claim: &PersistentVolumeClaim, bytes: i64) ->
 pub async fn expand_in_driver(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
-    pv: &PersistentVolume,
+    pv: &Pv,
     driver: &CsiDriver,
     bytes: i64,
 ) -> Result<Action, Error> {
     let handle = csi_handle(pv).unwrap_or_default();
     let secrets = secrets::for_pv(&ctx.client, pv, SecretFor::ControllerExpand).await?;
-    let capability = Capability::of_pv(pv);
+    let capability = crate::controller::capability(pv);
     let expanded = match driver
         .expand_volume(handle, bytes, &capability, secrets)
         .await

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
@@ -14,13 +14,14 @@ use super::{
     NODE_RESIZE_INFEASIBLE, NODE_RESIZE_PENDING,
 };
 use crate::backend::local::{self, Parameters};
+use crate::controller::cached_pv::Pv;
 use crate::crd::{Volume, VolumePhase, VolumeStatus};
 use crate::quantity::{format_bytes, parse_bytes};
 
 /// Everything `plan` looks at for one claim.
 pub struct ResizeView<'a> {
     pub claim: &'a PersistentVolumeClaim,
-    pub pv: Option<&'a PersistentVolume>,
+    pub pv: Option<&'a Pv>,
     pub class: Option<&'a StorageClass>,
     pub volume: Option<&'a Volume>,
     /// Free bytes on the Volume's node; None when no agent runs there.
@@ -198,7 +199,7 @@ pub fn plan(view: &ResizeView) -> Resize {
 /// not stowage provisioned it (no Volume is needed). A driver without
 /// EXPAND_VOLUME gets external-resizer's "trivial" resize: the PV grows
 /// and kubelet's NodeExpandVolume does the rest.
-fn plan_remote(pv: &PersistentVolume, asked: Asked, expands: bool) -> Resize {
+fn plan_remote(pv: &Pv, asked: Asked, expands: bool) -> Resize {
     if !asked.started() {
         return Resize::Start {
             request: asked.request.0,
@@ -222,7 +223,7 @@ fn plan_remote(pv: &PersistentVolume, asked: Asked, expands: bool) -> Resize {
 
 /// The claim's request when it exceeds its capacity and the resize is not
 /// already kubelet's to finish; None when there is nothing to do.
-fn asked<'a>(claim: &'a PersistentVolumeClaim, pv: &PersistentVolume) -> Option<Asked<'a>> {
+fn asked<'a>(claim: &'a PersistentVolumeClaim, pv: &Pv) -> Option<Asked<'a>> {
     if claim.metadata.deletion_timestamp.is_some() || !bound_to(pv, claim) {
         return None;
     }
@@ -281,7 +282,7 @@ fn plan_growth(volume: &Volume, free_on_node: Option<i64>, asked: Asked) -> Resi
 
 /// The Volume is Ready at its grown size: the PV, then the node or the
 /// claim, follow.
-fn plan_grown(pv: &PersistentVolume, volume: &Volume, done: &VolumeStatus) -> Resize {
+fn plan_grown(pv: &Pv, volume: &Volume, done: &VolumeStatus) -> Resize {
     // Ready at this generation means grown to the spec's size. A remote
     // driver may have rounded up (its answer is the controller's own
     // record); a node agent's figure is not taken, so that it cannot grow
@@ -304,11 +305,11 @@ fn plan_grown(pv: &PersistentVolume, volume: &Volume, done: &VolumeStatus) -> Re
 }
 
 /// The CSI driver of a PV, if it is a CSI volume.
-pub(super) fn driver_of(pv: &PersistentVolume) -> Option<&str> {
+pub(super) fn driver_of(pv: &Pv) -> Option<&str> {
     Some(pv.spec.as_ref()?.csi.as_ref()?.driver.as_str())
 }
 
-fn bound_to(pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> bool {
+fn bound_to(pv: &Pv, claim: &PersistentVolumeClaim) -> bool {
     let Some(spec) = pv.spec.as_ref() else {
         return false;
     };

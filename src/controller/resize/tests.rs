@@ -1,9 +1,10 @@
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use serde_json::json;
 
 use super::*;
 use crate::backend::local;
+use crate::controller::cached_pv::Pv;
 use crate::crd::{VolumePhase, VolumeStatus};
 use crate::testing;
 
@@ -41,7 +42,7 @@ fn growing(status: &str) -> PersistentVolumeClaim {
     with_resize(claim("128Mi", "64Mi"), "128Mi", status)
 }
 
-fn pv(capacity: &str) -> PersistentVolume {
+fn pv(capacity: &str) -> Pv {
     serde_json::from_value(json!({
         "metadata": { "name": "pvc-u1" },
         "spec": { "capacity": { "storage": capacity },
@@ -75,7 +76,7 @@ fn volume(spec_bytes: i64, ready_bytes: Option<i64>, layout: &str) -> Volume {
 
 fn plan_with(
     claim: &PersistentVolumeClaim,
-    pv_: &PersistentVolume,
+    pv_: &Pv,
     class_: Option<&StorageClass>,
     volume_: Option<&Volume>,
     free: Option<i64>,

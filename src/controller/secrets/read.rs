@@ -1,7 +1,8 @@
 //! Reading the Secret a CSI call needs, with errors that say which class
 //! key or PV field named it and what RBAC is missing.
 
-use k8s_openapi::api::core::v1::{PersistentVolume, Secret};
+use crate::controller::cached_pv::Pv;
+use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
 use super::{SecretFor, SecretRef, Secrets};
@@ -57,11 +58,7 @@ impl ReadError {
 
 /// The Secret a PV names for `kind` (`controllerPublishSecretRef`, ...),
 /// read; empty when it names none.
-pub async fn for_pv(
-    client: &Client,
-    pv: &PersistentVolume,
-    kind: SecretFor,
-) -> Result<Secrets, ReadError> {
+pub async fn for_pv(client: &Client, pv: &Pv, kind: SecretFor) -> Result<Secrets, ReadError> {
     match pv_reference(pv, kind) {
         Some(reference) => read(client, &reference, kind).await,
         None => Ok(Secrets::default()),
@@ -70,7 +67,7 @@ pub async fn for_pv(
 
 /// Where a PV names its Secret for `kind`: a field of its CSI source, or
 /// (controller-modify) a pair of annotations.
-fn pv_reference(pv: &PersistentVolume, kind: SecretFor) -> Option<SecretRef> {
+fn pv_reference(pv: &Pv, kind: SecretFor) -> Option<SecretRef> {
     if let Some((name, namespace)) = kind.pv_annotations() {
         let annotations = pv.metadata.annotations.as_ref()?;
         return Some(SecretRef {

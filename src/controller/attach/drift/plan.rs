@@ -1,19 +1,19 @@
 //! Where a driver and its VolumeAttachments disagree, decided from a
 //! snapshot of both. No API or driver calls here.
 
-use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::ResourceExt;
 
 use super::super::finalizer;
 use super::super::plan::{attached, publish_node_id};
 use crate::backend::csi_proxy::Published;
+use crate::controller::cached_pv::Pv;
 
 /// One VolumeAttachment as the caches show it.
 pub struct DriftView<'a> {
     pub va: &'a VolumeAttachment,
     /// Its PersistentVolume, if in the cache.
-    pub pv: Option<&'a PersistentVolume>,
+    pub pv: Option<&'a Pv>,
     /// The driver's ID for the VA's node as the caches know it now.
     pub node_id: Option<String>,
 }
@@ -34,7 +34,7 @@ pub enum Fix {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Repair<'a> {
     pub va: &'a VolumeAttachment,
-    pub pv: &'a PersistentVolume,
+    pub pv: &'a Pv,
     pub handle: String,
     pub node_id: String,
     pub fix: Fix,
@@ -43,7 +43,7 @@ pub struct Repair<'a> {
 /// The volume and node one view is about, when both are known.
 struct Target<'a> {
     view: &'a DriftView<'a>,
-    pv: &'a PersistentVolume,
+    pv: &'a Pv,
     handle: &'a str,
     node_id: String,
 }

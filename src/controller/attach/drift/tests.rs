@@ -1,4 +1,3 @@
-use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -7,6 +6,7 @@ use serde_json::json;
 use super::*;
 use crate::backend::csi_proxy::Published;
 use crate::controller::attach::{ANN_NODE_ID, finalizer};
+use crate::controller::cached_pv::Pv;
 
 const DRIVER: &str = "mock.csi.example";
 
@@ -36,7 +36,7 @@ fn deleting(mut va: VolumeAttachment, ours: bool) -> VolumeAttachment {
     va
 }
 
-fn pv() -> PersistentVolume {
+fn pv() -> Pv {
     serde_json::from_value(json!({
         "metadata": { "name": "pv-1" },
         "spec": { "accessModes": ["ReadWriteOnce"], "csi": { "driver": DRIVER, "volumeHandle": "h-1" } },
@@ -52,11 +52,7 @@ fn published(entries: &[(&str, &[&str])]) -> Published {
 }
 
 /// The repairs `plan` decides, as (VA name, node ID, fix).
-fn decide(
-    vas: &[VolumeAttachment],
-    pv: Option<&PersistentVolume>,
-    p: &Published,
-) -> Vec<(String, String, Fix)> {
+fn decide(vas: &[VolumeAttachment], pv: Option<&Pv>, p: &Published) -> Vec<(String, String, Fix)> {
     let views: Vec<_> = vas
         .iter()
         .map(|va| DriftView {

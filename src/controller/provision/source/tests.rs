@@ -173,7 +173,7 @@ fn source_claim(size: &str, mode: &str, phase: &str) -> PersistentVolumeClaim {
     .unwrap()
 }
 
-fn source_pv(driver: &str) -> PersistentVolume {
+fn source_pv(driver: &str) -> Pv {
     serde_json::from_value(json!({
         "metadata": { "name": "pv-old" },
         "spec": {
@@ -185,7 +185,7 @@ fn source_pv(driver: &str) -> PersistentVolume {
     .unwrap()
 }
 
-fn cloning(source: PersistentVolumeClaim, pv: PersistentVolume) -> Lookup {
+fn cloning(source: PersistentVolumeClaim, pv: Pv) -> Lookup {
     Lookup::Claim {
         supported: true,
         claim: Some(Box::new(source)),
