@@ -110,8 +110,8 @@ impl k8s_openapi::Metadata for Pv {
     }
 }
 
-/// The cached view of a PV read or written whole through the API (one
-/// just created, a patch's response) or built by a test.
+/// The cached view of a full PV: for code that holds one from the API
+/// and must hand it to code that takes cached PVs (only tests do today).
 impl From<&PersistentVolume> for Pv {
     fn from(pv: &PersistentVolume) -> Pv {
         let json = serde_json::to_value(pv).expect("a PersistentVolume serializes");
