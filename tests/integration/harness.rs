@@ -406,10 +406,17 @@ pub fn bare_cluster_of(name: &'static str, nodes: &[&str], binder: Binder) -> Ba
 
 /// A bare cluster of its own (not shared by name) whose API server writes
 /// an audit log of every request by stowage-system's ServiceAccounts, at
-/// `audit_log(&cluster)`.
+/// `audit_log(&cluster)`. Its API server has WatchList off, as Kubernetes
+/// 1.30, 1.31 and 1.33 ship: the watches list in pages there, so the
+/// `list` grants they need are used and checked; the streamed watches of
+/// every other cluster need `watch` alone.
 pub fn audited_cluster(nodes: &[&str]) -> BareCluster {
     let cell: Arc<OnceLock<Cluster>> = Arc::default();
-    cell.get_or_init(|| start_cluster_env(Some(WITHOUT_BINDER), false, &[("STOWAGE_AUDIT", "1")]));
+    let env = [
+        ("STOWAGE_AUDIT", "1"),
+        ("STOWAGE_APISERVER_FEATURE_GATES", "WatchList=false"),
+    ];
+    cell.get_or_init(|| start_cluster_env(Some(WITHOUT_BINDER), false, &env));
     prepare(&cell.get().unwrap().kubeconfig, nodes);
     BareCluster(cell)
 }
