@@ -7,6 +7,7 @@ pub mod cached_pv;
 mod capacity;
 mod claims;
 mod clone_protection;
+pub mod compact_map;
 mod context;
 pub mod forbidden;
 mod health;

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::backend::local::{self, Parameters};
 use crate::controller::cached_pv::Pv;
+use crate::controller::compact_map::CompactMap;
 use crate::crd::{Volume, VolumePhase, VolumeStatus};
 use crate::quantity::{format_bytes, parse_bytes};
 
@@ -113,8 +114,26 @@ impl ResizeError {
     }
 }
 
-pub(super) fn storage<V>(map: Option<&BTreeMap<String, V>>) -> Option<&V> {
-    map?.get("storage")
+pub(super) fn storage<V>(map: Option<&impl ByName<V>>) -> Option<&V> {
+    map?.by_name("storage")
+}
+
+/// The maps resources are named in: a full claim's `BTreeMap`s and a
+/// cached PV's `CompactMap`s.
+pub(super) trait ByName<V> {
+    fn by_name(&self, name: &str) -> Option<&V>;
+}
+
+impl<V> ByName<V> for BTreeMap<String, V> {
+    fn by_name(&self, name: &str) -> Option<&V> {
+        self.get(name)
+    }
+}
+
+impl<V> ByName<V> for CompactMap<String, V> {
+    fn by_name(&self, name: &str) -> Option<&V> {
+        self.get(name)
+    }
 }
 
 fn bytes_of(q: Option<&Quantity>) -> Option<i64> {
