@@ -13,6 +13,7 @@ use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
+use stowage::controller::cached_claim::Claim;
 use stowage::controller::protocol::*;
 
 use crate::common::agent_node;
@@ -149,7 +150,8 @@ async fn one_claim(client: &Client, i: usize, n: usize, nodes: usize) -> anyhow:
     let pv = if own {
         let volume = ready_volume(client, &claim, &agent_node(i / 2 % nodes)).await?;
         writes += 2;
-        stowage::controller::provision::desired_pv(&claim, &own_class(), &volume)
+        let cached = Claim::from(&claim);
+        stowage::controller::provision::desired_pv(&cached, &own_class(), &volume)
     } else {
         other_pv(&claim, i)?
     };

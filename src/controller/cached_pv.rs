@@ -10,6 +10,8 @@
 //! mostly unread are slimmed too: of the claimRef its name, namespace and
 //! UID; of the status its phase; the CSI source's five secret references,
 //! nearly always absent, are boxed (8 bytes when absent instead of 48).
+//! The capacity and the volume attributes, a BTreeMap's node of eleven
+//! slots for their one or two entries, are `CompactMap`s.
 //! The test below holds the type under a quarter of the full one.
 //!
 //! Whoever starts reading another PV field must add it here; a field not
@@ -25,12 +27,12 @@
 //! required field with its default, and one object that failed to decode
 //! would fail the whole list of the watch.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::{PersistentVolume, SecretReference, VolumeNodeAffinity};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use serde::Deserialize;
+
+use super::compact_map::CompactMap;
 
 /// A PersistentVolume with only what stowage reads of it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -46,7 +48,7 @@ pub struct Pv {
 #[serde(default, rename_all = "camelCase")]
 pub struct PvSpec {
     pub access_modes: Option<Vec<String>>,
-    pub capacity: Option<BTreeMap<String, Quantity>>,
+    pub capacity: Option<CompactMap<String, Quantity>>,
     pub claim_ref: Option<ClaimRef>,
     pub csi: Option<CsiSource>,
     pub mount_options: Option<Vec<String>>,
@@ -74,7 +76,7 @@ pub struct CsiSource {
     pub volume_handle: String,
     pub fs_type: Option<String>,
     pub read_only: Option<bool>,
-    pub volume_attributes: Option<BTreeMap<String, String>>,
+    pub volume_attributes: Option<CompactMap<String, String>>,
     pub controller_expand_secret_ref: Option<Box<SecretReference>>,
     pub controller_publish_secret_ref: Option<Box<SecretReference>>,
     pub node_expand_secret_ref: Option<Box<SecretReference>>,
@@ -199,7 +201,7 @@ mod tests {
         ];
         assert!(set.iter().all(|s| *s));
         assert_eq!(s.access_modes, f.access_modes);
-        assert_eq!(s.capacity, f.capacity);
+        assert_eq!(s.capacity.map(|c| c.to_btree()), f.capacity);
         assert_eq!(s.mount_options, f.mount_options);
         assert_eq!(s.node_affinity, f.node_affinity);
         let reclaim = &s.persistent_volume_reclaim_policy;
@@ -216,7 +218,8 @@ mod tests {
         let (c, fc) = (s.csi.unwrap(), f.csi.unwrap());
         assert_eq!((c.driver, c.volume_handle), (fc.driver, fc.volume_handle));
         assert_eq!((c.fs_type, c.read_only), (fc.fs_type, fc.read_only));
-        assert_eq!(c.volume_attributes, fc.volume_attributes);
+        let attributes = c.volume_attributes.map(|a| a.to_btree());
+        assert_eq!(attributes, fc.volume_attributes);
         let secret = |r: Option<Box<SecretReference>>| r.map(|r| *r);
         let secrets = [
             (

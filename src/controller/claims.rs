@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
@@ -22,6 +21,7 @@ use super::job::{Job, JobRun, Retry, trigger};
 use super::protocol::*;
 use super::provision::{self, ClaimView, topology};
 use super::{Context, Error, claim_of_pv, claim_of_volume, reference_grants};
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::{StorageNode, Volume};
 
@@ -65,7 +65,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
             ctx.static_pvs.lock().expect("PV index poisoned").delete(pv);
         });
     }
-    let (requeue, requeues) = trigger::<PersistentVolumeClaim>();
+    let (requeue, requeues) = trigger::<Claim>();
     let grants = reference_grants::requeue_on_change(ctx.clone(), requeue.clone());
     {
         let ctx = ctx.clone();
@@ -90,7 +90,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
 /// The pending claims a deleted Volume's room could serve: those the
 /// scheduler placed on its node, and those of its driver's Immediate
 /// classes that have no node yet.
-fn waiting_for_room_of(ctx: &Context, volume: &Volume) -> Vec<ObjectRef<PersistentVolumeClaim>> {
+fn waiting_for_room_of(ctx: &Context, volume: &Volume) -> Vec<ObjectRef<Claim>> {
     let pending = ctx.pending.lock().expect("pending index poisoned");
     let mut claims = volume
         .spec
@@ -124,10 +124,7 @@ fn count_pending(ctx: &Context) {
 }
 
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
-pub async fn reconcile(
-    claim: Arc<PersistentVolumeClaim>,
-    ctx: Arc<Context>,
-) -> Result<Action, Error> {
+pub async fn reconcile(claim: Arc<Claim>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.jobs.reconcile_timer("claim");
     let class = claim
         .spec
@@ -210,7 +207,7 @@ struct Found {
 }
 
 impl Found {
-    fn gather(ctx: &Context, claim: &PersistentVolumeClaim) -> Found {
+    fn gather(ctx: &Context, claim: &Claim) -> Found {
         let s = &ctx.stores;
         let name = provision::volume_name(claim).unwrap_or_default();
         let volume = s.volumes.get(&ObjectRef::new(&name));
@@ -249,7 +246,7 @@ impl Found {
 
 /// The PVs a claim looking for one could bind: its class's unclaimed PVs
 /// and any whose claimRef names it (from the index, not every PV).
-fn static_candidates(ctx: &Context, claim: &PersistentVolumeClaim) -> Vec<Arc<Pv>> {
+fn static_candidates(ctx: &Context, claim: &Claim) -> Vec<Arc<Pv>> {
     let class = claim
         .spec
         .as_ref()

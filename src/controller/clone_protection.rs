@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -16,6 +15,7 @@ use super::informer::Informers;
 use super::job::{Job, JobRun, Retry};
 use super::provision::source::{CLONE_FINALIZER, KIND_CLAIM, requested};
 use super::{Context, Error};
+use crate::controller::cached_claim::Claim;
 use crate::kubeapi;
 
 pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
@@ -35,7 +35,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
 }
 
 /// The claim (namespace, name) a claim is cloned from, if it is a clone.
-fn cloned_from(claim: &PersistentVolumeClaim) -> Option<(String, String)> {
+fn cloned_from(claim: &Claim) -> Option<(String, String)> {
     let source = requested(claim)?;
     (source.kind == KIND_CLAIM && source.api_group.is_empty())
         .then_some((source.namespace, source.name))
@@ -43,7 +43,7 @@ fn cloned_from(claim: &PersistentVolumeClaim) -> Option<(String, String)> {
 
 /// Whether a claim still waits to be cloned from `namespace`/`name`.
 pub fn clone_pending<'a>(
-    claims: impl IntoIterator<Item = &'a PersistentVolumeClaim>,
+    claims: impl IntoIterator<Item = &'a Claim>,
     namespace: &str,
     name: &str,
 ) -> bool {
@@ -53,7 +53,7 @@ pub fn clone_pending<'a>(
     })
 }
 
-async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(claim: Arc<Claim>, ctx: Arc<Context>) -> Result<Action, Error> {
     let held = claim.finalizers().iter().any(|f| f == CLONE_FINALIZER);
     if claim.metadata.deletion_timestamp.is_none() || !held {
         return Ok(Action::await_change());
@@ -68,7 +68,7 @@ async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Resu
         tracing::info!(claim = %format!("{namespace}/{}", claim.name_any()), "cloning in progress: the claim stays until its clones are provisioned");
         return Ok(Action::await_change());
     }
-    let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
+    let api = Api::<Claim>::namespaced(ctx.client.clone(), &namespace);
     kubeapi::remove_finalizer(&api, claim.as_ref(), CLONE_FINALIZER).await?;
     Ok(Action::await_change())
 }
@@ -78,12 +78,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn claim(
-        name: &str,
-        namespace: &str,
-        phase: &str,
-        source: Option<&str>,
-    ) -> PersistentVolumeClaim {
+    fn claim(name: &str, namespace: &str, phase: &str, source: Option<&str>) -> Claim {
         let data_source = source.map(|s| json!({ "kind": "PersistentVolumeClaim", "name": s }));
         serde_json::from_value(json!({
             "metadata": { "name": name, "namespace": namespace },
@@ -95,7 +90,7 @@ mod tests {
 
     /// A clone from `from`/`src` through `dataSourceRef` only, as the API
     /// server leaves a claim whose source is in another namespace.
-    fn clone_across(namespace: &str, from: &str) -> PersistentVolumeClaim {
+    fn clone_across(namespace: &str, from: &str) -> Claim {
         let mut c = claim("c", namespace, "Pending", None);
         c.spec.as_mut().unwrap().data_source_ref = Some(
             serde_json::from_value(

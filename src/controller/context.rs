@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::telemetry::events::Recorder;
-use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Reporter};
@@ -24,7 +25,7 @@ use super::{Config, Error, Metrics, capacity, forbidden, lifecycle, pending, sta
 /// The informer caches, one per kind, shared by every job.
 #[derive(Clone)]
 pub struct Stores {
-    pub claims: Store<PersistentVolumeClaim>,
+    pub claims: Store<Claim>,
     pub pvs: Store<Pv>,
     pub classes: Store<StorageClass>,
     pub volumes: Store<Volume>,
@@ -133,7 +134,7 @@ impl Context {
     /// (see `kubeapi::merge_status_at`): the resize and modify jobs' writes.
     pub async fn patch_claim_status(
         &self,
-        claim: &k8s_openapi::api::core::v1::PersistentVolumeClaim,
+        claim: &Claim,
         status: serde_json::Value,
     ) -> Result<(), Error> {
         let claims = kube::Api::namespaced(

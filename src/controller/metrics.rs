@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::controller::cached_claim::Claim;
 use crate::telemetry::jobs::JobMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,7 +69,7 @@ impl Metrics {
     }
 
     /// Observes a claim's creation-to-Bound time, once per claim.
-    pub fn observe_claim_bound(&self, claim: &k8s_openapi::api::core::v1::PersistentVolumeClaim) {
+    pub fn observe_claim_bound(&self, claim: &Claim) {
         let Some(uid) = claim.metadata.uid.clone() else {
             return;
         };

@@ -3,10 +3,12 @@
 
 pub mod attach;
 pub mod bind;
+pub mod cached_claim;
 pub mod cached_pv;
 mod capacity;
 mod claims;
 mod clone_protection;
+pub mod compact_map;
 mod context;
 pub mod forbidden;
 mod health;
@@ -36,11 +38,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Client;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::backend::csi_proxy::{Capability, DriverEndpoint};
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::Volume;
 use crate::quantity::parse_duration_flag;
@@ -228,7 +230,7 @@ impl Error {
 }
 
 /// The claim a Volume serves.
-pub(crate) fn claim_of_volume(v: Arc<Volume>) -> Option<ObjectRef<PersistentVolumeClaim>> {
+pub(crate) fn claim_of_volume(v: Arc<Volume>) -> Option<ObjectRef<Claim>> {
     let c = v.spec.claim.as_ref()?;
     Some(ObjectRef::new(&c.name).within(&c.namespace))
 }
@@ -255,7 +257,7 @@ pub(crate) fn capability(pv: &Pv) -> Capability {
 }
 
 /// The claim a PV is (being) bound to.
-pub(crate) fn claim_of_pv(pv: Arc<Pv>) -> Option<ObjectRef<PersistentVolumeClaim>> {
+pub(crate) fn claim_of_pv(pv: Arc<Pv>) -> Option<ObjectRef<Claim>> {
     let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
     Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
 }

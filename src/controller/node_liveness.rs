@@ -19,7 +19,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -32,6 +31,7 @@ use super::informer::Informers;
 use super::job::{self, JobRun};
 use super::{Config, Context, Error};
 use crate::backend::local;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::{ConditionStatus, StorageNode, Volume, VolumeCondition, VolumePhase};
 use crate::kubeapi;
@@ -190,13 +190,13 @@ async fn mark_silent(ctx: &Context, node: &StorageNode, silent: &Silent) -> Resu
 
 /// Claims that wait on `node`: placed there by the scheduler and not
 /// bound, or whose Volume there is not made yet.
-fn waiting_on(ctx: &Context, node: &str) -> Vec<PersistentVolumeClaim> {
+fn waiting_on(ctx: &Context, node: &str) -> Vec<Claim> {
     let placed = ctx
         .pending
         .lock()
         .expect("pending index poisoned")
         .on_node(node);
-    let mut claims: Vec<PersistentVolumeClaim> = placed
+    let mut claims: Vec<Claim> = placed
         .iter()
         .filter_map(|c| ctx.stores.claims.get(c))
         .map(|c| c.as_ref().clone())
@@ -220,7 +220,7 @@ fn waiting_on(ctx: &Context, node: &str) -> Vec<PersistentVolumeClaim> {
     claims
 }
 
-fn claim_ref(namespace: &str, name: &str, uid: &str) -> PersistentVolumeClaim {
+fn claim_ref(namespace: &str, name: &str, uid: &str) -> Claim {
     serde_json::from_value(json!({ "metadata": {
         "namespace": namespace, "name": name, "uid": uid,
     }}))

@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::protocol::ANN_SELECTED_NODE;
+use crate::controller::cached_claim::Claim;
 
-type Key = ObjectRef<PersistentVolumeClaim>;
+type Key = ObjectRef<Claim>;
 
 /// Where a pending claim waits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub struct PendingClaims {
 
 impl PendingClaims {
     /// A claim created or changed.
-    pub fn apply(&mut self, claim: &PersistentVolumeClaim) {
+    pub fn apply(&mut self, claim: &Claim) {
         let key = ObjectRef::from_obj(claim);
         self.remove(&key);
         let pending = claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending");
@@ -54,7 +54,7 @@ impl PendingClaims {
         self.claims.insert(key, Waiting { class, node });
     }
 
-    pub fn delete(&mut self, claim: &PersistentVolumeClaim) {
+    pub fn delete(&mut self, claim: &Claim) {
         self.remove(&ObjectRef::from_obj(claim));
     }
 
@@ -111,7 +111,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn claim(name: &str, class: &str, phase: &str, node: Option<&str>) -> PersistentVolumeClaim {
+    fn claim(name: &str, class: &str, phase: &str, node: Option<&str>) -> Claim {
         let annotations: BTreeMap<_, _> =
             node.map(|n| (ANN_SELECTED_NODE, n)).into_iter().collect();
         serde_json::from_value(json!({

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
@@ -21,6 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::Context;
 use super::job::JobRun;
 use super::provision::source::{self, grant::ReferenceGrant};
+use crate::controller::cached_claim::Claim;
 use crate::kubeapi;
 
 /// How often a cluster without the ReferenceGrant CRD is asked again.
@@ -28,10 +28,7 @@ const CRD_POLL: Duration = Duration::from_secs(30);
 
 /// Sends to `requeue` the pending claims a grant's change may concern;
 /// nothing at all with the flag off.
-pub fn requeue_on_change(
-    ctx: Arc<Context>,
-    requeue: UnboundedSender<ObjectRef<PersistentVolumeClaim>>,
-) -> JobRun {
+pub fn requeue_on_change(ctx: Arc<Context>, requeue: UnboundedSender<ObjectRef<Claim>>) -> JobRun {
     async move {
         if !ctx.cross_namespace_sources {
             return;
@@ -69,9 +66,9 @@ pub fn requeue_on_change(
 /// The claims not bound yet whose `dataSourceRef` names a source in
 /// `namespace`, other than their own.
 pub fn waiting_on<'a>(
-    claims: impl IntoIterator<Item = &'a PersistentVolumeClaim>,
+    claims: impl IntoIterator<Item = &'a Claim>,
     namespace: &str,
-) -> Vec<ObjectRef<PersistentVolumeClaim>> {
+) -> Vec<ObjectRef<Claim>> {
     claims
         .into_iter()
         .filter(|c| c.spec.as_ref().is_none_or(|s| s.volume_name.is_none()))
@@ -89,7 +86,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn claim(name: &str, from: Option<&str>, volume: Option<&str>) -> PersistentVolumeClaim {
+    fn claim(name: &str, from: Option<&str>, volume: Option<&str>) -> Claim {
         let source = json!({
             "kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io",
             "name": "snap", "namespace": from,

@@ -16,8 +16,8 @@
 
 use std::sync::Arc;
 
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -30,7 +30,7 @@ use super::protocol::{ANN_BETA_STORAGE_PROVISIONER, ANN_PROVISIONED_BY, ANN_STOR
 pub fn limit(ctx: &Arc<Context>, informers: &mut Informers) {
     informers.claims.keep_only(by_class(
         ctx,
-        |o: &PersistentVolumeClaim| o.spec.as_ref()?.storage_class_name.as_deref(),
+        |o: &Claim| o.spec.as_ref()?.storage_class_name.as_deref(),
         |o, class, serves| claim(o, class, serves),
     ));
     informers.pvs.keep_only(by_class(
@@ -108,7 +108,7 @@ impl Class<'_> {
 /// A claim stays until it is bound to another provisioner's PV: its
 /// provisioner is known (kcm's storage-provisioner annotation, or the
 /// class) and not one stowage serves.
-pub fn claim(claim: &PersistentVolumeClaim, class: Class, serves: impl Fn(&str) -> bool) -> bool {
+pub fn claim(claim: &Claim, class: Class, serves: impl Fn(&str) -> bool) -> bool {
     let bound = claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
         && claim
             .spec
@@ -163,11 +163,7 @@ mod tests {
         p == OURS
     }
 
-    fn claim_with(
-        annotation: Option<&str>,
-        phase: &str,
-        volume: Option<&str>,
-    ) -> PersistentVolumeClaim {
+    fn claim_with(annotation: Option<&str>, phase: &str, volume: Option<&str>) -> Claim {
         let annotations = annotation
             .map(|p| json!({ ANN_STORAGE_PROVISIONER: p }))
             .unwrap_or(json!({}));

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -14,6 +13,7 @@ use super::informer::Informers;
 use super::job::{Job, JobRun, Retry, trigger};
 use super::reclaim::pv_of_volume;
 use super::{Context, Error, provision, remote_volumes};
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::Volume;
 use crate::kubeapi;
@@ -66,7 +66,7 @@ async fn reconcile(volume: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Err
     if cached.is_some_and(|c| c.uid().as_deref() == Some(claim.uid.as_str())) {
         return Ok(Action::await_change());
     }
-    let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &claim.namespace);
+    let claims = Api::<Claim>::namespaced(ctx.client.clone(), &claim.namespace);
     if kubeapi::exists_with_uid(&claims, &claim.name, Some(&claim.uid)).await? {
         return Ok(Action::await_change());
     }

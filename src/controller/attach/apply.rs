@@ -105,7 +105,9 @@ pub async fn publish(
             node_id,
             &crate::controller::capability(pv),
             csi.read_only.unwrap_or(false),
-            csi.volume_attributes.unwrap_or_default(),
+            csi.volume_attributes
+                .map(|a| a.to_btree())
+                .unwrap_or_default(),
             secrets,
         )
         .await;

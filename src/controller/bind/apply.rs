@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -12,6 +11,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::{BindSteps, Binding};
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::controller::protocol::*;
 use crate::controller::{Context, Error};
@@ -19,7 +19,7 @@ use crate::controller::{Context, Error};
 /// Plans the binding of `claim` among `pvs` and writes it.
 pub async fn bind(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     class: Option<&StorageClass>,
     pvs: &[Arc<Pv>],
 ) -> Result<Action, Error> {
@@ -49,7 +49,7 @@ pub async fn bind(
 /// posts a warning event on the claim). So we give it a short head start,
 /// and bind only what it has not bound by then; with the binder disabled
 /// the annotation never appears and we bind at once.
-fn kcm_binder_grace(claim: &PersistentVolumeClaim, pv: &Pv, grace: Duration) -> Option<Duration> {
+fn kcm_binder_grace(claim: &Claim, pv: &Pv, grace: Duration) -> Option<Duration> {
     let ann = claim.annotations();
     let kcm_binder =
         ann.contains_key(ANN_STORAGE_PROVISIONER) || ann.contains_key(ANN_BETA_STORAGE_PROVISIONER);
@@ -65,15 +65,13 @@ fn kcm_binder_grace(claim: &PersistentVolumeClaim, pv: &Pv, grace: Duration) -> 
 /// replan from what it wrote.
 async fn apply_binding(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     pv: &Pv,
     steps: &BindSteps,
 ) -> Result<(), Error> {
     let pvs = Api::<Pv>::all(ctx.client.clone());
-    let claims = Api::<PersistentVolumeClaim>::namespaced(
-        ctx.client.clone(),
-        &claim.namespace().unwrap_or_default(),
-    );
+    let claims =
+        Api::<Claim>::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
     let pp = PatchParams::default();
     let mut pv_version = pv.resource_version();
     if steps.set_claim_ref {

@@ -4,12 +4,12 @@
 
 pub mod apply;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
 use super::protocol::*;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::quantity::parse_bytes;
 
@@ -34,7 +34,7 @@ pub struct BindSteps {
 }
 
 pub fn plan(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     class: Option<&StorageClass>,
     pvs: &[&Pv],
     is_ours: impl Fn(&StorageClass) -> bool,
@@ -109,7 +109,7 @@ pub fn plan(
 
 /// kcm's "pre-bound" test: the PV's claimRef names the claim, with its
 /// UID or none (an admin reserving a PV by claim name).
-fn reserved_for(pv: &Pv, claim: &PersistentVolumeClaim) -> bool {
+fn reserved_for(pv: &Pv, claim: &Claim) -> bool {
     let Some(r) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
         return false;
     };
@@ -131,7 +131,7 @@ fn claim_ref_uid(pv: &Pv) -> Option<&str> {
 /// kcm's matching rule: the smallest available PV of the claim's class that
 /// fits its size, access modes, volume mode and selector.
 pub fn best_static_match<'a>(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     class: &StorageClass,
     pvs: &[&'a Pv],
 ) -> Option<&'a Pv> {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::controller::cached_claim::Claim;
 use serde_json::{Value, json};
 
 const CLASS: &str = "fast";
@@ -7,7 +8,7 @@ fn class(mode: &str) -> StorageClass {
     crate::testing::storage_class(CLASS, "local.stowage.dev", Some(mode), &[])
 }
 
-fn claim(spec: Value) -> PersistentVolumeClaim {
+fn claim(spec: Value) -> Claim {
     let mut base = json!({
         "storageClassName": CLASS, "accessModes": ["ReadWriteOnce"],
         "resources": { "requests": { "storage": "1Gi" } },
@@ -42,7 +43,7 @@ fn merge(base: &mut Value, patch: Value) {
     }
 }
 
-fn best(claim: &PersistentVolumeClaim, pvs: &[Pv]) -> Option<String> {
+fn best(claim: &Claim, pvs: &[Pv]) -> Option<String> {
     let refs: Vec<_> = pvs.iter().collect();
     best_static_match(claim, &class("Immediate"), &refs).map(|p| p.name_any())
 }
@@ -271,7 +272,7 @@ fn the_smallest_fit_wins_then_the_name() {
     assert_eq!(best(&claim(json!({})), &pvs).as_deref(), Some("y-1gi"));
 }
 
-fn plan_for(claim: &PersistentVolumeClaim, pvs: &[Pv], mode: &str) -> Binding {
+fn plan_for(claim: &Claim, pvs: &[Pv], mode: &str) -> Binding {
     let refs: Vec<_> = pvs.iter().collect();
     plan(claim, Some(&class(mode)), &refs, |_| true)
 }

@@ -33,7 +33,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use futures::{FutureExt, Stream};
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
@@ -46,6 +46,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::Stores;
 use super::metrics::KindLabels;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::{StorageNode, Volume};
 
@@ -149,7 +150,7 @@ impl<K: Kind> Informer<K> {
 /// Every watch the controller runs.
 #[derive(Default)]
 pub struct Informers {
-    pub claims: Informer<PersistentVolumeClaim>,
+    pub claims: Informer<Claim>,
     pub pvs: Informer<Pv>,
     pub volumes: Informer<Volume>,
     pub classes: Informer<StorageClass>,

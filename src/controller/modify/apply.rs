@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -13,6 +12,7 @@ use serde_json::json;
 
 use super::plan::{IN_PROGRESS, INFEASIBLE, ModifyError, PENDING};
 use crate::backend::csi_proxy::CsiDriver;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error, csi_handle, job};
@@ -20,12 +20,7 @@ use crate::controller::{Context, Error, csi_handle, job};
 const JOB: &str = "modify";
 
 /// Records the attempt's state, only when it changes.
-async fn mark(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-    target: &str,
-    state: &str,
-) -> Result<(), Error> {
+async fn mark(ctx: &Context, claim: &Claim, target: &str, state: &str) -> Result<(), Error> {
     let current = claim
         .status
         .as_ref()
@@ -42,7 +37,7 @@ async fn mark(
     ctx.patch_claim_status(claim, status).await
 }
 
-async fn failed(ctx: &Context, claim: &PersistentVolumeClaim, error: &ModifyError) {
+async fn failed(ctx: &Context, claim: &Claim, error: &ModifyError) {
     ctx.event(
         claim,
         EventType::Warning,
@@ -55,11 +50,7 @@ async fn failed(ctx: &Context, claim: &PersistentVolumeClaim, error: &ModifyErro
 }
 
 /// The class does not exist yet: `Pending`, asked again at the backoff's pace.
-pub async fn pending(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-    target: &str,
-) -> Result<Action, Error> {
+pub async fn pending(ctx: &Context, claim: &Claim, target: &str) -> Result<Action, Error> {
     mark(ctx, claim, target, PENDING).await?;
     failed(ctx, claim, &ModifyError::Missing(target.to_string())).await;
     Ok(Action::requeue(ctx.backoff(&claim.object_ref(&()), true)))
@@ -68,7 +59,7 @@ pub async fn pending(
 /// `Infeasible`: nothing more until the user changes the claim.
 pub async fn refuse(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     target: &str,
     error: &ModifyError,
 ) -> Result<Action, Error> {
@@ -80,7 +71,7 @@ pub async fn refuse(
 /// ControllerModifyVolume, then the PV's and the claim's class.
 pub async fn modify(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     pv: &Pv,
     driver: &CsiDriver,
     target: &str,
@@ -107,7 +98,7 @@ pub async fn modify(
             infeasible,
         };
         if infeasible {
-            let claim = Api::<PersistentVolumeClaim>::namespaced(
+            let claim = Api::<Claim>::namespaced(
                 ctx.client.clone(),
                 &claim.namespace().unwrap_or_default(),
             )
@@ -129,7 +120,7 @@ pub async fn modify(
 /// The PV has the class: so does the claim now.
 pub async fn finish(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     pv_name: &str,
     target: &str,
 ) -> Result<Action, Error> {
@@ -139,10 +130,7 @@ pub async fn finish(
     });
     // Over whatever version the claim has now: once the claim is Bound only
     // this job writes these fields.
-    let api = Api::<PersistentVolumeClaim>::namespaced(
-        ctx.client.clone(),
-        &claim.namespace().unwrap_or_default(),
-    );
+    let api = Api::<Claim>::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
     api.patch_status(
         &claim.name_any(),
         &PatchParams::default(),

@@ -13,7 +13,6 @@ pub use plan::{Modify, ModifyError, ModifyView, Served, plan, wanted_change};
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
@@ -24,6 +23,7 @@ use super::informer::Informers;
 use super::job::{Job, JobRun, Retry};
 use super::{Context, Error, claim_of_pv};
 use crate::backend::local;
+use crate::controller::cached_claim::Claim;
 
 pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let claims = informers.claims.subscribe();
@@ -38,7 +38,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
 }
 
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
-async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(claim: Arc<Claim>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Most claims ask for nothing: no cache lookups, no API calls.
     let Some(wanted) = wanted_change(&claim) else {
         return Ok(Action::await_change());

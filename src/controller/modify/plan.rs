@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::VolumeAttributesClass;
 use kube::ResourceExt;
 
 use crate::backend::local;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 
 /// `modifyVolumeStatus.status` values, as external-resizer writes them.
@@ -27,7 +27,7 @@ pub enum Served {
 }
 
 pub struct ModifyView<'a> {
-    pub claim: &'a PersistentVolumeClaim,
+    pub claim: &'a Claim,
     pub pv: Option<&'a Pv>,
     pub served: Served,
     /// The class the claim asks for, when it exists (read only when the
@@ -145,7 +145,7 @@ pub fn plan(view: &ModifyView) -> Modify {
 
 /// The class the claim asks for, when it is not the volume's yet and was
 /// not already found infeasible (the user must change the claim first).
-pub fn wanted_change(claim: &PersistentVolumeClaim) -> Option<String> {
+pub fn wanted_change(claim: &Claim) -> Option<String> {
     let target = claim
         .spec
         .as_ref()?
@@ -165,7 +165,7 @@ pub fn wanted_change(claim: &PersistentVolumeClaim) -> Option<String> {
     (!infeasible).then_some(target)
 }
 
-fn bound_to(pv: &Pv, claim: &PersistentVolumeClaim) -> bool {
+fn bound_to(pv: &Pv, claim: &Claim) -> bool {
     let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
     claim.uid().is_some()
         && claim_ref.and_then(|r| r.uid.clone()) == claim.uid()
@@ -180,11 +180,7 @@ mod tests {
 
     const DRIVER: &str = "mock.csi.k8s.io";
 
-    fn claim(
-        wanted: Option<&str>,
-        current: Option<&str>,
-        tried: Option<(&str, &str)>,
-    ) -> PersistentVolumeClaim {
+    fn claim(wanted: Option<&str>, current: Option<&str>, tried: Option<(&str, &str)>) -> Claim {
         serde_json::from_value(json!({
             "metadata": { "name": "data", "namespace": "ns", "uid": "u1" },
             "spec": { "volumeName": "pvc-u1", "volumeAttributesClassName": wanted },
@@ -215,11 +211,7 @@ mod tests {
         .unwrap()
     }
 
-    fn plan_for(
-        c: &PersistentVolumeClaim,
-        served: Served,
-        target: Option<&VolumeAttributesClass>,
-    ) -> Modify {
+    fn plan_for(c: &Claim, served: Served, target: Option<&VolumeAttributesClass>) -> Modify {
         let p = pv(DRIVER);
         plan(&ModifyView {
             claim: c,

@@ -1,7 +1,7 @@
 //! The provisioning plan's effects: events on the claim as
 //! external-provisioner posts them, and the Volume or PV written.
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -9,6 +9,7 @@ use kube::{Api, Resource, ResourceExt};
 use k8s_openapi::api::storage::v1::StorageClass;
 
 use super::{Provision, reschedule, source};
+use crate::controller::cached_claim::Claim;
 use crate::controller::{Context, Error, job};
 use crate::crd::Volume;
 use crate::kubeapi::create_idempotent;
@@ -17,7 +18,7 @@ use crate::kubeapi::create_idempotent;
 /// of the claim job; `None` lets binding look at the claim.
 pub async fn apply(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     class: Option<&StorageClass>,
     provision: Provision,
 ) -> Result<Option<Action>, Error> {
@@ -77,18 +78,14 @@ pub async fn apply(
 }
 
 /// Says on the claim what it waits for; the claim's next change asks again.
-async fn wait(ctx: &Context, claim: &PersistentVolumeClaim, reason: &str, note: &str) -> Action {
+async fn wait(ctx: &Context, claim: &Claim, reason: &str, note: &str) -> Action {
     ctx.event(claim, EventType::Normal, reason, "Provision", note)
         .await;
     Action::await_change()
 }
 
 /// Writes the Volume (intent), its source protected first.
-async fn create_volume(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-    volume: &Volume,
-) -> Result<(), Error> {
+async fn create_volume(ctx: &Context, claim: &Claim, volume: &Volume) -> Result<(), Error> {
     ctx.event(
         claim,
         EventType::Normal,
@@ -107,7 +104,7 @@ async fn create_volume(
 
 /// external-provisioner's words, naming the node only when there is one
 /// (`Immediate` claims of other drivers have none).
-fn provisioning_note(claim: &PersistentVolumeClaim, node: Option<&str>) -> String {
+fn provisioning_note(claim: &Claim, node: Option<&str>) -> String {
     let key = format!(
         "{}/{}",
         claim.namespace().unwrap_or_default(),

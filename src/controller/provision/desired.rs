@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -19,6 +19,7 @@ use super::{
     volume_name,
 };
 use crate::backend::local::{self, Layout, Parameters};
+use crate::controller::cached_claim::Claim;
 use crate::crd::{
     AccessMode, ClaimReference, NODE_LABEL, ReclaimPolicy, VOLUME_FINALIZER, Volume, VolumeMode,
     VolumeSource, VolumeSpec,
@@ -37,10 +38,7 @@ enum Placement {
 }
 
 /// The claim's access modes, each one `allowed`.
-fn access_modes(
-    claim: &PersistentVolumeClaim,
-    allowed: &[AccessMode],
-) -> Result<Vec<AccessMode>, ProvisionError> {
+fn access_modes(claim: &Claim, allowed: &[AccessMode]) -> Result<Vec<AccessMode>, ProvisionError> {
     let modes = claim.spec.as_ref().and_then(|s| s.access_modes.clone());
     modes
         .unwrap_or_default()
@@ -54,7 +52,7 @@ fn access_modes(
         .collect()
 }
 
-fn volume_mode(claim: &PersistentVolumeClaim) -> VolumeMode {
+fn volume_mode(claim: &Claim) -> VolumeMode {
     match claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) {
         Some("Block") => VolumeMode::Block,
         _ => VolumeMode::Filesystem,
@@ -105,7 +103,7 @@ pub fn new_volume(name: &str, spec: VolumeSpec) -> Volume {
 /// The one Volume builder for claims: what both kinds share (claim, PV
 /// name, reclaim policy), placed as `placement` says.
 fn volume(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     class: &StorageClass,
     bytes: i64,
     access_modes: Vec<AccessMode>,
@@ -270,7 +268,7 @@ pub(super) fn desired_remote_volume(
 }
 
 /// The claim's `volumeAttributesClassName`, if it names one.
-pub fn attributes_class_name(claim: &PersistentVolumeClaim) -> Option<&str> {
+pub fn attributes_class_name(claim: &Claim) -> Option<&str> {
     claim
         .spec
         .as_ref()?
@@ -302,7 +300,7 @@ fn attributes_class<'a>(
 /// The one PV builder: what external-provisioner writes for every driver,
 /// with the CSI source and node affinity of the volume's kind.
 fn pv(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     class: &StorageClass,
     volume: &Volume,
     capacity: i64,
@@ -349,11 +347,7 @@ fn required_affinity(expressions: Vec<Value>) -> Value {
 }
 
 /// The PV external-provisioner would create for this volume.
-pub fn desired_pv(
-    claim: &PersistentVolumeClaim,
-    class: &StorageClass,
-    volume: &Volume,
-) -> PersistentVolume {
+pub fn desired_pv(claim: &Claim, class: &StorageClass, volume: &Volume) -> PersistentVolume {
     if volume.spec.driver != local::DRIVER_NAME {
         return desired_remote_pv(claim, class, volume);
     }
@@ -384,11 +378,7 @@ pub fn desired_pv(
 }
 
 /// The PV external-provisioner would create for a `--csi-driver` volume.
-fn desired_remote_pv(
-    claim: &PersistentVolumeClaim,
-    class: &StorageClass,
-    volume: &Volume,
-) -> PersistentVolume {
+fn desired_remote_pv(claim: &Claim, class: &StorageClass, volume: &Volume) -> PersistentVolume {
     // The status of a `--csi-driver` Volume is the controller's own (the
     // node agents' admission policy keeps them to Volumes with a spec.node):
     // handle, context and topology are what CreateVolume returned.

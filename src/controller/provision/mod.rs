@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use kube::ResourceExt;
 
@@ -18,6 +18,7 @@ use super::capacity;
 use super::protocol::*;
 use super::secrets::{self, TemplateValues};
 use crate::backend::local;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::{StorageNode, Volume, VolumePhase};
 use crate::quantity::{format_bytes, parse_bytes};
@@ -35,7 +36,7 @@ use desired::{desired_remote_volume, desired_volume};
 
 /// Everything `plan` looks at for one claim.
 pub struct ClaimView<'a> {
-    pub claim: &'a PersistentVolumeClaim,
+    pub claim: &'a Claim,
     pub class: Option<&'a StorageClass>,
     /// The Volume named after the claim, if written.
     pub volume: Option<&'a Volume>,
@@ -243,10 +244,7 @@ impl ProvisionError {
 }
 
 /// The driver that provisions this claim, if the claim asks for one.
-pub fn claim_provisioner<'a>(
-    claim: &'a PersistentVolumeClaim,
-    class: Option<&'a StorageClass>,
-) -> Option<&'a str> {
+pub fn claim_provisioner<'a>(claim: &'a Claim, class: Option<&'a StorageClass>) -> Option<&'a str> {
     let ann = claim.annotations();
     ann.get(ANN_STORAGE_PROVISIONER)
         .or_else(|| ann.get(ANN_BETA_STORAGE_PROVISIONER))
@@ -255,7 +253,7 @@ pub fn claim_provisioner<'a>(
 }
 
 /// PV and Volume name for a claim, as external-provisioner names PVs.
-pub fn volume_name(claim: &PersistentVolumeClaim) -> Option<String> {
+pub fn volume_name(claim: &Claim) -> Option<String> {
     claim.uid().map(|uid| format!("pvc-{uid}"))
 }
 
@@ -451,7 +449,7 @@ fn ready_nodes<'a>(view: &ClaimView<'a>) -> Result<Vec<&'a StorageNode>, Provisi
     Ok(live)
 }
 
-pub(super) fn requested_bytes(claim: &PersistentVolumeClaim) -> Result<i64, ProvisionError> {
+pub(super) fn requested_bytes(claim: &Claim) -> Result<i64, ProvisionError> {
     let requested = claim
         .spec
         .as_ref()
@@ -467,10 +465,7 @@ pub(super) fn requested_bytes(claim: &PersistentVolumeClaim) -> Result<i64, Prov
     Ok(bytes)
 }
 
-pub(super) fn template_values<'a>(
-    claim: &'a PersistentVolumeClaim,
-    pv_name: &'a str,
-) -> TemplateValues<'a> {
+pub(super) fn template_values<'a>(claim: &'a Claim, pv_name: &'a str) -> TemplateValues<'a> {
     TemplateValues {
         pv_name,
         claim_namespace: claim.metadata.namespace.as_deref().unwrap_or_default(),

@@ -8,7 +8,6 @@
 //! node filled between the scheduler's look and ours, and clusters that
 //! run with `--enable-capacity=false`.
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
@@ -16,6 +15,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::ProvisionError;
+use crate::controller::cached_claim::Claim;
 use crate::controller::protocol::{ANN_SELECTED_NODE, BINDING_WAIT_FOR_FIRST_CONSUMER};
 use crate::controller::{Context, Error, job};
 
@@ -24,7 +24,7 @@ use crate::controller::{Context, Error, job};
 /// own parameters, a failure after the Volume was written to its node) keep
 /// the scheduler's choice.
 pub(super) fn node_to_give_up<'a>(
-    claim: &'a PersistentVolumeClaim,
+    claim: &'a Claim,
     class: Option<&StorageClass>,
     error: &ProvisionError,
 ) -> Option<&'a str> {
@@ -47,14 +47,11 @@ pub(super) fn node_to_give_up<'a>(
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any()), node = %node))]
 pub(super) async fn give_back(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     node: &str,
     error: &ProvisionError,
 ) -> Result<(), Error> {
-    let api = Api::<PersistentVolumeClaim>::namespaced(
-        ctx.client.clone(),
-        &claim.namespace().unwrap_or_default(),
-    );
+    let api = Api::<Claim>::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
     let patch = json!({ "metadata": {
         "resourceVersion": claim.resource_version(),
         "annotations": { ANN_SELECTED_NODE: null },
@@ -84,7 +81,7 @@ pub(super) async fn give_back(
 mod tests {
     use super::*;
 
-    fn claim(selected: Option<&str>) -> PersistentVolumeClaim {
+    fn claim(selected: Option<&str>) -> Claim {
         let annotations: std::collections::BTreeMap<_, _> = selected
             .map(|n| (ANN_SELECTED_NODE, n))
             .into_iter()

@@ -10,11 +10,11 @@
 //! need (the grants and the snapshot and its content from the API server,
 //! the source claim and its PV from the caches).
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::{ProvisionError, requested_bytes};
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::controller::{Context, Error};
 use crate::crd::VolumeSource;
@@ -45,7 +45,7 @@ pub struct Requested {
 
 /// `dataSource` wins over `dataSourceRef`, as upstream reads them. Whether
 /// a source in another namespace may be used is `lookup`'s to find out.
-pub fn requested(claim: &PersistentVolumeClaim) -> Option<Requested> {
+pub fn requested(claim: &Claim) -> Option<Requested> {
     let spec = claim.spec.as_ref()?;
     let own = claim.namespace().unwrap_or_default();
     if let Some(source) = &spec.data_source {
@@ -71,7 +71,7 @@ pub fn requested(claim: &PersistentVolumeClaim) -> Option<Requested> {
 
 /// Whether the claim's data source is a kind neither restore nor clone:
 /// a volume populator's, which upstream leaves alone.
-pub fn left_to_populator(claim: &PersistentVolumeClaim) -> bool {
+pub fn left_to_populator(claim: &Claim) -> bool {
     requested(claim).is_some_and(|r| r.kind != KIND_SNAPSHOT && r.kind != KIND_CLAIM)
 }
 
@@ -91,7 +91,7 @@ pub enum Lookup {
     Claim {
         /// The driver has CLONE_VOLUME.
         supported: bool,
-        claim: Option<Box<PersistentVolumeClaim>>,
+        claim: Option<Box<Claim>>,
         pv: Option<Box<Pv>>,
     },
 }
@@ -101,7 +101,7 @@ pub enum Lookup {
 /// against the ReferenceGrants there, whatever its kind, as upstream does.
 pub async fn lookup(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     driver: &str,
     requested: &Requested,
 ) -> Result<Lookup, Error> {
@@ -188,7 +188,7 @@ pub fn local_node(ctx: &Context, lookup: &Lookup) -> Option<String> {
 /// The content source for a claim of a class of `driver`, or None when
 /// it names none. Every refusal says what to change.
 pub fn content_source(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     driver: &str,
     requested: &Requested,
     lookup: &Lookup,
@@ -248,7 +248,7 @@ pub fn content_source(
 }
 
 fn snapshot_source(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     driver: &str,
     name: &str,
     snapshot: Option<&VolumeSnapshot>,
@@ -316,10 +316,7 @@ fn snapshot_source(
 
 /// `--prevent-volume-mode-conversion` (on by default upstream): a
 /// snapshot of one mode restores in another only when its content allows.
-fn check_mode_change(
-    claim: &PersistentVolumeClaim,
-    content: &VolumeSnapshotContent,
-) -> Result<(), ProvisionError> {
+fn check_mode_change(claim: &Claim, content: &VolumeSnapshotContent) -> Result<(), ProvisionError> {
     let wanted = claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref());
     let (Some(source), Some(wanted)) = (content.spec.source_volume_mode.as_deref(), wanted) else {
         return Ok(());
@@ -345,10 +342,10 @@ fn check_mode_change(
 }
 
 fn clone_source(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     driver: &str,
     name: &str,
-    source: Option<&PersistentVolumeClaim>,
+    source: Option<&Claim>,
     pv: Option<&Pv>,
 ) -> Result<VolumeSource, ProvisionError> {
     let fail = |m: String| Err(ProvisionError::Source(m));
@@ -369,7 +366,7 @@ fn clone_source(
             "the PVC DataSource {name} is currently being deleted"
         ));
     }
-    let class_of = |c: &PersistentVolumeClaim| c.spec.as_ref()?.storage_class_name.clone();
+    let class_of = |c: &Claim| c.spec.as_ref()?.storage_class_name.clone();
     if class_of(source).is_none() {
         return fail(format!(
             "the source PVC ({name}) storageclass cannot be empty"
@@ -393,7 +390,7 @@ fn clone_source(
     let Some(csi) = csi.filter(|c| c.driver == driver && matches && pv_bound) else {
         return fail(format!("claim {name} in dataSource not bound or invalid"));
     };
-    let mode = |c: &PersistentVolumeClaim| {
+    let mode = |c: &Claim| {
         c.spec
             .as_ref()
             .and_then(|s| s.volume_mode.clone())
@@ -413,14 +410,14 @@ fn clone_source(
 /// external-provisioner does: its finalizer on the source claim (a
 /// clone) or the VolumeSnapshot (a restore). Written before the Volume,
 /// so a crash in between leaves the source protected, never exposed.
-pub async fn protect(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<(), Error> {
+pub async fn protect(ctx: &Context, claim: &Claim) -> Result<(), Error> {
     let Some(requested) = requested(claim) else {
         return Ok(());
     };
     let namespace = &requested.namespace;
     match requested.kind.as_str() {
         KIND_CLAIM => {
-            let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
+            let api = Api::<Claim>::namespaced(ctx.client.clone(), namespace);
             if let Some(source) = api.get_opt(&requested.name).await? {
                 kubeapi::add_finalizer(&api, &source, CLONE_FINALIZER).await?;
             }
@@ -445,7 +442,7 @@ pub async fn protect(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<(),
 /// Once the PV exists the snapshot may go: its finalizer is removed.
 /// A failure is logged, as upstream logs it; the snapshot then keeps the
 /// finalizer (its deletion waits) until it is removed by hand.
-pub async fn release_snapshot(ctx: &Context, claim: &PersistentVolumeClaim) {
+pub async fn release_snapshot(ctx: &Context, claim: &Claim) {
     let Some(requested) = requested(claim) else {
         return;
     };

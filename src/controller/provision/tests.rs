@@ -1,4 +1,5 @@
 use super::*;
+use crate::controller::cached_claim::Claim;
 use crate::crd::{NODE_LABEL, VOLUME_FINALIZER};
 use serde_json::json;
 
@@ -6,8 +7,8 @@ fn class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
     crate::testing::storage_class("c", local::DRIVER_NAME, Some(mode), params)
 }
 
-fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> PersistentVolumeClaim {
-    let mut c: PersistentVolumeClaim = serde_json::from_value(json!({
+fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> Claim {
+    let mut c: Claim = serde_json::from_value(json!({
         "metadata": { "name": "data", "namespace": "ns", "uid": "u1" },
         "spec": { "storageClassName": "c", "accessModes": modes,
                   "resources": { "requests": { "storage": size } } },
@@ -26,11 +27,7 @@ fn node(name: &str, capacity: i64) -> StorageNode {
     crate::testing::storage_node(name, capacity)
 }
 
-fn plan_for(
-    claim: &PersistentVolumeClaim,
-    class: &StorageClass,
-    nodes: &[&StorageNode],
-) -> Provision {
+fn plan_for(claim: &Claim, class: &StorageClass, nodes: &[&StorageNode]) -> Provision {
     plan(&ClaimView {
         claim,
         class: Some(class),
@@ -52,7 +49,7 @@ const GI: i64 = 1 << 30;
 
 /// A `--csi-driver` class, registered in zones a and b (one node each).
 fn remote_view<'a>(
-    claim: &'a PersistentVolumeClaim,
+    claim: &'a Claim,
     class: &'a StorageClass,
     driver_nodes: Vec<topology::DriverNode>,
 ) -> ClaimView<'a> {
@@ -334,7 +331,7 @@ fn snapshot_lookup(driver: &str, handle: &str) -> source::Lookup {
 }
 
 /// A 1Gi claim restoring VolumeSnapshot `s`.
-fn restoring() -> PersistentVolumeClaim {
+fn restoring() -> Claim {
     let mut restored = claim("1Gi", &["ReadWriteOnce"], None);
     restored.spec.as_mut().unwrap().data_source = Some(
         serde_json::from_value(

@@ -10,7 +10,6 @@ pub use plan::{Reclaim, plan};
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
@@ -20,6 +19,7 @@ use kube::{Api, ResourceExt};
 use super::informer::Informers;
 use super::job::{Job, JobRun, Retry, trigger};
 use super::{Context, Error, attach, csi_handle, provision};
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::Volume;
 use crate::kubeapi;
@@ -32,7 +32,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
     let volumes = informers.volumes.subscribe();
     let claims = informers.claims.subscribe();
     let (requeue, requeues) = trigger::<Pv>();
-    let pv_of_claim = |c: &PersistentVolumeClaim| {
+    let pv_of_claim = |c: &Claim| {
         let bound = c
             .spec
             .as_ref()?
@@ -69,7 +69,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
         .watches_shared_stream(volumes, |v: Arc<Volume>| {
             Some(ObjectRef::new(&pv_of_volume(&v)))
         })
-        .watches_shared_stream(claims, move |c: Arc<PersistentVolumeClaim>| {
+        .watches_shared_stream(claims, move |c: Arc<Claim>| {
             Some(ObjectRef::new(&pv_of_claim(&c)?))
         })
         .reconcile_on(requeues);
@@ -140,6 +140,6 @@ async fn claim_exists(ctx: &Context, pv: &Pv) -> Result<bool, Error> {
     if cached.is_some() {
         return Ok(true);
     }
-    let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
+    let api = Api::<Claim>::namespaced(ctx.client.clone(), namespace);
     Ok(kubeapi::exists_with_uid(&api, name, r.uid.as_deref()).await?)
 }

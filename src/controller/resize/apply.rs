@@ -1,7 +1,7 @@
 //! The resize job's effects on the claim, its Volume and its PV, one small
 //! function per planned step.
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimCondition};
+use k8s_openapi::api::core::v1::PersistentVolumeClaimCondition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -13,6 +13,7 @@ use super::{
     CONTROLLER_RESIZE_IN_PROGRESS, CONTROLLER_RESIZE_INFEASIBLE, NODE_RESIZE_PENDING, ResizeError,
 };
 use crate::backend::csi_proxy::CsiDriver;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::controller::secrets::{self, SecretFor};
 use crate::controller::{Context, Error, csi_handle, job};
@@ -33,7 +34,7 @@ const FS_RESIZE_PENDING_MESSAGE: &str =
 
 /// The claim's conditions with the resize ones replaced by `new`.
 fn conditions_with(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     new: Option<(&str, &str)>,
 ) -> Vec<PersistentVolumeClaimCondition> {
     let mut out: Vec<_> = claim
@@ -58,23 +59,13 @@ fn conditions_with(
     out
 }
 
-async fn event(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
+async fn event(ctx: &Context, claim: &Claim, type_: EventType, reason: &str, note: &str) {
     ctx.event(claim, type_, reason, "Resize", note).await;
 }
 
 /// Tells the user why not; an infeasible request is marked so on the claim.
 /// Asked again at the backoff's pace.
-pub async fn refuse(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-    error: &ResizeError,
-) -> Result<Action, Error> {
+pub async fn refuse(ctx: &Context, claim: &Claim, error: &ResizeError) -> Result<Action, Error> {
     let message = error.to_string();
     event(
         ctx,
@@ -103,7 +94,7 @@ pub async fn refuse(
 /// Records the size being worked towards.
 pub async fn start(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     request: &str,
     pv_name: &str,
 ) -> Result<(), Error> {
@@ -119,7 +110,7 @@ pub async fn start(
 /// Writes a step of the resize to the claim's status, then tells the user.
 async fn record_step(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     status: serde_json::Value,
     reason: &str,
     note: &str,
@@ -158,10 +149,7 @@ pub async fn resize_pv(ctx: &Context, pv_name: &str, bytes: i64) -> Result<(), E
 }
 
 /// Hands over to kubelet's NodeExpandVolume.
-pub async fn await_node_expansion(
-    ctx: &Context,
-    claim: &PersistentVolumeClaim,
-) -> Result<(), Error> {
+pub async fn await_node_expansion(ctx: &Context, claim: &Claim) -> Result<(), Error> {
     let pending = ("FileSystemResizePending", FS_RESIZE_PENDING_MESSAGE);
     let status = json!({
         "allocatedResourceStatuses": { "storage": NODE_RESIZE_PENDING },
@@ -172,7 +160,7 @@ pub async fn await_node_expansion(
 }
 
 /// The claim has its new capacity.
-pub async fn finish(ctx: &Context, claim: &PersistentVolumeClaim, bytes: i64) -> Result<(), Error> {
+pub async fn finish(ctx: &Context, claim: &Claim, bytes: i64) -> Result<(), Error> {
     let status = json!({
         "capacity": { "storage": format_bytes(bytes) },
         "allocatedResourceStatuses": { "storage": null },
@@ -190,7 +178,7 @@ pub async fn finish(ctx: &Context, claim: &PersistentVolumeClaim, bytes: i64) ->
 /// (InvalidArgument, OutOfRange, NotFound, as external-resizer reads them).
 pub async fn expand_in_driver(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     pv: &Pv,
     driver: &CsiDriver,
     bytes: i64,

@@ -24,7 +24,6 @@ pub use plan::{Resize, ResizeError, ResizeView, plan};
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::ResourceExt;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
@@ -33,6 +32,7 @@ use kube::runtime::reflector::ObjectRef;
 use super::informer::Informers;
 use super::job::{Job, JobRun, Retry};
 use super::{Context, Error, capacity, claim_of_pv, claim_of_volume, csi_handle};
+use crate::controller::cached_claim::Claim;
 use crate::crd::Volume;
 
 pub const CONTROLLER_RESIZE_IN_PROGRESS: &str = "ControllerResizeInProgress";
@@ -70,10 +70,7 @@ fn free_on_node(ctx: &Context, volume: &Volume) -> Option<i64> {
 }
 
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
-pub async fn reconcile(
-    claim: Arc<PersistentVolumeClaim>,
-    ctx: Arc<Context>,
-) -> Result<Action, Error> {
+pub async fn reconcile(claim: Arc<Claim>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.jobs.reconcile_timer("resize");
     let s = &ctx.stores;
     let pv_name = claim

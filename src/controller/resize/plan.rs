@@ -2,9 +2,6 @@
 //! claim, its PV, StorageClass and Volume, and the room on the Volume's
 //! node. No API calls here.
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
@@ -14,13 +11,15 @@ use super::{
     NODE_RESIZE_INFEASIBLE, NODE_RESIZE_PENDING,
 };
 use crate::backend::local::{self, Parameters};
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
+use crate::controller::compact_map::CompactMap;
 use crate::crd::{Volume, VolumePhase, VolumeStatus};
 use crate::quantity::{format_bytes, parse_bytes};
 
 /// Everything `plan` looks at for one claim.
 pub struct ResizeView<'a> {
-    pub claim: &'a PersistentVolumeClaim,
+    pub claim: &'a Claim,
     pub pv: Option<&'a Pv>,
     pub class: Option<&'a StorageClass>,
     pub volume: Option<&'a Volume>,
@@ -113,7 +112,7 @@ impl ResizeError {
     }
 }
 
-pub(super) fn storage<V>(map: Option<&BTreeMap<String, V>>) -> Option<&V> {
+pub(super) fn storage<V>(map: Option<&CompactMap<String, V>>) -> Option<&V> {
     map?.get("storage")
 }
 
@@ -223,7 +222,7 @@ fn plan_remote(pv: &Pv, asked: Asked, expands: bool) -> Resize {
 
 /// The claim's request when it exceeds its capacity and the resize is not
 /// already kubelet's to finish; None when there is nothing to do.
-fn asked<'a>(claim: &'a PersistentVolumeClaim, pv: &Pv) -> Option<Asked<'a>> {
+fn asked<'a>(claim: &'a Claim, pv: &Pv) -> Option<Asked<'a>> {
     if claim.metadata.deletion_timestamp.is_some() || !bound_to(pv, claim) {
         return None;
     }
@@ -309,7 +308,7 @@ pub(super) fn driver_of(pv: &Pv) -> Option<&str> {
     Some(pv.spec.as_ref()?.csi.as_ref()?.driver.as_str())
 }
 
-fn bound_to(pv: &Pv, claim: &PersistentVolumeClaim) -> bool {
+fn bound_to(pv: &Pv, claim: &Claim) -> bool {
     let Some(spec) = pv.spec.as_ref() else {
         return false;
     };

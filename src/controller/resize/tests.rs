@@ -1,16 +1,16 @@
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use serde_json::json;
 
 use super::*;
 use crate::backend::local;
+use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use crate::crd::{VolumePhase, VolumeStatus};
 use crate::testing;
 
 const MI: i64 = 1 << 20;
 
-fn claim(request: &str, capacity: &str) -> PersistentVolumeClaim {
+fn claim(request: &str, capacity: &str) -> Claim {
     serde_json::from_value(json!({
         "metadata": { "name": "data", "namespace": "ns", "uid": "u1" },
         "spec": { "volumeName": "pvc-u1", "storageClassName": "fast",
@@ -20,11 +20,7 @@ fn claim(request: &str, capacity: &str) -> PersistentVolumeClaim {
     .unwrap()
 }
 
-fn with_resize(
-    mut c: PersistentVolumeClaim,
-    allocated: &str,
-    status: &str,
-) -> PersistentVolumeClaim {
+fn with_resize(mut c: Claim, allocated: &str, status: &str) -> Claim {
     let s = c.status.as_mut().unwrap();
     s.allocated_resources = Some(
         [(
@@ -38,7 +34,7 @@ fn with_resize(
 }
 
 /// A claim asking 128Mi of a 64Mi volume, the resize at `status`.
-fn growing(status: &str) -> PersistentVolumeClaim {
+fn growing(status: &str) -> Claim {
     with_resize(claim("128Mi", "64Mi"), "128Mi", status)
 }
 
@@ -75,7 +71,7 @@ fn volume(spec_bytes: i64, ready_bytes: Option<i64>, layout: &str) -> Volume {
 }
 
 fn plan_with(
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     pv_: &Pv,
     class_: Option<&StorageClass>,
     volume_: Option<&Volume>,
@@ -93,7 +89,7 @@ fn plan_with(
 
 /// A `--csi-driver`'s PV (no Volume of ours), its driver offering
 /// EXPAND_VOLUME or not.
-fn plan_remote(claim: &PersistentVolumeClaim, capacity: &str, expands: bool) -> Resize {
+fn plan_remote(claim: &Claim, capacity: &str, expands: bool) -> Resize {
     let mut p = pv(capacity);
     p.spec.as_mut().unwrap().csi.as_mut().unwrap().driver = "mock.csi.k8s.io".into();
     plan(&ResizeView {

@@ -10,12 +10,12 @@
 //! ReferenceGrants). A claim refused for want of a grant is looked at
 //! again when one is created (`controller::reference_grants`).
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::ListParams;
 use kube::{Api, CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use super::{KIND_CLAIM, Requested};
+use crate::controller::cached_claim::Claim;
 use crate::controller::{Context, Error};
 
 pub const GROUP: &str = "gateway.networking.k8s.io";
@@ -74,7 +74,7 @@ pub struct Reference {
 }
 
 impl Reference {
-    pub fn new(claim: &PersistentVolumeClaim, requested: &Requested) -> Reference {
+    pub fn new(claim: &Claim, requested: &Requested) -> Reference {
         Reference {
             claim_namespace: claim.namespace().unwrap_or_default(),
             claim_name: claim.name_any(),
@@ -180,7 +180,7 @@ pub fn is_granted(grant: &ReferenceGrant, reference: &Reference) -> bool {
 /// flag on. The outer error is the API server's.
 pub async fn allowed(
     ctx: &Context,
-    claim: &PersistentVolumeClaim,
+    claim: &Claim,
     requested: &Requested,
 ) -> Result<Result<(), AccessError>, Error> {
     let reference = Reference::new(claim, requested);

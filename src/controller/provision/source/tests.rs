@@ -1,9 +1,10 @@
 use super::*;
+use crate::controller::cached_claim::Claim;
 use serde_json::json;
 
 const DRIVER: &str = "d.example.com";
 
-fn claim(size: &str, mode: Option<&str>, source: serde_json::Value) -> PersistentVolumeClaim {
+fn claim(size: &str, mode: Option<&str>, source: serde_json::Value) -> Claim {
     serde_json::from_value(json!({
         "metadata": { "name": "new", "namespace": "ns" },
         "spec": {
@@ -43,10 +44,7 @@ fn content(driver: &str, mode: &str, annotations: serde_json::Value) -> VolumeSn
     .unwrap()
 }
 
-fn restore(
-    claim: &PersistentVolumeClaim,
-    lookup: Lookup,
-) -> Result<Option<VolumeSource>, ProvisionError> {
+fn restore(claim: &Claim, lookup: Lookup) -> Result<Option<VolumeSource>, ProvisionError> {
     let requested = requested(claim).unwrap();
     content_source(claim, DRIVER, &requested, &lookup)
 }
@@ -78,10 +76,7 @@ fn no_claim(supported: bool) -> Lookup {
 }
 
 /// Each lookup is refused, in words that contain its case's.
-fn assert_refused(
-    claim: &PersistentVolumeClaim,
-    cases: impl IntoIterator<Item = (Lookup, &'static str)>,
-) {
+fn assert_refused(claim: &Claim, cases: impl IntoIterator<Item = (Lookup, &'static str)>) {
     for (lookup, want) in cases {
         let got = refusal(restore(claim, lookup));
         assert!(got.contains(want), "{got} (want {want})");
@@ -161,7 +156,7 @@ fn a_snapshot_that_cannot_be_restored_says_why() {
     );
 }
 
-fn source_claim(size: &str, mode: &str, phase: &str) -> PersistentVolumeClaim {
+fn source_claim(size: &str, mode: &str, phase: &str) -> Claim {
     serde_json::from_value(json!({
         "metadata": { "name": "old", "namespace": "ns", "uid": "c-1" },
         "spec": {
@@ -185,7 +180,7 @@ fn source_pv(driver: &str) -> Pv {
     .unwrap()
 }
 
-fn cloning(source: PersistentVolumeClaim, pv: Pv) -> Lookup {
+fn cloning(source: Claim, pv: Pv) -> Lookup {
     Lookup::Claim {
         supported: true,
         claim: Some(Box::new(source)),
