@@ -261,7 +261,9 @@ async fn bad_input_is_explained(binder: Binder) {
         let class = format!("{}-{name}", ns.name);
         storage_class(&ns.client, &class, "Immediate", "Delete", params).await;
         claim(&ns, name, &class, size, modes).await;
-        let note = wait_for_event(&ns, name, "ProvisioningFailed").await;
+        // kcm's binder may say "storageclass not found" first, before its
+        // cache has the class: the explanation asked for is stowage's.
+        let note = crate::fixtures::wait_for_stowage_event(&ns, name, "ProvisioningFailed").await;
         for part in expected {
             assert!(
                 note.contains(part),
