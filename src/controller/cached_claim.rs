@@ -81,35 +81,7 @@ pub struct ClaimStatus {
     pub phase: Option<String>,
 }
 
-impl k8s_openapi::Resource for Claim {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "PersistentVolumeClaim";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "persistentvolumeclaims";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for Claim {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// The cached view of a full claim: for code that holds one from the API
-/// and must hand it to code that takes cached claims.
-impl From<&PersistentVolumeClaim> for Claim {
-    fn from(claim: &PersistentVolumeClaim) -> Claim {
-        let json = serde_json::to_value(claim).expect("a PersistentVolumeClaim serializes");
-        serde_json::from_value(json).expect("a serialized PersistentVolumeClaim reads as a Claim")
-    }
-}
+super::cached_view::cached_view!(Claim, PersistentVolumeClaim);
 
 #[cfg(test)]
 mod tests {

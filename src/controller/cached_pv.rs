@@ -91,35 +91,7 @@ pub struct PvStatus {
     pub phase: Option<String>,
 }
 
-impl k8s_openapi::Resource for Pv {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "PersistentVolume";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "persistentvolumes";
-    type Scope = k8s_openapi::ClusterResourceScope;
-}
-
-impl k8s_openapi::Metadata for Pv {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// The cached view of a full PV: for code that holds one from the API
-/// and must hand it to code that takes cached PVs (only tests do today).
-impl From<&PersistentVolume> for Pv {
-    fn from(pv: &PersistentVolume) -> Pv {
-        let json = serde_json::to_value(pv).expect("a PersistentVolume serializes");
-        serde_json::from_value(json).expect("a serialized PersistentVolume reads as a Pv")
-    }
-}
+super::cached_view::cached_view!(Pv, PersistentVolume);
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@ pub mod attach;
 pub mod bind;
 pub mod cached_claim;
 pub mod cached_pv;
+mod cached_view;
 mod capacity;
 mod claims;
 mod clone_protection;
