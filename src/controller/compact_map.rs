@@ -23,7 +23,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 /// A map stored as a boxed slice of entries sorted by key.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct CompactMap<K, V> {
     entries: Box<[(K, V)]>,
 }
@@ -48,14 +48,6 @@ impl<K, V> CompactMap<K, V> {
         Iter {
             inner: self.entries.iter(),
         }
-    }
-
-    pub fn keys(&self) -> impl ExactSizeIterator<Item = &K> + DoubleEndedIterator {
-        self.entries.iter().map(|(k, _)| k)
-    }
-
-    pub fn values(&self) -> impl ExactSizeIterator<Item = &V> + DoubleEndedIterator {
-        self.entries.iter().map(|(_, v)| v)
     }
 }
 
@@ -137,12 +129,6 @@ impl<'a, K, V> Iterator for Iter<'a, K, V> {
     }
 }
 
-impl<K, V> DoubleEndedIterator for Iter<'_, K, V> {
-    fn next_back(&mut self) -> Option<Self::Item> {
-        self.inner.next_back().map(|(k, v)| (k, v))
-    }
-}
-
 impl<K, V> ExactSizeIterator for Iter<'_, K, V> {}
 
 impl<'a, K, V> IntoIterator for &'a CompactMap<K, V> {
@@ -172,12 +158,6 @@ impl<K: Ord, V> From<BTreeMap<K, V>> for CompactMap<K, V> {
         CompactMap {
             entries: map.into_iter().collect(),
         }
-    }
-}
-
-impl<K: Clone + Ord, V: Clone> From<&CompactMap<K, V>> for BTreeMap<K, V> {
-    fn from(map: &CompactMap<K, V>) -> Self {
-        map.to_btree()
     }
 }
 
@@ -261,8 +241,6 @@ mod tests {
             assert_eq!(compact, btree, "{text}");
             assert_eq!(compact.to_btree(), btree, "{text}");
             assert!(compact.iter().eq(btree.iter()), "{text}");
-            assert!(compact.keys().eq(btree.keys()), "{text}");
-            assert!(compact.values().eq(btree.values()), "{text}");
             assert_eq!(compact.len(), btree.len());
             assert_eq!(compact.is_empty(), btree.is_empty());
             for key in ["a", "b", "m", "storage", "absent"] {
