@@ -41,7 +41,9 @@ mod common;
 mod populate;
 #[path = "bench_scale/report.rs"]
 mod report;
-use common::{api_reads, api_writes, peak_rss_kib, percentile, total_delta};
+use common::{
+    api_reads, api_writes, cpu_seconds, machine_busy_seconds, peak_rss_kib, percentile, total_delta,
+};
 use populate::{NEW, Populated};
 
 const NODES: usize = 4;
@@ -68,6 +70,14 @@ pub struct ClaimFigures {
     pub p99_ms: f64,
     pub writes_per_volume: f64,
     pub reads_per_volume: f64,
+    /// CPU seconds spent while the new claims were made and bound, per
+    /// process (the controller, the agents, each control-plane program,
+    /// this benchmark) and the whole machine's busy time; with the phase's
+    /// wall time, to tell which one the rate waited on.
+    pub cpu: Vec<(String, f64)>,
+    pub wall_s: f64,
+    /// API writes per new volume, by resource (at least 0.05).
+    pub writes_by_resource: Vec<(String, f64)>,
 }
 
 #[tokio::main]
@@ -148,7 +158,12 @@ async fn run(kubeconfig: &Path, n: usize, label: &str) -> anyhow::Result<Run> {
         first_bound_s.as_secs_f64()
     );
 
-    let figures = new_claims(&client, &bound).await?;
+    let mut pids = Processes {
+        controller: pid,
+        agents: agents.iter().filter_map(|a| a.id()).collect(),
+        cluster_dir: kubeconfig.parent().unwrap_or(Path::new("/")).to_path_buf(),
+    };
+    let figures = new_claims(&client, &bound, &mut pids).await?;
     let rss_peak_mib = peak_rss_kib(pid) as f64 / 1024.0;
     drop(controller);
     drop(agents);
@@ -235,10 +250,15 @@ async fn wait_for_storage_nodes(client: &Client) -> anyhow::Result<()> {
 }
 
 /// 1000 claims at once, to all Bound.
-async fn new_claims(client: &Client, bound: &BoundClaims) -> anyhow::Result<ClaimFigures> {
+async fn new_claims(
+    client: &Client,
+    bound: &BoundClaims,
+    pids: &mut Processes,
+) -> anyhow::Result<ClaimFigures> {
     let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NEW);
     let writes_before = api_writes(client).await?;
     let reads_before = api_reads(client).await?;
+    let cpu_before = pids.cpu();
     let start = Instant::now();
     let created: HashMap<String, Instant> = futures::stream::iter(0..NEW_CLAIMS)
         .map(|i| {
@@ -256,6 +276,12 @@ async fn new_claims(client: &Client, bound: &BoundClaims) -> anyhow::Result<Clai
     let names: Vec<String> = created.keys().cloned().collect();
     bound.wait_for(&names, LIMIT).await?;
     let elapsed = bound.last(&names).duration_since(start).as_secs_f64();
+    let cpu = pids
+        .cpu()
+        .into_iter()
+        .zip(cpu_before)
+        .map(|((name, after), (_, before))| (name, after - before))
+        .collect();
     let mut ms: Vec<f64> = names
         .iter()
         .map(|n| {
@@ -268,7 +294,18 @@ async fn new_claims(client: &Client, bound: &BoundClaims) -> anyhow::Result<Clai
         })
         .collect();
     ms.sort_by(f64::total_cmp);
-    let writes = total_delta(&writes_before, &api_writes(client).await?);
+    let writes_after = api_writes(client).await?;
+    let writes = total_delta(&writes_before, &writes_after);
+    let writes_by_resource = writes_after
+        .iter()
+        .map(|(r, v)| {
+            (
+                r.clone(),
+                (v - writes_before.get(r).copied().unwrap_or(0.0)) / NEW_CLAIMS as f64,
+            )
+        })
+        .filter(|(_, v)| *v >= 0.05)
+        .collect();
     let reads = total_delta(&reads_before, &api_reads(client).await?);
     Ok(ClaimFigures {
         per_s: NEW_CLAIMS as f64 / elapsed,
@@ -276,7 +313,42 @@ async fn new_claims(client: &Client, bound: &BoundClaims) -> anyhow::Result<Clai
         p99_ms: percentile(&ms, 0.99),
         writes_per_volume: writes / NEW_CLAIMS as f64,
         reads_per_volume: reads / NEW_CLAIMS as f64,
+        writes_by_resource,
+        cpu,
+        wall_s: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The processes whose CPU time the new-claims phase reports.
+struct Processes {
+    controller: u32,
+    agents: Vec<u32>,
+    cluster_dir: PathBuf,
+}
+
+impl Processes {
+    /// CPU seconds so far, in a fixed order of names.
+    fn cpu(&mut self) -> Vec<(String, f64)> {
+        let plane = common::control_plane_cpu(&self.cluster_dir);
+        let mut out = vec![
+            ("stowage controller".into(), cpu_seconds(self.controller)),
+            (
+                format!("{NODES} node agents"),
+                self.agents.iter().map(|p| cpu_seconds(*p)).sum(),
+            ),
+        ];
+        for program in [
+            "kube-apiserver",
+            "etcd",
+            "kube-controller-manager",
+            "kube-scheduler",
+        ] {
+            out.push((program.into(), plane.get(program).copied().unwrap_or(0.0)));
+        }
+        out.push(("this benchmark".into(), cpu_seconds(std::process::id())));
+        out.push(("machine busy".into(), machine_busy_seconds()));
+        out
+    }
 }
 
 /// When each claim of a namespace was first seen Bound.

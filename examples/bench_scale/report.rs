@@ -88,6 +88,20 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
             empty.claims.per_s,
         ));
     }
+    md.push_str(&cpu_table(runs));
+    for r in runs {
+        let by: Vec<String> = r
+            .claims
+            .writes_by_resource
+            .iter()
+            .map(|(resource, n)| format!("{resource} {n:.1}"))
+            .collect();
+        md.push_str(&format!(
+            "\nAPI writes per new volume ({}): {}\n",
+            r.label,
+            by.join(", ")
+        ));
+    }
     md.push_str(
         "\nstarted: `stowage controller` spawned → its log line `controller started` (every \
          watch listed). first Bound: spawned → a claim created before it Bound. RSS: VmHWM of \
@@ -96,4 +110,30 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
          done → API writes below 5/s.\n",
     );
     (md, csv)
+}
+
+/// CPU seconds per process over the new claims, one column per run.
+fn cpu_table(runs: &[Run]) -> String {
+    let Some(first) = runs.first() else {
+        return String::new();
+    };
+    let mut md = String::from("\n| CPU s during the 1000 new claims |");
+    for r in runs {
+        md.push_str(&format!(" {} |", r.label));
+    }
+    md.push_str(&format!("\n|---|{}\n", "---:|".repeat(runs.len())));
+    for (i, (name, _)) in first.claims.cpu.iter().enumerate() {
+        md.push_str(&format!("| {name} |"));
+        for r in runs {
+            md.push_str(&format!(" {:.1} |", r.claims.cpu[i].1));
+        }
+        md.push('\n');
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    md.push_str(&format!("| wall time × {cores} cores |"));
+    for r in runs {
+        md.push_str(&format!(" {:.1} |", r.claims.wall_s * cores as f64));
+    }
+    md.push('\n');
+    md
 }

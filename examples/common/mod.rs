@@ -184,3 +184,82 @@ pub async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()>
         Err(e) => Err(e.into()),
     }
 }
+
+/// CPU seconds (user + system) used so far by each process of the local
+/// control plane whose state directory is `cluster_dir` (their command
+/// lines name it), summed per program: etcd, kube-apiserver, ...
+pub fn control_plane_cpu(cluster_dir: &std::path::Path) -> BTreeMap<String, f64> {
+    let needle = cluster_dir.to_string_lossy().into_owned();
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let Some(program) = args.first().and_then(|a| a.rsplit('/').next()) else {
+            continue;
+        };
+        let known = [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+        ];
+        if known.contains(&program) && args.iter().any(|a| a.contains(&needle)) {
+            *out.entry(program.to_string()).or_default() += cpu_seconds(pid);
+        }
+    }
+    out
+}
+
+/// CPU seconds (user + system) process `pid` has used so far; 0 once it is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which may itself hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// Seconds all cores together spent busy (not idle, not waiting on I/O)
+/// since boot, from /proc/stat.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
