@@ -9,21 +9,22 @@ use std::path::{Path, PathBuf};
 /// Each top-level module's layer, lowest first; a module may name only
 /// modules of lower layers.
 const LAYERS: &[(&str, u8)] = &[
-    ("host", 0),
-    ("proto", 0),
-    ("quantity", 0),
-    ("retry", 0),
-    ("failpoint", 0),
-    ("kubeapi", 0),
-    ("telemetry", 0),
-    ("crd", 0),
-    ("snapshot_api", 0),
-    ("layers", 0),
-    ("backend", 1),
-    ("csi", 2),
-    ("testing", 2),
-    ("controller", 3),
-    ("node", 3),
+    ("compact_map", 0),
+    ("host", 1),
+    ("proto", 1),
+    ("quantity", 1),
+    ("retry", 1),
+    ("failpoint", 1),
+    ("kubeapi", 1),
+    ("telemetry", 1),
+    ("crd", 1),
+    ("snapshot_api", 1),
+    ("layers", 1),
+    ("backend", 2),
+    ("csi", 3),
+    ("testing", 3),
+    ("controller", 4),
+    ("node", 4),
 ];
 
 type Graph = BTreeMap<String, BTreeMap<String, String>>;

@@ -4,6 +4,7 @@
 //!
 //! Layers, each using only those below it (see `docs/architecture.md`;
 //! `layers.rs` checks it):
+//! - `compact_map`, the small sorted map `crd` and the caches hold;
 //! - leaves: `host` (mounts, loop devices, paths, commands, sockets),
 //!   `proto`, `quantity`, `retry`, `failpoint`, `kubeapi`, `telemetry`, `crd`,
 //!   `snapshot_api` (external-snapshotter's kinds);
@@ -13,6 +14,7 @@
 //!   serving `csi` to kubelet).
 
 pub mod backend;
+pub mod compact_map;
 pub mod controller;
 pub mod crd;
 pub mod csi;

@@ -2,11 +2,11 @@
 //! on one node (or a plain directory with `layout: dir`). The node agent of
 //! that node creates and deletes it; the controller only records intent.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
+use crate::compact_map::StringMap;
 use crate::host::HostError;
 use crate::host::process::{io, run};
 
@@ -88,9 +88,9 @@ pub enum ParameterError {
 const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
 
 impl Parameters {
-    pub fn parse(params: &BTreeMap<String, String>) -> Result<Self, ParameterError> {
+    pub fn parse(params: &impl StringMap) -> Result<Self, ParameterError> {
         let mut out = Parameters::default();
-        for (key, value) in params {
+        for (key, value) in params.iter() {
             match key.as_str() {
                 "fsType" | "csi.storage.k8s.io/fstype" => {
                     out.fs_type = match value.to_ascii_lowercase().as_str() {

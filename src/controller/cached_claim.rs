@@ -35,7 +35,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::ObjectMeta;
 use serde::Deserialize;
 
-use super::compact_map::CompactMap;
+use crate::compact_map::CompactMap;
 
 /// A PersistentVolumeClaim with only what stowage reads of it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

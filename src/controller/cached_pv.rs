@@ -32,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use serde::Deserialize;
 
-use super::compact_map::CompactMap;
+use crate::compact_map::CompactMap;
 
 /// A PersistentVolume with only what stowage reads of it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

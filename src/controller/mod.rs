@@ -9,7 +9,6 @@ mod cached_view;
 mod capacity;
 mod claims;
 mod clone_protection;
-pub mod compact_map;
 mod context;
 pub mod forbidden;
 mod health;

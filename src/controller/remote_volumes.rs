@@ -86,7 +86,7 @@ fn create_request(volume: &Volume, secrets: Secrets, extra_metadata: bool) -> Cr
         capabilities,
         requisite: spec.requisite_topology.clone(),
         preferred,
-        mutable_parameters: spec.mutable_parameters.clone(),
+        mutable_parameters: spec.mutable_parameters.to_btree(),
         content_source: spec.source.clone(),
     }
 }

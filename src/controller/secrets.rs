@@ -16,6 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::compact_map::StringMap;
+
 mod read;
 
 pub use read::{RBAC_MANIFEST, ReadError, for_pv, read};
@@ -321,7 +323,7 @@ fn resolve(t: Template, values: &TemplateValues) -> Result<String, SecretError> 
 /// The (name, namespace) parameter keys configured for `kind`: its own
 /// pair, else the default pair; None when neither is set.
 fn keys_for(
-    params: &BTreeMap<String, String>,
+    params: &impl StringMap,
     kind: SecretFor,
 ) -> Result<Option<(String, String)>, SecretError> {
     for prefix in [format!("{PREFIX}{}-", kind.key()), PREFIX.to_string()] {
@@ -339,15 +341,16 @@ fn keys_for(
 
 /// The Secret configured for `kind`, if any.
 pub fn secret_ref(
-    params: &BTreeMap<String, String>,
+    params: &impl StringMap,
     kind: SecretFor,
     values: &TemplateValues,
 ) -> Result<Option<SecretRef>, SecretError> {
     let Some((name_key, ns_key)) = keys_for(params, kind)? else {
         return Ok(None);
     };
+    let value = |key: &str| params.get(key).expect("keys_for found it").as_str();
     for key in [&name_key, &ns_key] {
-        if params[key].is_empty() {
+        if value(key).is_empty() {
             return Err(SecretError::Empty { key: key.clone() });
         }
     }
@@ -355,7 +358,7 @@ pub fn secret_ref(
         namespace: resolve(
             Template {
                 key: &ns_key,
-                text: &params[&ns_key],
+                text: value(&ns_key),
                 part: Part::Namespace,
                 kind,
             },
@@ -364,7 +367,7 @@ pub fn secret_ref(
         name: resolve(
             Template {
                 key: &name_key,
-                text: &params[&name_key],
+                text: value(&name_key),
                 part: Part::Name,
                 kind,
             },
@@ -376,7 +379,7 @@ pub fn secret_ref(
 /// Every configured reference, checked: errors surface at provisioning,
 /// not at the first attach.
 pub fn all_refs(
-    params: &BTreeMap<String, String>,
+    params: &impl StringMap,
     values: &TemplateValues,
 ) -> Result<Vec<(SecretFor, SecretRef)>, SecretError> {
     let mut out = Vec::new();
@@ -392,7 +395,7 @@ pub fn all_refs(
 /// and the deprecated `fstype` in any case, which external-provisioner
 /// still reads (and, as it is not under the prefix, also passes on to the
 /// driver). More than one is an error there and here.
-pub fn fs_type_keys(params: &BTreeMap<String, String>) -> Vec<&str> {
+pub fn fs_type_keys(params: &impl StringMap) -> Vec<&str> {
     params
         .keys()
         .filter(|k| k.as_str() == FS_TYPE || k.eq_ignore_ascii_case("fstype"))
@@ -401,15 +404,15 @@ pub fn fs_type_keys(params: &BTreeMap<String, String>) -> Vec<&str> {
 }
 
 /// The class's filesystem type, if it gives one.
-pub fn fs_type(params: &BTreeMap<String, String>) -> Option<&str> {
+pub fn fs_type(params: &impl StringMap) -> Option<&str> {
     let key = *fs_type_keys(params).first()?;
-    Some(params[key].as_str())
+    params.get(key).map(String::as_str)
 }
 
 /// The first `csi.storage.k8s.io/*` key that is none of Kubernetes' own:
 /// external-provisioner refuses such a class rather than guess what the
 /// key meant, and so does stowage.
-pub fn unknown_reserved_key(params: &BTreeMap<String, String>) -> Option<&str> {
+pub fn unknown_reserved_key(params: &impl StringMap) -> Option<&str> {
     let kinds = SecretFor::ALL
         .iter()
         .map(|k| format!("{}-", k.key()))
@@ -427,7 +430,7 @@ pub fn unknown_reserved_key(params: &BTreeMap<String, String>) -> Option<&str> {
 
 /// The parameters the driver sees: Kubernetes' own keys stripped, as
 /// external-provisioner does.
-pub fn driver_parameters(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub fn driver_parameters(params: &impl StringMap) -> BTreeMap<String, String> {
     params
         .iter()
         .filter(|(k, _)| !k.starts_with(PREFIX))

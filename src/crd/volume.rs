@@ -11,6 +11,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::compact_map::CompactMap;
+
 /// Finalizer that holds a Volume until the backend data is gone (or kept by
 /// the reclaim policy).
 pub const VOLUME_FINALIZER: &str = "stowage.dev/volume-protection";
@@ -48,8 +50,8 @@ pub struct VolumeSpec {
     pub driver: String,
 
     /// Backend parameters, taken from the StorageClass when provisioned.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub parameters: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "CompactMap::is_empty")]
+    pub parameters: CompactMap<String, String>,
 
     /// Requested size in bytes. Grows on expansion; never shrinks.
     #[x_kube(validation = Rule::new("self >= oldSelf").message("capacityBytes cannot shrink"))]
@@ -106,8 +108,8 @@ pub struct VolumeSpec {
     pub volume_attributes_class_name: Option<String>,
 
     /// That class's parameters, CreateVolume's `mutable_parameters`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub mutable_parameters: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "CompactMap::is_empty")]
+    pub mutable_parameters: CompactMap<String, String>,
 }
 
 /// Kubernetes access modes, spelled as in PersistentVolume specs.
@@ -188,12 +190,12 @@ pub struct VolumeStatus {
     pub volume_handle: Option<String>,
 
     /// Topology segments the backend reported for the volume.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub topology: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "CompactMap::is_empty")]
+    pub topology: CompactMap<String, String>,
 
     /// The CSI volume context the backend returned, passed on in the PV.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub volume_context: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "CompactMap::is_empty")]
+    pub volume_context: CompactMap<String, String>,
 
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<VolumeCondition>,
@@ -282,6 +284,55 @@ pub enum ConditionStatus {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn string_maps_round_trip_and_hold_one_entry_in_one_entrys_room() {
+        let text = json!({
+            "apiVersion": "stowage.dev/v1alpha1",
+            "kind": "Volume",
+            "metadata": { "name": "pvc-1" },
+            "spec": {
+                "driver": "hostpath.csi.k8s.io",
+                "parameters": { "kind": "fast", "csi.storage.k8s.io/fstype": "xfs" },
+                "capacityBytes": 1,
+                "accessModes": ["ReadWriteOnce"],
+                "volumeMode": "Filesystem",
+                "reclaimPolicy": "Delete",
+                "mutableParameters": { "iops": "3000" },
+            },
+            "status": {
+                "phase": "Ready",
+                "topology": { "zone": "a" },
+                "volumeContext": { "b": "2", "a": "1" },
+            },
+        });
+        let volume: Volume = serde_json::from_value(text.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&volume).unwrap(), text);
+        let parameters = &volume.spec.parameters;
+        assert_eq!(parameters["kind"], "fast");
+        assert_eq!(
+            parameters.to_btree(),
+            BTreeMap::from([
+                ("csi.storage.k8s.io/fstype".into(), "xfs".into()),
+                ("kind".into(), "fast".into()),
+            ])
+        );
+        // Empty maps are left out, as they were.
+        let mut bare = volume.clone();
+        bare.spec.parameters = CompactMap::new();
+        bare.status = Some(VolumeStatus::default());
+        let written = serde_json::to_value(&bare).unwrap();
+        assert_eq!(written["spec"].get("parameters"), None);
+        assert_eq!(written["status"], json!({ "phase": "Pending" }));
+
+        assert!(size_of::<CompactMap<String, String>>() < size_of::<BTreeMap<String, String>>());
+        let entry = size_of::<(String, String)>();
+        assert_eq!(volume.spec.mutable_parameters.heap_bytes(), entry);
+        assert_eq!(volume.status.unwrap().topology.heap_bytes(), entry);
+    }
+
     #[test]
     fn schema_is_structural_for_enums() {
         let crd = serde_json::to_value(&crate::crd::all()[0]).unwrap();

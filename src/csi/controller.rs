@@ -124,8 +124,10 @@ impl Controller for ControllerService {
                 CsiError::InvalidArgument("volume_capabilities are required".into()).into(),
             );
         }
-        let params = Parameters::parse(&req.parameters.clone().into_iter().collect())
-            .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+        // Sorted, so that of several bad keys the same one is named each time.
+        let sorted: BTreeMap<_, _> = req.parameters.clone().into_iter().collect();
+        let params =
+            Parameters::parse(&sorted).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
         let mut block = false;
         for cap in &req.volume_capabilities {
             check_capability(cap)?;

@@ -19,6 +19,7 @@ use super::{
     volume_name,
 };
 use crate::backend::local::{self, Layout, Parameters};
+use crate::compact_map::CompactMap;
 use crate::controller::cached_claim::Claim;
 use crate::crd::{
     AccessMode, ClaimReference, NODE_LABEL, ReclaimPolicy, VOLUME_FINALIZER, Volume, VolumeMode,
@@ -121,7 +122,7 @@ fn volume(
         &name,
         VolumeSpec {
             driver: class.provisioner.clone(),
-            parameters: class.parameters.clone().unwrap_or_default(),
+            parameters: class.parameters.clone().unwrap_or_default().into(),
             capacity_bytes: bytes,
             access_modes,
             volume_mode: volume_mode(claim),
@@ -141,7 +142,7 @@ fn volume(
                 _ => ReclaimPolicy::Delete,
             },
             volume_attributes_class_name: None,
-            mutable_parameters: BTreeMap::new(),
+            mutable_parameters: CompactMap::new(),
         },
     )
 }
@@ -262,7 +263,7 @@ pub(super) fn desired_remote_volume(
     if let Some(name) = attributes_class_name(claim) {
         let attributes = attributes_class(view, class, name)?;
         volume.spec.volume_attributes_class_name = Some(name.to_string());
-        volume.spec.mutable_parameters = attributes.parameters.clone().unwrap_or_default();
+        volume.spec.mutable_parameters = attributes.parameters.clone().unwrap_or_default().into();
     }
     Ok(Some(volume))
 }

@@ -11,9 +11,9 @@ use super::{
     NODE_RESIZE_INFEASIBLE, NODE_RESIZE_PENDING,
 };
 use crate::backend::local::{self, Parameters};
+use crate::compact_map::CompactMap;
 use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
-use crate::controller::compact_map::CompactMap;
 use crate::crd::{Volume, VolumePhase, VolumeStatus};
 use crate::quantity::{format_bytes, parse_bytes};
 

@@ -1,24 +1,27 @@
-//! A read-only map for the small string maps of cached objects.
+//! A compact map for the small string maps of cached objects.
 //!
 //! A `BTreeMap` with a single entry allocates a whole leaf node, eleven
 //! key and value slots (some 540 bytes for `String` keys and values), and
-//! the maps of a cached claim or PV (capacity, requests, CSI volume
-//! attributes) hold one or two entries. This keeps the entries in one
-//! boxed slice sorted by key: exactly as many slots as entries, and an
-//! empty map allocates nothing.
+//! the maps of a cached claim, PV or Volume (capacity, requests, CSI volume
+//! attributes, parameters) hold one or two entries. This keeps the entries
+//! in one boxed slice sorted by key: exactly as many slots as entries, and
+//! an empty map allocates nothing.
 //!
 //! It reads from a JSON object as a `BTreeMap` does (sorted by key, the
-//! last of duplicate keys wins) and offers the reading half of its API.
-//! Lookups are binary searches, which for a handful of entries is as fast
-//! as the tree. It is built once, when the watch decodes, and never
-//! changed in place: code that needs to change a map, or an API that
-//! takes a `BTreeMap`, converts (`to_btree`).
+//! last of duplicate keys wins), writes the same object, has the same JSON
+//! schema, and offers the reading half of its API. Lookups are binary
+//! searches, which for a handful of entries is as fast as the tree. It is
+//! meant to be built once, when the watch decodes or an object is made:
+//! `insert` reallocates the slice each time, and code that changes a map
+//! much, or an API that takes a `BTreeMap`, converts (`to_btree`).
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
+use std::ops::Index;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
@@ -41,6 +44,12 @@ impl<K, V> CompactMap<K, V> {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// What the entries take on the heap.
+    #[cfg(test)]
+    pub(crate) fn heap_bytes(&self) -> usize {
+        size_of_val(&*self.entries)
     }
 
     /// The entries in key order, as `BTreeMap::iter` yields them.
@@ -70,6 +79,20 @@ impl<K: Ord, V> CompactMap<K, V> {
         Q: Ord + ?Sized,
     {
         self.get(key).is_some()
+    }
+
+    /// Adds or replaces the entry for `key`, giving back the value it
+    /// replaced, as `BTreeMap::insert` does.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        match self.entries.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(at) => Some(std::mem::replace(&mut self.entries[at].1, value)),
+            Err(at) => {
+                let mut entries = std::mem::take(&mut self.entries).into_vec();
+                entries.insert(at, (key, value));
+                self.entries = entries.into_boxed_slice();
+                None
+            }
+        }
     }
 
     /// Sorts `entries` by key, keeping the last of equal keys as
@@ -167,6 +190,19 @@ impl<K: Ord, V: PartialEq> PartialEq<BTreeMap<K, V>> for CompactMap<K, V> {
     }
 }
 
+/// `map[key]`, panicking on a missing key as `BTreeMap` does.
+impl<K, V, Q> Index<&Q> for CompactMap<K, V>
+where
+    K: Ord + Borrow<Q>,
+    Q: Ord + ?Sized,
+{
+    type Output = V;
+
+    fn index(&self, key: &Q) -> &V {
+        self.get(key).expect("no entry found for key")
+    }
+}
+
 impl<'de, K, V> Deserialize<'de> for CompactMap<K, V>
 where
     K: Deserialize<'de> + Ord,
@@ -202,8 +238,9 @@ where
 }
 
 /// Serialized as the JSON object it was read from, so that a map can be
-/// copied into a patch. This writes only the map: the cached objects
-/// holding one stay without `Serialize`.
+/// copied into a patch. The cached PV and claim holding one stay without
+/// `Serialize` all the same: only the Volume, which stowage owns whole,
+/// is written as an object.
 impl<K: Serialize, V: Serialize> Serialize for CompactMap<K, V> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.len()))?;
@@ -211,6 +248,64 @@ impl<K: Serialize, V: Serialize> Serialize for CompactMap<K, V> {
             map.serialize_entry(k, v)?;
         }
         map.end()
+    }
+}
+
+/// A `BTreeMap`'s schema, so that a CRD field changing to a `CompactMap`
+/// leaves the CRD as it was.
+impl<K: JsonSchema, V: JsonSchema> JsonSchema for CompactMap<K, V> {
+    fn inline_schema() -> bool {
+        BTreeMap::<K, V>::inline_schema()
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        BTreeMap::<K, V>::schema_name()
+    }
+
+    fn schema_id() -> Cow<'static, str> {
+        BTreeMap::<K, V>::schema_id()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        BTreeMap::<K, V>::json_schema(generator)
+    }
+}
+
+/// A map of strings read alike whether it is a `BTreeMap` (as k8s-openapi
+/// gives a StorageClass's parameters) or a `CompactMap` (a Volume's), for
+/// the functions that check parameters of either.
+pub trait StringMap {
+    fn get(&self, key: &str) -> Option<&String>;
+
+    /// The entries in key order.
+    fn iter(&self) -> impl Iterator<Item = (&String, &String)>;
+
+    fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.iter().map(|(k, _)| k)
+    }
+}
+
+impl StringMap for BTreeMap<String, String> {
+    fn get(&self, key: &str) -> Option<&String> {
+        BTreeMap::get(self, key)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        BTreeMap::iter(self)
+    }
+}
+
+impl StringMap for CompactMap<String, String> {
+    fn get(&self, key: &str) -> Option<&String> {
+        CompactMap::get(self, key)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        CompactMap::iter(self)
     }
 }
 
@@ -272,6 +367,59 @@ mod tests {
         let compact = CompactMap::from(entries.clone());
         assert_eq!(compact, BTreeMap::from(entries.clone()));
         assert_eq!(CompactMap::from(BTreeMap::from(entries)), compact);
+    }
+
+    #[test]
+    fn inserts_as_a_btree_map_does() {
+        let mut compact = Map::new();
+        let mut btree = BTreeMap::new();
+        for (k, v) in [("m", "1"), ("a", "2"), ("z", "3"), ("m", "4"), ("b", "5")] {
+            let (k, v) = (k.to_string(), v.to_string());
+            assert_eq!(compact.insert(k.clone(), v.clone()), btree.insert(k, v));
+            assert_eq!(compact, btree);
+        }
+        assert_eq!(compact["m"], btree["m"]);
+        assert_eq!(
+            size_of_val(&*compact.entries),
+            4 * size_of::<(String, String)>()
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "no entry found for key")]
+    fn indexing_a_missing_key_panics() {
+        let _ = &Map::new()["absent"];
+    }
+
+    #[test]
+    fn has_a_btree_maps_schema() {
+        fn schema<T: JsonSchema>() -> serde_json::Value {
+            serde_json::to_value(schemars::schema_for!(T)).unwrap()
+        }
+        assert_eq!(schema::<Map>(), schema::<BTreeMap<String, String>>());
+        assert_eq!(
+            schema::<CompactMap<String, i64>>(),
+            schema::<BTreeMap<String, i64>>()
+        );
+        assert_eq!(Map::schema_id(), BTreeMap::<String, String>::schema_id());
+        assert_eq!(
+            Map::inline_schema(),
+            BTreeMap::<String, String>::inline_schema()
+        );
+    }
+
+    #[test]
+    fn reads_a_btree_map_and_a_compact_map_alike() {
+        fn read(map: &impl StringMap) -> String {
+            let found = (
+                map.get("a"),
+                map.contains_key("z"),
+                map.keys().collect::<Vec<_>>(),
+            );
+            format!("{found:?} {:?}", map.iter().collect::<Vec<_>>())
+        }
+        let (compact, btree) = both(r#"{"b": "1", "a": "2"}"#);
+        assert_eq!(read(&compact), read(&btree));
     }
 
     #[test]
