@@ -36,9 +36,12 @@ use crate::compact_map::CompactMap;
 
 /// A PersistentVolume with only what stowage reads of it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(default)]
+#[serde(from = "PvWire")]
 pub struct Pv {
+    /// Without its annotations: see `annotations`.
     pub metadata: ObjectMeta,
+    /// `metadata.annotations`, compact (`cached_view`).
+    pub annotations: CompactMap<String, String>,
     pub spec: Option<PvSpec>,
     pub status: Option<PvStatus>,
 }
@@ -91,7 +94,14 @@ pub struct PvStatus {
     pub phase: Option<String>,
 }
 
-super::cached_view::cached_view!(Pv, PersistentVolume);
+super::cached_view::cached_view!(
+    Pv,
+    PersistentVolume,
+    PvWire {
+        spec: PvSpec,
+        status: PvStatus
+    }
+);
 
 #[cfg(test)]
 mod tests {
@@ -158,7 +168,12 @@ mod tests {
         let full: PersistentVolume = serde_json::from_value(full_json()).unwrap();
         let slim: Pv = serde_json::from_value(full_json()).unwrap();
         assert_eq!(Pv::from(&full), slim);
-        assert_eq!(slim.metadata, full.metadata);
+        let mut meta = full.metadata.clone();
+        let annotations = meta.annotations.take().unwrap();
+        assert!(!annotations.is_empty());
+        assert_eq!(slim.annotations, annotations, "moved out of the metadata");
+        assert_eq!(slim.annotations(), &slim.annotations);
+        assert_eq!(slim.metadata, meta);
         let (s, f) = (slim.spec.unwrap(), full.spec.unwrap());
         // The fixture sets every kept field, so a misspelt name shows.
         let set = [

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::protocol::ANN_SELECTED_NODE;

@@ -7,7 +7,6 @@
 //! next attempt; and a Volume deleted before its handle was recorded asks
 //! CreateVolume once more to learn the handle, so nothing is left behind.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
@@ -98,7 +97,7 @@ async fn provisioner_secrets(ctx: &Context, volume: &Volume) -> Result<Secrets, 
     // The provisioner Secret's templates never use annotations, so the
     // claim's name and namespace, kept in the Volume, resolve it even
     // once the claim is gone (DeleteVolume).
-    let no_annotations = BTreeMap::new();
+    let no_annotations = crate::compact_map::CompactMap::new();
     let values = TemplateValues {
         pv_name: &name,
         claim_namespace: claim.map(|c| c.namespace.as_str()).unwrap_or_default(),
@@ -238,6 +237,8 @@ pub fn retry_after(ctx: &Context, volume: &Volume, error: &Error) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::crd::{AccessMode, VolumeStatus};
     use crate::testing;

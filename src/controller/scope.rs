@@ -19,7 +19,6 @@ use std::sync::Arc;
 use crate::controller::cached_claim::Claim;
 use crate::controller::cached_pv::Pv;
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
-use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::Context;

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::compact_map::StringMap;
+use crate::compact_map::{CompactMap, StringMap};
 
 mod read;
 
@@ -109,7 +109,7 @@ impl SecretRef {
     /// The Secret an object's annotations name, as the sidecars record the
     /// one an object's deletion will need; none unless both keys are set.
     pub fn annotated(
-        annotations: &BTreeMap<String, String>,
+        annotations: &impl StringMap,
         name_key: &str,
         namespace_key: &str,
     ) -> Option<SecretRef> {
@@ -165,7 +165,7 @@ pub struct TemplateValues<'a> {
     pub pv_name: &'a str,
     pub claim_namespace: &'a str,
     pub claim_name: &'a str,
-    pub claim_annotations: &'a BTreeMap<String, String>,
+    pub claim_annotations: &'a CompactMap<String, String>,
 }
 
 /// Which half of a reference a template gives.

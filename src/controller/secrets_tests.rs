@@ -10,15 +10,16 @@ fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn annotations() -> BTreeMap<String, String> {
+fn annotations() -> CompactMap<String, String> {
     params(&[
         ("example.com/key", "team-key"),
         ("example.com/bad", "Not_A_Name"),
     ])
+    .into()
 }
 
 /// What the templates of claim team/data, provisioned as pvc-1, read.
-fn values(claim_annotations: &BTreeMap<String, String>) -> TemplateValues<'_> {
+fn values(claim_annotations: &CompactMap<String, String>) -> TemplateValues<'_> {
     TemplateValues {
         pv_name: "pvc-1",
         claim_namespace: "team",
@@ -158,7 +159,7 @@ fn results_must_be_dns_names() {
 
 #[test]
 fn half_a_reference_or_an_empty_one_is_an_error_naming_the_key() {
-    let none = BTreeMap::new();
+    let none = CompactMap::new();
     let values = values(&none);
     let p = params(&[("csi.storage.k8s.io/controller-publish-secret-name", "s")]);
     let err = all_refs(&p, &values).unwrap_err();
@@ -181,7 +182,7 @@ fn half_a_reference_or_an_empty_one_is_an_error_naming_the_key() {
 
 #[test]
 fn the_default_pair_serves_kinds_without_their_own() {
-    let none = BTreeMap::new();
+    let none = CompactMap::new();
     let values = values(&none);
     let p = params(&[
         ("csi.storage.k8s.io/secret-name", "shared"),

@@ -342,7 +342,7 @@ fn bound_on_both_sides_is_done() {
     bound.status.as_mut().unwrap().phase = Some("Bound".into());
     let mut claim = claim(json!({ "volumeName": "pv" }));
     claim
-        .annotations_mut()
+        .annotations
         .insert(ANN_BIND_COMPLETED.into(), "yes".into());
     claim.status = Some(serde_json::from_value(json!({ "phase": "Bound" })).unwrap());
     assert_eq!(plan_for(&claim, &[bound], "Immediate"), Binding::Done);

@@ -15,10 +15,7 @@ fn claim(size: &str, modes: &[&str], selected: Option<&str>) -> Claim {
     }))
     .unwrap();
     if let Some(node) = selected {
-        c.metadata.annotations = Some(BTreeMap::from([(
-            ANN_SELECTED_NODE.to_string(),
-            node.to_string(),
-        )]));
+        c.annotations = [(ANN_SELECTED_NODE.to_string(), node.to_string())].into();
     }
     c
 }
@@ -374,10 +371,7 @@ fn a_local_restore_is_made_on_the_snapshots_node_or_says_where_it_must_run() {
         Some(crate::crd::VolumeSource::Volume("snapshot-s-1".into()))
     );
     let mut elsewhere = restored.clone();
-    elsewhere.metadata.annotations = Some(BTreeMap::from([(
-        ANN_SELECTED_NODE.to_string(),
-        "b".to_string(),
-    )]));
+    elsewhere.annotations = [(ANN_SELECTED_NODE.to_string(), "b".to_string())].into();
     let wffc = class("WaitForFirstConsumer", &[]);
     let mut wffc_view = view(&elsewhere);
     wffc_view.class = Some(&wffc);

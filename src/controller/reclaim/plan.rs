@@ -132,14 +132,11 @@ mod tests {
         }))
         .unwrap();
         if ours {
-            pv.metadata.annotations = Some(
-                [(
-                    ANN_PROVISIONED_BY.to_string(),
-                    local::DRIVER_NAME.to_string(),
-                )]
-                .into_iter()
-                .collect(),
-            );
+            pv.annotations = [(
+                ANN_PROVISIONED_BY.to_string(),
+                local::DRIVER_NAME.to_string(),
+            )]
+            .into();
         }
         if deleting {
             pv.metadata.deletion_timestamp =
@@ -237,7 +234,7 @@ mod tests {
             }))
             .unwrap(),
         );
-        pv.annotations_mut()
+        pv.annotations
             .insert(ANN_PROVISIONED_BY.into(), driver.into());
         pv
     }

@@ -69,7 +69,7 @@ pub async fn for_pv(client: &Client, pv: &Pv, kind: SecretFor) -> Result<Secrets
 /// (controller-modify) a pair of annotations.
 fn pv_reference(pv: &Pv, kind: SecretFor) -> Option<SecretRef> {
     if let Some((name, namespace)) = kind.pv_annotations() {
-        let annotations = pv.metadata.annotations.as_ref()?;
+        let annotations = pv.annotations();
         return Some(SecretRef {
             namespace: annotations.get(namespace)?.clone(),
             name: annotations.get(name)?.clone(),
