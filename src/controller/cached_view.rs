@@ -77,3 +77,18 @@ macro_rules! cached_view {
 }
 
 pub(crate) use cached_view;
+
+/// The slim object's metadata is the full one's but for the annotations,
+/// which sit beside it, all of them.
+#[cfg(test)]
+pub(crate) fn assert_annotations_moved(
+    slim: &kube::api::ObjectMeta,
+    annotations: &crate::compact_map::CompactMap<String, String>,
+    full: &kube::api::ObjectMeta,
+) {
+    let mut meta = full.clone();
+    let moved = meta.annotations.take().unwrap_or_default();
+    assert!(!moved.is_empty(), "the fixture has annotations");
+    assert_eq!(annotations, &moved, "moved out of the metadata");
+    assert_eq!(slim, &meta);
+}

@@ -285,6 +285,13 @@ mod tests {
         (Client::new(service, "default"), seen, stored)
     }
 
+    /// (method, note or count) of each request, without the event names.
+    fn calls(seen: &[(String, String, String)]) -> Vec<(&str, &str)> {
+        seen.iter()
+            .map(|(m, _, n)| (m.as_str(), n.as_str()))
+            .collect()
+    }
+
     fn warning(note: &str) -> Event {
         Event {
             type_: EventType::Warning,
@@ -321,12 +328,8 @@ mod tests {
             recorder.publish(&warning(note), &claim()).await.unwrap();
         }
         let seen = seen.lock().unwrap().clone();
-        let methods: Vec<(&str, &str)> = seen
-            .iter()
-            .map(|(m, _, n)| (m.as_str(), n.as_str()))
-            .collect();
         assert_eq!(
-            methods,
+            calls(&seen),
             [
                 ("POST", "no CRD"),
                 ("PATCH", "2"),
@@ -377,12 +380,8 @@ mod tests {
             .await
             .unwrap();
         let seen = seen.lock().unwrap().clone();
-        let methods: Vec<(&str, &str)> = seen
-            .iter()
-            .map(|(m, _, n)| (m.as_str(), n.as_str()))
-            .collect();
         assert_eq!(
-            methods,
+            calls(&seen),
             [
                 ("POST", "no CRD"),
                 ("PATCH", "2"),
