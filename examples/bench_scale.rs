@@ -78,6 +78,9 @@ pub struct ClaimFigures {
     pub wall_s: f64,
     /// API writes per new volume, by resource (at least 0.05).
     pub writes_by_resource: Vec<(String, f64)>,
+    /// Requests the API server refused or failed meanwhile (all clients),
+    /// by verb, resource and code: 409s are writers racing each other.
+    pub refused: Vec<(String, f64)>,
 }
 
 #[tokio::main]
@@ -259,6 +262,7 @@ async fn new_claims(
     let writes_before = api_writes(client).await?;
     let reads_before = api_reads(client).await?;
     let cpu_before = pids.cpu();
+    let refused_before = common::api_refusals(client).await?;
     let start = Instant::now();
     let created: HashMap<String, Instant> = futures::stream::iter(0..NEW_CLAIMS)
         .map(|i| {
@@ -294,6 +298,12 @@ async fn new_claims(
         })
         .collect();
     ms.sort_by(f64::total_cmp);
+    let refused_after = common::api_refusals(client).await?;
+    let refused = refused_after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - refused_before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
     let writes_after = api_writes(client).await?;
     let writes = total_delta(&writes_before, &writes_after);
     let writes_by_resource = writes_after
@@ -314,6 +324,7 @@ async fn new_claims(
         writes_per_volume: writes / NEW_CLAIMS as f64,
         reads_per_volume: reads / NEW_CLAIMS as f64,
         writes_by_resource,
+        refused,
         cpu,
         wall_s: start.elapsed().as_secs_f64(),
     })

@@ -101,6 +101,21 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
             r.label,
             by.join(", ")
         ));
+        let refused: Vec<String> = r
+            .claims
+            .refused
+            .iter()
+            .map(|(key, n)| format!("{key} ×{n:.0}"))
+            .collect();
+        let refused = if refused.is_empty() {
+            "none".to_string()
+        } else {
+            refused.join(", ")
+        };
+        md.push_str(&format!(
+            "\nAPI requests refused or failed over the new claims ({}): {refused}\n",
+            r.label
+        ));
     }
     md.push_str(
         "\nstarted: `stowage controller` spawned → its log line `controller started` (every \

@@ -28,6 +28,28 @@ pub async fn api_reads(client: &Client) -> anyhow::Result<BTreeMap<String, f64>>
 }
 
 async fn api_requests(client: &Client, verbs: &[&str]) -> anyhow::Result<BTreeMap<String, f64>> {
+    api_requests_by(client, |verb, resource, _| {
+        verbs.contains(&verb).then(|| resource.to_string())
+    })
+    .await
+}
+
+/// Requests the API server refused or failed so far (4xx and 5xx), keyed
+/// by "VERB resource code": conflicts between writers show here as 409s.
+pub async fn api_refusals(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
+    api_requests_by(client, |verb, resource, code| {
+        (code.starts_with('4') || code.starts_with('5'))
+            .then(|| format!("{verb} {resource} {code}"))
+    })
+    .await
+}
+
+/// apiserver_request_total summed under the key `key` gives each series
+/// (from its verb, resource[/subresource] and code; None skips it).
+async fn api_requests_by(
+    client: &Client,
+    key: impl Fn(&str, &str, &str) -> Option<String>,
+) -> anyhow::Result<BTreeMap<String, f64>> {
     let req = http::Request::get("/metrics").body(Vec::new())?;
     let text = client.request_text(req).await?;
     let mut out = BTreeMap::new();
@@ -39,21 +61,23 @@ async fn api_requests(client: &Client, verbs: &[&str]) -> anyhow::Result<BTreeMa
             let start = line.find(&format!("{key}=\""))? + key.len() + 2;
             Some(line[start..].split('"').next()?.to_string())
         };
-        let Some(verb) = label("verb") else { continue };
-        if !verbs.contains(&verb.as_str()) {
+        let (Some(verb), Some(code)) = (label("verb"), label("code")) else {
             continue;
-        }
+        };
         let resource = match (label("resource"), label("subresource")) {
             (Some(r), Some(s)) if !s.is_empty() => format!("{r}/{s}"),
             (Some(r), _) => r,
             _ => continue,
+        };
+        let Some(key) = key(&verb, &resource, &code) else {
+            continue;
         };
         let value: f64 = line
             .rsplit(' ')
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        *out.entry(resource).or_default() += value;
+        *out.entry(key).or_default() += value;
     }
     Ok(out)
 }
