@@ -299,22 +299,13 @@ async fn new_claims(
         .collect();
     ms.sort_by(f64::total_cmp);
     let refused_after = common::api_refusals(client).await?;
-    let refused = refused_after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - refused_before.get(k).copied().unwrap_or(0.0)))
-        .filter(|(_, v)| *v > 0.0)
-        .collect();
+    let refused = common::increases(&refused_before, &refused_after);
     let writes_after = api_writes(client).await?;
     let writes = total_delta(&writes_before, &writes_after);
-    let writes_by_resource = writes_after
-        .iter()
-        .map(|(r, v)| {
-            (
-                r.clone(),
-                (v - writes_before.get(r).copied().unwrap_or(0.0)) / NEW_CLAIMS as f64,
-            )
-        })
-        .filter(|(_, v)| *v >= 0.05)
+    let writes_by_resource = common::increases(&writes_before, &writes_after)
+        .into_iter()
+        .map(|(resource, n)| (resource, n / NEW_CLAIMS as f64))
+        .filter(|(_, per_volume)| *per_volume >= 0.05)
         .collect();
     let reads = total_delta(&reads_before, &api_reads(client).await?);
     Ok(ClaimFigures {

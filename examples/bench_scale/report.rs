@@ -90,28 +90,12 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
     }
     md.push_str(&cpu_table(runs));
     for r in runs {
-        let by: Vec<String> = r
-            .claims
-            .writes_by_resource
-            .iter()
-            .map(|(resource, n)| format!("{resource} {n:.1}"))
-            .collect();
+        let writes = listing(&r.claims.writes_by_resource, |n| format!("{n:.1}"));
         md.push_str(&format!(
-            "\nAPI writes per new volume ({}): {}\n",
-            r.label,
-            by.join(", ")
+            "\nAPI writes per new volume ({}): {writes}\n",
+            r.label
         ));
-        let refused: Vec<String> = r
-            .claims
-            .refused
-            .iter()
-            .map(|(key, n)| format!("{key} ×{n:.0}"))
-            .collect();
-        let refused = if refused.is_empty() {
-            "none".to_string()
-        } else {
-            refused.join(", ")
-        };
+        let refused = listing(&r.claims.refused, |n| format!("×{n:.0}"));
         md.push_str(&format!(
             "\nAPI requests refused or failed over the new claims ({}): {refused}\n",
             r.label
@@ -151,4 +135,16 @@ fn cpu_table(runs: &[Run]) -> String {
     }
     md.push('\n');
     md
+}
+
+/// "key value, key value", or "none".
+fn listing(items: &[(String, f64)], value: impl Fn(f64) -> String) -> String {
+    if items.is_empty() {
+        return "none".into();
+    }
+    let items: Vec<String> = items
+        .iter()
+        .map(|(k, n)| format!("{k} {}", value(*n)))
+        .collect();
+    items.join(", ")
 }

@@ -82,6 +82,18 @@ async fn api_requests_by(
     Ok(out)
 }
 
+/// Each key's increase from `before` to `after`, where it grew.
+pub fn increases(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> Vec<(String, f64)> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, grew)| *grew > 0.0)
+        .collect()
+}
+
 /// Sum of the increases from `before` to `after`.
 pub fn total_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> f64 {
     after
