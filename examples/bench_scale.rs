@@ -81,6 +81,8 @@ pub struct ClaimFigures {
     /// Requests the API server refused or failed meanwhile (all clients),
     /// by verb, resource and code: 409s are writers racing each other.
     pub refused: Vec<(String, f64)>,
+    /// Reads meanwhile (all clients), by verb and resource.
+    pub reads: Vec<(String, f64)>,
 }
 
 #[tokio::main]
@@ -307,7 +309,8 @@ async fn new_claims(
         .map(|(resource, n)| (resource, n / NEW_CLAIMS as f64))
         .filter(|(_, per_volume)| *per_volume >= 0.05)
         .collect();
-    let reads = total_delta(&reads_before, &api_reads(client).await?);
+    let reads_after = api_reads(client).await?;
+    let reads = total_delta(&reads_before, &reads_after);
     Ok(ClaimFigures {
         per_s: NEW_CLAIMS as f64 / elapsed,
         p50_ms: percentile(&ms, 0.5),
@@ -316,6 +319,7 @@ async fn new_claims(
         reads_per_volume: reads / NEW_CLAIMS as f64,
         writes_by_resource,
         refused,
+        reads: common::increases(&reads_before, &reads_after),
         cpu,
         wall_s: start.elapsed().as_secs_f64(),
     })

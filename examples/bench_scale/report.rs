@@ -100,6 +100,11 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
             "\nAPI requests refused or failed over the new claims ({}): {refused}\n",
             r.label
         ));
+        let reads = listing(&r.claims.reads, |n| format!("×{n:.0}"));
+        md.push_str(&format!(
+            "\nAPI reads over the new claims ({}): {reads}\n",
+            r.label
+        ));
     }
     md.push_str(
         "\nstarted: `stowage controller` spawned → its log line `controller started` (every \
