@@ -45,6 +45,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
         informers.claims.on_delete(move |c| {
             if let Some(uid) = c.uid() {
                 ctx.metrics.forget_claim(&uid);
+                ctx.superseded.forget(&uid);
             }
             ctx.pending
                 .lock()
@@ -126,6 +127,13 @@ fn count_pending(ctx: &Context) {
 #[tracing::instrument(skip_all, fields(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())))]
 pub async fn reconcile(claim: Arc<Claim>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.jobs.reconcile_timer("claim");
+    // Woken by the event of an earlier write of ours: the event of our
+    // newest write is still to come.
+    if let (Some(uid), Some(version)) = (claim.uid(), claim.resource_version())
+        && ctx.superseded.is_stale(&uid, &version)
+    {
+        return Ok(Action::await_change());
+    }
     let class = claim
         .spec
         .as_ref()

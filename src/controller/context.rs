@@ -20,7 +20,9 @@ use crate::backend::csi_proxy::CsiDriver;
 use crate::backend::local;
 use crate::crd::{StorageNode, Volume};
 
-use super::{Config, Error, Metrics, capacity, forbidden, lifecycle, pending, static_pvs};
+use super::{
+    Config, Error, Metrics, capacity, forbidden, lifecycle, pending, static_pvs, superseded,
+};
 
 /// The informer caches, one per kind, shared by every job.
 #[derive(Clone)]
@@ -66,6 +68,8 @@ pub struct Context {
     pub(crate) promised: Mutex<capacity::Promised>,
     /// PVs a claim looking for one could bind, from the PV watch.
     pub(crate) static_pvs: Mutex<static_pvs::StaticPvs>,
+    /// Claim versions the claim job's own writes replaced.
+    pub(crate) superseded: superseded::Superseded,
 }
 
 impl Context {
@@ -108,6 +112,7 @@ impl Context {
             pending: Mutex::default(),
             promised: Mutex::default(),
             static_pvs: Mutex::default(),
+            superseded: superseded::Superseded::default(),
         }
     }
 

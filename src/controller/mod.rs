@@ -32,13 +32,13 @@ pub mod secrets;
 mod snapshot_contents;
 mod static_pvs;
 mod storage_capacity;
+mod superseded;
 mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::backend::csi_proxy::{Capability, DriverEndpoint};
@@ -267,7 +267,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // cleanly, never the default "die holding the lease".
     let shutdown = lifecycle::Shutdown::on_signals().map_err(Error::Signals)?;
     let connect = async {
-        let client = Client::try_default().await.map_err(Error::Connect)?;
+        let client = crate::kubeapi::client("controller")
+            .await
+            .map_err(Error::Connect)?;
         crate::crd::ensure_established(&client).await?;
         Ok::<_, Error>(client)
     };

@@ -106,10 +106,12 @@ async fn apply_binding(
             },
             "spec": { "volumeName": steps.pv },
         });
-        claim_version = claims
+        let written = claims
             .patch(&claim.name_any(), &pp, &Patch::Merge(&patch))
             .await?
             .resource_version();
+        superseded(ctx, claim, &claim_version);
+        claim_version = written;
         crate::failpoint::hit("controller-after-claim-volume-name");
     }
     if steps.set_claim_status {
@@ -128,7 +130,16 @@ async fn apply_binding(
         claims
             .patch_status(&claim.name_any(), &pp, &Patch::Merge(&patch))
             .await?;
+        superseded(ctx, claim, &claim_version);
         tracing::info!(pv = %steps.pv, "claim bound");
     }
     Ok(())
+}
+
+/// Our write replaced the claim at `version`: a pass woken with it is
+/// skipped (see `superseded`).
+fn superseded(ctx: &Context, claim: &Claim, version: &Option<String>) {
+    if let (Some(uid), Some(version)) = (claim.uid(), version) {
+        ctx.superseded.replaced(&uid, version);
+    }
 }
