@@ -2,7 +2,7 @@
 //! and deleting what may already be gone, creating what may already be
 //! there, asking the API server whether an object still exists, writing
 //! a status only when it changes or only over the version read, waiting
-//! for a kind another project installs.
+//! for a kind another project installs; and the client that names us.
 
 use std::time::Duration;
 
@@ -18,6 +18,20 @@ pub trait Object: Resource + Clone + DeserializeOwned + std::fmt::Debug {}
 impl<K: Resource + Clone + DeserializeOwned + std::fmt::Debug> Object for K {}
 
 type Result<T> = std::result::Result<T, kube::Error>;
+
+/// A client from the usual config (in-cluster, or KUBECONFIG), naming
+/// itself `stowage-<role>/<version>`: the API server takes the field
+/// manager of our writes from it (`managedFields` otherwise says
+/// "unknown"), and its audit log and request metrics show it.
+pub async fn client(role: &str) -> Result<kube::Client> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let agent = format!("stowage-{role}/{}", env!("CARGO_PKG_VERSION"));
+    let agent = http::HeaderValue::from_str(&agent).expect("ASCII user agent");
+    config.headers.push((http::header::USER_AGENT, agent));
+    kube::Client::try_from(config)
+}
 
 fn gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)

@@ -17,7 +17,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::informer::Informers;
@@ -143,7 +143,9 @@ pub struct Args {
 }
 
 pub async fn release_node(args: Args) -> Result<(), ReleaseError> {
-    let client = Client::try_default().await.map_err(ReleaseError::Connect)?;
+    let client = crate::kubeapi::client("release")
+        .await
+        .map_err(ReleaseError::Connect)?;
     let node = &args.node;
     if Api::<Node>::all(client.clone())
         .get_opt(node)

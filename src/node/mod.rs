@@ -233,7 +233,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
 /// The API server, with our CRDs established, and the data directory.
 async fn connect(config: &Config) -> Result<Client, Error> {
-    let client = Client::try_default()
+    let client = crate::kubeapi::client("node")
         .await
         .map_err(crate::crd::CrdError::Connect)?;
     crate::crd::ensure_established(&client).await?;

@@ -63,6 +63,14 @@ async fn provisions_binds_and_deletes(binder: Binder) {
         pv.annotations()["pv.kubernetes.io/provisioned-by"],
         "local.stowage.dev"
     );
+    // The field manager comes from our user agent: `kubectl get -o yaml
+    // --show-managed-fields` names who wrote what.
+    let managers: Vec<_> = pv
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.as_deref())
+        .collect();
+    assert!(managers.contains(&"stowage-controller"), "{managers:?}");
     assert!(
         pv.finalizers()
             .contains(&"external-provisioner.volume.kubernetes.io/finalizer".to_string())
