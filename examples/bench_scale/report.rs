@@ -90,6 +90,12 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
     }
     md.push_str(&cpu_table(runs));
     for r in runs {
+        let rounds: Vec<String> = r.rounds.iter().map(|n| format!("{n:.1}")).collect();
+        md.push_str(&format!(
+            "\nclaims/s of each round of 1000 ({}): {}\n",
+            r.label,
+            rounds.join(", ")
+        ));
         let writes = listing(&r.claims.writes_by_resource, |n| format!("{n:.1}"));
         md.push_str(&format!(
             "\nAPI writes per new volume ({}): {writes}\n",
@@ -109,34 +115,45 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
     md.push_str(
         "\nstarted: `stowage controller` spawned → its log line `controller started` (every \
          watch listed). first Bound: spawned → a claim created before it Bound. RSS: VmHWM of \
-         the controller, when that claim was Bound and after the 1000 claims. API requests are \
-         all clients' over the 1000 claims, from apiserver_request_total. settle: population \
+         the controller, when that claim was Bound and after the first round. claims/s, latencies, \
+         CPU and API requests are the median round's (by claims/s); API requests are all \
+         clients', from apiserver_request_total. settle: population \
          done → API writes below 5/s.\n",
     );
     (md, csv)
 }
 
-/// CPU seconds per process over the new claims, one column per run.
+/// Per process, one pair of columns per run: CPU cores used at rest, and
+/// CPU seconds over the median round of new claims.
 fn cpu_table(runs: &[Run]) -> String {
     let Some(first) = runs.first() else {
         return String::new();
     };
-    let mut md = String::from("\n| CPU s during the 1000 new claims |");
+    let mut md = String::from("\n| CPU |");
     for r in runs {
-        md.push_str(&format!(" {} |", r.label));
+        md.push_str(&format!(
+            " {} at rest, cores | {} over 1000 new claims, s |",
+            r.label, r.label
+        ));
     }
-    md.push_str(&format!("\n|---|{}\n", "---:|".repeat(runs.len())));
+    md.push_str(&format!("\n|---|{}\n", "---:|".repeat(2 * runs.len())));
     for (i, (name, _)) in first.claims.cpu.iter().enumerate() {
         md.push_str(&format!("| {name} |"));
         for r in runs {
-            md.push_str(&format!(" {:.1} |", r.claims.cpu[i].1));
+            md.push_str(&format!(
+                " {:.2} | {:.1} |",
+                r.idle_cores[i].1, r.claims.cpu[i].1
+            ));
         }
         md.push('\n');
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     md.push_str(&format!("| wall time × {cores} cores |"));
     for r in runs {
-        md.push_str(&format!(" {:.1} |", r.claims.wall_s * cores as f64));
+        md.push_str(&format!(
+            " {cores} | {:.1} |",
+            r.claims.wall_s * cores as f64
+        ));
     }
     md.push('\n');
     md
