@@ -21,7 +21,7 @@ use crate::backend::local;
 use crate::crd::{StorageNode, Volume};
 
 use super::{
-    Config, Error, Metrics, capacity, forbidden, lifecycle, pending, static_pvs, superseded,
+    Config, Error, Metrics, capacity, forbidden, health, lifecycle, pending, static_pvs, superseded,
 };
 
 /// The informer caches, one per kind, shared by every job.
@@ -70,6 +70,8 @@ pub struct Context {
     pub(crate) static_pvs: Mutex<static_pvs::StaticPvs>,
     /// Claim versions the claim job's own writes replaced.
     pub(crate) superseded: superseded::Superseded,
+    /// What `/healthz` judges; a watch opened late is added here.
+    pub(crate) watches: health::Watches,
 }
 
 impl Context {
@@ -80,6 +82,7 @@ impl Context {
         csi_calls: CsiCalls,
         stores: Stores,
         identity: String,
+        watches: health::Watches,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -113,6 +116,7 @@ impl Context {
             promised: Mutex::default(),
             static_pvs: Mutex::default(),
             superseded: superseded::Superseded::default(),
+            watches,
         }
     }
 

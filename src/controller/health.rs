@@ -3,7 +3,7 @@
 //! that kubelet restarts a replica that would otherwise sit there
 //! answering "ok" while doing nothing.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -12,8 +12,28 @@ use super::informer::{ProgressState, WatchProgress};
 use super::leader::Renewals;
 use crate::telemetry::Health;
 
+/// The watches `/healthz` judges: the shared ones, known from the start,
+/// and those a job opens later (VolumeSnapshotContents, once their CRD is
+/// served).
+#[derive(Clone, Default)]
+pub struct Watches(Arc<Mutex<Vec<Arc<WatchProgress>>>>);
+
+impl Watches {
+    pub fn new(watches: Vec<Arc<WatchProgress>>) -> Self {
+        Watches(Arc::new(Mutex::new(watches)))
+    }
+
+    pub fn add(&self, watch: Arc<WatchProgress>) {
+        self.0.lock().expect("watches poisoned").push(watch);
+    }
+
+    fn all(&self) -> Vec<Arc<WatchProgress>> {
+        self.0.lock().expect("watches poisoned").clone()
+    }
+}
+
 pub struct ControllerHealth {
-    pub watches: Vec<Arc<WatchProgress>>,
+    pub watches: Watches,
     /// Present when leader election is on.
     pub renewals: Option<(Arc<Renewals>, Duration)>,
     /// `--health-stall-timeout`.
@@ -22,7 +42,8 @@ pub struct ControllerHealth {
 
 impl Health for ControllerHealth {
     fn healthy(&self) -> Result<(), String> {
-        let watches: Vec<_> = self.watches.iter().map(|w| (w.kind(), w.state())).collect();
+        let watches = self.watches.all();
+        let watches: Vec<_> = watches.iter().map(|w| (w.kind(), w.state())).collect();
         let leader = self
             .renewals
             .as_ref()
@@ -71,6 +92,23 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_a_job_opens_later_is_judged_too() {
+        let health = ControllerHealth {
+            watches: Watches::new(Vec::new()),
+            renewals: None,
+            stall_timeout: STALL,
+        };
+        let contents = crate::controller::informer::Informer::<
+            crate::snapshot_api::VolumeSnapshotContent,
+        >::default();
+        health.watches.add(contents.progress());
+        assert_eq!(health.healthy(), Ok(()), "its list has just started");
+        tokio::time::advance(STALL + Duration::from_secs(1)).await;
+        let verdict = health.healthy().unwrap_err();
+        assert!(verdict.contains("VolumeSnapshotContent watch"), "{verdict}");
+    }
 
     const STALL: Duration = Duration::from_secs(60);
 

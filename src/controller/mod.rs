@@ -288,8 +288,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let metrics = Metrics::register(registry.sub_registry_with_prefix("stowage"));
     let csi_calls = CsiCalls::register(&mut registry);
     let watches = informers.progress();
+    let judged = health::Watches::new(watches.clone());
     let health = health::ControllerHealth {
-        watches: watches.clone(),
+        watches: judged.clone(),
         renewals: elector.as_ref().map(|e| (e.renewals(), e.renew_deadline())),
         stall_timeout: config.health_stall_timeout,
     };
@@ -308,6 +309,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         csi_calls,
         informers.stores(),
         identity,
+        judged,
     ));
     ask_drivers(&ctx);
 

@@ -61,6 +61,7 @@ pub fn controller(ctx: Arc<Context>, informers: &mut Informers) -> JobRun {
         contents.keep_only(move |c| served.serves(&c.spec.driver));
         let stream = contents.subscribe();
         let store = contents.store();
+        ctx.watches.add(contents.progress());
         let watch = contents.run(Api::all(ctx.client.clone()));
         let job = Job {
             name: JOB,
