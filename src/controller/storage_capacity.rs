@@ -195,9 +195,14 @@ async fn run(ctx: Arc<Context>, stale: Arc<Stale>, settings: Settings) {
         namespace: Some(settings.namespace.clone()),
         ..Default::default()
     };
+    // After a failed pass, changes wait for its backoff too: every Volume
+    // or node change would otherwise repeat the failure at once (the
+    // controller's namespace missing, RBAC refusing). What they made
+    // stale is kept, and the retry is a full pass.
+    let mut failing = false;
     loop {
         let poll = tokio::select! {
-            () = stale.wake.notified() => { tokio::time::sleep(COALESCE).await; false }
+            () = stale.wake.notified(), if !failing => { tokio::time::sleep(COALESCE).await; false }
             () = tokio::time::sleep(next) => true,
         };
         let Some(_pass) = ctx.gate.enter().await else {
@@ -209,6 +214,7 @@ async fn run(ctx: Arc<Context>, stale: Arc<Stale>, settings: Settings) {
                 Ok(found) => owner = Some(found),
                 Err(e) => {
                     next = failed(&ctx, &key, &e);
+                    failing = true;
                     continue;
                 }
             }
@@ -230,6 +236,7 @@ async fn run(ctx: Arc<Context>, stale: Arc<Stale>, settings: Settings) {
         ctx.metrics
             .storage_capacities
             .set(published.values().sum::<usize>() as i64);
+        failing = result.is_err();
         next = match result {
             Ok(()) => {
                 ctx.forget_failures(&key);
