@@ -96,21 +96,28 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
             r.label,
             rounds.join(", ")
         ));
-        let writes = listing(&r.claims.writes_by_resource, |n| format!("{n:.1}"));
-        md.push_str(&format!(
-            "\nAPI writes per new volume ({}): {writes}\n",
-            r.label
-        ));
-        let refused = listing(&r.claims.refused, |n| format!("×{n:.0}"));
-        md.push_str(&format!(
-            "\nAPI requests refused or failed over the new claims ({}): {refused}\n",
-            r.label
-        ));
-        let reads = listing(&r.claims.reads, |n| format!("×{n:.0}"));
-        md.push_str(&format!(
-            "\nAPI reads over the new claims ({}): {reads}\n",
-            r.label
-        ));
+        let listings: [Listing; 3] = [
+            (
+                "API writes per new volume",
+                &r.claims.writes_by_resource,
+                |n| format!("{n:.1}"),
+            ),
+            (
+                "API requests refused or failed over the new claims",
+                &r.claims.refused,
+                |n| format!("×{n:.0}"),
+            ),
+            ("API reads over the new claims", &r.claims.reads, |n| {
+                format!("×{n:.0}")
+            }),
+        ];
+        for (title, items, value) in listings {
+            md.push_str(&format!(
+                "\n{title} ({}): {}\n",
+                r.label,
+                listing(items, value)
+            ));
+        }
     }
     md.push_str(
         "\nstarted: `stowage controller` spawned → its log line `controller started` (every \
@@ -122,6 +129,9 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
     );
     (md, csv)
 }
+
+/// A titled "key value" line: its title, its items and how a value reads.
+type Listing<'a> = (&'a str, &'a [(String, f64)], fn(f64) -> String);
 
 /// Per process, one pair of columns per run: CPU cores used at rest, and
 /// CPU seconds over the median round of new claims.

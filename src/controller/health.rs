@@ -15,7 +15,7 @@ use crate::telemetry::Health;
 /// The watches `/healthz` judges: the shared ones, known from the start,
 /// and those a job opens later (VolumeSnapshotContents, once their CRD is
 /// served).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Watches(Arc<Mutex<Vec<Arc<WatchProgress>>>>);
 
 impl Watches {

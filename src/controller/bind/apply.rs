@@ -110,7 +110,7 @@ async fn apply_binding(
             .patch(&claim.name_any(), &pp, &Patch::Merge(&patch))
             .await?
             .resource_version();
-        superseded(ctx, claim, &claim_version);
+        superseded(ctx, claim, claim_version.as_deref());
         claim_version = written;
         crate::failpoint::hit("controller-after-claim-volume-name");
     }
@@ -130,7 +130,7 @@ async fn apply_binding(
         claims
             .patch_status(&claim.name_any(), &pp, &Patch::Merge(&patch))
             .await?;
-        superseded(ctx, claim, &claim_version);
+        superseded(ctx, claim, claim_version.as_deref());
         tracing::info!(pv = %steps.pv, "claim bound");
     }
     Ok(())
@@ -138,7 +138,7 @@ async fn apply_binding(
 
 /// Our write replaced the claim at `version`: a pass woken with it is
 /// skipped (see `superseded`).
-fn superseded(ctx: &Context, claim: &Claim, version: &Option<String>) {
+fn superseded(ctx: &Context, claim: &Claim, version: Option<&str>) {
     if let (Some(uid), Some(version)) = (claim.uid(), version) {
         ctx.superseded.replaced(&uid, version);
     }
