@@ -1,18 +1,23 @@
 //! A failure that does not go away is retried at growing intervals, not in
 //! a loop, and explained once: the node agent's mkfs failing for a Volume,
-//! and a driver refusing ControllerPublish.
+//! a driver refusing ControllerPublish, and capacity passes failing while
+//! the objects they follow keep changing.
 
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
+use serde_json::json;
 use stowage::crd::Volume;
 
 use crate::external_driver::ExternalDriver;
 use crate::fixtures::{TIMEOUT, claim, is_bound, storage_class, wait, wait_for_event};
 use crate::harness::{
-    Process, TestNamespace, bare_cluster, client_for_path, unique_name, wait_for_storage_nodes,
+    Process, TestNamespace, bare_cluster, client_for_path, free_port, http_get, unique_name,
+    wait_for_storage_nodes, wait_http,
 };
 use crate::proxy_attach::{Scene, wait_for_va};
 use crate::proxy_driver::proxy_controller;
@@ -208,4 +213,102 @@ fn assert_growing(times: &[f64]) {
             "retry intervals do not grow: {gaps:?}"
         );
     }
+}
+
+/// Failed capacity passes, summed over their reasons.
+fn capacity_failures(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("stowage_reconcile_failures_total{job=\"storage_capacity\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The controller's namespace missing, every capacity pass fails. A change
+/// to the class every 200 ms would wake a pass each (coalesced over 500
+/// ms); after a failure they wait for its backoff, 1, 2, 4 s, so that the
+/// failures stay a handful. Once the namespace exists the next retry
+/// publishes, with no change needed to wake it.
+#[tokio::test]
+async fn failing_capacity_passes_back_off_while_changes_arrive() {
+    let node = "capacity-backoff-node";
+    let kubeconfig = bare_cluster("capacity-backoff", &[node]);
+    let client = client_for_path(&kubeconfig).await;
+    let namespace = unique_name("capacity-home");
+    let class = format!("{namespace}-c");
+    storage_class(&client, &class, "WaitForFirstConsumer", "Delete", &[]).await;
+    let data = std::env::temp_dir().join(unique_name("stowage-capacity-backoff"));
+    let agent = Process::node(&kubeconfig, node, &data, "capacity-backoff-node");
+    wait_for_storage_nodes(&kubeconfig, &[node]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let controller = Process::start(
+        &kubeconfig,
+        &[
+            "controller",
+            "--leader-elect=false",
+            "--leader-election-namespace",
+            &namespace,
+            "--metrics-addr",
+            &addr,
+        ],
+        &[],
+        "capacity-backoff-controller",
+    );
+    let url = format!("http://{addr}/metrics");
+    let body = wait_http(&url, "a failed capacity pass", |status, body| {
+        status == 200 && capacity_failures(body) >= 1.0
+    })
+    .await;
+    let before = capacity_failures(&body);
+
+    let classes = Api::<StorageClass>::all(client.clone());
+    let start = tokio::time::Instant::now();
+    let mut changes = 0;
+    while start.elapsed() < Duration::from_secs(10) {
+        let label = json!({ "metadata": { "labels": { "change": changes.to_string() } } });
+        classes
+            .patch(&class, &PatchParams::default(), &Patch::Merge(&label))
+            .await
+            .unwrap();
+        changes += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, body) = http_get(&url).await;
+    let during = capacity_failures(&body) - before;
+    // Retries 1, 2 and 4 s apart fit 3 or 4 passes in 10 s; a pass per
+    // change, 15 or more.
+    assert!(
+        (1.0..=5.0).contains(&during),
+        "{during} failed capacity passes while the class changed {changes} times in 10 s"
+    );
+
+    let home: Namespace =
+        serde_json::from_value(json!({ "metadata": { "name": namespace } })).unwrap();
+    let namespaces = Api::<Namespace>::all(client.clone());
+    namespaces
+        .create(&PostParams::default(), &home)
+        .await
+        .unwrap();
+    let published = Api::<CSIStorageCapacity>::namespaced(client.clone(), &namespace);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let found = published.list(&ListParams::default()).await.unwrap().items;
+        if found.iter().any(|c| c.storage_class_name == class) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no CSIStorageCapacity for {class} in {namespace} {TIMEOUT:?} after it was created"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    controller.stop();
+    agent.stop();
+    classes.delete(&class, &Default::default()).await.unwrap();
+    namespaces
+        .delete(&namespace, &Default::default())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&data);
 }
