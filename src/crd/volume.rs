@@ -189,9 +189,17 @@ pub struct VolumeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_handle: Option<String>,
 
-    /// Topology segments the backend reported for the volume.
+    /// The first of `accessibleTopology`, the only segment versions before
+    /// it recorded and read: still written, so that going back to such an
+    /// image keeps giving new PVs their node affinity.
     #[serde(default, skip_serializing_if = "CompactMap::is_empty")]
     pub topology: CompactMap<String, String>,
+
+    /// Every topology segment the backend reported the volume accessible
+    /// from. The PV's node affinity has one term per segment: a node in
+    /// any of them can use the volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accessible_topology: Vec<CompactMap<String, String>>,
 
     /// The CSI volume context the backend returned, passed on in the PV.
     #[serde(default, skip_serializing_if = "CompactMap::is_empty")]
@@ -203,6 +211,18 @@ pub struct VolumeStatus {
     /// The last failure, in words that say what to change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+impl VolumeStatus {
+    /// The segments the volume is accessible from: `accessibleTopology`,
+    /// or for a status written before it, its one `topology`.
+    pub fn segments(&self) -> &[CompactMap<String, String>] {
+        if self.accessible_topology.is_empty() && !self.topology.is_empty() {
+            std::slice::from_ref(&self.topology)
+        } else {
+            &self.accessible_topology
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -85,12 +85,11 @@ impl CsiDriver {
             volume_id: volume.volume_id,
             capacity_bytes: volume.capacity_bytes,
             volume_context: volume.volume_context.into_iter().collect(),
-            topology: volume
+            accessible_topology: volume
                 .accessible_topology
                 .into_iter()
-                .next()
                 .map(|t| t.segments.into_iter().collect())
-                .unwrap_or_default(),
+                .collect(),
         })
     }
 

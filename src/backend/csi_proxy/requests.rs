@@ -16,8 +16,9 @@ pub struct CreatedVolume {
     pub volume_id: String,
     pub capacity_bytes: i64,
     pub volume_context: BTreeMap<String, String>,
-    /// First accessible-topology segment, if the driver reported any.
-    pub topology: BTreeMap<String, String>,
+    /// The accessible-topology segments the driver reported, in its order:
+    /// the volume can be used from a node in any one of them.
+    pub accessible_topology: Vec<BTreeMap<String, String>>,
 }
 
 /// What ControllerExpandVolume answered.

@@ -343,8 +343,14 @@ fn pv(
     serde_json::from_value(pv).expect("PV literal matches the PersistentVolume schema")
 }
 
-fn required_affinity(expressions: Vec<Value>) -> Value {
-    json!({ "required": { "nodeSelectorTerms": [{ "matchExpressions": expressions }] } })
+/// Node affinity that a node matches by matching any one of `terms`, each
+/// a list of match expressions that must all hold.
+fn required_affinity(terms: Vec<Vec<Value>>) -> Value {
+    let terms: Vec<Value> = terms
+        .into_iter()
+        .map(|expressions| json!({ "matchExpressions": expressions }))
+        .collect();
+    json!({ "required": { "nodeSelectorTerms": terms } })
 }
 
 /// The PV external-provisioner would create for this volume.
@@ -365,9 +371,9 @@ pub fn desired_pv(claim: &Claim, class: &StorageClass, volume: &Volume) -> Persi
         "fsType": if block { None } else { Some(params.fs_type.as_str()) },
         "volumeAttributes": { "layout": match params.layout { Layout::Image => "image", Layout::Dir => "dir" } },
     });
-    let affinity = required_affinity(vec![
+    let affinity = required_affinity(vec![vec![
         json!({ "key": local::TOPOLOGY_KEY, "operator": "In", "values": [node] }),
-    ]);
+    ]]);
     pv(
         claim,
         class,
@@ -412,12 +418,19 @@ fn desired_remote_pv(claim: &Claim, class: &StorageClass, volume: &Volume) -> Pe
             annotations.insert(namespace_key.to_string(), r.namespace);
         }
     }
-    let affinity = (!status.topology.is_empty()).then(|| {
+    // As external-provisioner: one term per segment, so a node in any
+    // segment the driver reported may use the volume.
+    let segments: Vec<_> = status.segments().iter().filter(|s| !s.is_empty()).collect();
+    let affinity = (!segments.is_empty()).then(|| {
         required_affinity(
-            status
-                .topology
-                .iter()
-                .map(|(k, v)| json!({ "key": k, "operator": "In", "values": [v] }))
+            segments
+                .into_iter()
+                .map(|segment| {
+                    segment
+                        .iter()
+                        .map(|(k, v)| json!({ "key": k, "operator": "In", "values": [v] }))
+                        .collect()
+                })
                 .collect(),
         )
     });

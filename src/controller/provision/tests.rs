@@ -429,3 +429,53 @@ fn a_source_in_another_namespace_refused_fails_whatever_its_kind() {
     view.source = source::Lookup::Nothing;
     assert_eq!(plan(&view), Provision::LeftToPopulator);
 }
+
+/// A `--csi-driver` Volume for claim() that its driver created with `status`.
+fn created_remote(status: serde_json::Value) -> Volume {
+    serde_json::from_value(json!({
+        "metadata": { "name": "pvc-u1" },
+        "spec": { "driver": "hostpath.csi.k8s.io", "capacityBytes": GI,
+                  "accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem",
+                  "reclaimPolicy": "Delete" },
+        "status": status,
+    }))
+    .unwrap()
+}
+
+fn affinity_terms(pv: &PersistentVolume) -> serde_json::Value {
+    serde_json::to_value(pv.spec.as_ref().unwrap().node_affinity.as_ref()).unwrap()
+        ["required"]["nodeSelectorTerms"]
+        .clone()
+}
+
+#[test]
+fn a_volume_accessible_from_several_segments_may_be_used_from_any_of_them() {
+    let claim = claim("1Gi", &["ReadWriteOnce"], None);
+    let class = remote_class("Immediate", &[]);
+    let term = |z: &str| json!({ "matchExpressions": [{ "key": "zone", "operator": "In", "values": [z] }] });
+
+    let both = created_remote(json!({
+        "phase": "Ready", "volumeHandle": "h1", "topology": { "zone": "a" },
+        "accessibleTopology": [{ "zone": "a" }, { "zone": "b" }, {}],
+    }));
+    let pv = desired_pv(&claim, &class, &both);
+    assert_eq!(affinity_terms(&pv), json!([term("a"), term("b")]));
+
+    // Written by a version that recorded the first segment only.
+    let before = created_remote(json!({
+        "phase": "Ready", "volumeHandle": "h1", "topology": { "zone": "b" },
+    }));
+    assert_eq!(
+        affinity_terms(&desired_pv(&claim, &class, &before)),
+        json!([term("b")])
+    );
+
+    let anywhere = created_remote(json!({ "phase": "Ready", "volumeHandle": "h1" }));
+    assert_eq!(
+        desired_pv(&claim, &class, &anywhere)
+            .spec
+            .unwrap()
+            .node_affinity,
+        None
+    );
+}
