@@ -21,6 +21,9 @@
 #                            paged-list fallback
 #   STOWAGE_AUDIT=1          audit log of every request by a ServiceAccount of
 #                            stowage-system (metadata only) in DIR/logs/audit.log
+#   STOWAGE_PROFILING=1      serve /debug/pprof on kube-apiserver,
+#                            kube-controller-manager and kube-scheduler (for
+#                            `go tool pprof` with DIR's admin.crt/admin.key)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/node.sh"
@@ -137,6 +140,8 @@ up() {
     --unsafe-no-fsync --log-level warn
   wait_healthy etcd "http://127.0.0.1:$etcd_port/health" 60
 
+  local profiling=false
+  [[ "${STOWAGE_PROFILING:-}" == 1 ]] && profiling=true
   local -a audit=()
   if [[ "${STOWAGE_AUDIT:-}" == 1 ]]; then
     cat > "$dir/audit-policy.yaml" <<'YAML'
@@ -168,7 +173,7 @@ YAML
     --kubelet-client-certificate "$dir/kubelet-client.crt" --kubelet-client-key "$dir/kubelet-client.key" \
     --kubelet-preferred-address-types Hostname,InternalIP \
     --feature-gates "CrossNamespaceVolumeDataSource=true${STOWAGE_APISERVER_FEATURE_GATES:+,$STOWAGE_APISERVER_FEATURE_GATES}" \
-    --profiling=false --v=1 "${audit[@]}"
+    --profiling="${profiling}" --v=1 "${audit[@]}"
   wait_healthy kube-apiserver "$api/readyz" 120 --cacert "$dir/ca.crt" \
     --cert "$dir/admin.crt" --key "$dir/admin.key"
 
@@ -180,13 +185,13 @@ YAML
     --service-account-private-key-file "$dir/sa.key" --root-ca-file "$dir/ca.crt" \
     --cluster-signing-cert-file "$dir/ca.crt" --cluster-signing-key-file "$dir/ca.key" \
     --controllers "${STOWAGE_KCM_CONTROLLERS:-*}" --use-service-account-credentials \
-    --leader-elect=false --profiling=false --v=1
+    --leader-elect=false --profiling="${profiling}" --v=1
   start kube-scheduler "$bin/kube-scheduler" \
     --kubeconfig "$dir/scheduler.kubeconfig" \
     --authentication-kubeconfig "$dir/scheduler.kubeconfig" \
     --authorization-kubeconfig "$dir/scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$sched_port" \
-    --leader-elect=false --profiling=false --v=1
+    --leader-elect=false --profiling="${profiling}" --v=1
   wait_healthy kube-controller-manager "https://127.0.0.1:$kcm_port/healthz" 60 -k
   wait_healthy kube-scheduler "https://127.0.0.1:$sched_port/healthz" 60 -k
   # Pods are refused until their namespace's ServiceAccount exists, and
@@ -202,6 +207,7 @@ export KUBECONFIG=$dir/kubeconfig
 export STOWAGE_CLUSTER_DIR=$dir
 export STOWAGE_KUBE_BIN=$bin
 export STOWAGE_API_PORT=$api_port
+export STOWAGE_KCM_PORT=$kcm_port
 ENV
   log "control plane ready: $api (KUBECONFIG=$dir/kubeconfig, logs in $dir/logs)"
   if [[ "${STOWAGE_WITH_NODE:-}" == 1 ]]; then
