@@ -19,6 +19,7 @@ fn columns(r: &Run) -> Vec<(&'static str, &'static str, f64, usize)> {
         ("settle s", "settle_s", r.settle_s, 1),
         ("started s", "started_s", r.started_s, 2),
         ("first Bound s", "first_bound_s", r.first_bound_s, 2),
+        ("at rest s", "at_rest_s", r.at_rest_s, 0),
         ("RSS at start MiB", "rss_started_mib", r.rss_ready_mib, 1),
         ("peak RSS MiB", "peak_rss_mib", r.rss_peak_mib, 1),
         ("claims/s", "claims_per_s", r.claims.per_s, 1),
@@ -48,8 +49,12 @@ fn cell(value: f64, decimals: usize) -> String {
 }
 
 pub fn render(n: usize, runs: &[Run]) -> (String, String) {
+    // Both control planes run kube-controller-manager with these
+    // controllers; its PV binder's work grows with the population.
+    let controllers = std::env::var("STOWAGE_KCM_CONTROLLERS").unwrap_or_else(|_| "*".into());
     let mut md = format!(
-        "## stowage controller start and 1000 new claims on a cluster with {n} claims, PVs and {} Volumes\n\n",
+        "## stowage controller start and 1000 new claims on a cluster with {n} claims, PVs and {} Volumes\n\n\
+         kube-controller-manager --controllers {controllers}\n\n",
         n.div_ceil(2)
     );
     let mut csv = String::from("cluster,n");
@@ -125,7 +130,9 @@ pub fn render(n: usize, runs: &[Run]) -> (String, String) {
          the controller, when that claim was Bound and after the first round. claims/s, latencies, \
          CPU and API requests are the median round's (by claims/s); API requests are all \
          clients', from apiserver_request_total. settle: population \
-         done → API writes below 5/s.\n",
+         done → API writes below 5/s. at rest: spawned → the end of the first 15 s window \
+         no less busy than the one before (the rounds start then; \"at rest\" CPU is that \
+         window's).\n",
     );
     (md, csv)
 }
